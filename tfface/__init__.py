@@ -1,0 +1,3 @@
+"""tfface: multi-task face attribute recognition for Keras 3 / TensorFlow."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,257 @@
+"""Typed experiment configs, loaded from YAML and checked before any work.
+
+An `ExperimentConfig` = `DataConfig` + `ModelConfig` + `TrainConfig`. Files
+are YAML (or JSON) mirroring these dataclasses; unknown keys and bad values
+are refused with a message naming the key, before any data is read or any
+model is built. Named experiments live in `EXPERIMENTS` (see
+`tfface.presets`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+MODEL_TYPES = ("gated", "mask_guided")
+GATE_TYPES = ("none", "static", "input_conditioned")
+BACKBONES = (
+    "small_cnn",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "efficientnet_b0",
+    "resnet50",
+)
+# Loss-weight families: every binary attribute except gender shares one.
+LOSS_FAMILIES = ("attributes", "age_group", "gender", "race")
+
+
+class ConfigError(ValueError):
+    """A config value or key that cannot work; names the key."""
+
+
+@dataclasses.dataclass
+class SourceConfig:
+    """One data source of a fused stream.
+
+    `path` is a folder (format detected) or a named source ("synthetic:N",
+    "celeba_sample", "celeba_lowres", "utkface").
+    """
+
+    path: str
+    weight: float = 1.0
+    landmarks: Optional[str] = None  # landmark cache file, if not beside the data
+
+
+@dataclasses.dataclass
+class DataConfig:
+    sources: list = dataclasses.field(default_factory=lambda: [SourceConfig("synthetic:2000")])
+    schema: Any = "synthetic"  # preset name, file path, or inline mapping
+    image_size: int = 64
+    batch_size: int = 32
+    val_fraction: float = 0.15
+    split_seed: int = 20240601
+    augment: bool = True
+    cache: bool = True
+    # Images with landmarks also yield group masks at image_size // 4
+    # (needed by the mask-guided model).
+    with_masks: bool = False
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Everything that shapes the network; saved inside every `.keras` file."""
+
+    type: str = "gated"
+    backbone: str = "small_cnn"
+    backbone_widths: tuple = (32, 64, 128, 256)
+    backbone_weights: Optional[str] = None  # None, a local file, or "imagenet"
+    image_size: int = 64
+    embedding_dim: int = 128
+    dropout: float = 0.1
+    # Gated MTL-CNN.
+    gate: str = "static"
+    gate_init: float = 2.0
+    gate_hidden: int = 64
+    correlation: bool = True
+    center_loss_weight: float = 0.01
+    center_update_rate: float = 0.5
+    # Mask-guided network.
+    mask_channels: tuple = (16, 32, 64)
+    mask_loss_weight: float = 0.1
+    mask_trainable: bool = True
+    fusion: str = "group_global"  # "global", "group", "group_global"
+    use_landmark_masks: bool = False  # use masks drawn from landmarks at inference
+    # Loss weights per family (see LOSS_FAMILIES) and per task name.
+    loss_weights: dict = dataclasses.field(default_factory=dict)
+    deep_supervision: bool = True
+
+    def validate(self):
+        _check_choice("model.type", self.type, MODEL_TYPES)
+        _check_choice("model.gate", self.gate, GATE_TYPES)
+        _check_choice("model.backbone", self.backbone, BACKBONES)
+        _check_choice("model.fusion", self.fusion, ("global", "group", "group_global"))
+        if self.image_size < 32 or self.image_size % 16:
+            raise ConfigError(f"model.image_size must be a multiple of 16 and >= 32, got {self.image_size}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        for key in ("embedding_dim", "gate_hidden"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"model.{key} must be positive")
+        for key in ("center_loss_weight", "center_update_rate", "mask_loss_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"model.{key} must be >= 0, got {getattr(self, key)}")
+        for key, value in self.loss_weights.items():
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"model.loss_weights.{key} must be a number >= 0, got {value!r}")
+        self.backbone_widths = tuple(int(w) for w in self.backbone_widths)
+        self.mask_channels = tuple(int(c) for c in self.mask_channels)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    epochs: int = 5
+    steps_per_epoch: Optional[int] = None  # None: one pass over the fused data
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    warmup_epochs: float = 0.0
+    early_stopping_patience: int = 0  # 0 disables
+    time_budget_minutes: Optional[float] = None
+    strategy: str = "default"  # "default", "mirrored", "multi_worker"
+    mixed_precision: str = "auto"  # "auto" (on with a GPU), "on", "off"
+    seed: int = 0
+    output_dir: str = "runs/default"
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    name: str = "default"
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def validate(self) -> "ExperimentConfig":
+        self.model.validate()
+        if self.data.image_size != self.model.image_size:
+            raise ConfigError(
+                f"data.image_size ({self.data.image_size}) and model.image_size "
+                f"({self.model.image_size}) differ"
+            )
+        if not self.data.sources:
+            raise ConfigError("data.sources is empty")
+        for i, source in enumerate(self.data.sources):
+            if source.weight <= 0:
+                raise ConfigError(f"data.sources[{i}].weight must be > 0")
+        if self.data.batch_size < 1:
+            raise ConfigError("data.batch_size must be >= 1")
+        if not 0.0 <= self.data.val_fraction < 1.0:
+            raise ConfigError("data.val_fraction must be in [0, 1)")
+        if self.train.epochs < 1:
+            raise ConfigError("train.epochs must be >= 1")
+        if self.train.learning_rate <= 0:
+            raise ConfigError("train.learning_rate must be > 0")
+        _check_choice("train.optimizer", self.train.optimizer, ("adamw", "adam", "sgd"))
+        _check_choice("train.strategy", self.train.strategy, ("default", "mirrored", "multi_worker"))
+        _check_choice("train.mixed_precision", self.train.mixed_precision, ("auto", "on", "off"))
+        from tfface.schema import get_schema
+
+        schema = get_schema(self.data.schema)
+        unknown = sorted(
+            set(self.model.loss_weights) - set(LOSS_FAMILIES) - set(schema.task_names)
+        )
+        if unknown:
+            raise ConfigError(
+                f"model.loss_weights has unknown keys {unknown}: use task names or {LOSS_FAMILIES}"
+            )
+        return self
+
+    # --- (de)serialisation --------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "ExperimentConfig":
+        if not isinstance(raw, dict):
+            raise ConfigError(f"a config must be a mapping, got {type(raw).__name__}")
+        _check_keys("", raw, cls)
+        data_raw = dict(raw.get("data", {}))
+        _check_keys("data.", data_raw, DataConfig)
+        sources = []
+        for i, s in enumerate(data_raw.pop("sources", None) or [{"path": "synthetic:2000"}]):
+            if isinstance(s, str):
+                s = {"path": s}
+            _check_keys(f"data.sources[{i}].", s, SourceConfig)
+            if "path" not in s:
+                raise ConfigError(f"data.sources[{i}] needs a 'path'")
+            sources.append(SourceConfig(**s))
+        model_raw = dict(raw.get("model", {}))
+        _check_keys("model.", model_raw, ModelConfig)
+        train_raw = dict(raw.get("train", {}))
+        _check_keys("train.", train_raw, TrainConfig)
+        try:
+            config = cls(
+                name=raw.get("name", "default"),
+                data=DataConfig(sources=sources, **data_raw),
+                model=ModelConfig(**model_raw),
+                train=TrainConfig(**train_raw),
+            )
+        except TypeError as e:  # pragma: no cover - keys are checked above
+            raise ConfigError(str(e)) from None
+        return config.validate()
+
+    @classmethod
+    def load(cls, path) -> "ExperimentConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        text = path.read_text()
+        try:
+            if path.suffix == ".json":
+                raw = json.loads(text)
+            else:
+                import yaml
+
+                raw = yaml.safe_load(text)
+        except Exception as e:
+            raise ConfigError(f"{path}: cannot parse ({e})") from None
+        try:
+            return cls.from_dict(raw or {})
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    def save(self, path) -> None:
+        import yaml
+
+        Path(path).write_text(yaml.safe_dump(_plain(self.to_dict()), sort_keys=False))
+
+
+def _plain(value):
+    """Tuples to lists so YAML stays readable."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _check_keys(prefix: str, raw: dict, cls) -> None:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]}; known: {sorted(known)}")
+
+
+def _check_choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+
+
+def model_config_from_dict(raw: dict) -> ModelConfig:
+    _check_keys("model.", raw, ModelConfig)
+    config = ModelConfig(**raw)
+    config.validate()
+    return config

@@ -1,0 +1,90 @@
+"""`FaceSource`: one labelled face dataset, indexed in memory.
+
+Every reader (CelebA-format folder, UTKFace-format folder, synthetic
+generator) returns a `FaceSource`. Images are either file paths (decoded
+lazily by the tf.data pipeline) or an in-memory uint8 array (synthetic).
+Labels are the source's *raw columns* (CelebA attribute names, `age`,
+`male`, `race`, ...); the schema turns them into per-task arrays with -1 for
+missing (`Schema.encode_labels`), so one source can feed any schema.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """Bad user data: names the file (and line) at fault."""
+
+
+@dataclasses.dataclass
+class FaceSource:
+    """A labelled face dataset.
+
+    Attributes:
+        name: display name (folder name, "synthetic", ...).
+        format: "celeba", "utkface" or "synthetic" (see `tfface.schema`).
+        columns: raw label column -> array of shape (N,); -1 means missing.
+        image_paths: (N,) file paths, or None when `images` is given.
+        images: (N, H, W, 3) uint8, or None when `image_paths` is given.
+        identities: (N,) int person ids, or None when unknown.
+        landmarks: (N, 5, 2) float32 pixel (x, y) in the *original image*,
+            order: left eye, right eye, nose, left mouth corner, right mouth
+            corner (subject's left/right as MTCNN reports them, i.e. image
+            left first); NaN rows where no face was found. None if unknown.
+        partition: (N,) strings "train"/"val"/"test", or None.
+        image_sizes: (N, 2) int (height, width), or None if not read yet.
+        root: folder the source was read from, if any.
+        problems: human-readable notes on what was skipped and why.
+    """
+
+    name: str
+    format: str
+    columns: dict
+    image_paths: Optional[np.ndarray] = None
+    images: Optional[np.ndarray] = None
+    identities: Optional[np.ndarray] = None
+    landmarks: Optional[np.ndarray] = None
+    partition: Optional[np.ndarray] = None
+    image_sizes: Optional[np.ndarray] = None
+    root: Optional[str] = None
+    problems: list = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        if (self.image_paths is None) == (self.images is None):
+            raise ValueError("FaceSource needs exactly one of image_paths or images")
+        n = len(self)
+        for key, values in self.columns.items():
+            if len(values) != n:
+                raise ValueError(f"column {key!r} has {len(values)} rows, expected {n}")
+        for field in ("identities", "landmarks", "partition", "image_sizes"):
+            value = getattr(self, field)
+            if value is not None and len(value) != n:
+                raise ValueError(f"{field} has {len(value)} rows, expected {n}")
+
+    def __len__(self):
+        if self.image_paths is not None:
+            return len(self.image_paths)
+        return len(self.images)
+
+    def subset(self, indices) -> "FaceSource":
+        """The rows at `indices` (used for splits)."""
+        indices = np.asarray(indices)
+
+        def take(value):
+            return None if value is None else np.asarray(value)[indices]
+
+        return dataclasses.replace(
+            self,
+            columns={k: np.asarray(v)[indices] for k, v in self.columns.items()},
+            image_paths=take(self.image_paths),
+            images=take(self.images),
+            identities=take(self.identities),
+            landmarks=take(self.landmarks),
+            partition=take(self.partition),
+            image_sizes=take(self.image_sizes),
+            problems=list(self.problems),
+        )

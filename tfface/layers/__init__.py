@@ -1,0 +1,8 @@
+"""Custom Keras layers, each registered for `.keras` serialization."""
+
+from tfface.layers.center_loss import CenterLoss
+from tfface.layers.correlation_refinement import CorrelationRefinement
+from tfface.layers.task_gate import TaskGate
+from tfface.layers.task_heads import TaskHeads
+
+__all__ = ["CenterLoss", "CorrelationRefinement", "TaskGate", "TaskHeads"]

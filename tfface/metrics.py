@@ -1,0 +1,98 @@
+"""Masked multi-task metrics, computed only on labelled entries.
+
+`MultiTaskMetrics` is one Keras metric over all tasks so that Keras (and
+KerasTuner) read its results by name: `mean_accuracy` and
+`mean_balanced_accuracy` over the binary tasks that have labels, and
+`<task>_accuracy` for each multiclass task (plus `age_group_one_off`).
+"""
+
+import keras
+import numpy as np
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="tfface")
+class MultiTaskMetrics(keras.metrics.Metric):
+    """Accumulates confusion counts per task over an epoch.
+
+    Args:
+        task_specs: list of (name, num_classes, threshold) per task; binary
+            tasks have num_classes == 2 and use `threshold`.
+    """
+
+    def __init__(self, task_specs, name="multitask_metrics", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.task_specs = [(str(n), int(c), float(t)) for n, c, t in task_specs]
+        self.binary = [(n, t) for n, c, t in self.task_specs if c == 2]
+        self.multiclass = [(n, c) for n, c, _ in self.task_specs if c > 2]
+        nb, nm = max(len(self.binary), 1), max(len(self.multiclass), 1)
+        self.counts = self.add_variable(shape=(nb, 4), initializer="zeros", name="binary_counts")
+        self.class_counts = self.add_variable(shape=(nm, 3), initializer="zeros", name="multiclass_counts")
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        rows = []
+        for name, threshold in self.binary:
+            if name not in y_true:
+                rows.append(ops.zeros((4,)))
+                continue
+            label = ops.cast(ops.reshape(y_true[name], (-1,)), "float32")
+            pred = ops.cast(ops.reshape(y_pred[name], (-1,)) >= threshold, "float32")
+            valid = ops.cast(label >= 0, "float32")
+            pos = ops.cast(label > 0.5, "float32") * valid
+            neg = ops.cast(label < 0.5, "float32") * valid
+            rows.append(
+                ops.stack(
+                    [ops.sum(pos * pred), ops.sum(pos), ops.sum(neg * (1.0 - pred)), ops.sum(neg)]
+                )
+            )
+        if self.binary:
+            self.counts.assign_add(ops.stack(rows))
+        rows = []
+        for name, _ in self.multiclass:
+            if name not in y_true:
+                rows.append(ops.zeros((3,)))
+                continue
+            label = ops.cast(ops.reshape(y_true[name], (-1,)), "int32")
+            pred = ops.cast(ops.argmax(y_pred[name], axis=-1), "int32")
+            valid = ops.cast(label >= 0, "float32")
+            exact = ops.cast(ops.equal(pred, label), "float32") * valid
+            near = ops.cast(ops.abs(pred - label) <= 1, "float32") * valid
+            rows.append(ops.stack([ops.sum(exact), ops.sum(near), ops.sum(valid)]))
+        if self.multiclass:
+            self.class_counts.assign_add(ops.stack(rows))
+
+    def result(self):
+        results = {}
+        if self.binary:
+            tp, pos, tn, neg = (self.counts[:, i] for i in range(4))
+            labelled = ops.cast(pos + neg > 0, "float32")
+            n_tasks = ops.maximum(ops.sum(labelled), 1.0)
+            accuracy = (tp + tn) / ops.maximum(pos + neg, 1.0)
+            # Balanced accuracy averages the recall of the classes present.
+            tpr, tnr = tp / ops.maximum(pos, 1.0), tn / ops.maximum(neg, 1.0)
+            has_pos, has_neg = ops.cast(pos > 0, "float32"), ops.cast(neg > 0, "float32")
+            balanced = (tpr * has_pos + tnr * has_neg) / ops.maximum(has_pos + has_neg, 1.0)
+            results["mean_accuracy"] = ops.sum(accuracy * labelled) / n_tasks
+            results["mean_balanced_accuracy"] = ops.sum(balanced * labelled) / n_tasks
+        for i, (name, _) in enumerate(self.multiclass):
+            exact, near, total = (self.class_counts[i, j] for j in range(3))
+            results[f"{name}_accuracy"] = exact / ops.maximum(total, 1.0)
+            if name == "age_group":
+                results["age_group_one_off"] = near / ops.maximum(total, 1.0)
+        return results
+
+    def reset_state(self):
+        self.counts.assign(ops.zeros_like(self.counts))
+        self.class_counts.assign(ops.zeros_like(self.class_counts))
+
+    def get_config(self):
+        return {"task_specs": self.task_specs, "name": self.name, "dtype": self.dtype}
+
+
+def balanced_accuracy(labels, predictions):
+    """Numpy balanced accuracy of one binary task over labelled entries."""
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    valid = labels >= 0
+    labels, predictions = labels[valid] > 0.5, predictions[valid] > 0.5
+    recalls = [np.mean(predictions[labels == v] == v) for v in (True, False) if np.any(labels == v)]
+    return float(np.mean(recalls)) if recalls else float("nan")

@@ -1,0 +1,74 @@
+"""Gated multi-task CNN (Celona, Bianco, Schettini, Sensors 2018, "MTL-CNN").
+
+One fully shared backbone; per-task gates route the pooled activations into
+per-task embeddings; one linear head per task; a correlation layer refines
+all predictions from the others; a center loss clusters each task's
+embeddings by class value. See papers.md 6.2 for the choices the paper
+leaves open.
+"""
+
+import keras
+
+from tfface.layers.center_loss import CenterLoss
+from tfface.layers.correlation_refinement import CorrelationRefinement
+from tfface.layers.task_gate import TaskGate
+from tfface.layers.task_heads import TaskHeads
+from tfface.models.backbones import build_backbone
+from tfface.models.multitask_model import MultiTaskFaceModel
+from tfface.models.multitask_model import output_sizes
+from tfface.models.multitask_model import task_outputs
+
+
+@keras.saving.register_keras_serializable(package="tfface")
+class GatedMultiTaskModel(MultiTaskFaceModel):
+    """Example:
+
+    ```python
+    import tfface
+    model = tfface.models.GatedMultiTaskModel(
+        schema=tfface.schema.get_schema("fused"),
+        config=tfface.config.ModelConfig(image_size=64, gate="static"),
+    )
+    model.compile()
+    model.fit(train_ds, validation_data=val_ds, epochs=5)
+    ```
+    """
+
+    def __init__(self, schema=None, config=None, **kwargs):
+        super().__init__(schema=schema, config=config, **kwargs)
+        self.center_loss = CenterLoss(
+            [2 if t.is_binary else t.num_classes for t in self.schema],
+            weight=self.model_config.center_loss_weight,
+            update_rate=self.model_config.center_update_rate,
+            name="center_loss",
+        )
+        self.center_loss.build((None, len(self.schema), self.model_config.embedding_dim))
+
+    def build_graph(self, schema, config):
+        # === Layers and functional model ===
+        image = keras.Input((config.image_size, config.image_size, 3), name="image")
+        features = build_backbone(config)(image)["P5"]
+        pooled = keras.layers.GlobalAveragePooling2D(name="pool")(features)
+        gated = TaskGate(
+            len(schema),
+            gate_type=config.gate,
+            gate_init=config.gate_init,
+            hidden_units=config.gate_hidden,
+            name="task_gate",
+        )(pooled)
+        # Shared projection P: the same Dense for every task's gated view.
+        embeddings = keras.layers.Dense(config.embedding_dim, name="shared_projection")(gated)
+        embeddings = keras.layers.BatchNormalization(name="projection_bn")(embeddings)
+        embeddings = keras.layers.ReLU(name="embeddings")(embeddings)
+        dropped = keras.layers.Dropout(config.dropout, name="dropout")(embeddings)
+        raw_logits = TaskHeads(output_sizes(schema), name="task_heads")(dropped)
+        outputs = {}
+        if config.correlation:
+            logits = CorrelationRefinement(output_sizes(schema), name="correlation")(raw_logits)
+            outputs["_raw_logits"] = raw_logits
+        else:
+            logits = raw_logits
+        outputs.update(task_outputs(schema, logits))
+        outputs["_logits"] = logits
+        outputs["_embeddings"] = embeddings
+        return {"image": image}, outputs

@@ -1,0 +1,191 @@
+"""`MultiTaskFaceModel`: what every tfface model shares.
+
+A functional Keras model with one input, `image` (B, S, S, 3) float 0..255,
+and a dict output: one entry per task of the schema (binary: (B,)
+probability of the positive class; multiclass: (B, C) probabilities), plus
+training-only entries whose names start with "_" (`_logits`,
+`_raw_logits`, `_embeddings`, `_group_masks`). Exports and predictions use
+the public entries only.
+
+The losses live in `compute_loss` rather than `compile(loss=...)` because
+they need several outputs at once (deep supervision on raw and refined
+logits, the center loss on embeddings, the mask loss) and must skip missing
+labels. So `model.compile()` + `model.fit(dataset)` is all a user writes.
+Labels are a dict keyed by task name with -1 for missing (see
+`tfface.schema`); extra entries starting with "_" (`_group_masks`,
+`_has_landmarks`) feed auxiliary losses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import numpy as np
+from keras import ops
+
+from tfface.config import ModelConfig, model_config_from_dict
+from tfface.losses import masked_bce_dice
+from tfface.losses import masked_binary_crossentropy
+from tfface.losses import masked_sparse_categorical_crossentropy
+from tfface.metrics import MultiTaskMetrics
+from tfface.schema import Schema
+
+
+def output_sizes(schema: Schema) -> list[int]:
+    """Logits per task: 1 for binary, C for multiclass."""
+    return [1 if t.is_binary else t.num_classes for t in schema]
+
+
+def logit_blocks(schema: Schema) -> list[tuple[int, int]]:
+    starts = np.cumsum([0] + output_sizes(schema))
+    return [(int(starts[i]), int(starts[i + 1])) for i in range(len(schema))]
+
+
+def loss_family(task) -> str:
+    if task.name in ("age_group", "gender", "race"):
+        return task.name
+    return "attributes"
+
+
+def task_loss_weights(schema: Schema, loss_weights: dict) -> list[float]:
+    """Per-task weights: a family weight shared by its tasks (so 40 binary
+    attributes do not swamp age and gender), or an explicit per-task one."""
+    families = [loss_family(t) for t in schema]
+    weights = []
+    for task, family in zip(schema, families):
+        if task.name in loss_weights:
+            weights.append(float(loss_weights[task.name]))
+        else:
+            weights.append(float(loss_weights.get(family, 1.0)) / families.count(family))
+    return weights
+
+
+def task_outputs(schema: Schema, logits) -> dict:
+    """Public outputs from logits (B, M): sigmoid or softmax per task."""
+    outputs = {}
+    for task, (start, end) in zip(schema, logit_blocks(schema)):
+        if task.is_binary:
+            outputs[task.name] = keras.layers.Activation("sigmoid", name=task.name, dtype="float32")(
+                logits[:, start]
+            )
+        else:
+            outputs[task.name] = keras.layers.Activation("softmax", name=task.name, dtype="float32")(
+                logits[:, start:end]
+            )
+    return outputs
+
+
+class MultiTaskFaceModel(keras.Model):
+    """Base of the gated and mask-guided models. Subclasses build the graph
+    in `build_graph(schema, config) -> (inputs, outputs)`."""
+
+    def __init__(self, schema=None, config=None, **kwargs):
+        schema = Schema.from_dict(schema) if isinstance(schema, dict) else schema
+        if isinstance(config, dict):
+            config = model_config_from_dict(config)
+        config = config or ModelConfig()
+        if schema is None:
+            raise ValueError("a model needs a schema (tfface.schema.get_schema('fused'), ...)")
+        config.validate()
+        inputs, outputs = self.build_graph(schema, config)
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+        self.schema = schema
+        self.model_config = config
+        self.image_size = config.image_size
+        self.task_weights = task_loss_weights(schema, config.loss_weights)
+        self.attribute_metrics = MultiTaskMetrics(
+            [(t.name, 2 if t.is_binary else t.num_classes, t.threshold) for t in schema],
+            name="attribute_metrics",
+        )
+
+    def build_graph(self, schema, config):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # --- training -------------------------------------------------------------
+    def compile(self, optimizer="auto", learning_rate=2e-3, weight_decay=1e-4, **kwargs):
+        """`compile()` with no arguments gives AdamW and the built-in losses."""
+        if kwargs.get("loss") is not None:
+            raise ValueError("tfface models compute their own masked losses; do not pass `loss`")
+        if optimizer == "auto":
+            optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay)
+        super().compile(optimizer=optimizer, **kwargs)
+
+    def get_compile_config(self):
+        return {}
+
+    def compile_from_config(self, config):
+        # Reloaded models get the default optimizer; resuming a run restores
+        # optimizer state from its checkpoint (see tfface.training).
+        self.compile()
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        del x, sample_weight
+        total = ops.convert_to_tensor(0.0)
+        logits = y_pred["_logits"]
+        raw_logits = y_pred.get("_raw_logits") if self.model_config.deep_supervision else None
+        for task, (start, end), weight in zip(self.schema, logit_blocks(self.schema), self.task_weights):
+            if y is None or task.name not in y or weight == 0.0:
+                continue
+            label = y[task.name]
+            for z in (logits, raw_logits):
+                if z is None:
+                    continue
+                if task.is_binary:
+                    total = total + weight * masked_binary_crossentropy(label, z[:, start])
+                else:
+                    total = total + weight * masked_sparse_categorical_crossentropy(label, z[:, start:end])
+        center = getattr(self, "center_loss", None)
+        if center is not None and y is not None and "_embeddings" in y_pred and self.model_config.center_loss_weight > 0:
+            total = total + center(y_pred["_embeddings"], self.center_labels(y))
+        if y is not None and "_group_masks" in y_pred and "_group_masks" in y and self.model_config.mask_loss_weight > 0:
+            valid = y.get("_has_landmarks", ops.ones((ops.shape(y["_group_masks"])[0],)))
+            total = total + self.model_config.mask_loss_weight * masked_bce_dice(
+                y["_group_masks"], y_pred["_group_masks"], valid
+            )
+        for extra in self.losses:
+            total = total + ops.cast(extra, "float32")
+        return total
+
+    def center_labels(self, y):
+        """(B, K) int labels of the tasks with embeddings, -1 where missing."""
+        batch = None
+        columns = []
+        for task in self.schema:
+            if task.name in y:
+                column = ops.cast(ops.reshape(y[task.name], (-1,)), "int32")
+                batch = column
+            else:
+                column = None
+            columns.append(column)
+        filler = ops.full_like(batch, -1) if batch is not None else None
+        return ops.stack([c if c is not None else filler for c in columns], axis=1)
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        if y is not None:
+            self.attribute_metrics.update_state(y, y_pred)
+        return self.get_metrics_result()
+
+    # --- prediction -------------------------------------------------------------
+    def predict_tasks(self, images, batch_size=64):
+        """Public outputs only, as numpy: {task: probabilities}."""
+        outputs = self.predict(
+            {"image": np.asarray(images, np.float32)}, batch_size=batch_size, verbose=0
+        )
+        return {k: v for k, v in outputs.items() if not k.startswith("_")}
+
+    @property
+    def public_output_names(self):
+        return list(self.schema.task_names)
+
+    # --- serialisation ------------------------------------------------------------
+    def get_config(self):
+        return {
+            "name": self.name,
+            "schema": self.schema.to_dict(),
+            "config": dataclasses.asdict(self.model_config),
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        return cls(**config)
