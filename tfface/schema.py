@@ -411,7 +411,9 @@ def _age_task() -> Task:
         kind=MULTICLASS,
         classes=AGE_GROUPS,
         group="whole_face",
-        sources={UTKFACE: "age", SYNTHETIC: "age"},
+        # Real CelebA has no age column; synthetic folders written in
+        # CelebA format do.
+        sources={UTKFACE: "age", SYNTHETIC: "age", CELEBA: "age"},
     )
 
 

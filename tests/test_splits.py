@@ -1,0 +1,82 @@
+"""Identity-disjoint and random splits: disjoint, deterministic, near the fractions."""
+
+import numpy as np
+import pytest
+
+from tfface.data.source import FaceSource
+from tfface.data.splits import partition_splits, split_indices, split_source
+
+
+def make_source(n=300, identities=True, seed=0):
+    rng = np.random.default_rng(seed)
+    return FaceSource(
+        name="toy",
+        format="celeba",
+        columns={"Male": rng.integers(0, 2, n).astype(np.int32)},
+        image_paths=np.array([f"{i:06d}.jpg" for i in range(n)]),
+        identities=rng.integers(0, n // 4, n).astype(np.int64) if identities else None,
+        partition=np.array(["train", "val", "test"])[np.arange(n) % 3],
+    )
+
+
+def test_identity_disjoint_and_sizes_near_fractions():
+    source = make_source()
+    splits = split_source(source, val_fraction=0.2, test_fraction=0.1)
+    assert set(splits) == {"train", "val", "test"}
+    ids = {name: set(s.identities.tolist()) for name, s in splits.items()}
+    assert not ids["train"] & ids["val"] and not ids["train"] & ids["test"] and not ids["val"] & ids["test"]
+    assert sum(len(s) for s in splits.values()) == len(source)
+    largest_person = np.bincount(source.identities).max()
+    assert abs(len(splits["val"]) - 60) <= 2 * largest_person
+    assert abs(len(splits["test"]) - 30) <= 2 * largest_person
+    # Every image lands in exactly one split.
+    paths = np.concatenate([s.image_paths for s in splits.values()])
+    assert sorted(paths.tolist()) == sorted(source.image_paths.tolist())
+
+
+def test_deterministic_and_seed_dependent():
+    source = make_source()
+    a = split_indices(source, seed=3)
+    b = split_indices(source, seed=3)
+    c = split_indices(source, seed=4)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["val"], c["val"])
+    assert all(np.all(np.diff(rows) > 0) for rows in a.values())  # source order kept
+
+
+def test_random_split_without_identities():
+    source = make_source(n=200, identities=False)
+    splits = split_source(source, val_fraction=0.15)
+    assert set(splits) == {"train", "val"}
+    assert len(splits["val"]) == 30 and len(splits["train"]) == 170
+    assert not set(splits["val"].image_paths) & set(splits["train"].image_paths)
+
+
+def test_unknown_identities_are_separate_people():
+    source = make_source(n=100)
+    source.identities[:] = -1
+    splits = split_source(source, val_fraction=0.25)
+    assert len(splits["val"]) == 25  # each image its own group: exact sizes
+
+
+def test_bad_fractions_raise():
+    source = make_source(n=20)
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_source(source, val_fraction=1.5)
+    with pytest.raises(ValueError, match="below 1"):
+        split_source(source, val_fraction=0.6, test_fraction=0.5)
+
+
+def test_split_keeps_labels_aligned():
+    source = make_source()
+    val = split_source(source)["val"]
+    index = {p: i for i, p in enumerate(source.image_paths)}
+    rows = [index[p] for p in val.image_paths]
+    np.testing.assert_array_equal(val.columns["Male"], source.columns["Male"][rows])
+    np.testing.assert_array_equal(val.identities, source.identities[rows])
+
+
+def test_partition_splits():
+    splits = partition_splits(make_source(n=9))
+    assert {k: len(v) for k, v in splits.items()} == {"train": 3, "val": 3, "test": 3}
+    assert set(splits["val"].partition) == {"val"}

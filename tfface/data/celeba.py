@@ -1,0 +1,291 @@
+"""Reader for CelebA-format folders.
+
+A CelebA-format folder holds `images/` (or the official `img_align_celeba/`)
+and its labels either as the official `list_attr_celeba.txt` (-1/1 values)
+or as `attributes.csv` (0/1 values, as in the shared `celeba_sample`). Any
+subset of the 40 CelebA attributes may be present, plus an integer `age`
+column (the synthetic generator writes one), so the same reader serves real
+CelebA copies and generated folders. Identities, landmarks and the official
+partition are read when their files are there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from tfface.data.source import DataError, FaceSource
+from tfface.data.sources import (
+    BadRows,
+    csv_rows,
+    images_dir,
+    is_image_name,
+    note,
+    parse_int,
+    read_identities,
+    read_landmarks,
+    text_rows,
+    validate_images,
+)
+from tfface.schema import CELEBA, CELEBA_ATTRIBUTES, MISSING
+
+ATTRIBUTE_CSV = "attributes.csv"
+ATTRIBUTE_TXT = "list_attr_celeba.txt"
+IDENTITY_FILES = ("identities.csv", "identity_CelebA.txt")
+PARTITION_TXT = "list_eval_partition.txt"
+PARTITION_NAMES = {
+    "0": "train",
+    "1": "val",
+    "2": "test",
+    "train": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "test": "test",
+}
+MAX_AGE = 120
+
+
+@dataclasses.dataclass
+class _Labels:
+    """Parsed label rows, before the image files are checked."""
+
+    path: Path
+    image_ids: list
+    lines: list
+    columns: dict
+    partition: Optional[list] = None
+    identities: Optional[list] = None
+
+
+def read_celeba_folder(root, skip_bad_rows=False, check_images=False, landmarks_file=None) -> FaceSource:
+    """Reads a CelebA-format folder.
+
+    Args:
+        root: the folder.
+        skip_bad_rows: skip label rows that are malformed, out of range or
+            point at a missing image (counted in `problems` and logged)
+            instead of raising `DataError`.
+        check_images: decode every image now (slow on big folders) so a
+            corrupt JPEG fails here, naming the file.
+        landmarks_file: landmark file to use instead of the ones in `root`.
+
+    Returns:
+        a `FaceSource` with format "celeba"; raw columns are the attribute
+        names (0/1, -1 where a csv cell is empty) and `age` if present.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"CelebA folder not found: {root}")
+    problems: list = []
+    bad = BadRows(skip_bad_rows)
+    if (root / ATTRIBUTE_CSV).is_file():
+        labels = _read_attribute_csv(root / ATTRIBUTE_CSV, bad, problems)
+    elif (root / ATTRIBUTE_TXT).is_file():
+        labels = _read_attribute_txt(root / ATTRIBUTE_TXT, bad, problems)
+    else:
+        raise DataError(f"{root}: no CelebA labels found (expected {ATTRIBUTE_CSV} or {ATTRIBUTE_TXT})")
+
+    image_root = images_dir(root)
+    keep = _rows_with_images(labels, image_root, bad)
+    bad.report(problems)
+    if not keep:
+        raise DataError(f"{labels.path}: no usable label rows")
+    unlabelled = _count_unlabelled_images(image_root, labels.image_ids)
+    if unlabelled:
+        note(problems, f"{image_root}: {unlabelled} image(s) have no label row in {labels.path.name} (ignored)")
+
+    image_ids = [labels.image_ids[i] for i in keep]
+    columns = {name: np.asarray(values, np.int32)[keep] for name, values in labels.columns.items()}
+    partition = (
+        np.asarray(labels.partition, dtype=object)[keep].astype(str)
+        if labels.partition is not None
+        else _read_partition_file(root / PARTITION_TXT, image_ids, skip_bad_rows, problems)
+    )
+    if labels.identities is not None:
+        identities = np.asarray(labels.identities, np.int64)[keep]
+    else:
+        identity_path = next((root / n for n in IDENTITY_FILES if (root / n).is_file()), None)
+        identities = (
+            read_identities(identity_path, image_ids, skip_bad_rows, problems)
+            if identity_path is not None
+            else None
+        )
+    landmarks = read_landmarks(root, image_ids, landmarks_file, skip_bad_rows, problems)
+    source = FaceSource(
+        name=os.path.basename(os.path.abspath(root)),
+        format=CELEBA,
+        columns=columns,
+        image_paths=np.array([str(image_root / i) for i in image_ids]),
+        identities=identities,
+        landmarks=landmarks,
+        partition=partition,
+        root=str(root),
+        problems=problems,
+    )
+    if check_images:
+        validate_images(source)
+    return source
+
+
+def _check_header(path: Path, names, problems) -> None:
+    unknown = [n for n in names if n not in CELEBA_ATTRIBUTES]
+    if unknown:
+        note(problems, f"{path}: ignored columns that are not CelebA attributes: {unknown}")
+    duplicates = sorted({n for n in names if list(names).count(n) > 1})
+    if duplicates:
+        raise DataError(f"{path}: duplicate columns {duplicates}")
+
+
+def _read_attribute_csv(path: Path, bad: BadRows, problems) -> _Labels:
+    rows = csv_rows(path)
+    _, header = next(rows, (None, []))
+    if "image_id" not in header:
+        raise DataError(f"{path}, line 1: header needs an 'image_id' column, found {header[:5]}...")
+    extra = {"image_id", "age", "partition", "identity"}
+    _check_header(path, [c for c in header if c not in extra], problems)
+    attributes = [c for c in header if c in CELEBA_ATTRIBUTES]
+    if not attributes and "age" not in header:
+        raise DataError(f"{path}: no CelebA attribute columns and no 'age' column in the header")
+    position = {c: header.index(c) for c in header}
+    labels = _Labels(
+        path=path,
+        image_ids=[],
+        lines=[],
+        columns={c: [] for c in attributes + (["age"] if "age" in header else [])},
+        partition=[] if "partition" in header else None,
+        identities=[] if "identity" in header else None,
+    )
+    seen: set = set()
+    for line, fields in rows:
+        if len(fields) != len(header):
+            bad.bad(path, line, f"expected {len(header)} columns, found {len(fields)}")
+            continue
+        row = {}
+        error = None
+        for name in attributes:
+            cell = fields[position[name]]
+            row[name] = MISSING if cell == "" else parse_int(cell, 0, 1)
+            if row[name] is None:
+                error = f"column {name!r} is {cell!r}; expected 0 or 1 (empty for unknown)"
+                break
+        if error is None and "age" in header:
+            cell = fields[position["age"]]
+            row["age"] = MISSING if cell == "" else parse_int(cell, 0, MAX_AGE)
+            if row["age"] is None:
+                error = f"age is {cell!r}; expected an integer 0..{MAX_AGE} (empty for unknown)"
+        if error is None and labels.partition is not None:
+            cell = fields[position["partition"]]
+            partition = PARTITION_NAMES.get(cell.lower(), "" if cell == "" else None)
+            if partition is None:
+                error = f"partition is {cell!r}; expected train/val/test or 0/1/2"
+        if error is None and labels.identities is not None:
+            cell = fields[position["identity"]]
+            identity = MISSING if cell == "" else parse_int(cell, 0, 2**62)
+            if identity is None:
+                error = f"identity is {cell!r}; expected a non-negative integer"
+        image_id = fields[position["image_id"]]
+        if error is None and not image_id:
+            error = "empty image_id"
+        if error is None and image_id in seen:
+            error = f"image {image_id!r} is listed twice"
+        if error is not None:
+            bad.bad(path, line, error)
+            continue
+        seen.add(image_id)
+        labels.image_ids.append(image_id)
+        labels.lines.append(line)
+        for name, value in row.items():
+            labels.columns[name].append(value)
+        if labels.partition is not None:
+            labels.partition.append(partition)
+        if labels.identities is not None:
+            labels.identities.append(identity)
+    return labels
+
+
+def _read_attribute_txt(path: Path, bad: BadRows, problems) -> _Labels:
+    """The official format: a count line, a names line, then
+    `000001.jpg  -1  1 ...` rows with -1/1 values (mapped to 0/1)."""
+    rows = text_rows(path)
+    count_line, count = next(rows, (1, []))
+    if len(count) != 1 or parse_int(count[0], 0, 10**9) is None:
+        raise DataError(f"{path}, line {count_line}: expected the number of images, found {' '.join(count)[:60]!r}")
+    _, names = next(rows, (2, []))
+    if not names:
+        raise DataError(f"{path}, line 2: expected the attribute names")
+    _check_header(path, names, problems)
+    used = [(j, n) for j, n in enumerate(names) if n in CELEBA_ATTRIBUTES]
+    labels = _Labels(path=path, image_ids=[], lines=[], columns={n: [] for _, n in used})
+    seen: set = set()
+    read = 0
+    for line, fields in rows:
+        read += 1
+        if len(fields) != len(names) + 1:
+            bad.bad(path, line, f"expected an image name and {len(names)} values, found {len(fields)} fields")
+            continue
+        values = fields[1:]
+        wrong = next((names[j] for j, v in enumerate(values) if v not in ("-1", "1")), None)
+        if wrong is not None:
+            bad.bad(path, line, f"column {wrong!r} is {values[names.index(wrong)]!r}; expected -1 or 1")
+            continue
+        if fields[0] in seen:
+            bad.bad(path, line, f"image {fields[0]!r} is listed twice")
+            continue
+        seen.add(fields[0])
+        labels.image_ids.append(fields[0])
+        labels.lines.append(line)
+        for j, name in used:
+            labels.columns[name].append(1 if values[j] == "1" else 0)
+    if read != int(count[0]):
+        note(problems, f"{path}: line 1 announces {count[0]} images but the file has {read} rows")
+    return labels
+
+
+def _rows_with_images(labels: _Labels, image_root: Path, bad: BadRows) -> list:
+    try:
+        present = set(os.listdir(image_root))
+    except OSError as e:
+        raise DataError(f"cannot list images in {image_root}: {e}") from None
+    keep = []
+    for i, (image_id, line) in enumerate(zip(labels.image_ids, labels.lines)):
+        found = image_id in present if "/" not in image_id else (image_root / image_id).is_file()
+        if not found:
+            bad.bad(labels.path, line, f"image file not found: {image_root / image_id}")
+            continue
+        keep.append(i)
+    return keep
+
+
+def _count_unlabelled_images(image_root: Path, image_ids) -> int:
+    labelled = set(image_ids)
+    return sum(1 for n in os.listdir(image_root) if is_image_name(n) and n not in labelled)
+
+
+def _read_partition_file(path: Path, image_ids, skip_bad_rows, problems) -> Optional[np.ndarray]:
+    """`list_eval_partition.txt` rows `000001.jpg 0` (0/1/2 = train/val/test)."""
+    if not path.is_file():
+        return None
+    index = {image_id: i for i, image_id in enumerate(image_ids)}
+    partition = np.full((len(index),), "", dtype=object)
+    bad = BadRows(skip_bad_rows)
+    for line, fields in text_rows(path):
+        if len(fields) != 2:
+            bad.bad(path, line, f"expected an image name and a partition, found {len(fields)} fields")
+            continue
+        name = PARTITION_NAMES.get(fields[1].lower())
+        if name is None:
+            bad.bad(path, line, f"partition is {fields[1]!r}; expected 0, 1 or 2")
+            continue
+        i = index.get(fields[0])
+        if i is not None:
+            partition[i] = name
+    bad.report(problems)
+    unknown = int((partition == "").sum())
+    if unknown:
+        note(problems, f"{path}: {unknown} image(s) have no partition")
+    return partition.astype(str)

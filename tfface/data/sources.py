@@ -1,0 +1,419 @@
+"""Opening a face source from a name or a folder, and checking its files.
+
+`open_source` is the one entry point the CLI and the training code use: it
+accepts a folder (format detected from what is inside) or a named source
+(`synthetic:N`, `celeba_sample`, `celeba_lowres`, `utkface`, `tfds:celeb_a`).
+The helpers below it are shared by the folder readers: they turn bad rows
+into `DataError`s that name the file and line, or count them when the user
+asked to skip them, so nothing is ever dropped silently.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from tfface.data.source import DataError, FaceSource
+
+logger = logging.getLogger(__name__)
+
+NAMED_FOLDERS = ("celeba_sample", "celeba_lowres", "utkface")
+DEFAULT_SYNTHETIC_IMAGES = 2000
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+
+# What format detection looks for, for the error message.
+CELEBA_LABEL_FILES = ("attributes.csv", "list_attr_celeba.txt")
+UTKFACE_LABEL_FILE = "labels.csv"
+UTKFACE_NAME = re.compile(
+    r"^(\d+)_(\d+)_(\d+)_(\d+)\.(jpg|jpeg|png)(\.chip\.jpg)?$", re.IGNORECASE
+)
+
+# Landmark columns as CelebA names them, in FaceSource order: left eye,
+# right eye, nose, left mouth corner, right mouth corner (image-left first).
+LANDMARK_COLUMNS = (
+    "lefteye_x",
+    "lefteye_y",
+    "righteye_x",
+    "righteye_y",
+    "nose_x",
+    "nose_y",
+    "leftmouth_x",
+    "leftmouth_y",
+    "rightmouth_x",
+    "rightmouth_y",
+)
+MTCNN_CACHE_FILE = "landmarks_mtcnn.csv"
+LANDMARK_FILES = ("landmarks.csv", "list_landmarks_align_celeba.txt", MTCNN_CACHE_FILE)
+
+
+# --- locating data ---------------------------------------------------------------
+
+
+def shared_data_dir() -> Optional[Path]:
+    """The shared real-data folder: `$TFFACE_DATA_DIR`, else the first
+    `shared/data` found walking up from the working directory or from this
+    package (the repository sits next to `shared/`)."""
+    env = os.environ.get("TFFACE_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    for start in (Path.cwd(), Path(__file__).resolve().parent):
+        for folder in (start, *start.parents):
+            candidate = folder / "shared" / "data"
+            if candidate.is_dir():
+                return candidate
+    return None
+
+
+def images_dir(root: Path) -> Path:
+    """`root/images` (or the official `img_align_celeba`), else `root`."""
+    for name in ("images", "img_align_celeba"):
+        if (root / name).is_dir():
+            return root / name
+    return root
+
+
+def _has_utkface_names(root: Path, sample: int = 50) -> bool:
+    names = [n for n in sorted(os.listdir(images_dir(root))) if is_image_name(n)][:sample]
+    return bool(names) and sum(bool(UTKFACE_NAME.match(n)) for n in names) * 2 >= len(names)
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def detect_format(root) -> str:
+    """"celeba" or "utkface", from the label files (or file names) in `root`."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder not found: {root}")
+    if any((root / name).is_file() for name in CELEBA_LABEL_FILES):
+        return "celeba"
+    labels = root / UTKFACE_LABEL_FILE
+    if labels.is_file():
+        with open(labels, newline="", encoding="utf-8-sig") as f:
+            header = [c.strip() for c in next(csv.reader(f), [])]
+        if "age" in header:
+            return "utkface"
+    if _has_utkface_names(root):
+        return "utkface"
+    raise DataError(
+        f"cannot tell the format of {root}: looked for CelebA labels "
+        f"({' or '.join(CELEBA_LABEL_FILES)}), UTKFace labels ({UTKFACE_LABEL_FILE} "
+        "with an 'age' column) and UTKFace-style image names "
+        "(age_gender_race_datetime.jpg) in images/ or the folder itself; found none"
+    )
+
+
+def open_source(spec, **kwargs) -> FaceSource:
+    """A `FaceSource` from a folder path or a source name.
+
+    Args:
+        spec: a folder (CelebA or UTKFace format, detected), "synthetic" or
+            "synthetic:N" (N generated images, default 2000; kwargs
+            `image_size`, `seed`), "celeba_sample", "celeba_lowres",
+            "utkface" (folders under `shared_data_dir()`), or "tfds:celeb_a"
+            (the official TFDS build, only if already prepared; kwargs
+            `data_dir`, `split`, `max_examples`). Bare names win over a
+            same-named folder in the working directory: write "./utkface"
+            for the folder.
+        **kwargs: passed to the reader (`skip_bad_rows`, `check_images`, ...).
+    """
+    if isinstance(spec, FaceSource):
+        return spec
+    text = os.fspath(spec) if isinstance(spec, os.PathLike) else str(spec)
+    if text == "synthetic" or text.startswith("synthetic:"):
+        return _open_synthetic(text, **_without_folder_options(kwargs))
+    if text.startswith("tfds:"):
+        name = text[len("tfds:"):]
+        if name != "celeb_a":
+            raise ValueError(f"unsupported TFDS source {text!r}: only 'tfds:celeb_a' is known")
+        from tfface.data.tfds_builders import load_official_celeb_a
+
+        return load_official_celeb_a(**_without_folder_options(kwargs))
+    if text in NAMED_FOLDERS and not isinstance(spec, os.PathLike):
+        root = named_folder(text)
+    else:
+        root = Path(text).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(
+                f"data folder not found: {root} (named sources: synthetic[:N], "
+                f"{', '.join(NAMED_FOLDERS)}, tfds:celeb_a)"
+            )
+    return read_folder(root, **kwargs)
+
+
+def named_folder(name: str) -> Path:
+    """The folder of a named source ("celeba_sample", ...) under `shared_data_dir()`."""
+    if name not in NAMED_FOLDERS:
+        raise ValueError(f"unknown named source {name!r}; known: {', '.join(NAMED_FOLDERS)}")
+    base = shared_data_dir()
+    if base is None:
+        raise FileNotFoundError(
+            f"named source {name!r} lives in the shared data folder, which was not found: "
+            "set TFFACE_DATA_DIR to the folder holding celeba_sample/, celeba_lowres/, utkface/"
+        )
+    root = base / name
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"named source {name!r}: folder {root} not found (set TFFACE_DATA_DIR to change "
+            "where named sources are looked up)"
+        )
+    return root
+
+
+def read_folder(root, **kwargs) -> FaceSource:
+    """Reads a folder with the reader for its detected format."""
+    fmt = detect_format(root)
+    if fmt == "celeba":
+        from tfface.data.celeba import read_celeba_folder
+
+        return read_celeba_folder(root, **kwargs)
+    from tfface.data.utkface import read_utkface_folder
+
+    return read_utkface_folder(root, **kwargs)
+
+
+def _without_folder_options(kwargs: dict) -> dict:
+    # Options about label rows and image files mean nothing for generated or
+    # TFDS-prepared data; callers (the CLI) may pass them for any source.
+    return {k: v for k, v in kwargs.items() if k not in ("skip_bad_rows", "check_images")}
+
+
+def _open_synthetic(text: str, **kwargs) -> FaceSource:
+    num_images = DEFAULT_SYNTHETIC_IMAGES
+    if ":" in text:
+        count = text.split(":", 1)[1]
+        if not count.isdigit() or int(count) < 1:
+            raise ValueError(f"bad synthetic source {text!r}: expected 'synthetic:N' with N >= 1")
+        num_images = int(count)
+    unknown = sorted(set(kwargs) - {"image_size", "seed"})
+    if unknown:
+        raise TypeError(f"synthetic sources take image_size and seed, not {unknown}")
+    from tfface.data.synthetic import generate_synthetic_faces
+
+    return generate_synthetic_faces(num_images, **kwargs)
+
+
+# --- reading label files ----------------------------------------------------
+
+
+def csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line number, stripped fields) of every non-blank csv row."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        try:
+            for fields in reader:
+                if fields and any(field.strip() for field in fields):
+                    yield reader.line_num, [field.strip() for field in fields]
+        except csv.Error as e:
+            raise DataError(f"{path}, line {reader.line_num}: not valid CSV ({e})") from None
+
+
+def text_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line number, whitespace-separated fields) of every non-blank line."""
+    with open(path, encoding="utf-8-sig") as f:
+        for number, line in enumerate(f, start=1):
+            fields = line.split()
+            if fields:
+                yield number, fields
+
+
+class BadRows:
+    """Raises `DataError` at the first bad row, or counts skipped rows.
+
+    `report()` adds one line per label file to `problems` and logs it, so a
+    skipped row is never silent.
+    """
+
+    def __init__(self, skip: bool):
+        self.skip = skip
+        self.skipped: dict[str, list[str]] = {}
+
+    def bad(self, path, line: Optional[int], message: str) -> None:
+        where = f"{path}, line {line}" if line is not None else f"{path}"
+        if not self.skip:
+            raise DataError(f"{where}: {message}")
+        self.skipped.setdefault(str(path), []).append(
+            f"line {line}: {message}" if line is not None else message
+        )
+
+    def report(self, problems: list) -> None:
+        for path, messages in self.skipped.items():
+            examples = "; ".join(messages[:3])
+            note = f"{path}: skipped {len(messages)} bad row(s), e.g. {examples}"
+            problems.append(note)
+            logger.warning(note)
+
+
+def parse_int(text: str, low: int, high: int) -> Optional[int]:
+    """`int(text)` if it is an integer in [low, high], else None."""
+    try:
+        value = int(text)
+    except ValueError:
+        return None
+    return value if low <= value <= high else None
+
+
+def note(problems: list, message: str) -> None:
+    problems.append(message)
+    logger.warning(message)
+
+
+def read_landmarks(root: Path, image_ids, landmarks_file=None, skip_bad_rows=False, problems=None):
+    """(N, 5, 2) float32 landmarks for `image_ids` (NaN where unknown), or None.
+
+    Reads `landmarks_file` if given, else the first of `landmarks.csv`,
+    `list_landmarks_align_celeba.txt` (official) and `landmarks_mtcnn.csv`
+    (the MTCNN cache: box and confidence columns, then the 10 landmark
+    columns, empty when no face was found) found in `root`.
+    """
+    problems = [] if problems is None else problems
+    if landmarks_file is not None:
+        path = Path(landmarks_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"landmarks file not found: {path}")
+    else:
+        path = next((root / n for n in LANDMARK_FILES if (root / n).is_file()), None)
+        if path is None:
+            return None
+    index = {image_id: i for i, image_id in enumerate(image_ids)}
+    landmarks = np.full((len(index), 5, 2), np.nan, np.float32)
+    bad = BadRows(skip_bad_rows)
+    if path.suffix == ".txt":
+        rows = text_rows(path)
+        next(rows, None)  # count line
+        _, header = next(rows, (None, []))
+        columns = ["image_id", *header]
+    else:
+        rows = csv_rows(path)
+        _, columns = next(rows, (None, []))
+    missing = [c for c in ("image_id", *LANDMARK_COLUMNS) if c not in columns]
+    if missing:
+        raise DataError(f"{path}: landmark file lacks columns {missing}")
+    positions = [columns.index(c) for c in LANDMARK_COLUMNS]
+    id_position = columns.index("image_id")
+    for line, fields in rows:
+        if len(fields) != len(columns):
+            bad.bad(path, line, f"expected {len(columns)} columns, found {len(fields)}")
+            continue
+        i = index.get(fields[id_position])
+        if i is None:
+            continue
+        cells = [fields[p] for p in positions]
+        if all(c == "" for c in cells):
+            continue  # no face found
+        try:
+            values = np.array([float(c) for c in cells], np.float32)
+        except ValueError:
+            bad.bad(path, line, f"landmark values must be numbers, got {cells}")
+            continue
+        landmarks[i] = values.reshape(5, 2)
+    bad.report(problems)
+    return landmarks
+
+
+def read_identities(path: Path, image_ids, skip_bad_rows=False, problems=None):
+    """(N,) int64 identities from `identities.csv` or `identity_CelebA.txt`;
+    -1 for images the file does not list."""
+    problems = [] if problems is None else problems
+    index = {image_id: i for i, image_id in enumerate(image_ids)}
+    identities = np.full((len(index),), -1, np.int64)
+    bad = BadRows(skip_bad_rows)
+    if path.suffix == ".txt":
+        rows = text_rows(path)
+        id_col, identity_col, width = 0, 1, 2
+    else:
+        rows = csv_rows(path)
+        _, header = next(rows, (None, []))
+        if "image_id" not in header or "identity" not in header:
+            raise DataError(f"{path}: needs columns image_id and identity, found {header}")
+        id_col, identity_col, width = header.index("image_id"), header.index("identity"), len(header)
+    for line, fields in rows:
+        if len(fields) != width:
+            bad.bad(path, line, f"expected {width} columns, found {len(fields)}")
+            continue
+        i = index.get(fields[id_col])
+        if i is None:
+            continue
+        value = parse_int(fields[identity_col], 0, 2**62)
+        if value is None:
+            bad.bad(path, line, f"identity must be a non-negative integer, got {fields[identity_col]!r}")
+            continue
+        identities[i] = value
+    bad.report(problems)
+    unknown = int((identities < 0).sum())
+    if unknown:
+        note(problems, f"{path}: {unknown} image(s) have no identity (each treated as its own person)")
+    return identities
+
+
+# --- checking images -----------------------------------------------------------
+
+
+def _image_size(path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        width, height = image.size
+    return height, width
+
+
+def _decode_problem(path) -> Optional[str]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError...
+        return f"{path}: cannot decode image ({type(e).__name__}: {e})"
+    return None
+
+
+def _map(fn, items, max_workers=None):
+    # PIL releases the GIL while decoding, so threads use every core.
+    max_workers = max_workers or min(8, (os.cpu_count() or 1) + 2)
+    with concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
+        return list(pool.map(fn, items, chunksize=64))
+
+
+def read_image_sizes(source: FaceSource, max_workers=None) -> np.ndarray:
+    """(N, 2) int (height, width), from the image headers only (fast)."""
+    if source.image_sizes is not None:
+        return np.asarray(source.image_sizes)
+    if source.images is not None:
+        shape = np.asarray(source.images).shape
+        return np.tile(np.array(shape[1:3], np.int64), (len(source), 1))
+
+    def size(path):
+        try:
+            return _image_size(path)
+        except Exception as e:
+            raise DataError(f"{path}: cannot read image header ({type(e).__name__}: {e})") from None
+
+    return np.array(_map(size, list(source.image_paths), max_workers), np.int64).reshape(-1, 2)
+
+
+def validate_images(source: FaceSource, drop_bad=False, max_workers=None) -> FaceSource:
+    """Decodes every image file with PIL; truncated or corrupt files raise a
+    `DataError` naming them (or, with `drop_bad=True`, are dropped and
+    reported in `problems`). In-memory sources pass unchanged."""
+    if source.image_paths is None:
+        return source
+    failures = _map(_decode_problem, list(source.image_paths), max_workers)
+    bad = [i for i, failure in enumerate(failures) if failure]
+    if not bad:
+        return source
+    examples = "; ".join(failures[i] for i in bad[:3])
+    if not drop_bad:
+        raise DataError(f"{len(bad)} unreadable image(s): {examples}")
+    keep = np.setdiff1d(np.arange(len(source)), bad)
+    result = source.subset(keep)
+    note(result.problems, f"dropped {len(bad)} unreadable image(s): {examples}")
+    return result

@@ -1,0 +1,159 @@
+"""Reader for UTKFace-format folders.
+
+UTKFace labels live in the file names, `age_gender_race_datetime.jpg` (the
+aligned-and-cropped release adds `.chip.jpg`), with gender 0 = male,
+1 = female and race 0..4 = White, Black, Asian, Indian, Others. A
+`labels.csv` (image_id, age, gender, race, ...), as in the shared copy, is
+used instead when present. Some original UTKFace names have only three
+fields; such names are skipped and reported, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from tfface.data.source import DataError, FaceSource
+from tfface.data.sources import (
+    UTKFACE_NAME,
+    BadRows,
+    csv_rows,
+    images_dir,
+    is_image_name,
+    note,
+    parse_int,
+    read_landmarks,
+    validate_images,
+)
+from tfface.schema import RACES, UTKFACE
+
+LABELS_CSV = "labels.csv"
+MAX_AGE = 120
+REQUIRED_COLUMNS = ("image_id", "age", "gender", "race")
+
+
+def read_utkface_folder(root, skip_bad_rows=False, check_images=False, landmarks_file=None) -> FaceSource:
+    """Reads a UTKFace-format folder (`images/` or the images in `root`).
+
+    Args:
+        root: the folder.
+        skip_bad_rows: skip rows or file names whose values are out of range
+            (or whose image is missing) instead of raising `DataError`;
+            they are counted in `problems` and logged.
+        check_images: decode every image now so a corrupt JPEG fails here.
+        landmarks_file: landmark file to use instead of the ones in `root`.
+
+    Returns:
+        a `FaceSource` with format "utkface" and raw columns `age` (years),
+        `male` (1 when UTKFace gender is 0) and `race` (0..4).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"UTKFace folder not found: {root}")
+    image_root = images_dir(root)
+    problems: list = []
+    bad = BadRows(skip_bad_rows)
+    if (root / LABELS_CSV).is_file():
+        image_ids, values = _read_labels_csv(root / LABELS_CSV, image_root, bad)
+    else:
+        image_ids, values = _read_file_names(image_root, bad, problems)
+    bad.report(problems)
+    if not image_ids:
+        raise DataError(f"{root}: no usable UTKFace images or label rows")
+    values = np.asarray(values, np.int32).reshape(-1, 3)
+    age, gender, race = values[:, 0], values[:, 1], values[:, 2]
+    source = FaceSource(
+        name=os.path.basename(os.path.abspath(root)),
+        format=UTKFACE,
+        columns={"age": age, "male": (gender == 0).astype(np.int32), "race": race},
+        image_paths=np.array([str(image_root / i) for i in image_ids]),
+        landmarks=read_landmarks(root, image_ids, landmarks_file, skip_bad_rows, problems),
+        root=str(root),
+        problems=problems,
+    )
+    if check_images:
+        validate_images(source)
+    return source
+
+
+def _range_error(age, gender, race) -> str | None:
+    if age is None:
+        return f"age must be an integer 0..{MAX_AGE}"
+    if gender is None:
+        return "gender must be 0 (male) or 1 (female)"
+    if race is None:
+        return f"race must be 0..{len(RACES) - 1} ({', '.join(RACES)})"
+    return None
+
+
+def _parse_values(age: str, gender: str, race: str):
+    return (
+        parse_int(age, 0, MAX_AGE),
+        parse_int(gender, 0, 1),
+        parse_int(race, 0, len(RACES) - 1),
+    )
+
+
+def _read_labels_csv(path: Path, image_root: Path, bad: BadRows):
+    rows = csv_rows(path)
+    _, header = next(rows, (None, []))
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise DataError(f"{path}, line 1: header lacks columns {missing} (found {header})")
+    position = {c: header.index(c) for c in header}
+    try:
+        present = set(os.listdir(image_root))
+    except OSError as e:
+        raise DataError(f"cannot list images in {image_root}: {e}") from None
+    image_ids, values, seen = [], [], set()
+    for line, fields in rows:
+        if len(fields) != len(header):
+            bad.bad(path, line, f"expected {len(header)} columns, found {len(fields)}")
+            continue
+        image_id = fields[position["image_id"]]
+        cells = [fields[position[c]] for c in ("age", "gender", "race")]
+        parsed = _parse_values(*cells)
+        error = _range_error(*parsed)
+        if error is not None:
+            bad.bad(path, line, f"{error}; got age={cells[0]!r} gender={cells[1]!r} race={cells[2]!r}")
+            continue
+        if "male" in position and fields[position["male"]] != str(int(parsed[1] == 0)):
+            bad.bad(path, line, f"male={fields[position['male']]!r} contradicts gender={cells[1]!r} (male = 1 when gender is 0)")
+            continue
+        if not image_id or image_id in seen:
+            bad.bad(path, line, f"image {image_id!r} is empty or listed twice")
+            continue
+        if image_id not in present and not (image_root / image_id).is_file():
+            bad.bad(path, line, f"image file not found: {image_root / image_id}")
+            continue
+        seen.add(image_id)
+        image_ids.append(image_id)
+        values.append(parsed)
+    return image_ids, values
+
+
+def _read_file_names(image_root: Path, bad: BadRows, problems: list):
+    image_ids, values, malformed = [], [], []
+    for name in sorted(os.listdir(image_root)):
+        if not is_image_name(name):
+            continue
+        match = UTKFACE_NAME.match(name)
+        if match is None:
+            malformed.append(name)
+            continue
+        parsed = _parse_values(*match.groups()[:3])
+        error = _range_error(*parsed)
+        if error is not None:
+            bad.bad(image_root / name, None, f"file name label out of range: {error}")
+            continue
+        image_ids.append(name)
+        values.append(parsed)
+    if malformed:
+        note(
+            problems,
+            f"{image_root}: skipped {len(malformed)} image(s) whose names are not "
+            f"age_gender_race_datetime.jpg, e.g. {malformed[:3]}",
+        )
+    return image_ids, values
