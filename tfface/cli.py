@@ -1,0 +1,251 @@
+"""The `tfface` command line: one entry point, one subcommand per job.
+
+Heavy imports (TensorFlow, Keras) happen inside each command, so
+`tfface --help` answers at once. User errors (missing files, bad configs,
+bad data) print one clear line and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+USER_ERRORS = (FileNotFoundError, ValueError, KeyError, PermissionError, FileExistsError)
+
+
+def _cmd_data_summary(args):
+    from tfface.data.sources import open_source
+    from tfface.data.summary import format_summary
+    from tfface.data.summary import summarize_source
+
+    source = open_source(args.source, skip_bad_rows=args.skip_bad_rows)
+    summary = summarize_source(source)
+    print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
+
+
+def _cmd_data_generate(args):
+    from tfface.data.synthetic import generate_synthetic_faces
+    from tfface.data.synthetic import write_synthetic_folder
+
+    source = generate_synthetic_faces(args.num_images, image_size=args.image_size, seed=args.seed)
+    write_synthetic_folder(source, args.out)
+    print(f"wrote {len(source)} synthetic faces to {args.out}")
+
+
+def _cmd_data_annotate(args):
+    from tfface.data.sources import open_source
+    from tfface.landmarks.detector import annotate_folder
+    from tfface.landmarks.detector import default_landmark_cache
+
+    source = open_source(args.source)
+    if source.image_paths is None:
+        raise ValueError(f"{args.source} is generated in memory and already has landmarks")
+    cache = args.cache or default_landmark_cache(source.root)
+    result = annotate_folder(list(source.image_paths), cache, limit=args.limit)
+    print(f"landmarks cached in {cache}")
+    return result
+
+
+def _cmd_data_masks(args):
+    import numpy as np
+
+    from tfface.data.sources import open_source
+    from tfface.landmarks.group_masks import overlay_masks_png
+
+    source = open_source(args.source)
+    if source.landmarks is None:
+        raise ValueError(f"{args.source} has no landmarks: run `tfface data annotate {args.source}` first")
+    keep = np.flatnonzero(np.isfinite(source.landmarks).all(axis=(1, 2)))[: args.count]
+    if source.images is not None:
+        images = source.images[keep]
+    else:
+        from PIL import Image
+
+        images = np.stack([np.asarray(Image.open(source.image_paths[i]).convert("RGB")) for i in keep])
+    overlay_masks_png(images, source.landmarks[keep], args.out)
+    print(f"wrote {args.out}")
+
+
+def _cmd_train(args):
+    from tfface.config import ExperimentConfig
+    from tfface.training.trainer import train
+
+    config = ExperimentConfig.load(args.config)
+    if args.output_dir:
+        config.train.output_dir = args.output_dir
+    if args.epochs:
+        config.train.epochs = args.epochs
+    summary = train(config)
+    print(f"trained {summary['epochs_run']} epochs in {summary['train_seconds']} s; model: {summary['model_path']}")
+
+
+def _cmd_evaluate(args):
+    from tfface.evaluation.evaluate import evaluate_model
+    from tfface.evaluation.evaluate import print_metrics
+
+    metrics = evaluate_model(args.model, args.data, args.out, batch_size=args.batch_size)
+    print_metrics(metrics)
+    print(f"wrote {args.out}/metrics.json and report.md")
+
+
+def _cmd_export(args):
+    from tfface.export.saved_model import export_saved_model
+    from tfface.training.trainer import load_model
+
+    model = load_model(args.model)
+    path = export_saved_model(model, args.export_root, args.name, version=args.version)
+    print(f"exported to {path}")
+
+
+def _cmd_serve(args):
+    from tfface.serving.server import serve_main
+
+    serve_main(args)
+
+
+def _cmd_query(args):
+    from tfface.serving.client import query_main
+
+    query_main(args)
+
+
+def _cmd_predict(args):
+    from tfface.predict import predict_main
+
+    predict_main(args)
+
+
+def _cmd_tune(args):
+    from tfface.tuning.search import tune_main
+
+    tune_main(args)
+
+
+def _cmd_demo(args):
+    from tfface.demo import run_demo
+
+    run_demo(workdir=args.workdir, num_images=args.num_images, epochs=args.epochs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tfface",
+        description="Multi-task face attribute recognition: data tools, training, evaluation, "
+        "export to TF Serving, a local gRPC server and client, KerasTuner search, prediction on photos.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="inspect, generate and annotate datasets")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    p = data_sub.add_parser(
+        "summary",
+        help="counts, label rates, image sizes and problems of a source",
+        description="SOURCE is a folder (CelebA or UTKFace format, detected from its contents) "
+        "or a named source: synthetic[:N], celeba_sample, celeba_lowres, utkface.",
+    )
+    p.add_argument("source")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed label rows and report how many")
+    p.set_defaults(func=_cmd_data_summary)
+    p = data_sub.add_parser("generate", help="write synthetic faces as a CelebA-format folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--num-images", type=int, default=1000)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_data_generate)
+    p = data_sub.add_parser("annotate", help="detect five landmarks with MTCNN once and cache them")
+    p.add_argument("source")
+    p.add_argument("--cache", help="cache file (default: beside the data, or ~/.cache/tfface when read-only)")
+    p.add_argument("--limit", type=int, help="only the first N images")
+    p.set_defaults(func=_cmd_data_annotate)
+    p = data_sub.add_parser("masks", help="draw the eight group masks over sample faces (PNG)")
+    p.add_argument("source")
+    p.add_argument("--out", default="group_masks.png")
+    p.add_argument("--count", type=int, default=8)
+    p.set_defaults(func=_cmd_data_masks)
+
+    p = sub.add_parser("train", help="train a model from a config file (resumes an interrupted run)")
+    p.add_argument("--config", required=True, help="YAML experiment config (see configs/)")
+    p.add_argument("--output-dir", help="override train.output_dir")
+    p.add_argument("--epochs", type=int, help="override train.epochs")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics.json, plots and a report on a labelled source")
+    p.add_argument("--model", required=True, help=".keras file or a training output dir")
+    p.add_argument("--data", required=True, help="SOURCE (folder or named source)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("export", help="write a TF Serving SavedModel to saved_models/NAME/VERSION")
+    p.add_argument("--model", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--version", type=int, help="default: next free version number")
+    p.add_argument("--export-root", default="saved_models")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("serve", help="local gRPC server with TF Serving's API (development, tests)")
+    p.add_argument("--model-dir", required=True, help="saved_models/NAME")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8500)
+    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--batch-timeout-ms", type=float, default=5.0)
+    p.add_argument("--no-batching", action="store_true")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("query", help="send images to a TF Serving (or local) server over gRPC")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--host", default="localhost:8500", help="HOST:PORT")
+    p.add_argument("--model", required=True, help="model name on the server")
+    p.add_argument("--signature", default="serving_default")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--tls", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_query)
+
+    p = sub.add_parser("predict", help="detect, align and analyse every face in photos")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("--model", required=True)
+    p.add_argument("--draw", help="folder for annotated PNGs")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", help="JSON lines file (default: stdout)")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("tune", help="KerasTuner search over gates and loss weights")
+    p.add_argument("--config", required=True, help="tuning config (see tuning/)")
+    p.set_defaults(func=_cmd_tune)
+
+    p = sub.add_parser(
+        "demo",
+        help="the main job on synthetic data: generate, train, evaluate, export, serve, query",
+    )
+    p.add_argument("--workdir", default="runs/demo")
+    p.add_argument("--num-images", type=int, default=3000)
+    p.add_argument("--epochs", type=int, default=6)
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except USER_ERRORS as e:
+        print(f"tfface {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""The fused tf.data input pipeline.
+
+Several `FaceSource`s (CelebA, UTKFace, synthetic, ...) are mixed with set
+sampling weights into one stream of `(x, y)`:
+
+- `x = {"image": float32 (S, S, 3), 0..255}`
+- `y = {task: label}` for every task of the schema, -1 where the example's
+  source does not label that task (losses and metrics mask it), plus
+  `_source` (index of the source), `_landmarks` (5, 2) as fractions of the
+  model input (-1 when unknown), `_has_landmarks`, and with `with_masks`
+  `_group_masks` (S/4, S/4, 8) drawn from the landmarks.
+
+Images are decoded in parallel, cropped and resized with the same function
+the SavedModel uses (`tfface.data.image_ops`), cached, then augmented with
+transforms that keep labels, landmarks and masks consistent (a horizontal
+flip mirrors the landmarks and swaps left and right points; masks are drawn
+from the landmarks after augmentation).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from tfface.data.image_ops import decode_image
+from tfface.data.image_ops import preprocess_image
+from tfface.data.source import FaceSource
+from tfface.schema import Schema
+
+AUTOTUNE = tf.data.AUTOTUNE
+# Landmark order: left eye, right eye, nose, left mouth, right mouth.
+FLIP_PERMUTATION = (1, 0, 2, 4, 3)
+
+_JPEG_START = b"\xff\xd8"
+_JPEG_END = b"\xff\xd9"
+_PNG_START = b"\x89PNG"
+
+
+def mask_size_for(image_size: int) -> int:
+    return image_size // 4
+
+
+# --- per-source datasets --------------------------------------------------------
+
+
+def _checked_decode(path):
+    """Reads and decodes one file; a corrupt or truncated file fails naming it."""
+    data = tf.io.read_file(path)
+    head = tf.strings.substr(data, 0, 4)
+    is_jpeg = tf.equal(tf.strings.substr(head, 0, 2), _JPEG_START)
+    is_png = tf.equal(head, _PNG_START)
+    length = tf.strings.length(data)
+    # A JPEG cut short loses its end-of-image marker FF D9 (some encoders
+    # pad after it, so look for it within the last 64 bytes).
+    tail = tf.io.decode_raw(tf.strings.substr(data, tf.maximum(length - 64, 0), 64), tf.uint8)
+    jpeg_end_ok = tf.reduce_any(tf.logical_and(tf.equal(tail[:-1], 0xFF), tf.equal(tail[1:], 0xD9)))
+    ok = tf.logical_or(is_png, tf.logical_and(is_jpeg, jpeg_end_ok))
+    ok = tf.logical_or(ok, tf.logical_not(tf.logical_or(is_jpeg, is_png)) & (length > 0))
+    tf.debugging.Assert(
+        ok, [tf.strings.join(["corrupt or truncated image file: ", path])], summarize=1
+    )
+    tf.debugging.Assert(length > 0, [tf.strings.join(["empty image file: ", path])])
+    return decode_image(data)
+
+
+def _normalised_landmarks(landmarks, height, width):
+    """Pixel landmarks of the original image -> fractions of the square crop."""
+    height = tf.cast(height, tf.float32)
+    width = tf.cast(width, tf.float32)
+    side = tf.minimum(height, width)
+    # Same integer offsets as image_ops.preprocess_image.
+    top = tf.floor((height - side) / 2.0)
+    left = tf.floor((width - side) / 2.0)
+    offset = tf.stack([left, top])
+    # Pixel index -> continuous coordinate (+0.5), then fraction of the side.
+    return (landmarks - offset + 0.5) / side
+
+
+def _source_images(source: FaceSource, image_size: int) -> tf.data.Dataset:
+    """Yields (image uint8 (S, S, 3), height, width) for every row."""
+    if source.images is not None:
+        images = tf.data.Dataset.from_tensor_slices(source.images)
+
+        def resize(image):
+            shape = tf.shape(image)
+            resized = preprocess_image(image, image_size)
+            return tf.cast(tf.round(resized), tf.uint8), shape[0], shape[1]
+
+        return images.map(resize, num_parallel_calls=AUTOTUNE)
+    paths = tf.data.Dataset.from_tensor_slices([str(p) for p in source.image_paths])
+
+    def load(path):
+        image = _checked_decode(path)
+        shape = tf.shape(image)
+        resized = preprocess_image(image, image_size)
+        return tf.cast(tf.round(resized), tf.uint8), shape[0], shape[1]
+
+    return paths.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
+
+
+def source_dataset(
+    source: FaceSource,
+    schema: Schema,
+    image_size: int,
+    source_id: int = 0,
+    cache: bool = True,
+) -> tf.data.Dataset:
+    """One source as a dataset of (image uint8, labels dict), unbatched."""
+    n = len(source)
+    labels = schema.encode_labels(source.format, source.columns, n)
+    if source.landmarks is not None:
+        landmarks = np.asarray(source.landmarks, np.float32).reshape(n, 5, 2)
+    else:
+        landmarks = np.full((n, 5, 2), np.nan, np.float32)
+    has_landmarks = np.isfinite(landmarks).all(axis=(1, 2)).astype(np.float32)
+    landmarks = np.where(np.isfinite(landmarks), landmarks, 0.0).astype(np.float32)
+    meta = tf.data.Dataset.from_tensor_slices(
+        (labels, landmarks, has_landmarks, np.full((n,), source_id, np.int32))
+    )
+    images = _source_images(source, image_size)
+
+    def combine(image_info, meta_row):
+        image, height, width = image_info
+        row_labels, row_landmarks, row_has, row_source = meta_row
+        norm = _normalised_landmarks(row_landmarks, height, width)
+        norm = tf.where(row_has > 0, norm, -tf.ones_like(norm))
+        y = dict(row_labels)
+        y["_landmarks"] = norm
+        y["_has_landmarks"] = row_has
+        y["_source"] = row_source
+        return image, y
+
+    dataset = tf.data.Dataset.zip((images, meta)).map(combine, num_parallel_calls=AUTOTUNE)
+    if cache:
+        dataset = dataset.cache()
+    return dataset
+
+
+# --- augmentation ---------------------------------------------------------------------
+
+
+def flip_example(image, y):
+    """Horizontal flip of an image and its landmarks (left/right swapped)."""
+    image = tf.image.flip_left_right(image)
+    landmarks = y["_landmarks"]
+    flipped = tf.stack([1.0 - landmarks[:, 0], landmarks[:, 1]], axis=-1)
+    flipped = tf.gather(flipped, FLIP_PERMUTATION)
+    y = dict(y)
+    y["_landmarks"] = tf.where(y["_has_landmarks"] > 0, flipped, landmarks)
+    return image, y
+
+
+def affine_example(image, y, scale, angle, shift):
+    """Scales and rotates about the centre, then shifts (fractions of the side).
+
+    The same map moves the landmarks, so they stay on the face.
+    """
+    size = tf.cast(tf.shape(image)[0], tf.float32)
+    centre = (size - 1.0) / 2.0
+    cos, sin = tf.cos(angle), tf.sin(angle)
+    tx, ty = shift[0] * size, shift[1] * size
+    # Output pixel -> input pixel (what ImageProjectiveTransformV3 wants):
+    # p_in = R^T (p_out - c - t) / s + c.
+    a0, a1 = cos / scale, sin / scale
+    b0, b1 = -sin / scale, cos / scale
+    ox, oy = centre + tx, centre + ty
+    a2 = centre - (a0 * ox + a1 * oy)
+    b2 = centre - (b0 * ox + b1 * oy)
+    transform = tf.stack([a0, a1, a2, b0, b1, b2, 0.0, 0.0])
+    warped = tf.raw_ops.ImageProjectiveTransformV3(
+        images=tf.cast(image[None], tf.float32),
+        transforms=transform[None],
+        output_shape=tf.shape(image)[:2],
+        fill_value=0.0,
+        interpolation="BILINEAR",
+        fill_mode="REFLECT",
+    )[0]
+    # Landmarks: input -> output, p_out = s R (p_in - c) + c + t, in pixels.
+    points = y["_landmarks"] * size - 0.5 - centre
+    rx = cos * points[:, 0] - sin * points[:, 1]
+    ry = sin * points[:, 0] + cos * points[:, 1]
+    moved = tf.stack([scale * rx + centre + tx, scale * ry + centre + ty], axis=-1)
+    moved = (moved + 0.5) / size
+    y = dict(y)
+    y["_landmarks"] = tf.where(y["_has_landmarks"] > 0, moved, y["_landmarks"])
+    return tf.cast(warped, image.dtype), y
+
+
+def augment_example(image, y, seed=None):
+    """Random flip, small affine, colour jitter; labels are unchanged."""
+    image = tf.cast(image, tf.float32)
+    image, y = tf.cond(
+        tf.random.uniform(()) < 0.5,
+        lambda: flip_example(image, y),
+        lambda: (image, y),
+    )
+    scale = tf.random.uniform((), 0.92, 1.08)
+    angle = tf.random.uniform((), -10.0, 10.0) * (math.pi / 180.0)
+    shift = tf.random.uniform((2,), -0.04, 0.04)
+    image, y = affine_example(image, y, scale, angle, shift)
+    image = image + tf.random.uniform((), -20.0, 20.0)
+    mean = tf.reduce_mean(image, axis=(0, 1), keepdims=True)
+    image = (image - mean) * tf.random.uniform((), 0.8, 1.2) + mean
+    grey = tf.reduce_mean(image, axis=-1, keepdims=True)
+    image = (image - grey) * tf.random.uniform((), 0.8, 1.2) + grey
+    return tf.clip_by_value(image, 0.0, 255.0), y
+
+
+# --- the fused stream -----------------------------------------------------------------
+
+
+def _to_model_inputs(image, y, with_masks: bool, image_size: int):
+    image = tf.cast(image, tf.float32)
+    if with_masks:
+        from tfface.landmarks.group_masks import group_masks_tf
+
+        masks = group_masks_tf(y["_landmarks"], mask_size_for(image_size))
+        valid = tf.reshape(y["_has_landmarks"], (-1, 1, 1, 1))
+        y = dict(y)
+        y["_group_masks"] = masks * valid
+    return {"image": image}, y
+
+
+def make_dataset(
+    sources: list[FaceSource],
+    schema: Schema,
+    image_size: int,
+    batch_size: int = 32,
+    training: bool = False,
+    weights=None,
+    augment: bool = True,
+    with_masks: bool = False,
+    cache: bool = True,
+    steps_per_epoch: int | None = None,
+    seed: int | None = None,
+) -> tf.data.Dataset:
+    """A batched `(x, y)` dataset over the fused sources.
+
+    Training streams shuffle, repeat and mix the sources with `weights`
+    (default: proportional to their sizes); an epoch is `steps_per_epoch`
+    batches (default: one pass over all examples), so plain
+    `model.fit(dataset)` works. Evaluation streams visit every example once,
+    in order.
+    """
+    if isinstance(sources, FaceSource):
+        sources = [sources]
+    if not sources:
+        raise ValueError("make_dataset needs at least one source")
+    empty = [s.name for s in sources if len(s) == 0]
+    if empty:
+        raise ValueError(f"sources with no examples: {empty}")
+    per_source = [
+        source_dataset(s, schema, image_size, source_id=i, cache=cache)
+        for i, s in enumerate(sources)
+    ]
+    total = sum(len(s) for s in sources)
+    if training:
+        if weights is None:
+            weights = [len(s) for s in sources]
+        if len(weights) != len(sources):
+            raise ValueError(f"{len(weights)} weights for {len(sources)} sources")
+        weights = np.asarray(weights, np.float64)
+        weights = (weights / weights.sum()).tolist()
+        streams = [
+            ds.shuffle(min(len(s), 4096), seed=seed, reshuffle_each_iteration=True).repeat()
+            for ds, s in zip(per_source, sources)
+        ]
+        dataset = (
+            streams[0]
+            if len(streams) == 1
+            else tf.data.Dataset.sample_from_datasets(streams, weights=weights, seed=seed)
+        )
+        if augment:
+            dataset = dataset.map(augment_example, num_parallel_calls=AUTOTUNE)
+        steps = steps_per_epoch or max(1, total // batch_size)
+        dataset = dataset.batch(batch_size, drop_remainder=True).take(steps)
+    else:
+        dataset = per_source[0]
+        for extra in per_source[1:]:
+            dataset = dataset.concatenate(extra)
+        dataset = dataset.batch(batch_size)
+    dataset = dataset.map(
+        lambda image, y: _to_model_inputs(image, y, with_masks, image_size),
+        num_parallel_calls=AUTOTUNE,
+    )
+    return dataset.prefetch(AUTOTUNE)
+
+
+def steps_for(sources, batch_size) -> int:
+    return max(1, sum(len(s) for s in sources) // batch_size)

@@ -1,0 +1,241 @@
+"""`train(config)`: the whole training run behind `tfface train --config`.
+
+Reads and splits the sources, builds the fused pipeline and the model named
+by the config, and runs `model.fit` with the callbacks a long run needs:
+a backup every epoch so a killed run resumes where it stopped (model,
+optimizer and epoch restored by `keras.callbacks.BackupAndRestore`), the
+best model by validation mean balanced accuracy, TensorBoard logs, a CSV
+history, early stopping and a wall-clock budget.
+
+Everything lands in `train.output_dir`:
+`config.yaml`, `model.keras` (best), `last.keras`, `history.csv`,
+`logs/` (TensorBoard), `backup/` (resume state, removed after success),
+`train_summary.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from tfface.config import ExperimentConfig
+from tfface.data.pipeline import make_dataset
+from tfface.schema import get_schema
+
+log = logging.getLogger(__name__)
+
+MONITOR = "val_mean_balanced_accuracy"
+
+
+def build_model(schema, model_config):
+    """The model class named by `model_config.type`."""
+    if model_config.type == "gated":
+        from tfface.models.gated_multitask_model import GatedMultiTaskModel
+
+        return GatedMultiTaskModel(schema=schema, config=model_config, name="gated_multitask")
+    from tfface.models.mask_guided_model import MaskGuidedMultiTaskModel
+
+    return MaskGuidedMultiTaskModel(schema=schema, config=model_config, name="mask_guided_multitask")
+
+
+def load_sources(data_config):
+    """Opens and splits every configured source: (train list, val list)."""
+    from tfface.data.sources import open_source
+    from tfface.data.splits import split_source
+
+    train, val = [], []
+    for source_config in data_config.sources:
+        options = {}
+        if source_config.path.startswith("synthetic"):
+            options["image_size"] = data_config.image_size
+        elif source_config.landmarks:
+            options["landmarks_file"] = source_config.landmarks
+        source = open_source(source_config.path, **options)
+        if data_config.val_fraction > 0:
+            parts = split_source(source, val_fraction=data_config.val_fraction, seed=data_config.split_seed)
+            train.append(parts["train"])
+            val.append(parts["val"])
+        else:
+            train.append(source)
+    return train, val
+
+
+class TimeBudget(keras.callbacks.Callback):
+    """Stops training cleanly once the wall-clock budget is spent."""
+
+    def __init__(self, minutes):
+        super().__init__()
+        self.seconds = minutes * 60.0
+        self.start = None
+
+    def on_train_begin(self, logs=None):
+        self.start = time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if time.monotonic() - self.start > self.seconds:
+            log.warning("time budget of %.1f min spent after epoch %d: stopping", self.seconds / 60, epoch + 1)
+            self.model.stop_training = True
+
+
+def _strategy(name):
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        if "TF_CONFIG" not in os.environ:
+            raise ValueError("train.strategy 'multi_worker' needs the TF_CONFIG environment variable")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def _mixed_precision(mode):
+    on = mode == "on" or (mode == "auto" and tf.config.list_physical_devices("GPU"))
+    keras.mixed_precision.set_global_policy("mixed_float16" if on else "float32")
+    return bool(on)
+
+
+def _is_chief():
+    """Only the chief writes files in multi-worker training (TF_CONFIG)."""
+    tf_config = json.loads(os.environ.get("TF_CONFIG", "{}"))
+    task = tf_config.get("task")
+    if not task:
+        return True
+    if task.get("type") == "chief":
+        return True
+    has_chief = "chief" in tf_config.get("cluster", {})
+    return task.get("type") == "worker" and task.get("index", 0) == 0 and not has_chief
+
+
+def make_datasets(config: ExperimentConfig, schema, train_sources, val_sources):
+    data = config.data
+    with_masks = data.with_masks or config.model.type == "mask_guided"
+    weights = [s.weight for s in data.sources] if len(train_sources) > 1 else None
+    train_ds = make_dataset(
+        train_sources,
+        schema,
+        data.image_size,
+        batch_size=data.batch_size,
+        training=True,
+        weights=weights,
+        augment=data.augment,
+        with_masks=with_masks,
+        cache=data.cache,
+        steps_per_epoch=config.train.steps_per_epoch,
+        seed=config.train.seed,
+    )
+    val_ds = None
+    if val_sources:
+        val_ds = make_dataset(
+            val_sources, schema, data.image_size, batch_size=data.batch_size, with_masks=with_masks, cache=data.cache
+        )
+    return train_ds, val_ds
+
+
+def train(config: ExperimentConfig, verbose="auto") -> dict:
+    """Trains (or resumes) the run described by `config`; returns a summary."""
+    config.validate()
+    out = Path(config.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save(out / "config.yaml")
+    keras.utils.set_random_seed(config.train.seed)
+    mixed = _mixed_precision(config.train.mixed_precision)
+    schema = get_schema(config.data.schema)
+    train_sources, val_sources = load_sources(config.data)
+    train_ds, val_ds = make_datasets(config, schema, train_sources, val_sources)
+
+    strategy = _strategy(config.train.strategy)
+    with strategy.scope():
+        model = build_model(schema, config.model)
+        optimizer = _optimizer(config, train_ds)
+        model.compile(optimizer=optimizer)
+
+    chief = _is_chief()
+    callbacks = [keras.callbacks.BackupAndRestore(str(out / "backup"))]
+    if chief:
+        callbacks += [
+            keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
+            keras.callbacks.TensorBoard(str(out / "logs"), update_freq="epoch"),
+            keras.callbacks.ModelCheckpoint(str(out / "last.keras")),
+        ]
+        if val_ds is not None:
+            callbacks.append(
+                keras.callbacks.ModelCheckpoint(
+                    str(out / "model.keras"), monitor=MONITOR, mode="max", save_best_only=True
+                )
+            )
+    if config.train.early_stopping_patience > 0 and val_ds is not None:
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor=MONITOR, mode="max", patience=config.train.early_stopping_patience, restore_best_weights=False
+            )
+        )
+    if config.train.time_budget_minutes:
+        callbacks.append(TimeBudget(config.train.time_budget_minutes))
+    if verbose == "auto":
+        verbose = 1 if sys.stdout.isatty() else 2
+
+    start = time.monotonic()
+    history = model.fit(
+        train_ds, validation_data=val_ds, epochs=config.train.epochs, callbacks=callbacks, verbose=verbose
+    )
+    seconds = time.monotonic() - start
+    if chief and val_ds is None:
+        model.save(out / "model.keras")
+    summary = {
+        "name": config.name,
+        "output_dir": str(out),
+        "model_path": str(out / "model.keras"),
+        "epochs_run": len(history.history.get("loss", [])),
+        "train_seconds": round(seconds, 1),
+        "train_examples": int(sum(len(s) for s in train_sources)),
+        "val_examples": int(sum(len(s) for s in val_sources)),
+        "mixed_precision": mixed,
+        "parameters": int(model.count_params()),
+        "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
+        "config": dataclasses.asdict(config),
+    }
+    if chief:
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _optimizer(config, train_ds):
+    train = config.train
+    steps = train.steps_per_epoch or int(train_ds.cardinality().numpy())
+    steps = max(1, steps)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=train.learning_rate if train.warmup_epochs <= 0 else 0.0,
+        decay_steps=max(1, train.epochs * steps),
+        warmup_target=train.learning_rate if train.warmup_epochs > 0 else None,
+        warmup_steps=int(train.warmup_epochs * steps),
+        alpha=0.05,
+    )
+    if train.optimizer == "adamw":
+        return keras.optimizers.AdamW(learning_rate=schedule, weight_decay=train.weight_decay)
+    if train.optimizer == "adam":
+        return keras.optimizers.Adam(learning_rate=schedule)
+    return keras.optimizers.SGD(learning_rate=schedule, momentum=0.9)
+
+
+def load_model(path):
+    """Loads a `.keras` tfface model (registers the custom classes first)."""
+    path = Path(path)
+    if path.is_dir() and (path / "model.keras").is_file():
+        path = path / "model.keras"
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    import tfface.models  # noqa: F401  (registers the custom classes)
+
+    try:
+        import tfface.models.mask_guided_model  # noqa: F401
+    except ImportError:  # pragma: no cover
+        pass
+    return keras.models.load_model(path)
+
