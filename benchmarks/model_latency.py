@@ -1,0 +1,76 @@
+"""Inference latency of the full multi-task models against the bare backbone.
+
+One forward pass serves every task, so the full model should cost little
+more than its backbone: targets at batch 32 are gated <= 1.05x and
+mask-guided <= 1.6x the backbone's time, measured in one run.
+
+Run: python benchmarks/model_latency.py [--image-size 64] [--batch 32]
+Runs under any Keras backend (KERAS_BACKEND=jax for the GPU machine).
+"""
+
+import argparse
+
+import numpy as np
+from common import print_table
+from common import time_call
+from common import write_results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--backbone", default="small_cnn")
+    parser.add_argument("--schema", default="fused")
+    args = parser.parse_args()
+
+    import keras
+
+    from tfface.config import ModelConfig
+    from tfface.models.backbones import build_backbone
+    from tfface.schema import get_schema
+    from tfface.training.trainer import build_model
+
+    schema = get_schema(args.schema)
+    images = np.random.default_rng(0).uniform(0, 255, (args.batch, args.image_size, args.image_size, 3)).astype("float32")
+    variants = {
+        "backbone only": None,
+        "gated, no gate": dict(type="gated", gate="none", correlation=False),
+        "gated, static gate": dict(type="gated", gate="static", correlation=False),
+        "gated, input-conditioned gate": dict(type="gated", gate="input_conditioned", correlation=False),
+        "gated, static + correlation (full)": dict(type="gated", gate="static", correlation=True),
+        "mask-guided, group-global (full)": dict(type="mask_guided", fusion="group_global"),
+    }
+    rows = []
+    base = None
+    for label, overrides in variants.items():
+        config = ModelConfig(image_size=args.image_size, backbone=args.backbone, **(overrides or {}))
+        try:
+            if overrides is None:
+                model = build_backbone(config)
+                fn = model.predict_on_batch
+                inputs = images
+            else:
+                model = build_model(schema, config)
+                fn = model.predict_on_batch
+                inputs = {"image": images}
+        except ImportError as e:
+            rows.append({"model": label, "error": str(e)})
+            continue
+        timing = time_call(lambda: fn(inputs), repeats=args.repeats, warmup=3)
+        ms = timing["median_s"] * 1000
+        base = base or ms
+        rows.append({"model": label, "params": model.count_params(), "median_ms": ms, "vs_backbone": ms / base})
+        keras.backend.clear_session()
+    print(f"backend {keras.backend.backend()}; {args.backbone} at {args.image_size}px; batch {args.batch}; {len(schema)} tasks")
+    print_table(rows, ["model", "params", "median_ms", "vs_backbone", "error"])
+    write_results(
+        f"model_latency_{keras.backend.backend()}_{args.image_size}",
+        {"image_size": args.image_size, "batch": args.batch, "backbone": args.backbone, "rows": rows,
+         "targets": {"gated": 1.05, "mask_guided": 1.6}},
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""Landmark detection (MTCNN), the resumable landmark cache, and alignment."""
+
+import ast
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tfface.landmarks import (
+    TEMPLATE_5PT,
+    Detection,
+    FaceDetector,
+    LandmarkError,
+    align_face,
+    annotate_folder,
+    default_landmark_cache,
+    flip_landmarks,
+    load_landmark_cache,
+    read_landmark_cache,
+    similarity_transform,
+    transform_points,
+)
+from tfface.landmarks import detector as detector_module
+
+# --- pure helpers --------------------------------------------------------------
+
+
+def test_flip_landmarks_mirrors_x_and_swaps_sides():
+    lm = np.array([[10, 20], [30, 21], [20, 30], [12, 40], [28, 41]], np.float32)
+    flipped = flip_landmarks(lm, width=50)
+    np.testing.assert_allclose(flipped[0], [50 - 30, 21])  # old right eye
+    np.testing.assert_allclose(flipped[3], [50 - 28, 41])  # old right corner
+    assert flipped[0, 0] < flipped[1, 0]  # still image-left first
+    np.testing.assert_allclose(flip_landmarks(flipped, 50), lm)
+
+
+def test_similarity_transform_recovers_a_known_transform():
+    rng = np.random.default_rng(0)
+    src = rng.uniform(0, 100, (5, 2))
+    angle, scale, shift = np.deg2rad(23.0), 1.7, np.array([12.0, -40.0])
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    dst = scale * src @ rotation.T + shift
+    matrix = similarity_transform(src, dst)
+    np.testing.assert_allclose(matrix[:, :2], scale * rotation, atol=1e-4)
+    np.testing.assert_allclose(matrix[:, 2], shift, atol=1e-3)
+    np.testing.assert_allclose(transform_points(src, matrix), dst, atol=1e-3)
+
+
+def test_similarity_transform_never_reflects():
+    src = TEMPLATE_5PT.astype(np.float64)
+    mirrored = src * [-1, 1]
+    matrix = similarity_transform(src, mirrored)
+    assert np.linalg.det(matrix[:, :2]) > 0
+
+
+def test_similarity_transform_rejects_bad_points():
+    with pytest.raises(LandmarkError, match="NaN"):
+        similarity_transform(np.full((5, 2), np.nan), TEMPLATE_5PT)
+    with pytest.raises(LandmarkError, match="same shape"):
+        similarity_transform(TEMPLATE_5PT[:4], TEMPLATE_5PT)
+
+
+def _blob_image(centre, height=90, width=120):
+    ys, xs = np.mgrid[0:height, 0:width] + 0.5
+    blob = np.exp(-((xs - centre[0]) ** 2 + (ys - centre[1]) ** 2) / (2 * 2.0**2))
+    return np.repeat((255 * blob).round().astype(np.uint8)[..., None], 3, axis=-1)
+
+
+def test_align_face_maps_landmarks_onto_the_template():
+    size = 64
+    # A face rotated by 15 degrees, smaller and off-centre in a 120x90 image.
+    angle = np.deg2rad(15)
+    rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    landmarks = (TEMPLATE_5PT * 50) @ rotation.T + [40, 10]
+    for k in range(5):
+        # Warp one blob per landmark and find where it lands (the warp is
+        # linear in the image, so this checks Pillow's pixel convention).
+        aligned, matrix = align_face(_blob_image(landmarks[k]), landmarks, size)
+        assert aligned.shape == (size, size, 3) and aligned.dtype == np.uint8
+        weight = aligned[..., 0].astype(np.float64)
+        ys, xs = np.mgrid[0:size, 0:size] + 0.5
+        found = np.array([(weight * xs).sum(), (weight * ys).sum()]) / weight.sum()
+        assert np.abs(found - TEMPLATE_5PT[k] * size).max() < 1.0, k
+    np.testing.assert_allclose(transform_points(landmarks, matrix), TEMPLATE_5PT * size, atol=1e-3)
+
+
+def test_template_is_a_frontal_celeba_layout():
+    lm = TEMPLATE_5PT
+    assert lm[0, 0] < lm[2, 0] < lm[1, 0]  # nose between the eyes
+    assert lm[:2, 1].max() < lm[2, 1] < lm[3:, 1].min()  # eyes, nose, mouth downwards
+    np.testing.assert_allclose(flip_landmarks(lm, 1.0), lm, atol=1e-6)  # symmetric
+
+
+# --- detector input checks (no model needed) -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (np.zeros((40, 40), np.uint8), "grey or RGBA"),
+        (np.zeros((40, 40, 4), np.uint8), "grey or RGBA"),
+        (np.zeros((40, 40, 3), np.float32), "dtype float32"),
+        (np.zeros((8, 40, 3), np.uint8), "too small"),
+    ],
+)
+def test_detector_rejects_non_rgb_arrays(image, message):
+    with pytest.raises(LandmarkError, match=message):
+        FaceDetector().detect(image)
+
+
+def test_mtcnn_is_imported_lazily():
+    # Statically (a subprocess import of TensorFlow takes too long): no
+    # landmarks module imports mtcnn at module level.
+    package = Path(detector_module.__file__).parent
+    for source in package.glob("*.py"):
+        for node in ast.parse(source.read_text()).body:
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not any(n.split(".")[0] == "mtcnn" for n in names), source.name
+    assert FaceDetector()._mtcnn is None  # constructing does not load it either
+
+
+# --- the real detector -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mtcnn_detector():
+    return FaceDetector()
+
+
+def _real_face():
+    """skimage's astronaut, else a real UTKFace image, else skip."""
+    try:
+        import skimage.data
+
+        return skimage.data.astronaut()
+    except ImportError:
+        pass
+    data = Path(os.environ.get("TFFACE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    images = data / "utkface" / "images"
+    path = images / "20_0_0_20170104020603909.jpg.chip.jpg"
+    if not path.is_file():
+        candidates = sorted(images.glob("2*_*.jpg")) if images.is_dir() else []
+        if not candidates:
+            pytest.skip("no face image: scikit-image is not installed and UTKFace data is absent")
+        path = candidates[0]
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_detector_finds_one_face_with_ordered_landmarks(mtcnn_detector):
+    faces = mtcnn_detector.detect(_real_face())
+    assert len(faces) == 1
+    face = faces[0]
+    assert face.confidence > 0.9
+    lm = face.landmarks
+    assert lm.shape == (5, 2) and lm.dtype == np.float32
+    assert lm[0, 0] < lm[1, 0] and lm[3, 0] < lm[4, 0]  # image-left first
+    assert lm[:2, 1].max() < lm[2, 1] < lm[3:, 1].min()  # eyes above nose above mouth
+    x, y, w, h = face.box
+    assert x <= lm[:, 0].min() and lm[:, 0].max() <= x + w
+
+
+def test_annotate_folder_lists_an_image_without_a_face(tmp_path, mtcnn_detector):
+    grey = tmp_path / "grey.png"
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(grey)
+    report = annotate_folder([grey], tmp_path / "cache.csv", detector=mtcnn_detector, verbose=False)
+    assert report.no_face == ["grey.png"] and report.num_found == 0
+    row = read_landmark_cache(tmp_path / "cache.csv")["grey.png"]
+    assert row["status"] == "no_face" and row["left_eye_x"] == ""
+    assert np.isnan(load_landmark_cache(tmp_path / "cache.csv", ["grey.png"])).all()
+
+
+# --- the landmark cache, with a fake detector ------------------------------------------
+
+
+class FakeDetector:
+    """'Finds' a face in bright images; its landmarks encode the brightness."""
+
+    def __init__(self, fail_on_call=None):
+        self.calls = 0
+        self.seen = 0
+        self.fail_on_call = fail_on_call
+
+    def detect_batch(self, images):
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise KeyboardInterrupt("killed")
+        self.seen += len(images)
+        results = []
+        for image in images:
+            level = float(image.mean())
+            if level < 100:
+                results.append([])
+            else:
+                lm = TEMPLATE_5PT * 30 + level / 10
+                results.append([Detection(box=(1.0, 2.0, 20.0, 25.0), confidence=0.99, landmarks=lm)])
+        return results
+
+
+def _write_images(folder, levels):
+    paths = []
+    for i, level in enumerate(levels):
+        path = folder / f"{i:03d}.png"
+        Image.fromarray(np.full((32, 32, 3), level, np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def _expected(level):
+    return TEMPLATE_5PT * 30 + level / 10
+
+
+def test_cache_write_resume_and_reload(tmp_path):
+    levels = [200, 50, 150, 210, 60]  # images 1 and 4 have "no face"
+    paths = _write_images(tmp_path, levels)
+    cache = tmp_path / "out" / "landmarks.csv"
+
+    # A run killed during its second batch keeps the first batch.
+    with pytest.raises(KeyboardInterrupt):
+        annotate_folder(paths, cache, detector=FakeDetector(fail_on_call=2), batch_size=2, verbose=False)
+    assert sorted(read_landmark_cache(cache)) == ["000.png", "001.png"]
+
+    # Resuming detects only the rest.
+    fake = FakeDetector()
+    report = annotate_folder(paths, cache, detector=fake, batch_size=2, verbose=False)
+    assert fake.seen == 3 and report.num_new == 3
+    assert report.no_face == ["001.png", "004.png"] and report.num_found == 3
+
+    ids = [p.name for p in paths] + ["unknown.png"]
+    landmarks = load_landmark_cache(cache, ids)
+    assert landmarks.shape == (6, 5, 2) and landmarks.dtype == np.float32
+    for i, level in enumerate(levels):
+        if level >= 100:
+            np.testing.assert_allclose(landmarks[i], _expected(level), atol=0.01)
+        else:
+            assert np.isnan(landmarks[i]).all()
+    assert np.isnan(landmarks[5]).all()
+
+    # A third run has nothing to do.
+    fake = FakeDetector()
+    annotate_folder(paths, cache, detector=fake, verbose=False)
+    assert fake.seen == 0
+
+
+def test_annotate_folder_limit(tmp_path):
+    paths = _write_images(tmp_path, [200, 200, 200])
+    fake = FakeDetector()
+    report = annotate_folder(paths, tmp_path / "c.csv", detector=fake, limit=2, verbose=False)
+    assert fake.seen == 2 and report.num_images == 2
+    assert sorted(read_landmark_cache(tmp_path / "c.csv")) == ["000.png", "001.png"]
+
+
+def test_cache_drops_a_torn_last_line_and_redoes_it(tmp_path):
+    paths = _write_images(tmp_path, [200, 180])
+    cache = tmp_path / "landmarks.csv"
+    annotate_folder(paths[:1], cache, detector=FakeDetector(), verbose=False)
+    with open(cache, "a") as f:
+        f.write("001.png,ok,1,32,32,1.0")  # killed mid-write: no newline
+    fake = FakeDetector()
+    annotate_folder(paths, cache, detector=fake, verbose=False)
+    assert fake.seen == 1
+    landmarks = load_landmark_cache(cache, ["000.png", "001.png"])
+    np.testing.assert_allclose(landmarks[1], _expected(180), atol=0.01)
+    assert cache.read_text().count("001.png") == 1
+
+
+def test_unreadable_images_are_listed_not_dropped(tmp_path):
+    paths = _write_images(tmp_path, [200])
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    report = annotate_folder(paths + [broken], tmp_path / "c.csv", detector=FakeDetector(), verbose=False)
+    assert report.unreadable == ["broken.jpg"] and report.num_found == 1
+    assert read_landmark_cache(tmp_path / "c.csv")["broken.jpg"]["status"] == "unreadable"
+
+
+def test_a_foreign_csv_is_not_taken_for_a_cache(tmp_path):
+    other = tmp_path / "other.csv"
+    other.write_text("image_id,age\nx.jpg,3\n")
+    with pytest.raises(LandmarkError, match="other.csv:1"):
+        load_landmark_cache(other, ["x.jpg"])
+    with pytest.raises(FileNotFoundError):
+        load_landmark_cache(tmp_path / "missing.csv", ["x.jpg"])
+
+
+def test_default_landmark_cache_location(tmp_path, monkeypatch):
+    monkeypatch.delenv("TFFACE_CACHE_DIR", raising=False)
+    data = tmp_path / "my_faces"
+    data.mkdir()
+    assert default_landmark_cache(data) == data / "landmarks_mtcnn.csv"
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(detector_module.os, "access", lambda *args: False)  # read-only
+    path = default_landmark_cache(data)
+    assert path.parent == tmp_path / "cache" / "tfface" / "landmarks"
+    assert path.name.startswith("my_faces-") and path.suffix == ".csv"
+    # Same name, other folder: another cache.
+    (tmp_path / "b" / "my_faces").mkdir(parents=True)
+    assert default_landmark_cache(tmp_path / "b" / "my_faces") != path
