@@ -87,8 +87,18 @@ def _cmd_train(args):
 def _cmd_evaluate(args):
     from tfface.evaluation.evaluate import evaluate_model
     from tfface.evaluation.evaluate import print_metrics
+    from tfface.models.saving import load_model
 
-    metrics = evaluate_model(args.model, args.data, args.out, batch_size=args.batch_size)
+    model = load_model(args.model)
+    if args.calibrate:
+        from tfface.evaluation.calibration import calibrate_model
+        from tfface.evaluation.evaluate import open_sources
+
+        val_sources = open_sources(args.data, image_size=model.image_size, split="val")
+        thresholds = calibrate_model(model, val_sources)
+        model.save(args.calibrate)
+        print(f"calibrated {len(thresholds)} thresholds on the validation split; saved {args.calibrate}")
+    metrics = evaluate_model(model, args.data, args.out, batch_size=args.batch_size, split=args.split)
     print_metrics(metrics)
     print(f"wrote {args.out}/metrics.json and report.md")
 
@@ -181,6 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="SOURCE (folder or named source)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--split",
+        choices=["train", "val"],
+        help="evaluate only this part of the training split (same identity-disjoint split as `train`)",
+    )
+    p.add_argument(
+        "--calibrate",
+        metavar="OUT.keras",
+        help="first calibrate per-attribute thresholds on the val split (max balanced accuracy) and save the model here",
+    )
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("export", help="write a TF Serving SavedModel to saved_models/NAME/VERSION")

@@ -206,7 +206,7 @@ class Task:
         sources: source format -> raw label column that labels this task.
             Columns named "age" are binned with `age_to_group`.
         threshold: decision threshold on the positive probability (binary
-            tasks only), calibrated by `tfface.calibration`.
+            tasks only), calibrated by `tfface.evaluation.calibration`.
     """
 
     name: str

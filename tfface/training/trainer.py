@@ -28,6 +28,7 @@ import tensorflow as tf
 
 from tfface.config import ExperimentConfig
 from tfface.data.pipeline import make_dataset
+from tfface.models.saving import load_model  # noqa: F401  (re-exported)
 from tfface.schema import get_schema
 
 log = logging.getLogger(__name__)
@@ -222,20 +223,3 @@ def _optimizer(config, train_ds):
     if train.optimizer == "adam":
         return keras.optimizers.Adam(learning_rate=schedule)
     return keras.optimizers.SGD(learning_rate=schedule, momentum=0.9)
-
-
-def load_model(path):
-    """Loads a `.keras` tfface model (registers the custom classes first)."""
-    path = Path(path)
-    if path.is_dir() and (path / "model.keras").is_file():
-        path = path / "model.keras"
-    if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
-    import tfface.models  # noqa: F401  (registers the custom classes)
-
-    try:
-        import tfface.models.mask_guided_model  # noqa: F401
-    except ImportError:  # pragma: no cover
-        pass
-    return keras.models.load_model(path)
-

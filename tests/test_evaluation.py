@@ -1,0 +1,280 @@
+"""Tests for tfface.evaluation: metrics, subgroups, outputs, calibration."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tfface.data.source import FaceSource
+from tfface.evaluation import apply_thresholds
+from tfface.evaluation import calibrate_thresholds
+from tfface.evaluation import compute_metrics
+from tfface.evaluation import evaluate_model
+from tfface.evaluation import format_metrics
+from tfface.evaluation import load_model
+from tfface.evaluation import subgroup_metrics
+from tfface.evaluation.calibration import best_threshold
+from tfface.schema import SYNTHETIC_ATTRIBUTES
+from tfface.schema import Schema
+from tfface.schema import Task
+from tfface.schema import get_schema
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    import tfface.models
+    from tfface.config import ModelConfig
+
+    return tfface.models.GatedMultiTaskModel(
+        schema=get_schema("synthetic"),
+        config=ModelConfig(image_size=SIZE, backbone_widths=(8, 16, 32, 64), embedding_dim=16),
+    )
+
+
+def synthetic_source(n=24, seed=0):
+    rng = np.random.default_rng(seed)
+    columns = {a: rng.integers(0, 2, n).astype(np.int32) for a in SYNTHETIC_ATTRIBUTES}
+    columns["age"] = rng.integers(0, 90, n).astype(np.int32)
+    columns["Smiling"][:3] = -1  # some missing labels
+    images = rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
+    return FaceSource(name="random_synthetic", format="synthetic", columns=columns, images=images)
+
+
+def utkface_source(n=12, seed=1):
+    rng = np.random.default_rng(seed)
+    columns = {
+        "age": rng.integers(0, 90, n).astype(np.int32),
+        "male": rng.integers(0, 2, n).astype(np.int32),
+        "race": rng.integers(0, 5, n).astype(np.int32),
+    }
+    images = rng.integers(0, 256, (n, SIZE + 8, SIZE, 3), dtype=np.uint8)
+    return FaceSource(name="random_utkface", format="utkface", columns=columns, images=images)
+
+
+def one_hot(classes, num_classes):
+    probs = np.full((len(classes), num_classes), 0.01, np.float32)
+    probs[np.arange(len(classes)), classes] = 0.9
+    return probs
+
+
+# --- metrics -----------------------------------------------------------------------
+
+
+def hand_example():
+    schema = Schema(
+        [
+            Task("a"),
+            Task("b", threshold=0.3),
+            Task("c"),
+            Task("age_group", kind="multiclass", classes=[str(i) for i in range(9)]),
+            Task("gender", classes=("female", "male")),
+        ]
+    )
+    labels = {
+        "a": np.array([1, 0, 1, -1, 0, 1], np.float32),
+        "b": np.array([0, 0, 1, 1, -1, -1], np.float32),
+        "c": np.full(6, -1, np.float32),
+        "age_group": np.array([3, 4, -1, 0, 8, 5], np.int32),
+        "gender": np.full(6, -1, np.float32),
+    }
+    probs = {
+        "a": np.array([0.9, 0.2, 0.4, 0.7, 0.6, 0.8], np.float32),
+        "b": np.array([0.1, 0.35, 0.5, 0.2, 0.9, 0.9], np.float32),
+        "c": np.full(6, 0.9, np.float32),
+        "age_group": one_hot([3, 5, 7, 2, 8, 8], 9),
+        "gender": np.full(6, 0.9, np.float32),
+    }
+    return schema, labels, probs
+
+
+def test_compute_metrics_matches_hand_computed_values():
+    schema, labels, probs = hand_example()
+    metrics = compute_metrics(schema, labels, probs)
+    a, b = metrics["tasks"]["a"], metrics["tasks"]["b"]
+    # a: truth [1,0,1,0,1] vs pred [1,0,0,1,1] (row 3 unlabelled).
+    assert a["n_labelled"] == 5 and a["positives"] == 3
+    assert a["accuracy"] == pytest.approx(3 / 5)
+    assert a["balanced_accuracy"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    # b uses its schema threshold 0.3: pred [0,1,1,0] vs truth [0,0,1,1].
+    assert b["accuracy"] == pytest.approx(0.5) and b["balanced_accuracy"] == pytest.approx(0.5)
+    assert b["threshold"] == 0.3
+    # c and gender are unlabelled: left out of the tasks and of the means.
+    assert "c" not in metrics["tasks"] and "gender" not in metrics["tasks"]
+    assert "gender_accuracy" not in metrics
+    assert metrics["n_binary_tasks"] == 2
+    assert metrics["mean_accuracy"] == pytest.approx((0.6 + 0.5) / 2)
+    assert metrics["mean_balanced_accuracy"] == pytest.approx((7 / 12 + 0.5) / 2)
+    # age: (3,3) exact, (4,5) one off, (0,2) wrong, (8,8) exact, (5,8) wrong.
+    assert metrics["age_group_exact"] == pytest.approx(2 / 5)
+    assert metrics["age_group_one_off"] == pytest.approx(3 / 5)
+    assert metrics["tasks"]["age_group"]["exact"] == pytest.approx(2 / 5)
+    assert np.sum(metrics["tasks"]["age_group"]["confusion"]) == 5
+    assert metrics["n_images"] == 6
+
+
+def test_compute_metrics_threshold_override_and_bad_input():
+    schema, labels, probs = hand_example()
+    metrics = compute_metrics(schema, labels, probs, thresholds={"a": 0.95})
+    assert metrics["tasks"]["a"]["accuracy"] == pytest.approx(2 / 5)  # all predicted negative
+    assert metrics["tasks"]["a"]["balanced_accuracy"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="not in the schema"):
+        compute_metrics(schema, labels, probs, thresholds={"nope": 0.4})
+    probs["a"] = probs["a"][:4]
+    with pytest.raises(ValueError, match="'a'"):
+        compute_metrics(schema, labels, probs)
+
+
+def test_subgroup_counts_add_up():
+    schema = get_schema("synthetic")
+    rng = np.random.default_rng(3)
+    n = 200
+    labels, probs = {}, {}
+    for task in schema:
+        if task.is_binary:
+            labels[task.name] = rng.integers(0, 2, n).astype(np.float32)
+            probs[task.name] = rng.random(n).astype(np.float32)
+        else:
+            labels[task.name] = rng.integers(0, task.num_classes, n).astype(np.int32)
+            probs[task.name] = rng.dirichlet(np.ones(task.num_classes), n).astype(np.float32)
+        labels[task.name][rng.random(n) < 0.2] = -1
+    rows = subgroup_metrics(schema, labels, probs)
+    assert {r["by"] for r in rows} == {"gender", "age_group"}
+    assert not any(r["by"] == "gender" and r["attribute"] == "gender" for r in rows)
+    group_task = {"gender": "gender", "age_group": "age_group"}
+    for by, task_name in group_task.items():
+        for attribute in [t.name for t in schema.binary_tasks if t.name != task_name]:
+            part = [r for r in rows if r["by"] == by and r["attribute"] == attribute]
+            both = (labels[attribute] != -1) & (labels[task_name] != -1)
+            assert sum(r["n"] for r in part) == int(both.sum())
+            assert sum(r["positives"] for r in part) == int(np.sum(labels[attribute][both] == 1))
+    # One row by hand: Smiling among women.
+    row = next(r for r in rows if r["by"] == "gender" and r["attribute"] == "Smiling" and r["subgroup"] == "female")
+    member = (labels["gender"] == 0) & (labels["Smiling"] != -1)
+    expected = np.mean((probs["Smiling"][member] >= 0.5) == (labels["Smiling"][member] == 1))
+    assert row["accuracy"] == pytest.approx(expected)
+
+
+def test_subgroups_use_male_in_the_celeba_schema():
+    schema = get_schema("celeba")
+    n = 10
+    labels = {t.name: np.full(n, -1, np.float32) for t in schema}
+    probs = {t.name: np.full(n, 0.7, np.float32) for t in schema}
+    labels["Male"] = np.array([0, 1] * 5, np.float32)
+    labels["Smiling"] = np.array([1, 1, 0, 0, 1, 1, 0, 0, 1, -1], np.float32)
+    rows = subgroup_metrics(schema, labels, probs)
+    assert {(r["subgroup"], r["n"]) for r in rows} == {("female", 5), ("male", 4)}
+    assert compute_metrics(schema, labels, probs)["gender_accuracy"] == pytest.approx(0.5)
+
+
+# --- evaluate_model -----------------------------------------------------------------------
+
+
+def test_evaluate_model_writes_metrics_plots_and_report(tiny_model, tmp_path):
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    metrics = evaluate_model(tiny_model, [synthetic_source(), utkface_source()], out, batch_size=16)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == metrics
+    for key in ("mean_accuracy", "mean_balanced_accuracy", "n_images", "age_group_exact",
+                "age_group_one_off", "gender_accuracy", "tasks", "subgroups", "plots"):
+        assert key in saved, key
+    assert saved["n_images"] == 36
+    assert saved["tasks"]["Smiling"]["n_labelled"] == 21
+    assert saved["tasks"]["gender"]["n_labelled"] == 36
+    for scores in saved["tasks"].values():
+        assert 0.0 <= scores["accuracy"] <= 1.0 and 0.0 <= scores["balanced_accuracy"] <= 1.0
+    assert set(saved["per_source"]) == {"0:random_synthetic", "1:random_utkface"}
+    assert {"accuracy.png", "confusion_age_group.png", "subgroups_gender.png"} <= set(saved["plots"])
+    for name in saved["plots"]:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.md").read_text()
+    assert "(accuracy.png)" in report and "| Smiling |" in report and "### By gender" in report
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert "mean balanced accuracy" in format_metrics(saved)
+
+
+def test_evaluate_model_failure_leaves_previous_outputs(tiny_model, tmp_path, monkeypatch):
+    from tfface.evaluation import plots
+
+    (tmp_path / "metrics.json").write_text("{}")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("plot failed")
+
+    monkeypatch.setattr(plots, "subgroup_png", broken)
+    with pytest.raises(RuntimeError, match="plot failed"):
+        evaluate_model(tiny_model, synthetic_source(n=8), tmp_path, batch_size=8)
+    assert (tmp_path / "metrics.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    missing = tmp_path / "no_such_model.keras"
+    with pytest.raises(FileNotFoundError, match="no_such_model.keras"):
+        evaluate_model(missing, synthetic_source(n=4), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# --- calibration --------------------------------------------------------------------------
+
+
+def test_calibrated_threshold_separates_the_classes():
+    schema = Schema([Task("a"), Task("rare")])
+    rng = np.random.default_rng(0)
+    positives = rng.uniform(0.25, 0.35, 30)
+    negatives = rng.uniform(0.05, 0.15, 50)
+    labels = {
+        "a": np.concatenate([np.ones(30), np.zeros(50), [-1, -1]]).astype(np.float32),
+        "rare": np.array([1, 1] + [0] * 80, np.float32),  # too few positives
+    }
+    probs = {
+        "a": np.concatenate([positives, negatives, [0.99, 0.0]]).astype(np.float32),
+        "rare": rng.random(82).astype(np.float32),
+    }
+    before = compute_metrics(schema, labels, probs)["tasks"]["a"]
+    assert before["balanced_accuracy"] == pytest.approx(0.5)  # all below 0.5
+    thresholds = calibrate_thresholds(schema, labels, probs)
+    assert negatives.max() < thresholds["a"] < positives.min()
+    assert thresholds["rare"] == 0.5
+    after = compute_metrics(schema.with_thresholds(thresholds), labels, probs)["tasks"]["a"]
+    assert after["balanced_accuracy"] == pytest.approx(1.0) and after["accuracy"] == pytest.approx(1.0)
+
+
+def test_precision_objective_picks_smallest_threshold_reaching_target():
+    labels = np.array([1, 1, 1, 1, 0, 0, 0, 0], np.float32)
+    probs = np.array([0.6, 0.7, 0.8, 0.9, 0.1, 0.2, 0.65, 0.3], np.float32)
+    # Precision 1 needs the negative at 0.65 excluded.
+    assert best_threshold(labels, probs, "precision", 1.0) == pytest.approx(0.675)
+    # 4 / 5 is reached once the 0.3 negative is excluded.
+    assert best_threshold(labels, probs, "precision", 0.8) == pytest.approx(0.45)
+    schema = Schema([Task("a")])
+    with pytest.warns(UserWarning, match="precision"):
+        kept = calibrate_thresholds(
+            schema, {"a": np.array([1, 0] * 5, np.float32)}, {"a": np.full(10, 0.5, np.float32)},
+            objective="precision", min_per_class=1,
+        )
+    assert kept == {"a": 0.5}
+    with pytest.raises(ValueError, match="objective"):
+        calibrate_thresholds(schema, {}, {}, objective="recall")
+
+
+def test_thresholds_survive_keras_save_and_load(tiny_model, tmp_path):
+    model = tiny_model
+    original = model.schema
+    try:
+        apply_thresholds(model, {"Smiling": 0.3, "gender": 0.7})
+        assert model.schema["Smiling"].threshold == 0.3
+        assert dict(model.attribute_metrics.binary)["Smiling"] == 0.3
+        path = tmp_path / "model.keras"
+        model.save(path)
+        loaded = load_model(tmp_path)  # a run folder holding model.keras
+        assert loaded.schema["Smiling"].threshold == 0.3
+        assert loaded.schema["gender"].threshold == 0.7
+        assert loaded.schema["Eyeglasses"].threshold == 0.5
+        assert dict(loaded.attribute_metrics.binary)["gender"] == 0.7
+    finally:
+        apply_thresholds(model, {t.name: t.threshold for t in original})

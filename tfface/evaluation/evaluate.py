@@ -1,0 +1,551 @@
+"""Evaluation of a trained model on labelled face data.
+
+One pass over the data collects every task's probabilities
+(`collect_predictions`); everything else is NumPy on those arrays, so the
+same numbers come out whether the model ran here or predictions were
+stored: per-task and headline metrics (`compute_metrics`), accuracy by
+gender, age group and race (`subgroup_metrics`), and `evaluate_model`, which
+also writes `metrics.json`, PNG plots and `report.md` to a folder.
+
+Metrics only count labelled entries (-1 is missing). Binary decisions are
+`probability >= threshold` with each task's threshold from the schema
+(`tfface.evaluation.calibration` tunes them), as in training metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from tfface.data.source import FaceSource
+from tfface.models.saving import load_model
+from tfface.schema import MISSING
+from tfface.schema import Schema
+
+# Faces kept for the predicted-mask picture of mask-guided models.
+MASK_PICTURE_FACES = 8
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.md"
+
+# Subgroupings of the subgroup table: name -> tasks that label it, first
+# labelled one wins (CelebA-schema models call gender "Male").
+SUBGROUPINGS = {
+    "gender": ("gender", "Male"),
+    "age_group": ("age_group",),
+    "race": ("race",),
+}
+GENDER_NAMES = ("female", "male")
+
+
+# --- loading --------------------------------------------------------------------
+
+
+def open_sources(specs, image_size=None, split=None, val_fraction=0.15, split_seed=None) -> list:
+    """Data specs (folders, "synthetic:N", named sources, `FaceSource`s) -> sources.
+
+    Args:
+        specs: one spec or a list of them.
+        image_size: image size for generated (synthetic) sources.
+        split: None (every image), "train" or "val": the same identity-
+            disjoint split `tfface.training` makes with `val_fraction` and
+            `split_seed`, so "val" evaluates on images the model did not
+            train on.
+    """
+    if isinstance(specs, (str, os.PathLike, FaceSource)):
+        specs = [specs]
+    specs = list(specs)
+    if not specs:
+        raise ValueError("no data to evaluate on: give at least one source")
+    sources = []
+    for spec in specs:
+        if isinstance(spec, FaceSource):
+            source = spec
+        else:
+            from tfface.data.sources import open_source
+
+            text = os.fspath(spec)
+            kwargs = {}
+            if image_size and (text == "synthetic" or text.startswith("synthetic:")):
+                kwargs["image_size"] = int(image_size)
+            source = open_source(spec, **kwargs)
+        if split is not None:
+            source = _split(source, split, val_fraction, split_seed)
+        sources.append(source)
+    return sources
+
+
+def _split(source, split, val_fraction, split_seed):
+    from tfface.data.splits import DEFAULT_SEED
+    from tfface.data.splits import split_source
+
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be None, 'train' or 'val', got {split!r}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1) to take a split, got {val_fraction}")
+    seed = DEFAULT_SEED if split_seed is None else split_seed
+    part = split_source(source, val_fraction=val_fraction, seed=seed)[split]
+    if len(part) == 0:
+        raise ValueError(f"source {source.name!r} ({len(source)} images) has no {split!r} images")
+    return part
+
+
+# --- predictions ------------------------------------------------------------------
+
+
+def _takes_landmark_masks(model) -> bool:
+    config = getattr(model, "model_config", None)
+    return bool(getattr(config, "use_landmark_masks", False))
+
+
+def collect_predictions(model, sources, batch_size=64, keep_faces=MASK_PICTURE_FACES):
+    """Runs the model once over the sources, in order.
+
+    Returns:
+        (labels, probs, extras): `labels` task -> (N,) array with -1 where
+        missing; `probs` task -> (N,) positive probability (binary) or
+        (N, C) class probabilities; `extras` with "_source" (N,) source
+        index, and for models that output `_group_masks` the first
+        `keep_faces` "images" (uint8) and their predicted "_group_masks".
+    """
+    from tfface.data.pipeline import make_dataset
+
+    if isinstance(sources, FaceSource):
+        sources = [sources]
+    schema = model.schema
+    needs_masks = _takes_landmark_masks(model)
+    dataset = make_dataset(
+        list(sources),
+        schema,
+        model.image_size,
+        batch_size=batch_size,
+        with_masks=needs_masks,
+        cache=False,
+    )
+    labels = {t.name: [] for t in schema}
+    probs = {t.name: [] for t in schema}
+    source_ids, images, masks = [], [], []
+    kept = 0
+    for x, y in dataset:
+        inputs = {"image": x["image"]}
+        if needs_masks:
+            inputs["group_masks"] = y["_group_masks"]
+        outputs = model.predict_on_batch(inputs)
+        for task in schema:
+            if task.name not in outputs:
+                raise ValueError(f"the model has no output for task {task.name!r} of its schema")
+            labels[task.name].append(np.asarray(y[task.name]))
+            probs[task.name].append(np.asarray(outputs[task.name], np.float32))
+        source_ids.append(np.asarray(y["_source"]))
+        if "_group_masks" in outputs and kept < keep_faces:
+            take = keep_faces - kept
+            images.append(np.clip(np.round(np.asarray(x["image"][:take])), 0, 255).astype(np.uint8))
+            masks.append(np.asarray(outputs["_group_masks"][:take], np.float32))
+            kept += len(images[-1])
+    labels = {k: np.concatenate(v) for k, v in labels.items()}
+    probs = {k: np.concatenate(v) for k, v in probs.items()}
+    extras = {"_source": np.concatenate(source_ids).astype(np.int32)}
+    if images:
+        extras["images"] = np.concatenate(images)
+        extras["_group_masks"] = np.concatenate(masks)
+    return labels, probs, extras
+
+
+# --- metrics ------------------------------------------------------------------------
+
+
+def _mean_or_none(values):
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def binary_scores(labels, probs, threshold=0.5) -> dict:
+    """Scores of one binary task over its labelled entries.
+
+    Balanced accuracy is the mean recall of the classes present (so a
+    subgroup with one class present scores that class's recall).
+    """
+    labels = np.asarray(labels, np.float32).reshape(-1)
+    probs = np.asarray(probs, np.float32).reshape(-1)
+    valid = labels != MISSING
+    truth = labels[valid] > 0.5
+    predicted = probs[valid] >= threshold
+    n = int(truth.size)
+    positives = int(truth.sum())
+    negatives = n - positives
+    tp = int(np.sum(truth & predicted))
+    tn = int(np.sum(~truth & ~predicted))
+    tpr = tp / positives if positives else None
+    tnr = tn / negatives if negatives else None
+    return {
+        "n_labelled": n,
+        "positives": positives,
+        "positive_rate": positives / n if n else None,
+        "predicted_positive_rate": float(predicted.mean()) if n else None,
+        "accuracy": (tp + tn) / n if n else None,
+        "balanced_accuracy": _mean_or_none([tpr, tnr]),
+        "true_positive_rate": tpr,
+        "true_negative_rate": tnr,
+        "threshold": float(threshold),
+    }
+
+
+def multiclass_scores(labels, probs, num_classes, one_off=False) -> dict:
+    """Exact accuracy, mean per-class recall and the confusion matrix
+    (rows: true class, columns: predicted); `one_off` adds the share
+    predicted within one class of the truth (ordered classes, e.g. age)."""
+    labels = np.asarray(labels).reshape(-1).astype(np.int64)
+    probs = np.asarray(probs, np.float32).reshape(len(labels), -1)
+    valid = labels != MISSING
+    truth = labels[valid]
+    predicted = np.argmax(probs[valid], axis=-1)
+    n = int(truth.size)
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(confusion, (truth, predicted), 1)
+    support = confusion.sum(axis=1)
+    recalls = [confusion[c, c] / support[c] for c in range(num_classes) if support[c]]
+    scores = {
+        "n_labelled": n,
+        "accuracy": float(np.mean(truth == predicted)) if n else None,
+        "balanced_accuracy": _mean_or_none(recalls),
+        "class_counts": support.tolist(),
+        "confusion": confusion.tolist(),
+    }
+    if one_off:
+        scores["exact"] = scores["accuracy"]
+        scores["one_off"] = float(np.mean(np.abs(truth - predicted) <= 1)) if n else None
+    return scores
+
+
+def _check_arrays(schema, labels, probs):
+    n = None
+    for task in schema:
+        if task.name not in labels or task.name not in probs:
+            continue
+        label, prob = np.asarray(labels[task.name]), np.asarray(probs[task.name])
+        if n is None:
+            n = len(label)
+        if len(label) != n or len(prob) != n:
+            raise ValueError(
+                f"task {task.name!r}: {len(label)} labels and {len(prob)} predictions, expected {n}"
+            )
+        if not task.is_binary and (prob.ndim != 2 or prob.shape[1] != task.num_classes):
+            raise ValueError(
+                f"task {task.name!r}: predictions must have shape (N, {task.num_classes}), got {prob.shape}"
+            )
+    return n or 0
+
+
+def is_labelled(labels, name) -> bool:
+    return name in labels and bool(np.any(np.asarray(labels[name]) != MISSING))
+
+
+def compute_metrics(schema: Schema, labels: dict, probs: dict, thresholds: dict | None = None) -> dict:
+    """Per-task and headline metrics over the labelled entries.
+
+    Args:
+        schema: the model's schema (task kinds, classes, thresholds).
+        labels: task -> (N,) labels, -1 where missing.
+        probs: task -> (N,) positive probabilities or (N, C) probabilities.
+        thresholds: task -> threshold, overriding the schema's.
+
+    Returns:
+        {"n_images", "mean_accuracy", "mean_balanced_accuracy" (means over
+        the binary tasks the data labels; None if it labels none),
+        "n_binary_tasks", "tasks": {task: scores}} plus, where labelled,
+        "gender_accuracy", "age_group_exact", "age_group_one_off",
+        "race_accuracy".
+    """
+    thresholds = dict(thresholds or {})
+    unknown = sorted(set(thresholds) - set(schema.task_names))
+    if unknown:
+        raise ValueError(f"thresholds given for tasks not in the schema: {unknown}")
+    n_images = _check_arrays(schema, labels, probs)
+    tasks = {}
+    for task in schema:
+        if not is_labelled(labels, task.name) or task.name not in probs:
+            continue
+        if task.is_binary:
+            threshold = thresholds.get(task.name, task.threshold)
+            scores = binary_scores(labels[task.name], probs[task.name], threshold)
+        else:
+            scores = multiclass_scores(
+                labels[task.name], probs[task.name], task.num_classes, one_off=task.name == "age_group"
+            )
+        tasks[task.name] = {"kind": task.kind, "group": task.group, **scores}
+    binary = [tasks[t.name] for t in schema.binary_tasks if t.name in tasks]
+    metrics = {
+        "n_images": int(n_images),
+        "mean_accuracy": _mean_or_none([s["accuracy"] for s in binary]),
+        "mean_balanced_accuracy": _mean_or_none([s["balanced_accuracy"] for s in binary]),
+        "n_binary_tasks": len(binary),
+    }
+    for name in SUBGROUPINGS["gender"]:
+        if name in tasks:
+            metrics["gender_accuracy"] = tasks[name]["accuracy"]
+            metrics["gender_balanced_accuracy"] = tasks[name]["balanced_accuracy"]
+            break
+    if "age_group" in tasks:
+        metrics["age_group_exact"] = tasks["age_group"]["exact"]
+        metrics["age_group_one_off"] = tasks["age_group"]["one_off"]
+    if "race" in tasks:
+        metrics["race_accuracy"] = tasks["race"]["accuracy"]
+    metrics["tasks"] = tasks
+    return metrics
+
+
+def _subgroup_labels(schema, labels):
+    """(subgrouping, task name, group names) for each labelled subgrouping."""
+    found = []
+    for by, candidates in SUBGROUPINGS.items():
+        for name in candidates:
+            if name in schema and is_labelled(labels, name):
+                task = schema[name]
+                names = GENDER_NAMES if by == "gender" else task.classes
+                found.append((by, name, tuple(names)))
+                break
+    return found
+
+
+def subgroup_metrics(schema: Schema, labels: dict, probs: dict, thresholds: dict | None = None) -> list:
+    """Accuracy of each binary attribute by gender, age group and race.
+
+    Subgroups come from the *true* labels of "gender" (or CelebA's
+    "Male"), "age_group" and "race", where the data labels them. An
+    attribute is not split by itself. Only examples labelled for both the
+    attribute and the subgrouping count, so within one (attribute,
+    subgrouping) the rows' `n` add up to that number.
+
+    Returns:
+        A list of rows {"attribute", "by", "subgroup", "n", "positives",
+        "accuracy", "balanced_accuracy"}; empty subgroups are left out.
+    """
+    thresholds = dict(thresholds or {})
+    _check_arrays(schema, labels, probs)
+    rows = []
+    for by, group_task, group_names in _subgroup_labels(schema, labels):
+        group_labels = np.asarray(labels[group_task]).reshape(-1).astype(np.int64)
+        for task in schema.binary_tasks:
+            if task.name == group_task or not is_labelled(labels, task.name) or task.name not in probs:
+                continue
+            label = np.asarray(labels[task.name], np.float32).reshape(-1)
+            prob = np.asarray(probs[task.name], np.float32).reshape(-1)
+            threshold = thresholds.get(task.name, task.threshold)
+            for g, group_name in enumerate(group_names):
+                member = (group_labels == g) & (label != MISSING)
+                if not member.any():
+                    continue
+                scores = binary_scores(label[member], prob[member], threshold)
+                rows.append(
+                    {
+                        "attribute": task.name,
+                        "by": by,
+                        "subgroup": group_name,
+                        "n": scores["n_labelled"],
+                        "positives": scores["positives"],
+                        "accuracy": scores["accuracy"],
+                        "balanced_accuracy": scores["balanced_accuracy"],
+                    }
+                )
+    return rows
+
+
+def _headline(metrics):
+    keys = (
+        "n_images",
+        "mean_accuracy",
+        "mean_balanced_accuracy",
+        "n_binary_tasks",
+        "gender_accuracy",
+        "age_group_exact",
+        "age_group_one_off",
+        "race_accuracy",
+    )
+    return {k: metrics[k] for k in keys if k in metrics}
+
+
+# --- writing ------------------------------------------------------------------------------
+
+
+def _plain(value):
+    """NumPy scalars to Python, NaN to None: strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path, data) -> Path:
+    """Writes via a temp file in the same folder and a rename, so a reader
+    (or a crash) never sees a half-written file."""
+    path = Path(path)
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        # mkstemp makes the file private; give it the usual permissions.
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def evaluate_model(
+    model_path_or_model,
+    data_spec_or_sources,
+    out_dir,
+    batch_size: int = 64,
+    thresholds: dict | None = None,
+    split: str | None = None,
+    val_fraction: float = 0.15,
+    split_seed: int | None = None,
+) -> dict:
+    """Evaluates a model and writes `metrics.json`, PNG plots and `report.md`.
+
+    Args:
+        model_path_or_model: a `.keras` file, a run folder holding
+            `model.keras`, or a loaded tfface model.
+        data_spec_or_sources: a folder, "synthetic:N", a named source
+            ("celeba_sample", "utkface", ...), a `FaceSource`, or a list.
+        out_dir: output folder (created). Only the files this writes are
+            replaced; each is written to a temp file and renamed, and all
+            are rendered before the first is written.
+        batch_size: prediction batch size.
+        thresholds: task -> threshold overriding the model's.
+        split: None, "train" or "val" (see `open_sources`).
+
+    Returns:
+        The metrics dict also saved as `metrics.json`.
+    """
+    from tfface.evaluation import plots
+    from tfface.evaluation.report import markdown_report
+
+    if isinstance(model_path_or_model, (str, os.PathLike)):
+        model_path = str(model_path_or_model)
+        model = load_model(model_path_or_model)
+    else:
+        model, model_path = model_path_or_model, None
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    schema = model.schema
+    sources = open_sources(
+        data_spec_or_sources, model.image_size, split=split, val_fraction=val_fraction, split_seed=split_seed
+    )
+    labelled = {t.name for s in sources for t in schema.labelled_by(s.format)}
+    if not labelled:
+        raise ValueError(
+            f"the data ({', '.join(f'{s.name} [{s.format}]' for s in sources)}) labels none of the "
+            f"tasks of the model's schema {schema.name!r}: nothing to evaluate"
+        )
+    labels, probs, extras = collect_predictions(model, sources, batch_size=batch_size)
+    metrics = compute_metrics(schema, labels, probs, thresholds)
+    subgroups = subgroup_metrics(schema, labels, probs, thresholds)
+    config = getattr(model, "model_config", None)
+    metrics["model"] = {
+        "path": model_path,
+        "type": getattr(config, "type", type(model).__name__),
+        "backbone": getattr(config, "backbone", None),
+        "schema": schema.name,
+        "image_size": int(model.image_size),
+    }
+    metrics["data"] = [
+        {"name": s.name, "format": s.format, "n_images": len(s), "root": s.root, "split": split}
+        for s in sources
+    ]
+    if len(sources) > 1:
+        source_ids = extras["_source"]
+        metrics["per_source"] = {}
+        for i, source in enumerate(sources):
+            rows = source_ids == i
+            part = compute_metrics(
+                schema,
+                {k: v[rows] for k, v in labels.items()},
+                {k: v[rows] for k, v in probs.items()},
+                thresholds,
+            )
+            metrics["per_source"][f"{i}:{source.name}"] = _headline(part)
+    metrics["subgroups"] = subgroups
+
+    # Render everything first, then write: a failing plot leaves no output.
+    files = {"accuracy.png": plots.task_accuracy_png(metrics["tasks"])}
+    for name, scores in metrics["tasks"].items():
+        if scores["kind"] == "multiclass":
+            files[f"confusion_{name}.png"] = plots.confusion_png(name, schema[name].classes, scores["confusion"])
+    # One subgroup plot (gender when labelled); the table holds the rest.
+    plotted_by = next((by for by in SUBGROUPINGS if any(r["by"] == by for r in subgroups)), None)
+    if plotted_by is not None:
+        files[f"subgroups_{plotted_by}.png"] = plots.subgroup_png(subgroups, plotted_by)
+    if "_group_masks" in extras:
+        files["group_masks.png"] = plots.mask_overlay_png(extras["images"], extras["_group_masks"])
+    metrics["plots"] = sorted(files)
+    metrics = _plain(metrics)
+    files[REPORT_FILE] = markdown_report(metrics)
+    files[METRICS_FILE] = json.dumps(metrics, indent=2, allow_nan=False)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # metrics.json last: its time stamp marks a completed evaluation.
+    for name in sorted(files, key=lambda n: n == METRICS_FILE):
+        write_atomic(out_dir / name, files[name])
+    return metrics
+
+
+def format_metrics(metrics: dict, worst: int = 5) -> str:
+    """A short console summary of `compute_metrics` / `evaluate_model` output."""
+
+    def fmt(value):
+        return "n/a" if value is None else f"{value:.4f}"
+
+    lines = [f"images: {metrics.get('n_images', 0)}"]
+    if metrics.get("n_binary_tasks"):
+        lines.append(
+            f"mean accuracy {fmt(metrics.get('mean_accuracy'))}, mean balanced accuracy "
+            f"{fmt(metrics.get('mean_balanced_accuracy'))} over {metrics['n_binary_tasks']} binary tasks"
+        )
+    if "gender_accuracy" in metrics:
+        lines.append(f"gender accuracy {fmt(metrics['gender_accuracy'])}")
+    if "age_group_exact" in metrics:
+        lines.append(
+            f"age group exact {fmt(metrics['age_group_exact'])}, one-off {fmt(metrics['age_group_one_off'])}"
+        )
+    if "race_accuracy" in metrics:
+        lines.append(f"race accuracy {fmt(metrics['race_accuracy'])}")
+    binary = [
+        (scores["balanced_accuracy"], name)
+        for name, scores in metrics.get("tasks", {}).items()
+        if scores.get("kind") == "binary" and scores.get("balanced_accuracy") is not None
+    ]
+    if len(binary) > worst:
+        weakest = ", ".join(f"{name} {value:.3f}" for value, name in sorted(binary)[:worst])
+        lines.append(f"lowest balanced accuracy: {weakest}")
+    return "\n".join(lines)
+
+
+def print_metrics(metrics: dict) -> None:
+    print(format_metrics(metrics))
