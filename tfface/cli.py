@@ -115,25 +115,25 @@ def _cmd_export(args):
 def _cmd_serve(args):
     from tfface.serving.server import serve_main
 
-    serve_main(args)
+    return serve_main(args)
 
 
 def _cmd_query(args):
     from tfface.serving.client import query_main
 
-    query_main(args)
+    return query_main(args)
 
 
 def _cmd_predict(args):
     from tfface.predict import predict_main
 
-    predict_main(args)
+    return predict_main(args)
 
 
 def _cmd_tune(args):
     from tfface.tuning.search import tune_main
 
-    tune_main(args)
+    return tune_main(args)
 
 
 def _cmd_demo(args):
@@ -217,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-timeout-ms", type=float, default=5.0)
     p.add_argument("--no-batching", action="store_true")
+    p.add_argument("--versions", default="latest", help='"latest" or "all" exported versions')
+    p.add_argument("--max-image-side", type=int, default=4096, help="reject larger images (INVALID_ARGUMENT)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("query", help="send images to a TF Serving (or local) server over gRPC")
@@ -226,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--signature", default="serving_default")
     p.add_argument("--timeout", type=float, default=10.0)
     p.add_argument("--tls", action="store_true")
+    p.add_argument("--root-certificates", help="PEM file for TLS")
+    p.add_argument("--version", type=int, help="model version (default: latest)")
+    p.add_argument("--version-label", help="model version label, e.g. stable")
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_query)
 
@@ -257,14 +263,21 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        args.func(args)
+        code = args.func(args)
     except USER_ERRORS as e:
         print(f"tfface {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return 0
+    except Exception as e:
+        # Data errors raised inside TensorFlow (e.g. a corrupt image met
+        # during training) carry their message; show it, not a traceback.
+        if type(e).__module__.startswith("tensorflow") and not os.environ.get("TFFACE_DEBUG"):
+            print(f"tfface {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

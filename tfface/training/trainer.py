@@ -184,7 +184,12 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
 
     start = time.monotonic()
     history = model.fit(
-        train_ds, validation_data=val_ds, epochs=config.train.epochs, callbacks=callbacks, verbose=verbose
+        train_ds,
+        validation_data=val_ds,
+        epochs=config.train.epochs,
+        callbacks=callbacks,
+        verbose=verbose,
+        shuffle=False,  # the pipeline shuffles
     )
     seconds = time.monotonic() - start
     if chief and val_ds is None:

@@ -1,0 +1,320 @@
+"""SavedModel export: signatures match the Keras model, layout, versions, atomicity."""
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras
+
+from tfface.data.image_ops import (
+    decode_image,
+    image_format,
+    image_size_from_header,
+    preprocess_image,
+)
+from tfface.export import saved_model as export_lib
+from tfface.export.saved_model import (
+    ExportError,
+    export_saved_model,
+    list_versions,
+    load_exported,
+    load_model_info,
+    read_warmup_requests,
+)
+from tfface.schema import AGE_GROUPS, MULTICLASS, Schema, Task
+
+SIZE = 16
+
+
+def build_stand_in(size=SIZE, smiling_bias=1.0):
+    """A tiny model following the tfface contract (see tfface.export)."""
+    keras.utils.set_random_seed(0)
+    image = keras.Input(shape=(size, size, 3), name="image")
+    x = keras.layers.Rescaling(1.0 / 255)(image)
+    x = keras.layers.Conv2D(4, 3, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    smiling = keras.layers.Dense(
+        1,
+        activation="sigmoid",
+        kernel_initializer=keras.initializers.RandomNormal(stddev=0.3),
+        bias_initializer=keras.initializers.Constant(smiling_bias),
+    )(x)
+    smiling = keras.layers.Reshape(())(smiling)
+    age = keras.layers.Dense(len(AGE_GROUPS), activation="softmax")(x)
+    model = keras.Model(image, {"Smiling": smiling, "age_group": age, "_aux": x})
+    model.schema = Schema(
+        [
+            Task("Smiling", group="mouth", classes=("not_smiling", "smiling")),
+            Task("age_group", kind=MULTICLASS, classes=AGE_GROUPS),
+        ],
+        name="stand_in",
+    )
+    model.image_size = size
+    return model
+
+
+def png(array):
+    return tf.io.encode_png(np.asarray(array, np.uint8)).numpy()
+
+
+def random_images(count, shapes=None, seed=0):
+    rng = np.random.default_rng(seed)
+    shapes = shapes or [(SIZE, SIZE)] * count
+    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_stand_in()
+
+
+@pytest.fixture(scope="module")
+def exported(model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("exports")
+    path = export_saved_model(model, root, "stand_in")
+    loaded, schema = load_exported(path)
+    return path, loaded, schema
+
+
+def expected_outputs(model, float_images):
+    outputs = model(np.asarray(float_images, np.float32), training=False)
+    return {k: keras.ops.convert_to_numpy(v) for k, v in outputs.items()}
+
+
+def check_against_keras(result, expected, schema):
+    result = {k: v.numpy() for k, v in result.items()}
+    p = expected["Smiling"]
+    np.testing.assert_allclose(result["Smiling_probabilities"], np.stack([1 - p, p], -1), atol=1e-5)
+    np.testing.assert_allclose(result["age_group_probabilities"], expected["age_group"], atol=1e-5)
+    smiling_ids = (p >= schema["Smiling"].threshold).astype(np.int64)
+    np.testing.assert_array_equal(result["Smiling_class_id"], smiling_ids)
+    np.testing.assert_array_equal(
+        result["Smiling_label"], [schema["Smiling"].classes[i].encode() for i in smiling_ids]
+    )
+    age_ids = expected["age_group"].argmax(-1)
+    np.testing.assert_array_equal(result["age_group_class_id"], age_ids)
+    np.testing.assert_array_equal(result["age_group_label"], [AGE_GROUPS[i].encode() for i in age_ids])
+    assert not any(k.startswith("_") for k in result)
+
+
+# --- image ops -------------------------------------------------------------------------
+
+
+def test_preprocess_crops_the_centre_square_and_resizes():
+    image = np.zeros((10, 30, 3), np.uint8)
+    image[:, 10:20] = 255  # only the central 10x10 square is white
+    out = preprocess_image(image, 5).numpy()
+    assert out.shape == (5, 5, 3) and out.dtype == np.float32
+    np.testing.assert_allclose(out, 255.0, atol=1e-3)
+    tall = np.zeros((30, 10, 3), np.uint8)
+    tall[10:20] = 200
+    np.testing.assert_allclose(preprocess_image(tall, 4).numpy(), 200.0, atol=1e-3)
+    noisy = preprocess_image(np.random.default_rng(0).integers(0, 256, (23, 31, 3), dtype=np.uint8), 8)
+    # Whole pixel values: the training pipeline's uint8 cache of it is lossless.
+    np.testing.assert_array_equal(noisy.numpy(), np.round(noisy.numpy()))
+
+
+def test_decode_image_gives_rgb_uint8_and_rejects_garbage():
+    gray = tf.io.encode_png(np.full((6, 4, 1), 7, np.uint8)).numpy()
+    image = decode_image(gray).numpy()
+    assert image.shape == (6, 4, 3) and image.dtype == np.uint8 and (image == 7).all()
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        decode_image(b"definitely not an image")
+
+
+def test_header_sizes_match_the_decoded_sizes():
+    image = np.zeros((21, 37, 3), np.uint8)
+    encoded = {
+        "png": png(image),
+        "jpeg": tf.io.encode_jpeg(image).numpy(),
+    }
+    try:
+        from PIL import Image
+
+        for fmt, name in (("gif", "GIF"), ("bmp", "BMP"), ("webp", "WEBP")):
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, format=name)
+            encoded[fmt] = buffer.getvalue()
+    except ImportError:
+        pass
+    for fmt, data in encoded.items():
+        assert image_format(data) == fmt
+        assert image_size_from_header(data) == (21, 37), fmt
+    assert image_format(b"hello") is None
+    assert image_size_from_header(b"\x89PNG\r\n\x1a\n") is None
+
+
+# --- export ------------------------------------------------------------------------------
+
+
+def test_export_layout_assets_and_schema(exported, model):
+    path, loaded, schema = exported
+    assert path.name == "1" and path.parent.name == "stand_in"
+    assert (path / "saved_model.pb").is_file()
+    assert Schema.load(path / "assets" / "schema.json") == model.schema
+    assert schema == model.schema
+    info = load_model_info(path)
+    assert info["image_size"] == SIZE and info["version"] == 1 and "tfface_version" in info
+    assert sorted(loaded.signatures) == ["schema", "serving_default", "serving_uint8"]
+    assert [p.name for p in path.parent.iterdir()] == ["1"]  # no temp dir left
+
+
+def test_uint8_signature_matches_keras(exported, model):
+    _, loaded, schema = exported
+    images = np.stack(random_images(3))
+    result = loaded.signatures["serving_uint8"](images_uint8=tf.constant(images))
+    check_against_keras(result, expected_outputs(model, images.astype(np.float32)), schema)
+
+
+def test_bytes_signature_matches_keras_on_decoded_preprocessed_images(exported, model):
+    _, loaded, schema = exported
+    images = random_images(3, shapes=[(20, 31), (SIZE, SIZE), (45, 17)], seed=1)
+    encoded = [png(i) for i in images]
+    result = loaded.signatures["serving_default"](images=tf.constant(encoded))
+    preprocessed = np.stack([preprocess_image(decode_image(b), SIZE).numpy() for b in encoded])
+    check_against_keras(result, expected_outputs(model, preprocessed), schema)
+
+
+def test_schema_signature_returns_the_schema_json(exported, model):
+    _, loaded, _ = exported
+    out = loaded.signatures["schema"](unused=tf.constant([0], tf.int32))["schema_json"].numpy()
+    assert out.shape == (1,)
+    assert Schema.from_json(out[0].decode()) == model.schema
+
+
+@pytest.fixture(scope="module")
+def strict_export(model, tmp_path_factory):
+    """An export with a stricter Smiling threshold and a 32-pixel size limit."""
+    strict = model.schema.with_thresholds({"Smiling": 0.9})
+    root = tmp_path_factory.mktemp("strict")
+    path = export_saved_model(model, root, "strict", schema=strict, max_image_side=32, warmup_images=[])
+    loaded, schema = load_exported(path)
+    return path, loaded, schema
+
+
+def test_bytes_signature_rejects_garbage_and_oversized_images(strict_export):
+    path, loaded, _ = strict_export
+    serve = loaded.signatures["serving_default"]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="image file format"):
+        serve(images=tf.constant([b"garbage"]))
+    big_png = png(np.zeros((8, 40, 3)))  # refused from the header, before decoding
+    big_jpeg = tf.io.encode_jpeg(np.zeros((40, 8, 3), np.uint8)).numpy()
+    big_gif = None  # no header check in the graph for GIF: refused after decoding
+    try:
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.fromarray(np.zeros((8, 40, 3), np.uint8)).save(buffer, format="GIF")
+        big_gif = buffer.getvalue()
+    except ImportError:
+        pass
+    for big in (big_png, big_jpeg, big_gif):
+        if big is None:
+            continue
+        with pytest.raises(tf.errors.InvalidArgumentError, match="maximum side of 32"):
+            serve(images=tf.constant([big]))
+    ok = serve(images=tf.constant([png(np.zeros((32, 20, 3)))]))
+    assert ok["Smiling_label"].shape == (1,)
+    assert not (path / "assets.extra").exists()  # warmup_images=[] writes none
+
+
+def test_thresholds_from_the_schema_decide_binary_labels(exported, strict_export):
+    _, loaded, _ = exported
+    _, strict_loaded, strict_schema = strict_export
+    images = tf.constant(np.stack(random_images(4, seed=2)))
+    p = loaded.signatures["serving_uint8"](images_uint8=images)["Smiling_probabilities"].numpy()[:, 1]
+    assert ((p > 0.5) & (p < 0.9)).all()  # the stand-in's bias puts p in between
+    assert strict_schema["Smiling"].threshold == 0.9
+    before = loaded.signatures["serving_uint8"](images_uint8=images)
+    after = strict_loaded.signatures["serving_uint8"](images_uint8=images)
+    assert set(before["Smiling_label"].numpy()) == {b"smiling"}
+    assert set(after["Smiling_label"].numpy()) == {b"not_smiling"}
+    np.testing.assert_array_equal(after["Smiling_class_id"].numpy(), 0)
+    np.testing.assert_allclose(
+        after["Smiling_probabilities"].numpy(), before["Smiling_probabilities"].numpy(), atol=1e-6
+    )
+
+
+def test_versions_increment_and_existing_versions_are_refused(model, tmp_path):
+    first = export_saved_model(model, tmp_path, "m", version=3, warmup_images=[])
+    second = export_saved_model(model, tmp_path, "m", warmup_images=[])
+    assert (first.name, second.name) == ("3", "4")  # default: one past the highest
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        export_saved_model(model, tmp_path, "m", version=3, warmup_images=[])
+    assert list_versions(tmp_path / "m") == [3, 4]
+    assert [p.name for p in (tmp_path / "m").iterdir() if not p.name.isdigit()] == []
+    assert load_model_info(tmp_path / "m")["version"] == 4  # the model folder resolves to the latest
+
+
+def test_failure_mid_export_leaves_nothing_behind(model, tmp_path, monkeypatch):
+    def explode(*args, **kwargs):
+        raise RuntimeError("disk full (simulated)")
+
+    monkeypatch.setattr(export_lib, "write_warmup_requests", explode)
+    with pytest.raises(RuntimeError, match="simulated"):
+        export_saved_model(model, tmp_path, "fresh")
+    assert not (tmp_path / "fresh").exists()  # the folder it created is gone too
+
+    class HalfWrittenArchive:
+        def write_out(self, filepath, **kwargs):
+            (Path(filepath) / "saved_model.pb").write_bytes(b"partial")
+            raise OSError("connection to the file server lost (simulated)")
+
+    monkeypatch.setattr(export_lib, "build_export_archive", lambda *a, **k: HalfWrittenArchive())
+    (tmp_path / "kept" / "1").mkdir(parents=True)
+    with pytest.raises(OSError, match="simulated"):
+        export_saved_model(model, tmp_path, "kept")
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["1"]
+
+
+def test_contract_violations_are_named(model, tmp_path):
+    with pytest.raises(ExportError, match="must not be all digits"):
+        export_saved_model(model, tmp_path, "123")
+    with pytest.raises(ExportError, match="must start with"):
+        export_saved_model(model, tmp_path, "../evil")
+    wrong = Schema([Task("Smiling"), Task("Eyeglasses")])
+    with pytest.raises(ExportError, match="Eyeglasses"):
+        export_saved_model(model, tmp_path, "m", schema=wrong)
+    wrong_classes = Schema([Task("Smiling"), Task("age_group", kind=MULTICLASS, classes=("a", "b"))])
+    with pytest.raises(ExportError, match="age_group"):
+        export_saved_model(model, tmp_path, "m", schema=wrong_classes)
+    assert not (tmp_path / "m").exists()
+
+
+def test_warmup_file_holds_prediction_logs_that_run(exported):
+    path, loaded, _ = exported
+    records = read_warmup_requests(path / "assets.extra" / "tf_serving_warmup_requests")
+    assert records
+    for record in records:
+        request = record.predict_log.request
+        assert request.model_spec.signature_name == "serving_default"
+        assert request.model_spec.name == "stand_in"
+        images = tf.make_ndarray(request.inputs["images"])
+        assert all(image_format(b) == "jpeg" for b in images)
+        out = loaded.signatures["serving_default"](images=tf.constant(images))
+        assert out["age_group_probabilities"].shape == (len(images), len(AGE_GROUPS))
+
+
+def test_saved_model_cli_runs_the_uint8_signature(exported, tmp_path):
+    path, loaded, _ = exported
+    images = np.stack(random_images(2, seed=3))
+    np.save(tmp_path / "x.npy", images)
+    # The module form runs under this interpreter (the `saved_model_cli`
+    # console script may be a slower shim or belong to another Python).
+    command = [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
+    command += [
+        "run", "--dir", str(path), "--tag_set", "serve", "--signature_def", "serving_uint8",
+        "--inputs", f"images_uint8={tmp_path / 'x.npy'}", "--outdir", str(tmp_path / "out"),
+    ]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    probabilities = np.load(tmp_path / "out" / "age_group_probabilities.npy")
+    expected = loaded.signatures["serving_uint8"](images_uint8=tf.constant(images))
+    np.testing.assert_allclose(probabilities, expected["age_group_probabilities"].numpy(), atol=1e-6)

@@ -1,0 +1,340 @@
+"""Export -> LocalModelServer -> ServingClient, over real gRPC on localhost."""
+
+import argparse
+import concurrent.futures
+import json
+import socket
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras
+
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    model_pb2,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from tfface.export.saved_model import export_saved_model, load_exported
+from tfface.schema import AGE_GROUPS, MULTICLASS, Schema, Task
+from tfface.serving.client import ServingClient, ServingError, format_results, query_main
+from tfface.serving.server import LocalModelServer, serve_main
+
+SIZE = 16
+MAX_SIDE = 64
+
+
+def build_stand_in(size=SIZE, seed=0):
+    """A tiny model following the tfface contract (see tfface.export)."""
+    keras.utils.set_random_seed(seed)
+    image = keras.Input(shape=(size, size, 3), name="image")
+    x = keras.layers.Rescaling(1.0 / 255)(image)
+    x = keras.layers.Conv2D(4, 3, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    smiling = keras.layers.Reshape(())(keras.layers.Dense(1, activation="sigmoid")(x))
+    age = keras.layers.Dense(len(AGE_GROUPS), activation="softmax")(x)
+    model = keras.Model(image, {"Smiling": smiling, "age_group": age, "_aux": x})
+    model.schema = Schema(
+        [Task("Smiling", group="mouth"), Task("age_group", kind=MULTICLASS, classes=AGE_GROUPS)],
+        name="stand_in",
+    )
+    model.image_size = size
+    return model
+
+
+def png(array):
+    return tf.io.encode_png(np.asarray(array, np.uint8)).numpy()
+
+
+def random_pngs(count, seed=0):
+    rng = np.random.default_rng(seed)
+    return [png(rng.integers(0, 256, (rng.integers(10, 40), rng.integers(10, 40), 3))) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    root = tmp_path_factory.mktemp("saved_models")
+    model = build_stand_in()
+    export_saved_model(model, root, "faces")
+    export_saved_model(build_stand_in(seed=1), root, "faces", warmup_images=[])
+    loaded, schema = load_exported(root / "faces" / "2")
+    server = LocalModelServer(
+        root / "faces",
+        versions="all",
+        version_labels={"stable": 1, "canary": 2},
+        batch_timeout_ms=30,
+        max_batch_size=8,
+        max_image_side=MAX_SIDE,
+    )
+    port = server.start()
+    yield {"root": root, "server": server, "target": f"127.0.0.1:{port}", "loaded": loaded, "schema": schema}
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(deployment):
+    channel = grpc.insecure_channel(deployment["target"])
+    yield prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    channel.close()
+
+
+def direct(loaded, encoded):
+    out = loaded.signatures["serving_default"](images=tf.constant(encoded))
+    return {k: v.numpy() for k, v in out.items()}
+
+
+def request(images=None, model="faces", signature="", key="images", tensor=None, **spec):
+    req = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name=model, signature_name=signature))
+    for field, value in spec.items():
+        if field == "version":
+            req.model_spec.version.value = value
+        else:
+            setattr(req.model_spec, field, value)
+    if tensor is None:
+        tensor = tf.make_tensor_proto(images, dtype=tf.string)
+    req.inputs[key].CopyFrom(tensor)
+    return req
+
+
+def test_client_predict_matches_the_saved_model(deployment, tmp_path):
+    encoded = random_pngs(5)
+    path = tmp_path / "face.png"
+    path.write_bytes(encoded[0])
+    with ServingClient(deployment["target"], model_name="faces") as client:
+        results = client.predict([str(path)] + encoded[1:], batch_size=2)
+    expected = direct(deployment["loaded"], encoded)
+    assert len(results) == 5
+    for i, result in enumerate(results):
+        assert list(result) == ["Smiling", "age_group"]
+        smiling = result["Smiling"]
+        np.testing.assert_allclose(
+            [smiling["probabilities"]["no"], smiling["probabilities"]["yes"]],
+            expected["Smiling_probabilities"][i],
+            atol=1e-6,
+        )
+        assert smiling["label"] == expected["Smiling_label"][i].decode()
+        age = result["age_group"]
+        np.testing.assert_allclose(list(age["probabilities"].values()), expected["age_group_probabilities"][i], atol=1e-6)
+        assert age["label"] == expected["age_group_label"][i].decode()
+        assert age["confidence"] == pytest.approx(max(age["probabilities"].values()))
+    text = format_results(results, names=[str(path)] + [b""] * 4)
+    assert str(path) in text and "age_group" in text and "image #1" in text
+
+
+def test_uint8_signature_through_the_client(deployment):
+    images = np.random.default_rng(4).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    with ServingClient(deployment["target"], model_name="faces", signature="serving_uint8") as client:
+        results = client.predict(images)
+    expected = deployment["loaded"].signatures["serving_uint8"](images_uint8=tf.constant(images))
+    got = np.array([[r["age_group"]["probabilities"][c] for c in AGE_GROUPS] for r in results])
+    np.testing.assert_allclose(got, expected["age_group_probabilities"].numpy(), atol=1e-6)
+
+
+def test_metadata_and_status(deployment):
+    with ServingClient(deployment["target"], model_name="faces") as client:
+        metadata = client.metadata()
+        status = client.status()
+    assert metadata["model"] == "faces" and metadata["version"] == 2
+    assert {"serving_default", "serving_uint8", "schema"} <= set(metadata["signatures"])
+    inputs = metadata["signatures"]["serving_default"]["inputs"]
+    assert inputs == {"images": {"dtype": "string", "shape": [None]}}
+    assert Schema.from_dict(metadata["schema"]) == deployment["schema"]
+    assert [(s["version"], s["state"], s["error_code"]) for s in status] == [
+        (1, "AVAILABLE", "OK"),
+        (2, "AVAILABLE", "OK"),
+    ]
+    with ServingClient(deployment["target"], model_name="faces", version_label="stable") as client:
+        assert [s["version"] for s in client.status()] == [1]
+
+
+def test_version_and_label_pick_the_servable(deployment, stub):
+    image = random_pngs(1, seed=5)
+    for spec, version in (({"version": 1}, 1), ({"version_label": "canary"}, 2), ({}, 2)):
+        response = stub.Predict(request(image, **spec), timeout=10)
+        assert response.model_spec.version.value == version
+    v1 = stub.Predict(request(image, version=1), timeout=10).outputs["age_group_probabilities"]
+    v2 = stub.Predict(request(image, version=2), timeout=10).outputs["age_group_probabilities"]
+    assert not np.allclose(tf.make_ndarray(v1), tf.make_ndarray(v2))  # different weights
+
+
+BAD_REQUESTS = {
+    "garbage bytes": (lambda: request([b"not an image at all"]), grpc.StatusCode.INVALID_ARGUMENT, "not an encoded image"),
+    "corrupt png": (
+        lambda: request([b"\x89PNG\r\n\x1a\n" + b"\x00" * 40]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "PNG",
+    ),
+    "empty batch": (lambda: request([]), grpc.StatusCode.INVALID_ARGUMENT, "empty batch"),
+    "wrong dtype": (
+        lambda: request(tensor=tf.make_tensor_proto(np.zeros((1,), np.float32))),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "must be string, got float32",
+    ),
+    "wrong shape": (
+        lambda: request(
+            signature="serving_uint8", key="images_uint8", tensor=tf.make_tensor_proto(np.zeros((1, 8, 8, 3), np.uint8))
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "shape [1, 8, 8, 3]",
+    ),
+    "unknown model": (lambda: request(random_pngs(1), model="nope"), grpc.StatusCode.NOT_FOUND, "'nope'"),
+    "unknown version": (lambda: request(random_pngs(1), version=9), grpc.StatusCode.NOT_FOUND, "version 9"),
+    "unknown label": (lambda: request(random_pngs(1), version_label="beta"), grpc.StatusCode.NOT_FOUND, "'beta'"),
+    "unknown signature": (lambda: request(random_pngs(1), signature="sing"), grpc.StatusCode.NOT_FOUND, "'sing'"),
+    "unknown input": (lambda: request(random_pngs(1), key="pictures"), grpc.StatusCode.INVALID_ARGUMENT, "'pictures'"),
+    "oversized image": (
+        lambda: request([png(np.zeros((MAX_SIDE + 1, 8, 3)))]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"largest side allowed is {MAX_SIDE}",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
+def test_bad_requests_are_refused_and_the_server_keeps_serving(deployment, stub, case):
+    make, code, message = BAD_REQUESTS[case]
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Predict(make(), timeout=10)
+    assert info.value.code() == code
+    assert message in info.value.details()
+    good = stub.Predict(request(random_pngs(2)), timeout=10)
+    assert tf.make_ndarray(good.outputs["Smiling_label"]).shape == (2,)
+
+
+def test_metadata_refuses_unknown_fields(stub):
+    req = get_model_metadata_pb2.GetModelMetadataRequest(
+        model_spec=model_pb2.ModelSpec(name="faces"), metadata_field=["nonsense"]
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GetModelMetadata(req, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "nonsense" in info.value.details()
+
+
+def test_concurrent_requests_are_batched_and_split_back_correctly(deployment, stub):
+    server, loaded = deployment["server"], deployment["loaded"]
+    payloads = [random_pngs(1 + i % 2, seed=100 + i) for i in range(10)]
+    payloads[3] = [b"\x89PNG\r\n\x1a\n" + b"\x01" * 40]  # breaks a merged batch; must only fail itself
+    before = len(server.batch_sizes("faces", 2))
+    barrier = threading.Barrier(len(payloads))
+
+    def call(images):
+        barrier.wait()
+        try:
+            return stub.Predict(request(images), timeout=20)
+        except grpc.RpcError as e:
+            return e
+
+    with concurrent.futures.ThreadPoolExecutor(len(payloads)) as pool:
+        responses = list(pool.map(call, payloads))
+    for i, (images, response) in enumerate(zip(payloads, responses)):
+        if i == 3:
+            assert response.code() == grpc.StatusCode.INVALID_ARGUMENT
+            continue
+        expected = direct(loaded, images)
+        for key in ("Smiling_probabilities", "age_group_probabilities", "age_group_class_id"):
+            np.testing.assert_allclose(tf.make_ndarray(response.outputs[key]), expected[key], atol=1e-5)
+    sizes = server.batch_sizes("faces", 2)[before:]
+    assert max(sizes) > 2  # some requests were merged
+    assert max(sizes) <= server.max_batch_size
+
+
+def test_unbatched_server_gives_the_same_answers_and_limits_message_size(deployment):
+    images = random_pngs(3, seed=7)
+    limit = 64 * 1024
+    with LocalModelServer(deployment["root"] / "faces", enable_batching=False, max_message_bytes=limit) as server:
+        with ServingClient(server.target, model_name="faces") as client:
+            results = client.predict(images)
+            huge = png(np.random.default_rng(0).integers(0, 256, (200, 200, 3)))  # ~120 KB
+            with pytest.raises(ServingError) as info:
+                client.predict([huge])
+            assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert len(client.predict(images[:1])) == 1  # still serving
+    expected = direct(deployment["loaded"], images)
+    got = np.array([[r["Smiling"]["probabilities"]["no"], r["Smiling"]["probabilities"]["yes"]] for r in results])
+    np.testing.assert_allclose(got, expected["Smiling_probabilities"], atol=1e-6)
+    assert not [t for t in threading.enumerate() if t.name.startswith(server.thread_prefix)]  # clean shutdown
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_client_gives_a_clear_error_when_nothing_listens():
+    client = ServingClient(f"127.0.0.1:{free_port()}", model_name="faces", retries=2, backoff_s=0.05, timeout_s=2)
+    start = time.monotonic()
+    with pytest.raises(ServingError, match="unavailable after 3 attempt") as info:
+        client.predict(random_pngs(1))
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert time.monotonic() - start < 10
+    client.close()
+
+
+def test_client_retries_until_a_late_server_is_up(deployment):
+    port = free_port()
+    server = LocalModelServer(deployment["root"] / "faces", port=port)
+    server.load()
+    starter = threading.Timer(0.6, server.start)
+    starter.start()
+    try:
+        with ServingClient(f"127.0.0.1:{port}", model_name="faces", retries=8, backoff_s=0.1) as client:
+            results = client.predict(random_pngs(1))
+        assert set(results[0]) == {"Smiling", "age_group"}
+    finally:
+        starter.join()
+        server.stop()
+
+
+def test_client_names_bad_files_before_any_rpc(tmp_path):
+    # Nothing listens there: reaching the network would raise ServingError instead.
+    client = ServingClient(f"127.0.0.1:{free_port()}", model_name="faces", retries=0)
+    missing = tmp_path / "missing.jpg"
+    with pytest.raises(FileNotFoundError, match="missing.jpg"):
+        client.predict([missing])
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(ValueError, match="notes.txt is not an image"):
+        client.predict([str(text)])
+    with pytest.raises(ValueError, match="serving_uint8"):
+        client.predict([np.zeros((SIZE, SIZE, 3), np.uint8)])
+    client.close()
+
+
+def test_query_main_prints_json_and_fails_cleanly(deployment, tmp_path, capsys):
+    path = tmp_path / "a.png"
+    path.write_bytes(random_pngs(1)[0])
+    args = argparse.Namespace(host=deployment["target"], model="faces", images=[str(path)], json=True)
+    assert query_main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed[0]["image"] == str(path)
+    assert printed[0]["predictions"]["age_group"]["label"] in AGE_GROUPS
+    args = argparse.Namespace(host=deployment["target"], model="nope", images=[str(path)], json=False)
+    assert query_main(args) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_serve_main_serves_until_stopped(deployment, capsys):
+    port = free_port()
+    args = argparse.Namespace(model_dir=str(deployment["root"] / "faces"), port=port, host="127.0.0.1")
+    stop = threading.Event()
+    codes = []
+    thread = threading.Thread(target=lambda: codes.append(serve_main(args, stop_event=stop)))
+    thread.start()
+    try:
+        with ServingClient(f"127.0.0.1:{port}", model_name="faces", retries=10, backoff_s=0.1) as client:
+            assert client.status()[0]["state"] == "AVAILABLE"
+    finally:
+        stop.set()
+        thread.join(20)
+    assert not thread.is_alive() and codes == [0]
+    assert f"127.0.0.1:{port}" in capsys.readouterr().out
+    bad = argparse.Namespace(model_dir=str(deployment["root"] / "missing"))
+    assert serve_main(bad) == 1
+    assert "model folder not found" in capsys.readouterr().err

@@ -1,0 +1,171 @@
+"""Image decoding and preprocessing: the single source of truth.
+
+Training (the tf.data pipeline), the exported SavedModel signatures and the
+local server all call these functions, so a face is turned into model input
+the same way everywhere. `decode_image` and `preprocess_image` are pure
+TensorFlow ops (they run inside `tf.data` and inside SavedModel graphs);
+`image_format` and `image_size_from_header` are plain Python so clients and
+servers can reject bad files cheaply, before decoding or sending anything.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Optional
+
+import tensorflow as tf
+
+# Formats `tf.io.decode_image` accepts, as sniffed by `image_format`.
+DECODABLE_FORMATS = ("jpeg", "png", "gif", "bmp", "webp", "jxl")
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JXL_CONTAINER = b"\x00\x00\x00\x0cJXL \r\n\x87\n"
+
+
+def decode_image(data) -> tf.Tensor:
+    """Encoded image bytes (scalar string) -> uint8 (H, W, 3).
+
+    Grayscale and RGBA images become RGB; animated GIFs give their first
+    frame. Bytes that are no image raise `tf.errors.InvalidArgumentError`.
+    """
+    image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def preprocess_image(image, size: int) -> tf.Tensor:
+    """uint8 (H, W, 3) -> float32 (size, size, 3) with values in 0..255.
+
+    Centre square crop of side min(H, W), then antialiased bilinear resize,
+    rounded to whole pixel values: the training pipeline caches this as
+    uint8, so rounding here makes that cache lossless and the serving path
+    identical to training. Normalisation is *not* done here: it lives
+    inside the model.
+    """
+    image = tf.convert_to_tensor(image)
+    shape = tf.shape(image)
+    height, width = shape[0], shape[1]
+    side = tf.minimum(height, width)
+    top = (height - side) // 2
+    left = (width - side) // 2
+    square = image[top : top + side, left : left + side, :]
+    resized = tf.image.resize(
+        tf.cast(square, tf.float32),
+        [size, size],
+        method="bilinear",
+        antialias=True,
+    )
+    resized = tf.clip_by_value(tf.round(resized), 0.0, 255.0)
+    resized.set_shape([size, size, 3])
+    return resized
+
+
+def encoded_image_side(data) -> tf.Tensor:
+    """Longest side of an encoded JPEG or PNG read from its header (int64).
+
+    Returns 0 for other formats. Lets a graph refuse a huge image *before*
+    decoding it (a small file can decode to gigabytes).
+    """
+    data = tf.convert_to_tensor(data, tf.string)
+
+    def jpeg_side():
+        shape = tf.image.extract_jpeg_shape(data, output_type=tf.int64)
+        return tf.reduce_max(shape[:2])
+
+    def png_side():
+        raw = tf.cast(tf.io.decode_raw(tf.strings.substr(data, 16, 8), tf.uint8), tf.int64)
+        powers = tf.constant([1 << 24, 1 << 16, 1 << 8, 1], tf.int64)
+        width = tf.reduce_sum(raw[:4] * powers)
+        height = tf.reduce_sum(raw[4:8] * powers)
+        return tf.maximum(width, height)
+
+    def other_side():
+        is_png = tf.logical_and(
+            tf.equal(tf.strings.substr(data, 0, 8), _PNG_SIGNATURE),
+            tf.strings.length(data) >= 24,
+        )
+        return tf.cond(is_png, png_side, lambda: tf.constant(0, tf.int64))
+
+    return tf.cond(tf.io.is_jpeg(data), jpeg_side, other_side)
+
+
+def image_format(data: bytes) -> Optional[str]:
+    """The format of encoded image bytes ("jpeg", "png", ...) or None."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if data[:8] == _PNG_SIGNATURE:
+        return "png"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if data[:2] == b"BM":
+        return "bmp"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:2] == b"\xff\x0a" or data[:12] == _JXL_CONTAINER:
+        return "jxl"
+    return None
+
+
+def image_size_from_header(data: bytes) -> Optional[tuple[int, int]]:
+    """(height, width) read from the header of encoded image bytes.
+
+    None when the format is unknown or the header cannot be read (the decoder
+    then has the last word). Never decodes pixels.
+    """
+    try:
+        fmt = image_format(data)
+        if fmt == "png" and len(data) >= 24:
+            width, height = struct.unpack(">II", data[16:24])
+            return height, width
+        if fmt == "gif" and len(data) >= 10:
+            width, height = struct.unpack("<HH", data[6:10])
+            return height, width
+        if fmt == "bmp" and len(data) >= 26:
+            (header_size,) = struct.unpack("<I", data[14:18])
+            if header_size == 12:
+                width, height = struct.unpack("<HH", data[18:22])
+            else:
+                width, height = struct.unpack("<ii", data[18:26])
+            return abs(height), abs(width)
+        if fmt == "webp":
+            return _webp_size(data)
+        if fmt == "jpeg":
+            return _jpeg_size(data)
+    except struct.error:
+        return None
+    return None
+
+
+def _jpeg_size(data: bytes) -> Optional[tuple[int, int]]:
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        (length,) = struct.unpack(">H", data[i + 2 : i + 4])
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
+            return height, width
+        i += 2 + length
+    return None
+
+
+def _webp_size(data: bytes) -> Optional[tuple[int, int]]:
+    chunk = data[12:16]
+    if chunk == b"VP8 " and len(data) >= 30:
+        width, height = struct.unpack("<HH", data[26:30])
+        return height & 0x3FFF, width & 0x3FFF
+    if chunk == b"VP8L" and len(data) >= 25:
+        (bits,) = struct.unpack("<I", data[21:25])
+        return ((bits >> 14) & 0x3FFF) + 1, (bits & 0x3FFF) + 1
+    if chunk == b"VP8X" and len(data) >= 30:
+        width = int.from_bytes(data[24:27], "little") + 1
+        height = int.from_bytes(data[27:30], "little") + 1
+        return height, width
+    return None

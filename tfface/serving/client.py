@@ -1,0 +1,400 @@
+"""gRPC client for tfface models on TF Serving (or `tfface serve`).
+
+`ServingClient` speaks TF Serving's official gRPC API (`PredictionService`,
+`ModelService`), so it works against the `tensorflow/serving` container and
+against `LocalModelServer` alike. Outputs are read by name (see
+`tfface.export.saved_model`), never by position, and class names come from
+the schema the model ships with, so results read as
+`{"Smiling": {"label": "yes", "confidence": 0.93, "probabilities": {...}}}`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from tfface.data.image_ops import DECODABLE_FORMATS, image_format
+from tfface.export.saved_model import (
+    CLASS_ID_SUFFIX,
+    PROBABILITIES_SUFFIX,
+    SCHEMA_INPUT,
+    SCHEMA_OUTPUT,
+    SCHEMA_SIGNATURE,
+    SERVING_DEFAULT,
+    SIGNATURE_INPUTS,
+)
+from tfface.schema import Schema
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+ImageInput = Union[str, os.PathLike, bytes, np.ndarray]
+
+
+class ServingError(RuntimeError):
+    """A request TF Serving refused or could not answer; `code` is the gRPC code."""
+
+    def __init__(self, message: str, code: Optional[grpc.StatusCode] = None):
+        super().__init__(message)
+        self.code = code
+
+
+class ServingClient:
+    """Talks to one model on a TF Serving gRPC endpoint.
+
+    Args:
+        target: "host:port" of the gRPC endpoint (TF Serving: 8500).
+        model_name: the model's name on the server (its folder name).
+        signature: "serving_default" (encoded image bytes / file paths) or
+            "serving_uint8" (preprocessed uint8 arrays).
+        timeout_s: deadline of each RPC.
+        retries: extra attempts after UNAVAILABLE (server down or starting),
+            with exponential backoff; other errors are never retried.
+        tls, root_certificates: use TLS; root certificates as PEM bytes or
+            a file path (None: the system's).
+        version, version_label: pin a version ("stable"/"canary" labels
+            from `models.config`); default: the server's latest.
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:8500",
+        model_name: str = "tfface",
+        signature: str = SERVING_DEFAULT,
+        timeout_s: float = 10.0,
+        retries: int = 3,
+        tls: bool = False,
+        root_certificates=None,
+        version: Optional[int] = None,
+        version_label: Optional[str] = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        backoff_s: float = 0.2,
+    ):
+        if not model_name:
+            raise ValueError("model_name is required (the model's folder name on the server)")
+        if version is not None and version_label:
+            raise ValueError("pass either version or version_label, not both")
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        self.target = target
+        self.model_name = model_name
+        self.signature = signature
+        self.timeout_s = float(timeout_s)
+        self.retries = int(retries)
+        self.version = None if version is None else int(version)
+        self.version_label = version_label or None
+        self.backoff_s = float(backoff_s)
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            # Reconnect quickly so retries can reach a server that just started.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.min_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
+        if tls or root_certificates is not None:
+            if root_certificates is not None and not isinstance(root_certificates, bytes):
+                path = Path(root_certificates)
+                if not path.is_file():
+                    raise FileNotFoundError(f"root certificates file not found: {path}")
+                root_certificates = path.read_bytes()
+            credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
+        self._prediction = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+        self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
+        self._schema = None
+
+    # --- lifecycle ----------------------------------------------------------
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- RPCs ---------------------------------------------------------------
+    def _model_spec(self, signature: Optional[str] = None) -> model_pb2.ModelSpec:
+        spec = model_pb2.ModelSpec(name=self.model_name)
+        if signature:
+            spec.signature_name = signature
+        if self.version is not None:
+            spec.version.value = self.version
+        elif self.version_label:
+            spec.version_label = self.version_label
+        return spec
+
+    def _call(self, method, request, what: str):
+        attempts = self.retries + 1
+        for attempt in range(attempts):
+            try:
+                return method(request, timeout=self.timeout_s)
+            except grpc.RpcError as e:
+                code = e.code() if hasattr(e, "code") else None
+                details = e.details() if hasattr(e, "details") else str(e)
+                if code == grpc.StatusCode.UNAVAILABLE and attempt + 1 < attempts:
+                    time.sleep(min(self.backoff_s * 2**attempt, 5.0))
+                    continue
+                raise ServingError(self._explain(what, code, details, attempt + 1), code) from None
+        raise AssertionError("unreachable")
+
+    def _explain(self, what, code, details, attempts) -> str:
+        model = f"model {self.model_name!r}"
+        if self.version is not None:
+            model += f" version {self.version}"
+        elif self.version_label:
+            model += f" (label {self.version_label!r})"
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return (
+                f"{what}: TF Serving at {self.target} is unavailable after {attempts} attempt(s): {details}. "
+                "Is the server running (`tfface serve` or `docker compose up`) and is the address right?"
+            )
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return f"{what}: {self.target} gave no answer within {self.timeout_s:g} s (raise the timeout for large batches)"
+        name = code.name if code is not None else "UNKNOWN"
+        return f"{what} for {model} at {self.target} failed ({name}): {details}"
+
+    def predict(self, images: Sequence[ImageInput], batch_size: int = 32) -> list[dict]:
+        """One dict per face, in input order: task -> label/confidence/probabilities.
+
+        `images` are file paths or encoded bytes (signature
+        "serving_default"), or uint8 (S, S, 3) arrays / one (N, S, S, 3)
+        array (signature "serving_uint8"). Unreadable files fail here,
+        naming the file, before any request is sent.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            images = list(images)
+        if isinstance(images, (str, bytes, os.PathLike)):
+            images = [images]
+        payloads = self._read_images(images)
+        if not payloads:
+            return []
+        schema = self.schema()
+        input_name = self._input_name()
+        results = []
+        for start in range(0, len(payloads), batch_size):
+            chunk = payloads[start : start + batch_size]
+            request = predict_pb2.PredictRequest(model_spec=self._model_spec(self.signature))
+            if isinstance(chunk[0], np.ndarray):
+                tensor = tf.make_tensor_proto(np.stack(chunk), dtype=tf.uint8)
+            else:
+                tensor = tf.make_tensor_proto(chunk, dtype=tf.string, shape=[len(chunk)])
+            request.inputs[input_name].CopyFrom(tensor)
+            # The server's "images[i]" counts from the start of this chunk.
+            what = f"Predict of images #{start}..#{start + len(chunk) - 1}"
+            response = self._call(self._prediction.Predict, request, what)
+            results.extend(parse_predict_response(response, schema, len(chunk)))
+        return results
+
+    def _read_images(self, images) -> list:
+        payloads = []
+        for i, item in enumerate(images):
+            if isinstance(item, np.ndarray):
+                if item.dtype != np.uint8 or item.ndim != 3 or item.shape[-1] != 3:
+                    raise ValueError(
+                        f"image #{i}: arrays must be uint8 (S, S, 3), got {item.dtype} {item.shape}"
+                    )
+                payloads.append(item)
+                continue
+            if isinstance(item, (bytes, bytearray)):
+                data, where = bytes(item), f"image #{i} (bytes)"
+            elif isinstance(item, (str, os.PathLike)):
+                path = Path(item)
+                where = str(path)
+                if not path.is_file():
+                    raise FileNotFoundError(f"image file not found: {path}")
+                try:
+                    data = path.read_bytes()
+                except OSError as e:
+                    raise OSError(f"cannot read image file {path}: {e.strerror or e}") from None
+            else:
+                raise TypeError(f"image #{i}: expected a file path, bytes or a uint8 array, got {type(item).__name__}")
+            if not data:
+                raise ValueError(f"{where} is empty")
+            if image_format(data) is None:
+                raise ValueError(f"{where} is not an image file (expected one of {', '.join(DECODABLE_FORMATS)})")
+            payloads.append(data)
+        kinds = {isinstance(p, np.ndarray) for p in payloads}
+        if len(kinds) > 1:
+            raise ValueError("mix of arrays and encoded images: send one kind per call")
+        if kinds == {True} and self.signature == SERVING_DEFAULT:
+            raise ValueError("uint8 arrays need signature='serving_uint8'; serving_default takes encoded images")
+        if kinds == {False} and self.signature == "serving_uint8":
+            raise ValueError("signature 'serving_uint8' takes uint8 arrays, not files or bytes")
+        return payloads
+
+    def _input_name(self) -> str:
+        if self.signature in SIGNATURE_INPUTS:
+            return SIGNATURE_INPUTS[self.signature]
+        inputs = self.metadata()["signatures"].get(self.signature, {}).get("inputs", {})
+        if len(inputs) != 1:
+            raise ServingError(f"signature {self.signature!r} of model {self.model_name!r} does not take exactly one input")
+        return next(iter(inputs))
+
+    def schema(self) -> Schema:
+        """The model's Schema, read once through the `schema` signature."""
+        if self._schema is None:
+            request = predict_pb2.PredictRequest(model_spec=self._model_spec(SCHEMA_SIGNATURE))
+            request.inputs[SCHEMA_INPUT].CopyFrom(tf.make_tensor_proto([0], dtype=tf.int32))
+            response = self._call(self._prediction.Predict, request, "Predict(schema)")
+            if SCHEMA_OUTPUT not in response.outputs:
+                raise ServingError(f"model {self.model_name!r} returned no {SCHEMA_OUTPUT!r}: is it a tfface export?")
+            value = tf.make_ndarray(response.outputs[SCHEMA_OUTPUT]).reshape(-1)[0]
+            self._schema = Schema.from_json(value.decode("utf-8"))
+        return self._schema
+
+    def metadata(self) -> dict:
+        """{"model", "version", "signatures": {name: {inputs, outputs}}, "schema"}."""
+        request = get_model_metadata_pb2.GetModelMetadataRequest(
+            model_spec=self._model_spec(), metadata_field=["signature_def"]
+        )
+        response = self._call(self._prediction.GetModelMetadata, request, "GetModelMetadata")
+        signature_map = get_model_metadata_pb2.SignatureDefMap()
+        response.metadata["signature_def"].Unpack(signature_map)
+        signatures = {
+            name: {
+                "inputs": {k: _tensor_info(v) for k, v in sig.inputs.items()},
+                "outputs": {k: _tensor_info(v) for k, v in sig.outputs.items()},
+            }
+            for name, sig in sorted(signature_map.signature_def.items())
+        }
+        schema = self.schema().to_dict() if SCHEMA_SIGNATURE in signatures else None
+        return {
+            "model": response.model_spec.name,
+            "version": response.model_spec.version.value,
+            "signatures": signatures,
+            "schema": schema,
+        }
+
+    def status(self) -> list[dict]:
+        """Version states from ModelService.GetModelStatus."""
+        request = get_model_status_pb2.GetModelStatusRequest(model_spec=self._model_spec())
+        response = self._call(self._models.GetModelStatus, request, "GetModelStatus")
+        state_names = get_model_status_pb2.ModelVersionStatus.State
+        code_enum = response.DESCRIPTOR.fields_by_name["model_version_status"].message_type
+        code_enum = code_enum.fields_by_name["status"].message_type.fields_by_name["error_code"].enum_type
+        return [
+            {
+                "version": s.version,
+                "state": state_names.Name(s.state),
+                "error_code": code_enum.values_by_number[s.status.error_code].name
+                if s.status.error_code in code_enum.values_by_number
+                else str(s.status.error_code),
+                "error_message": s.status.error_message,
+            }
+            for s in response.model_version_status
+        ]
+
+
+def _tensor_info(info) -> dict:
+    shape = None if info.tensor_shape.unknown_rank else [d.size if d.size >= 0 else None for d in info.tensor_shape.dim]
+    return {"dtype": tf.dtypes.as_dtype(info.dtype).name, "shape": shape}
+
+
+def parse_predict_response(response, schema: Schema, count: int) -> list[dict]:
+    """PredictResponse of an image signature -> one result dict per image."""
+    per_task = []
+    for task in schema:
+        keys = [task.name + PROBABILITIES_SUFFIX, task.name + CLASS_ID_SUFFIX]
+        missing = [k for k in keys if k not in response.outputs]
+        if missing:
+            raise ServingError(f"response lacks output(s) {missing}: the model does not match its schema")
+        probabilities = tf.make_ndarray(response.outputs[keys[0]]).astype(np.float64)
+        class_ids = tf.make_ndarray(response.outputs[keys[1]]).astype(np.int64)
+        if probabilities.shape != (count, task.num_classes) or class_ids.shape != (count,):
+            raise ServingError(
+                f"output {keys[0]!r} has shape {probabilities.shape}, expected {(count, task.num_classes)}"
+            )
+        per_task.append((task, probabilities, class_ids))
+    results = []
+    for i in range(count):
+        result = {}
+        for task, probabilities, class_ids in per_task:
+            class_id = int(class_ids[i])
+            result[task.name] = {
+                "label": task.classes[class_id],
+                "confidence": float(probabilities[i, class_id]),
+                "probabilities": {c: float(p) for c, p in zip(task.classes, probabilities[i])},
+            }
+        results.append(result)
+    return results
+
+
+def format_results(results: list[dict], names: Optional[Sequence] = None, top_k: int = 3) -> str:
+    """Human-readable text for `predict` results, one block per image.
+
+    Binary tasks print their label and confidence; multiclass tasks also the
+    `top_k` most likely classes.
+    """
+    lines = []
+    for i, result in enumerate(results):
+        name = names[i] if names is not None and i < len(names) else None
+        title = f"image #{i}" if name is None or isinstance(name, (bytes, bytearray)) else str(name)
+        lines.append(f"{title}:")
+        width = max((len(t) for t in result), default=0)
+        for task, prediction in result.items():
+            line = f"  {task:<{width}}  {prediction['label']} ({prediction['confidence']:.3f})"
+            probabilities = prediction["probabilities"]
+            if len(probabilities) > 2:
+                best = sorted(probabilities.items(), key=lambda kv: -kv[1])[:top_k]
+                line += "   top: " + ", ".join(f"{c} {p:.3f}" for c, p in best)
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def query_main(args) -> int:
+    """`tfface query --host HOST:PORT --model NAME IMAGE... [--json]`.
+
+    Reads `host`, `model`, `images`, `json` and optionally `signature`,
+    `timeout`, `version`, `version_label`, `tls`, `root_certificates`,
+    `batch_size` from `args`. Prints results; returns the exit code (errors
+    go to stderr with code 1).
+    """
+    try:
+        client = ServingClient(
+            target=getattr(args, "host", None) or "localhost:8500",
+            model_name=getattr(args, "model", None) or "tfface",
+            signature=getattr(args, "signature", None) or SERVING_DEFAULT,
+            timeout_s=getattr(args, "timeout", None) or 10.0,
+            version=getattr(args, "version", None),
+            version_label=getattr(args, "version_label", None),
+            tls=bool(getattr(args, "tls", False)),
+            root_certificates=getattr(args, "root_certificates", None),
+        )
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    images = list(args.images)
+    try:
+        with client:
+            results = client.predict(images, batch_size=getattr(args, "batch_size", None) or 32)
+    except (ServingError, ValueError, OSError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if getattr(args, "json", False):
+        print(json.dumps([{"image": str(p), "predictions": r} for p, r in zip(images, results)], indent=2))
+    else:
+        print(format_results(results, names=images))
+    return 0

@@ -1,0 +1,729 @@
+"""A local gRPC server that speaks TF Serving's API, for development and tests.
+
+`LocalModelServer` serves tfface exports (`saved_models/NAME/VERSION/`) over
+the same `PredictionService` / `ModelService` gRPC API as TF Serving, so
+`ServingClient` and `tfface query` work against either. It exists so a
+laptop without Docker or a GPU can serve a model, and so tests can run the
+whole export -> serve -> query path in-process. For production use TF
+Serving (`serving/compose.yaml`).
+
+Like TF Serving it batches: concurrent Predict requests for the same
+model, version and signature are merged into one model call (up to
+`max_batch_size` rows or `batch_timeout_ms` after the first request), then
+split back. A bad request is rejected before it can join a batch, and if a
+merged call still fails the requests are rerun one by one, so one client's
+garbage never fails another client's request.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import itertools
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional, Union
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from tfface.data.image_ops import DECODABLE_FORMATS, image_format, image_size_from_header
+from tfface.export.saved_model import (
+    SERVING_DEFAULT,
+    WARMUP_FILE,
+    list_versions,
+    read_warmup_requests,
+)
+
+logger = logging.getLogger("tfface.serving")
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
+_SERVER_IDS = itertools.count(1)
+
+
+class RequestError(Exception):
+    """A request the server refuses; carries the gRPC status to answer with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _invalid(message):
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _not_found(message):
+    return RequestError(grpc.StatusCode.NOT_FOUND, message)
+
+
+def _tf_error_to_request_error(error: Exception) -> RequestError:
+    if isinstance(error, RequestError):
+        return error
+    if isinstance(error, tf.errors.OpError):
+        # TF error codes are the gRPC status codes.
+        code = _GRPC_CODES.get(error.error_code, grpc.StatusCode.INTERNAL)
+        return RequestError(code, f"the model refused the input: {_clean_tf_message(error.message)}")
+    return RequestError(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+
+
+def _clean_tf_message(message: str) -> str:
+    """The human part of a TF op error, without graph node and stack noise."""
+    noise = ("Graph execution error", "Detected at node", "<stack traces unavailable>", "[[")
+    lines = [line.strip() for line in message.splitlines()]
+    kept = [line for line in lines if line and not line.startswith(noise)]
+    return " ".join(kept) or message.strip()
+
+
+# --- loaded models ----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Signature:
+    name: str
+    function: object
+    inputs: dict  # input name -> tf.TensorSpec
+    outputs: list
+
+    def __call__(self, arrays: dict) -> dict:
+        tensors = {k: tf.constant(v, dtype=self.inputs[k].dtype) for k, v in arrays.items()}
+        return {k: v.numpy() for k, v in self.function(**tensors).items()}
+
+
+@dataclasses.dataclass
+class _Servable:
+    name: str
+    version: int
+    path: Path
+    loaded: object
+    signatures: dict  # name -> _Signature
+    signature_defs: dict  # name -> SignatureDef proto
+
+
+def _load_servable(name: str, version: int, path: Path) -> _Servable:
+    try:
+        loaded = tf.saved_model.load(str(path))
+    except Exception as e:
+        raise RuntimeError(f"cannot load SavedModel {path}: {e}") from e
+    signatures = {}
+    for sig_name, function in loaded.signatures.items():
+        _, kwargs = function.structured_input_signature
+        signatures[sig_name] = _Signature(
+            name=sig_name,
+            function=function,
+            inputs=dict(kwargs),
+            outputs=sorted(function.structured_outputs),
+        )
+    saved_model = saved_model_pb2.SavedModel()
+    saved_model.ParseFromString((path / "saved_model.pb").read_bytes())
+    signature_defs = {}
+    for meta_graph in saved_model.meta_graphs:
+        if "serve" in meta_graph.meta_info_def.tags:
+            signature_defs = {
+                k: v for k, v in meta_graph.signature_def.items() if not k.startswith("__")
+            }
+    servable = _Servable(name, version, path, loaded, signatures, signature_defs)
+    _run_warmup(servable)
+    return servable
+
+
+def _run_warmup(servable: _Servable) -> None:
+    """Replays assets.extra warm-up requests, as TF Serving does on load."""
+    warmup = servable.path / WARMUP_FILE
+    if not warmup.is_file():
+        return
+    for i, log in enumerate(read_warmup_requests(warmup)):
+        request = log.predict_log.request
+        signature = servable.signatures.get(request.model_spec.signature_name or SERVING_DEFAULT)
+        if signature is None:
+            raise RuntimeError(f"{warmup}: record {i} names unknown signature {request.model_spec.signature_name!r}")
+        try:
+            signature({k: tf.make_ndarray(v) for k, v in request.inputs.items()})
+        except Exception as e:
+            raise RuntimeError(f"{warmup}: warm-up record {i} failed: {e}") from e
+
+
+def discover_models(model_dir) -> dict:
+    """{model name: {version: folder}} for a model folder or a base folder.
+
+    Accepts `saved_models/NAME/VERSION` (one version), `saved_models/NAME`
+    (its versions) or `saved_models` (every NAME inside).
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model folder not found: {model_dir}")
+
+    def versions_of(folder: Path) -> dict:
+        found = {}
+        for v in list_versions(folder):
+            if (folder / str(v) / "saved_model.pb").is_file():
+                found[v] = folder / str(v)
+            else:
+                logger.warning("skipping %s: no saved_model.pb", folder / str(v))
+        return found
+
+    if (model_dir / "saved_model.pb").is_file():
+        version = int(model_dir.name) if model_dir.name.isdigit() else 1
+        name = model_dir.parent.name if model_dir.name.isdigit() else model_dir.name
+        return {name: {version: model_dir}}
+    own = versions_of(model_dir)
+    if own:
+        return {model_dir.name: own}
+    models = {}
+    for child in sorted(model_dir.iterdir()):
+        if child.is_dir() and not child.name.startswith("."):
+            found = versions_of(child)
+            if found:
+                models[child.name] = found
+    if not models:
+        raise FileNotFoundError(
+            f"no exported models under {model_dir}: expected {model_dir}/VERSION/saved_model.pb "
+            f"or {model_dir}/NAME/VERSION/saved_model.pb (export one with `tfface export`)"
+        )
+    return models
+
+
+# --- batching ----------------------------------------------------------------------
+
+
+class _Task:
+    __slots__ = ("arrays", "size", "event", "result", "error", "cancelled")
+
+    def __init__(self, arrays: dict, size: int):
+        self.arrays = arrays
+        self.size = size
+        self.event = threading.Event()
+        self.result = None
+        self.error = None
+        self.cancelled = False
+
+
+class _Batcher:
+    """Merges queued requests for one signature into batched model calls."""
+
+    def __init__(self, signature: _Signature, max_batch_size: int, timeout_s: float, label: str):
+        self._signature = signature
+        self._max_batch_size = max_batch_size
+        self._timeout_s = timeout_s
+        self._queue = collections.deque()
+        self._cond = threading.Condition()
+        self._stopped = False
+        self.batch_sizes = []  # rows per model call, for tests and debugging
+        self._thread = threading.Thread(target=self._loop, name=label, daemon=True)
+        self._thread.start()
+
+    def submit(self, arrays: dict, size: int, timeout_s: Optional[float]) -> dict:
+        task = _Task(arrays, size)
+        with self._cond:
+            if self._stopped:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+            self._queue.append(task)
+            self._cond.notify_all()
+        if not task.event.wait(timeout_s):
+            task.cancelled = True
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while waiting for a batch")
+        if task.error is not None:
+            raise task.error
+        return task.result
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        self._thread.join(timeout_s)
+
+    def _next_batch(self) -> Optional[list]:
+        with self._cond:
+            while not self._queue:
+                if self._stopped:
+                    return None
+                self._cond.wait()
+            first = self._queue.popleft()
+            batch, total = [first], first.size
+            deadline = time.monotonic() + self._timeout_s
+            while total < self._max_batch_size:
+                if self._queue:
+                    if total + self._queue[0].size > self._max_batch_size:
+                        break
+                    task = self._queue.popleft()
+                    batch.append(task)
+                    total += task.size
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._stopped:
+                    break
+                self._cond.wait(remaining)
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            batch = [t for t in batch if not t.cancelled]
+            try:
+                self._execute(batch)
+            except Exception as e:  # never let the batching thread die
+                for task in batch:
+                    if not task.event.is_set():
+                        task.error = _tf_error_to_request_error(e)
+                        task.event.set()
+
+    def _execute(self, batch: list) -> None:
+        if not batch:
+            return
+        if len(batch) == 1:
+            self._run_alone(batch[0])
+            return
+        try:
+            merged = {
+                key: np.concatenate([t.arrays[key] for t in batch], axis=0) for key in batch[0].arrays
+            }
+            total = sum(t.size for t in batch)
+            outputs = self._signature(merged)
+            self.batch_sizes.append(total)
+        except Exception:
+            # Someone's input broke the merged call: rerun one by one so only
+            # the culprit gets the error.
+            for task in batch:
+                self._run_alone(task)
+            return
+        offsets = np.cumsum([0] + [t.size for t in batch])
+        for i, task in enumerate(batch):
+            task.result = {
+                key: value[offsets[i] : offsets[i + 1]]
+                if value.ndim > 0 and value.shape[0] == total
+                else value
+                for key, value in outputs.items()
+            }
+            task.event.set()
+
+    def _run_alone(self, task: _Task) -> None:
+        try:
+            task.result = self._signature(task.arrays)
+            self.batch_sizes.append(task.size)
+        except Exception as e:  # reported to the caller, never raised here
+            task.error = _tf_error_to_request_error(e)
+        task.event.set()
+
+
+# --- the server ---------------------------------------------------------------------
+
+
+class LocalModelServer:
+    """Serves tfface exports over TF Serving's gRPC API (see module docstring).
+
+    Args:
+        model_dir: `saved_models/NAME` (one model, named after the folder),
+            `saved_models/NAME/VERSION`, or a base folder holding several.
+        host, port: where to listen; port 0 picks a free port.
+        max_batch_size: most rows merged into one model call.
+        batch_timeout_ms: how long the first queued request waits for
+            company before its batch runs.
+        enable_batching: False runs every request on its own.
+        max_message_bytes: gRPC send/receive message size limit.
+        max_image_side: encoded images whose header says a side is larger
+            are refused before decoding.
+        versions: "latest" (like TF Serving's default policy), "all", or a
+            list of version numbers to load.
+        version_labels: label -> version, e.g. {"stable": 1, "canary": 2};
+            one mapping for every model served.
+        max_workers: gRPC handler threads (each waiting request holds one,
+            so keep it above the concurrency you expect).
+    """
+
+    def __init__(
+        self,
+        model_dir,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        max_batch_size: int = 32,
+        batch_timeout_ms: float = 5.0,
+        enable_batching: bool = True,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_image_side: int = 4096,
+        versions: Union[str, list] = "latest",
+        version_labels: Optional[dict] = None,
+        max_workers: Optional[int] = None,
+    ):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if batch_timeout_ms < 0:
+            raise ValueError(f"batch_timeout_ms must be >= 0, got {batch_timeout_ms}")
+        if not (versions in ("latest", "all") or isinstance(versions, (list, tuple))):
+            raise ValueError(f"versions must be 'latest', 'all' or a list of ints, got {versions!r}")
+        self.model_dir = Path(model_dir)
+        self.host = host
+        self.port = int(port)
+        self.max_batch_size = int(max_batch_size)
+        self.batch_timeout_ms = float(batch_timeout_ms)
+        self.enable_batching = bool(enable_batching)
+        self.max_message_bytes = int(max_message_bytes)
+        self.max_image_side = int(max_image_side)
+        self.versions = versions
+        self.version_labels = {str(k): int(v) for k, v in (version_labels or {}).items()}
+        self.max_workers = max_workers or max(16, 2 * self.max_batch_size + 4)
+        self.models = {}  # name -> {version: _Servable}
+        self._batchers = {}
+        self._batchers_lock = threading.Lock()
+        self._server = None
+        self._executor = None
+        # Every thread this server starts has a name starting with this.
+        self.thread_prefix = f"tfface-server{next(_SERVER_IDS)}"
+
+    # --- lifecycle ----------------------------------------------------------
+    def load(self) -> None:
+        """Loads the selected versions of every model (idempotent)."""
+        if self.models:
+            return
+        models = {}
+        for name, on_disk in discover_models(self.model_dir).items():
+            available = sorted(on_disk)
+            if self.versions == "latest":
+                wanted = {available[-1]}
+            elif self.versions == "all":
+                wanted = set(available)
+            else:
+                wanted = {int(v) for v in self.versions}
+            wanted |= set(self.version_labels.values())
+            missing = sorted(wanted - set(available))
+            if missing:
+                raise FileNotFoundError(
+                    f"model {name!r} in {self.model_dir} has no version(s) {missing} "
+                    f"(versions on disk: {available})"
+                )
+            models[name] = {v: _load_servable(name, v, on_disk[v]) for v in sorted(wanted)}
+            logger.info("loaded model %r versions %s", name, sorted(wanted))
+        self.models = models
+
+    def start(self) -> int:
+        """Loads the models, starts listening and returns the bound port."""
+        if self._server is not None:
+            raise RuntimeError("server already started")
+        self.load()
+        options = [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.max_workers, thread_name_prefix=f"{self.thread_prefix}-grpc"
+        )
+        server = grpc.server(self._executor, options=options)
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+            _PredictionServicer(self), server
+        )
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(_ModelServicer(self), server)
+        address = f"{self.host}:{self.port}"
+        try:
+            bound = server.add_insecure_port(address)
+        except RuntimeError as e:
+            bound = 0
+            reason = str(e)
+        else:
+            reason = "port in use or address not available"
+        if not bound:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise OSError(f"cannot listen on {address}: {reason}")
+        server.start()
+        self._server = server
+        self.port = bound
+        return bound
+
+    def stop(self, grace: Optional[float] = 1.0) -> None:
+        """Stops accepting requests, lets in-flight ones finish, joins threads."""
+        if self._server is not None:
+            self._server.stop(grace).wait()
+            self._server = None
+        with self._batchers_lock:
+            batchers, self._batchers = list(self._batchers.values()), {}
+        for batcher in batchers:
+            batcher.stop()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    @property
+    def target(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    # --- request handling ---------------------------------------------------
+    def resolve(self, model_spec) -> _Servable:
+        """The loaded version a ModelSpec asks for, or NOT_FOUND."""
+        name = model_spec.name
+        if not name:
+            raise _invalid(f"model_spec.name is empty (models served: {sorted(self.models)})")
+        versions = self.models.get(name)
+        if versions is None:
+            raise _not_found(f"model {name!r} is not served (models: {sorted(self.models)})")
+        has_version = model_spec.HasField("version")
+        if has_version and model_spec.version_label:
+            raise _invalid("model_spec sets both version and version_label; set one")
+        if model_spec.version_label:
+            label = model_spec.version_label
+            if label not in self.version_labels:
+                raise _not_found(
+                    f"model {name!r} has no version label {label!r} (labels: {sorted(self.version_labels)})"
+                )
+            version = self.version_labels[label]
+        elif has_version:
+            version = model_spec.version.value
+        else:
+            version = max(versions)
+        if version not in versions:
+            raise _not_found(f"model {name!r} has no loaded version {version} (versions: {sorted(versions)})")
+        return versions[version]
+
+    def _signature(self, servable: _Servable, name: str) -> _Signature:
+        signature = servable.signatures.get(name or SERVING_DEFAULT)
+        if signature is None:
+            raise _not_found(
+                f"model {servable.name!r} version {servable.version} has no signature {name!r} "
+                f"(signatures: {sorted(servable.signatures)})"
+            )
+        return signature
+
+    def _parse_inputs(self, signature: _Signature, inputs) -> tuple[dict, int]:
+        expected = sorted(signature.inputs)
+        unknown = sorted(set(inputs) - set(expected))
+        if unknown:
+            raise _invalid(f"unknown input(s) {unknown} for signature {signature.name!r}; expected {expected}")
+        missing = sorted(set(expected) - set(inputs))
+        if missing:
+            raise _invalid(f"missing input(s) {missing} for signature {signature.name!r}")
+        arrays, batch = {}, None
+        for key, spec in signature.inputs.items():
+            proto = inputs[key]
+            if proto.dtype != spec.dtype.as_datatype_enum:
+                got = tf.dtypes.as_dtype(proto.dtype).name if proto.dtype else "an unset dtype"
+                raise _invalid(f"input {key!r} must be {spec.dtype.name}, got {got}")
+            try:
+                array = tf.make_ndarray(proto)
+            except Exception as e:
+                raise _invalid(f"input {key!r} is not a valid tensor: {e}") from None
+            if not spec.shape.is_compatible_with(array.shape):
+                raise _invalid(
+                    f"input {key!r} has shape {list(array.shape)}, signature {signature.name!r} "
+                    f"expects {spec.shape.as_list()} (None = any size)"
+                )
+            if array.ndim == 0:
+                raise _invalid(f"input {key!r} must be a batch, got a scalar")
+            if array.shape[0] == 0:
+                raise _invalid(f"input {key!r} is an empty batch")
+            if batch is not None and array.shape[0] != batch:
+                raise _invalid(f"inputs disagree on batch size ({batch} vs {array.shape[0]} for {key!r})")
+            batch = array.shape[0]
+            if spec.dtype == tf.string and array.ndim == 1:
+                self._check_images(key, array)
+            arrays[key] = array
+        return arrays, batch
+
+    def _check_images(self, key: str, array: np.ndarray) -> None:
+        """Rejects non-images and oversized images without decoding them."""
+        for i, data in enumerate(array):
+            if not data:
+                raise _invalid(f"{key}[{i}] is empty")
+            fmt = image_format(data)
+            if fmt is None:
+                raise _invalid(
+                    f"{key}[{i}] is not an encoded image (expected one of {', '.join(DECODABLE_FORMATS)}; "
+                    f"starts with {bytes(data[:8])!r})"
+                )
+            size = image_size_from_header(data)
+            if size is not None and max(size) > self.max_image_side:
+                raise _invalid(
+                    f"{key}[{i}] is {size[1]}x{size[0]} pixels; the largest side allowed is {self.max_image_side}"
+                )
+
+    def run(self, servable: _Servable, signature: _Signature, arrays: dict, size: int, timeout_s=None) -> dict:
+        if not self.enable_batching:
+            try:
+                return signature(arrays)
+            except Exception as e:
+                raise _tf_error_to_request_error(e) from None
+        key = (servable.name, servable.version, signature.name)
+        with self._batchers_lock:
+            batcher = self._batchers.get(key)
+            if batcher is None:
+                batcher = _Batcher(
+                    signature,
+                    self.max_batch_size,
+                    self.batch_timeout_ms / 1000.0,
+                    label=f"{self.thread_prefix}-batcher-{servable.name}-{servable.version}-{signature.name}",
+                )
+                self._batchers[key] = batcher
+        return batcher.submit(arrays, size, timeout_s)
+
+    def batch_sizes(self, name: str, version: int, signature: str = SERVING_DEFAULT) -> list:
+        """Rows per model call so far for one signature (empty if none)."""
+        batcher = self._batchers.get((name, version, signature))
+        return list(batcher.batch_sizes) if batcher else []
+
+    def predict(self, request, timeout_s=None) -> predict_pb2.PredictResponse:
+        servable = self.resolve(request.model_spec)
+        signature = self._signature(servable, request.model_spec.signature_name)
+        arrays, size = self._parse_inputs(signature, request.inputs)
+        wanted = list(request.output_filter) or signature.outputs
+        unknown = sorted(set(wanted) - set(signature.outputs))
+        if unknown:
+            raise _invalid(f"output_filter names unknown output(s) {unknown}; outputs: {signature.outputs}")
+        outputs = self.run(servable, signature, arrays, size, timeout_s)
+        response = predict_pb2.PredictResponse()
+        _fill_spec(response.model_spec, servable, signature.name)
+        for key in wanted:
+            response.outputs[key].CopyFrom(tf.make_tensor_proto(outputs[key]))
+        return response
+
+    def metadata(self, request) -> get_model_metadata_pb2.GetModelMetadataResponse:
+        servable = self.resolve(request.model_spec)
+        fields = list(request.metadata_field)
+        if not fields:
+            raise _invalid("GetModelMetadataRequest must name at least one metadata_field ('signature_def')")
+        unsupported = sorted(set(fields) - {"signature_def"})
+        if unsupported:
+            raise _invalid(f"metadata field(s) {unsupported} not supported; supported: ['signature_def']")
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        _fill_spec(response.model_spec, servable, None)
+        signature_map = get_model_metadata_pb2.SignatureDefMap()
+        for key, value in servable.signature_defs.items():
+            signature_map.signature_def[key].CopyFrom(value)
+        response.metadata["signature_def"].Pack(signature_map)
+        return response
+
+    def status(self, request) -> get_model_status_pb2.GetModelStatusResponse:
+        spec = request.model_spec
+        if spec.HasField("version") or spec.version_label:
+            servables = [self.resolve(spec)]
+        else:
+            if not spec.name:
+                raise _invalid(f"model_spec.name is empty (models served: {sorted(self.models)})")
+            if spec.name not in self.models:
+                raise _not_found(f"model {spec.name!r} is not served (models: {sorted(self.models)})")
+            servables = [self.models[spec.name][v] for v in sorted(self.models[spec.name])]
+        response = get_model_status_pb2.GetModelStatusResponse()
+        for servable in servables:
+            status = response.model_version_status.add()
+            status.version = servable.version
+            status.state = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+            status.status.error_code = 0
+        return response
+
+
+def _fill_spec(spec, servable: _Servable, signature_name: Optional[str]) -> None:
+    spec.name = servable.name
+    spec.version.value = servable.version
+    if signature_name:
+        spec.signature_name = signature_name
+
+
+def _handle(context, work):
+    """Runs `work()`; refusals become gRPC errors, never exceptions in the server."""
+    try:
+        return work()
+    except RequestError as e:
+        error = e
+    except Exception as e:  # a bug or an unexpected TF failure
+        logger.exception("request failed")
+        error = _tf_error_to_request_error(e)
+    context.abort(error.code, error.message)
+
+
+class _PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+    def __init__(self, server: LocalModelServer):
+        self._server = server
+
+    def Predict(self, request, context):
+        remaining = context.time_remaining()  # huge when the client set no deadline
+        timeout_s = remaining if remaining is not None and remaining < 86400 else None
+        return _handle(context, lambda: self._server.predict(request, timeout_s))
+
+    def GetModelMetadata(self, request, context):
+        return _handle(context, lambda: self._server.metadata(request))
+
+
+class _ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
+    def __init__(self, server: LocalModelServer):
+        self._server = server
+
+    def GetModelStatus(self, request, context):
+        return _handle(context, lambda: self._server.status(request))
+
+
+# --- CLI ---------------------------------------------------------------------------------
+
+
+def serve_main(args, stop_event: Optional[threading.Event] = None) -> int:
+    """`tfface serve`: serves `args.model_dir` until SIGINT or SIGTERM.
+
+    Reads `model_dir`, and optionally `host`, `port`, `max_batch_size`,
+    `batch_timeout_ms`, `no_batching`, `versions` ("latest"/"all"),
+    `max_image_side` from `args`. `stop_event` stops it too (embedding,
+    tests). Returns the exit code: 0, or 1 after printing why it could not
+    start.
+    """
+
+    def arg(name, default):
+        value = getattr(args, name, None)
+        return default if value is None else value
+
+    stop = stop_event or threading.Event()
+    try:
+        server = LocalModelServer(
+            model_dir=args.model_dir,
+            host=arg("host", "127.0.0.1"),
+            port=arg("port", 8500),
+            max_batch_size=arg("max_batch_size", 32),
+            batch_timeout_ms=arg("batch_timeout_ms", 5.0),
+            enable_batching=not arg("no_batching", False),
+            versions=arg("versions", "latest"),
+            max_image_side=arg("max_image_side", 4096),
+        )
+        port = server.start()
+    except (OSError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    try:
+        for name, versions in server.models.items():
+            print(f"serving model {name!r} versions {sorted(versions)} on {server.host}:{port} (gRPC)", flush=True)
+        batching = (
+            f"up to {server.max_batch_size} images / {server.batch_timeout_ms:g} ms"
+            if server.enable_batching
+            else "off"
+        )
+        print(f"batching: {batching}; press Ctrl+C to stop", flush=True)
+        while not stop.wait(0.5):
+            pass
+        print("stopping...", flush=True)
+    finally:
+        server.stop(grace=5.0)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
