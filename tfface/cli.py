@@ -265,6 +265,8 @@ def main(argv=None) -> int:
     try:
         code = args.func(args)
     except USER_ERRORS as e:
+        if os.environ.get("TFFACE_DEBUG"):
+            raise
         print(f"tfface {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -36,7 +36,11 @@ class MultiTaskMetrics(keras.metrics.Metric):
                 rows.append(ops.zeros((4,)))
                 continue
             label = ops.cast(ops.reshape(y_true[name], (-1,)), "float32")
-            pred = ops.cast(ops.reshape(y_pred[name], (-1,)) >= threshold, "float32")
+            prob = y_pred[name]
+            if len(prob.shape) == 2 and prob.shape[-1] == 2:
+                # A two-class multiclass task: score class 1 like a binary positive.
+                prob = prob[:, 1]
+            pred = ops.cast(ops.reshape(prob, (-1,)) >= threshold, "float32")
             valid = ops.cast(label >= 0, "float32")
             pos = ops.cast(label > 0.5, "float32") * valid
             neg = ops.cast(label < 0.5, "float32") * valid
@@ -82,8 +86,9 @@ class MultiTaskMetrics(keras.metrics.Metric):
         return results
 
     def reset_state(self):
-        self.counts.assign(ops.zeros_like(self.counts))
-        self.class_counts.assign(ops.zeros_like(self.class_counts))
+        # zeros_like(variable) fails on JAX: build from shape and dtype.
+        self.counts.assign(ops.zeros(self.counts.shape, self.counts.dtype))
+        self.class_counts.assign(ops.zeros(self.class_counts.shape, self.class_counts.dtype))
 
     def get_config(self):
         return {"task_specs": self.task_specs, "name": self.name, "dtype": self.dtype}

@@ -49,15 +49,16 @@ def loss_family(task) -> str:
 
 
 def task_loss_weights(schema: Schema, loss_weights: dict) -> list[float]:
-    """Per-task weights: a family weight shared by its tasks (so 40 binary
-    attributes do not swamp age and gender), or an explicit per-task one."""
-    families = [loss_family(t) for t in schema]
+    """Per-task weights: an explicit per-task weight, else its family's
+    (every task of a family gets the family weight; default 1, as in
+    papers.md 6.2: normalising the 40 attributes by their count starved the
+    shared backbone of attribute gradient and slowed learning)."""
     weights = []
-    for task, family in zip(schema, families):
+    for task in schema:
         if task.name in loss_weights:
             weights.append(float(loss_weights[task.name]))
         else:
-            weights.append(float(loss_weights.get(family, 1.0)) / families.count(family))
+            weights.append(float(loss_weights.get(loss_family(task), 1.0)))
     return weights
 
 
@@ -110,9 +111,22 @@ class MultiTaskFaceModel(keras.Model):
         if optimizer == "auto":
             optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay)
         super().compile(optimizer=optimizer, **kwargs)
+        # Building now (the model itself is built at construction) saves a
+        # second trace of the first train step.
+        self.optimizer.build(self.trainable_variables)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras 3.15's TF trainer fetches a batch and `strategy.reduce`s the
+        # whole nested (x, y) structure here, which MultiWorkerMirrored-
+        # Strategy cannot do. Nothing needs a symbolic build: the functional
+        # graph is built at construction, losses and metrics are our own,
+        # and `compile` builds the optimizer.
+        if self.optimizer is not None and not self.optimizer.built:
+            self.optimizer.build(self.trainable_variables)
 
     def get_compile_config(self):
-        return {}
+        # Must be non-empty: Keras skips `compile_from_config` for a falsy one.
+        return {"optimizer": "auto"} if self.compiled else None
 
     def compile_from_config(self, config):
         # Reloaded models get the default optimizer; resuming a run restores

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tfface.config import ExperimentConfig
@@ -60,6 +61,8 @@ def load_sources(data_config):
         elif source_config.landmarks:
             options["landmarks_file"] = source_config.landmarks
         source = open_source(source_config.path, **options)
+        if source.landmarks is None and source.root is not None:
+            _attach_cached_landmarks(source)
         if data_config.val_fraction > 0:
             parts = split_source(source, val_fraction=data_config.val_fraction, seed=data_config.split_seed)
             train.append(parts["train"])
@@ -67,6 +70,19 @@ def load_sources(data_config):
         else:
             train.append(source)
     return train, val
+
+
+def _attach_cached_landmarks(source):
+    """Uses landmarks from an earlier `tfface data annotate` run, if any."""
+    from tfface.landmarks.detector import default_landmark_cache
+    from tfface.landmarks.detector import load_landmark_cache
+
+    cache = default_landmark_cache(source.root)
+    if cache.is_file():
+        ids = [Path(p).name for p in source.image_paths]
+        source.landmarks = load_landmark_cache(cache, ids)
+        found = int(np.isfinite(source.landmarks).all(axis=(1, 2)).sum())
+        log.info("%s: landmarks for %d of %d images from %s", source.name, found, len(source), cache)
 
 
 class TimeBudget(keras.callbacks.Callback):
@@ -94,6 +110,19 @@ def _strategy(name):
             raise ValueError("train.strategy 'multi_worker' needs the TF_CONFIG environment variable")
         return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+def _rank_one_logs(model):
+    """Keras 3 averages each step's logs across workers with `axis=0`, which
+    fails on scalars (tensorflow/tensorflow#72388); shape (1,) logs average
+    to the same scalar."""
+    for name in ("train_step", "test_step"):
+        step = getattr(model, name)
+
+        def wrapped(data, step=step):
+            return {k: tf.reshape(v, [1]) for k, v in step(data).items()}
+
+        setattr(model, name, wrapped)
 
 
 def _mixed_precision(mode):
@@ -142,6 +171,8 @@ def make_datasets(config: ExperimentConfig, schema, train_sources, val_sources):
 def train(config: ExperimentConfig, verbose="auto") -> dict:
     """Trains (or resumes) the run described by `config`; returns a summary."""
     config.validate()
+    # Collective ops (multi-worker) must be configured before any other op.
+    strategy = _strategy(config.train.strategy)
     out = Path(config.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     config.save(out / "config.yaml")
@@ -151,11 +182,12 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
     train_sources, val_sources = load_sources(config.data)
     train_ds, val_ds = make_datasets(config, schema, train_sources, val_sources)
 
-    strategy = _strategy(config.train.strategy)
     with strategy.scope():
         model = build_model(schema, config.model)
         optimizer = _optimizer(config, train_ds)
         model.compile(optimizer=optimizer)
+        if config.train.strategy == "multi_worker":
+            _rank_one_logs(model)
 
     chief = _is_chief()
     callbacks = [keras.callbacks.BackupAndRestore(str(out / "backup"))]

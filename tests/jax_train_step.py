@@ -1,0 +1,90 @@
+"""Trains and round-trips the gated model under the JAX backend.
+
+Run by tests/test_jax_backend.py in a subprocess with KERAS_BACKEND=jax (the
+backend is fixed at import time, so it cannot share the pytest process).
+Prints one JSON line with what it measured; exits non-zero on any failure.
+
+    KERAS_BACKEND=jax python tests/jax_train_step.py OUT_DIR
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tfface.config import ModelConfig  # noqa: E402
+from tfface.models import GatedMultiTaskModel  # noqa: E402
+from tfface.schema import Schema, Task  # noqa: E402
+
+
+def main(out_dir):
+    if keras.backend.backend() != "jax":
+        raise SystemExit(f"expected the jax backend, got {keras.backend.backend()}")
+    keras.utils.set_random_seed(0)
+    schema = Schema(
+        [
+            Task("left_bright"),
+            Task("unlabelled"),
+            Task("age_group", kind="multiclass", classes=("young", "middle", "old")),
+        ]
+    )
+    config = ModelConfig(
+        image_size=32,
+        backbone_widths=(8, 16, 32, 64),
+        embedding_dim=16,
+        gate="input_conditioned",
+        gate_hidden=8,
+        correlation=True,
+        center_loss_weight=0.1,
+    )
+    model = GatedMultiTaskModel(schema=schema, config=config)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.05))
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    labels = {
+        "left_bright": np.array([1, 0, -1, 1, 0, 1, -1, 0], "float32"),
+        "unlabelled": np.full((8,), -1, "float32"),
+        "age_group": np.array([0, 2, 1, -1, 2, -1, 0, 1], "int32"),
+    }
+
+    watched = {
+        "heads": model.get_layer("task_heads").kernel,
+        "gate_offsets": model.get_layer("task_gate").task_offsets,
+        "correlation": model.get_layer("correlation").correlation,
+        "centers": model.center_loss.centers,
+        "moving_mean": model.get_layer("correlation").moving_mean,
+    }
+    before = {k: keras.ops.convert_to_numpy(v) for k, v in watched.items()}
+    history = model.fit({"image": images}, labels, batch_size=4, epochs=1, verbose=0)
+    changed = {k: bool(np.any(keras.ops.convert_to_numpy(v) != before[k])) for k, v in watched.items()}
+
+    path = os.path.join(out_dir, "gated_jax.keras")
+    model.save(path)
+    reloaded = keras.saving.load_model(path)
+    original = model.predict({"image": images}, verbose=0)
+    restored = reloaded.predict({"image": images}, verbose=0)
+    max_diff = {k: float(np.max(np.abs(original[k] - restored[k]))) for k in original}
+
+    print(
+        json.dumps(
+            {
+                "backend": keras.backend.backend(),
+                "loss": [float(v) for v in history.history["loss"]],
+                "steps": int(model.optimizer.iterations),
+                "changed": changed,
+                "max_diff": max_diff,
+                "output_keys": sorted(original),
+                "reloaded_class": type(reloaded).__name__,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else ".")

@@ -1,0 +1,183 @@
+"""The gated MTL-CNN: outputs, saving, parameter count, and masked training."""
+
+import dataclasses
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from harness import assert_allclose_tree
+from harness import run_model_saving_test
+from harness import to_numpy
+from tfface.config import ModelConfig
+from tfface.models import GatedMultiTaskModel
+from tfface.schema import Schema, Task
+
+SCHEMA = Schema(
+    [
+        Task("left_bright"),
+        Task("never_labelled"),
+        Task("age_group", kind="multiclass", classes=("dark", "medium", "bright")),
+    ],
+    name="toy",
+)
+
+
+def tiny_config(**overrides):
+    values = dict(
+        image_size=32,
+        backbone_widths=(8, 16, 32, 64),
+        embedding_dim=16,
+        gate_hidden=8,
+        dropout=0.0,
+    )
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+def toy_data(n, seed):
+    """Learnable labels: `left_bright` = the left half is the brighter one;
+    `age_group` = overall brightness bin; `never_labelled` is always -1."""
+    rng = np.random.default_rng(seed)
+    left = rng.integers(0, 2, n)
+    bright, dark = rng.uniform(150, 230, n), rng.uniform(20, 100, n)
+    images = rng.normal(0, 20, (n, 32, 32, 3))
+    images[:, :, :16] += np.where(left, bright, dark)[:, None, None, None]
+    images[:, :, 16:] += np.where(left, dark, bright)[:, None, None, None]
+    images = np.clip(images, 0, 255).astype("float32")
+    labels = {
+        "left_bright": left.astype("float32"),
+        "never_labelled": np.full(n, -1, "float32"),
+        "age_group": np.digitize(images.mean(axis=(1, 2, 3)), [110, 140]).astype("int32"),
+    }
+    labels["left_bright"][rng.uniform(size=n) < 0.25] = -1
+    labels["age_group"][rng.uniform(size=n) < 0.5] = -1
+    return images, labels
+
+
+@pytest.mark.parametrize("correlation", [True, False])
+@pytest.mark.parametrize("gate", ["none", "static", "input_conditioned"])
+def test_outputs_and_keras_round_trip(gate, correlation, tmp_path):
+    model = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config(gate=gate, correlation=correlation))
+    images, _ = toy_data(3, seed=0)
+    outputs = to_numpy(model({"image": images}, training=False))
+    aux = {"_logits", "_embeddings"} | ({"_raw_logits"} if correlation else set())
+    assert set(outputs) == set(SCHEMA.task_names) | aux
+    assert model.public_output_names == SCHEMA.task_names
+    assert outputs["left_bright"].shape == (3,) and outputs["never_labelled"].shape == (3,)
+    assert outputs["age_group"].shape == (3, 3)
+    np.testing.assert_allclose(outputs["age_group"].sum(axis=1), 1.0, rtol=1e-5)
+    assert outputs["_logits"].shape == (3, 5)
+    assert outputs["_embeddings"].shape == (3, 3, 16)
+    assert isinstance(model.get_layer("task_gate"), keras.layers.Layer)
+    assert model.get_layer("task_gate").gate_type == gate
+    # Move the tfface layers off their (often zero) initial values, so that a
+    # weight missing from the `.keras` file changes the predictions.
+    rng = np.random.default_rng(0)
+    layers = [model.get_layer(n) for n in ("task_gate", "task_heads")] + [model.center_loss]
+    if correlation:
+        layers.append(model.get_layer("correlation"))
+    for layer in layers:
+        for weight in layer.weights:
+            value = to_numpy(weight)
+            weight.assign(value + rng.normal(0.0, 0.1, value.shape).astype(value.dtype))
+    reloaded = run_model_saving_test(
+        model, {"image": images}, tmp_path, extra_weights=("center_loss.centers",)
+    )
+    assert reloaded.schema == SCHEMA
+    assert reloaded.model_config == model.model_config
+
+
+def test_parameter_count_of_a_fixed_tiny_config():
+    model = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config(gate="static", correlation=True))
+    convs = 3 * 3 * (3 * 4 + 4 * 8 + 8 * 8 + 8 * 16 + 16 * 16 + 16 * 32 + 32 * 32 + 32 * 64 + 64 * 64)
+    bn_channels = 4 + 8 + 8 + 16 + 16 + 32 + 32 + 64 + 64 + 16  # backbone + projection BN
+    gate = 3 * 64  # K * C
+    projection = 64 * 16 + 16
+    heads = 3 * 16 * 3 + 3 * 3  # padded to the widest task
+    correlation = 5 * 5
+    centers = 3 * 3 * 16  # K * max classes * D
+    trainable = convs + 2 * bn_channels + gate + projection + heads + correlation + centers
+    non_trainable = 2 * bn_channels + 5  # BN moving stats + correlation moving mean
+    assert trainable == 75622 and non_trainable == 525  # Model Garden style: the numbers
+    assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == trainable
+    assert sum(int(np.prod(w.shape)) for w in model.non_trainable_weights) == non_trainable
+    assert model.count_params() == 76147
+
+
+def test_fit_learns_with_missing_labels_and_metrics_survive_reload(tmp_path):
+    model = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config(gate="static"))
+    model.compile(learning_rate=1e-2)
+    # Built up front, the optimizer does not make `fit` trace its step twice.
+    model.optimizer.build(model.trainable_variables)
+    images, labels = toy_data(192, seed=0)
+    dataset = tf.data.Dataset.from_tensor_slices(({"image": images}, labels)).batch(32)
+    history = model.fit(dataset, epochs=2, verbose=0).history
+    assert np.all(np.isfinite(history["loss"]))
+    assert history["loss"][1] < history["loss"][0], history["loss"]
+    # Chance is 0.5 on `left_bright` (the only labelled binary task).
+    assert history["mean_accuracy"][1] > 0.75, history["mean_accuracy"]
+    assert history["mean_balanced_accuracy"][1] > 0.75
+    assert {"age_group_accuracy", "age_group_one_off"} <= set(history)
+
+    # The metric lives in the model: a reloaded model evaluates identically.
+    val_images, val_labels = toy_data(64, seed=1)
+    path = str(tmp_path / "fitted.keras")
+    model.save(path)
+    reloaded = keras.saving.load_model(path)
+    original = model.evaluate({"image": val_images}, val_labels, verbose=0, return_dict=True)
+    restored = reloaded.evaluate({"image": val_images}, val_labels, verbose=0, return_dict=True)
+    assert sorted(restored) == sorted(original)
+    for key in original:
+        assert restored[key] == pytest.approx(original[key], rel=1e-5, abs=1e-6), key
+    public = reloaded.predict_tasks(val_images[:4])
+    assert sorted(public) == sorted(SCHEMA.task_names)
+    assert public["age_group"].shape == (4, 3)
+
+
+def test_unlabelled_task_gets_no_gradient_in_its_head():
+    model = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config(gate="input_conditioned"))
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.1))
+    model.optimizer.build(model.trainable_variables)
+    images, labels = toy_data(16, seed=2)
+    heads = model.get_layer("task_heads")
+    kernel, bias = to_numpy(heads.kernel), to_numpy(heads.bias)
+    model.train_on_batch({"image": images}, labels)
+    new_kernel, new_bias = to_numpy(heads.kernel), to_numpy(heads.bias)
+    never = SCHEMA.task_names.index("never_labelled")
+    np.testing.assert_array_equal(new_kernel[never], kernel[never])
+    np.testing.assert_array_equal(new_bias[never], bias[never])
+    # The labelled tasks' heads did move, so the check above could fail.
+    assert not np.allclose(new_kernel[0, :, 0], kernel[0, :, 0])
+    assert not np.allclose(new_kernel[2], kernel[2])
+
+
+def test_compile_refuses_a_loss_and_a_schema_is_required():
+    model = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config())
+    with pytest.raises(ValueError, match="do not pass `loss`"):
+        model.compile(loss="mse")
+    with pytest.raises(ValueError, match="needs a schema"):
+        GatedMultiTaskModel(config=tiny_config())
+
+
+def test_config_dict_is_accepted_and_checked():
+    model = GatedMultiTaskModel(schema=SCHEMA.to_dict(), config=dataclasses.asdict(tiny_config()))
+    assert model.schema == SCHEMA and model.model_config.embedding_dim == 16
+    from tfface.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.gate"):
+        GatedMultiTaskModel(schema=SCHEMA, config=tiny_config(gate="sometimes"))
+    with pytest.raises(ConfigError, match="bogus"):
+        GatedMultiTaskModel(schema=SCHEMA, config={"bogus": 1})
+
+
+def test_logits_match_public_outputs():
+    model = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config(gate="static"))
+    images, _ = toy_data(2, seed=3)
+    out = to_numpy(model({"image": images}, training=False))
+    logits = out["_logits"]
+    assert_allclose_tree(out["left_bright"], 1.0 / (1.0 + np.exp(-logits[:, 0])), atol=1e-6)
+    assert_allclose_tree(out["never_labelled"], 1.0 / (1.0 + np.exp(-logits[:, 1])), atol=1e-6)
+    e = np.exp(logits[:, 2:5] - logits[:, 2:5].max(axis=1, keepdims=True))
+    assert_allclose_tree(out["age_group"], e / e.sum(axis=1, keepdims=True), atol=1e-6)

@@ -1,0 +1,216 @@
+"""Masked losses and `MultiTaskMetrics` against hand numpy computations."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from harness import to_numpy
+from tfface.losses import masked_bce_dice
+from tfface.losses import masked_binary_crossentropy
+from tfface.losses import masked_sparse_categorical_crossentropy
+from tfface.metrics import MultiTaskMetrics
+from tfface.metrics import balanced_accuracy
+
+RNG = np.random.default_rng(0)
+
+
+def bce_numpy(labels, logits):
+    keep = labels >= 0
+    p = 1.0 / (1.0 + np.exp(-logits[keep]))
+    y = labels[keep]
+    return float(np.mean(-(y * np.log(p) + (1 - y) * np.log(1 - p)))) if keep.any() else 0.0
+
+
+def scce_numpy(labels, logits):
+    keep = labels >= 0
+    if not keep.any():
+        return 0.0
+    z = logits[keep] - logits[keep].max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return float(-np.mean(log_p[np.arange(keep.sum()), labels[keep]]))
+
+
+# --- losses -----------------------------------------------------------------
+
+
+def test_masked_bce_ignores_missing_labels_exactly():
+    labels = np.array([1, 0, -1, 1, -1, 0], "float32")
+    logits = RNG.normal(size=6).astype("float32") * 3
+    value = float(to_numpy(masked_binary_crossentropy(labels, logits)))
+    assert value == pytest.approx(bce_numpy(labels, logits), rel=1e-5)
+    moved = logits.copy()
+    moved[[2, 4]] = [50.0, -50.0]  # missing entries: any logit
+    assert float(to_numpy(masked_binary_crossentropy(labels, moved))) == pytest.approx(value, rel=1e-6)
+    # Extreme logits stay finite (stable form).
+    big = float(to_numpy(masked_binary_crossentropy(np.array([1.0, 0.0]), np.array([-100.0, 100.0]))))
+    assert big == pytest.approx(100.0, rel=1e-5)
+
+
+def test_masked_bce_gradient_is_zero_for_missing_labels():
+    labels = tf.constant([1, -1, 0, -1], tf.float32)
+    logits = tf.Variable(RNG.normal(size=4).astype("float32"))
+    with tf.GradientTape() as tape:
+        loss = masked_binary_crossentropy(labels, logits)
+    grad = tape.gradient(loss, logits).numpy()
+    np.testing.assert_array_equal(grad[[1, 3]], 0.0)
+    assert np.all(grad[[0, 2]] != 0.0)
+
+
+def test_masked_scce_ignores_missing_labels_exactly():
+    labels = np.array([2, -1, 0, 1, -1], "int32")
+    logits = RNG.normal(size=(5, 3)).astype("float32") * 2
+    value = float(to_numpy(masked_sparse_categorical_crossentropy(labels, logits)))
+    assert value == pytest.approx(scce_numpy(labels, logits), rel=1e-5)
+    moved = logits.copy()
+    moved[[1, 4]] = 100.0
+    assert float(to_numpy(masked_sparse_categorical_crossentropy(labels, moved))) == pytest.approx(value, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "loss, logits",
+    [
+        (masked_binary_crossentropy, np.array([0.3, -2.0, 5.0], "float32")),
+        (masked_sparse_categorical_crossentropy, np.ones((3, 4), "float32")),
+    ],
+)
+def test_masked_losses_are_zero_without_labels(loss, logits):
+    assert float(to_numpy(loss(np.full(3, -1), logits))) == 0.0
+
+
+def bce_dice_numpy(true, pred, valid, smooth=1.0):
+    pred = np.clip(pred, 1e-6, 1 - 1e-6)
+    total = []
+    for t, p in zip(true, pred):
+        bce = np.mean(-(t * np.log(p) + (1 - t) * np.log(1 - p)))
+        inter = (t * p).sum(axis=(0, 1))
+        union = t.sum(axis=(0, 1)) + p.sum(axis=(0, 1))
+        dice = 1.0 - np.mean((2 * inter + smooth) / (union + smooth))
+        total.append(bce + dice)
+    total = np.array(total)
+    return float((total * valid).sum() / max(valid.sum(), 1.0))
+
+
+def test_masked_bce_dice_matches_numpy_and_skips_invalid():
+    true = (RNG.uniform(size=(3, 4, 4, 2)) > 0.5).astype("float32")
+    pred = RNG.uniform(size=(3, 4, 4, 2)).astype("float32")
+    valid = np.array([1, 0, 1], "float32")
+    value = float(to_numpy(masked_bce_dice(true, pred, valid)))
+    assert value == pytest.approx(bce_dice_numpy(true, pred, valid), rel=1e-5)
+    pred_bad = pred.copy()
+    pred_bad[1] = 1.0 - true[1]  # wrong on the invalid example: no effect
+    assert float(to_numpy(masked_bce_dice(true, pred_bad, valid))) == pytest.approx(value, rel=1e-6)
+    assert float(to_numpy(masked_bce_dice(true, pred, np.zeros(3)))) == 0.0
+    # A perfect prediction has (almost) zero loss.
+    assert float(to_numpy(masked_bce_dice(true, true, valid))) < 1e-4
+
+
+# --- MultiTaskMetrics -----------------------------------------------------------
+
+SPECS = [
+    ("smile", 2, 0.5),
+    ("hat", 2, 0.3),  # own threshold
+    ("nobody", 2, 0.5),  # never labelled: excluded from the means
+    ("absent", 2, 0.5),  # not even in y_true: excluded
+    ("age_group", 5, 0.5),
+    ("race", 3, 0.5),
+]
+
+
+def make_batch(rng, n):
+    y_true = {
+        "smile": rng.choice([-1, 0, 1], n).astype("float32"),
+        "hat": rng.choice([-1, 1], n).astype("float32"),  # positives only
+        "nobody": np.full(n, -1, "float32"),
+        "age_group": rng.integers(-1, 5, n).astype("int32"),
+        "race": rng.integers(-1, 3, n).astype("int32"),
+    }
+    y_pred = {
+        "smile": rng.uniform(size=n).astype("float32"),
+        "hat": rng.uniform(size=n).astype("float32"),
+        "nobody": rng.uniform(size=n).astype("float32"),
+        "absent": rng.uniform(size=n).astype("float32"),
+        "age_group": rng.dirichlet(np.ones(5), n).astype("float32"),
+        "race": rng.dirichlet(np.ones(3), n).astype("float32"),
+    }
+    return y_true, y_pred
+
+
+def metrics_numpy(batches):
+    y_true = {k: np.concatenate([b[0][k] for b in batches]) for k in batches[0][0]}
+    y_pred = {k: np.concatenate([b[1][k] for b in batches]) for k in batches[0][1]}
+    accs, bals = [], []
+    for name, threshold in (("smile", 0.5), ("hat", 0.3)):  # the labelled binary tasks
+        keep = y_true[name] >= 0
+        label, pred = y_true[name][keep] > 0.5, y_pred[name][keep] >= threshold
+        accs.append(np.mean(label == pred))
+        recalls = [np.mean(pred[label == v] == v) for v in (True, False) if np.any(label == v)]
+        bals.append(np.mean(recalls))
+    out = {"mean_accuracy": np.mean(accs), "mean_balanced_accuracy": np.mean(bals)}
+    for name in ("age_group", "race"):
+        keep = y_true[name] >= 0
+        label, pred = y_true[name][keep], y_pred[name][keep].argmax(axis=1)
+        out[f"{name}_accuracy"] = np.mean(label == pred)
+        if name == "age_group":
+            out["age_group_one_off"] = np.mean(np.abs(label - pred) <= 1)
+    return out
+
+
+def test_multitask_metrics_match_hand_computation():
+    rng = np.random.default_rng(5)
+    batches = [make_batch(rng, 16), make_batch(rng, 11)]
+    metric = MultiTaskMetrics(SPECS)
+    for y_true, y_pred in batches:
+        metric.update_state(y_true, y_pred)
+    result = to_numpy(metric.result())
+    expected = metrics_numpy(batches)
+    assert sorted(result) == sorted(expected)
+    for key, value in expected.items():
+        assert float(result[key]) == pytest.approx(value, rel=1e-6), key
+    # The public numpy helper agrees on one task.
+    smile_true = np.concatenate([b[0]["smile"] for b in batches])
+    smile_pred = np.concatenate([b[1]["smile"] for b in batches])
+    single = MultiTaskMetrics([("smile", 2, 0.5)])
+    single.update_state({"smile": smile_true}, {"smile": smile_pred})
+    assert float(to_numpy(single.result()["mean_balanced_accuracy"])) == pytest.approx(
+        balanced_accuracy(smile_true, smile_pred), rel=1e-6
+    )
+    metric.reset_state()
+    assert all(float(v) == 0.0 for v in to_numpy(metric.result()).values())
+
+
+def test_multitask_metrics_perfect_predictions_and_one_off():
+    metric = MultiTaskMetrics([("smile", 2, 0.5), ("age_group", 9, 0.5)])
+    labels = np.array([0, 3, 8, -1])
+    probs = np.eye(9, dtype="float32")[[0, 4, 6, 2]]  # exact, off by one, off by two, unlabelled
+    metric.update_state(
+        {"smile": np.array([1, 0, -1, 1], "float32"), "age_group": labels},
+        {"smile": np.array([0.9, 0.1, 0.9, 0.6], "float32"), "age_group": probs},
+    )
+    result = {k: float(v) for k, v in to_numpy(metric.result()).items()}
+    assert result["mean_accuracy"] == 1.0 and result["mean_balanced_accuracy"] == 1.0
+    assert result["age_group_accuracy"] == pytest.approx(1 / 3)
+    assert result["age_group_one_off"] == pytest.approx(2 / 3)
+
+
+def test_multitask_metrics_score_a_two_class_softmax_task_as_binary():
+    metric = MultiTaskMetrics([("pair", 2, 0.5)])
+    probs = np.array([[0.2, 0.8], [0.7, 0.3], [0.6, 0.4]], "float32")  # (B, 2) softmax
+    metric.update_state({"pair": np.array([1, 1, 0], "int32")}, {"pair": probs})
+    assert float(to_numpy(metric.result()["mean_accuracy"])) == pytest.approx(2 / 3)
+
+
+def test_multitask_metrics_config_round_trip():
+    metric = MultiTaskMetrics(SPECS, name="attrs")
+    config = metric.get_config()
+    clone = MultiTaskMetrics.from_config(config)
+    assert clone.get_config() == config and clone.task_specs == metric.task_specs
+    revived = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(metric))
+    assert isinstance(revived, MultiTaskMetrics) and revived.get_config() == config
+    # State moves with the variables, and gives the same results.
+    y_true, y_pred = make_batch(np.random.default_rng(1), 12)
+    metric.update_state(y_true, y_pred)
+    for source, target in zip(metric.variables, revived.variables):
+        target.assign(source)
+    for key, value in to_numpy(metric.result()).items():
+        assert float(to_numpy(revived.result())[key]) == pytest.approx(float(value))

@@ -1,0 +1,169 @@
+"""Training runs: outputs, resume after a kill, multi-worker, CLI errors."""
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tfface.cli import main as cli_main
+from tfface.config import ExperimentConfig
+
+TINY = {
+    "name": "tiny",
+    "data": {
+        "sources": [{"path": "synthetic:160"}],
+        "schema": "synthetic",
+        "image_size": 32,
+        "batch_size": 16,
+        "val_fraction": 0.2,
+    },
+    "model": {
+        "image_size": 32,
+        "backbone_widths": [8, 16, 32, 64],
+        "embedding_dim": 16,
+    },
+    "train": {"epochs": 2, "learning_rate": 0.003},
+}
+
+
+def _write_config(tmp_path, **train_overrides):
+    raw = json.loads(json.dumps(TINY))
+    raw["train"].update(train_overrides)
+    raw["train"].setdefault("output_dir", str(tmp_path / "run"))
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _env():
+    env = dict(os.environ)
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _epochs_logged(run_dir):
+    with open(run_dir / "history.csv") as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f)]
+
+
+def test_train_writes_model_logs_and_summary(tmp_path):
+    from tfface.training.trainer import train
+
+    config = ExperimentConfig.load(_write_config(tmp_path))
+    summary = train(config, verbose=0)
+    run = Path(summary["output_dir"])
+    assert summary["epochs_run"] == 2
+    assert (run / "model.keras").is_file()
+    assert (run / "last.keras").is_file()
+    assert _epochs_logged(run) == [0, 1]
+    assert any((run / "logs").rglob("events.out.tfevents.*"))
+    assert "val_mean_balanced_accuracy" in summary["history"]
+    # The saved config trains the same run again unchanged.
+    assert ExperimentConfig.load(run / "config.yaml").to_dict() == config.to_dict()
+    # The backup used for resuming is removed after a finished run.
+    assert not (run / "backup").exists() or not any((run / "backup").iterdir())
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_without_losing_finished_epochs(tmp_path):
+    config = _write_config(tmp_path, epochs=6)
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "tfface.cli", "train", "--config", str(config)]
+    first = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if (run / "history.csv").is_file() and len(_epochs_logged(run)) >= 2:
+                break
+            if first.poll() is not None:
+                pytest.fail("training finished before it could be killed; make the run longer")
+            time.sleep(0.2)
+        else:
+            pytest.fail("no epoch finished in time")
+        first.send_signal(signal.SIGKILL)
+        first.wait(30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    done_before = _epochs_logged(run)
+    assert 2 <= len(done_before) < 6
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stderr[-2000:]
+    epochs = _epochs_logged(run)
+    # Every epoch 0..5 was logged; the resumed run started after the last
+    # finished epoch (at most the epoch in progress at the kill is redone).
+    assert sorted(set(epochs)) == list(range(6))
+    resumed = epochs[len(done_before):]
+    assert resumed[0] >= done_before[-1]
+    assert resumed[-1] == 5
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_multi_worker_training_on_two_local_workers(tmp_path):
+    config = _write_config(tmp_path, epochs=1, strategy="multi_worker")
+    workers = [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]
+    procs = []
+    try:
+        for index in range(2):
+            env = _env()
+            env["TF_CONFIG"] = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+            out = tmp_path / f"run{index}"
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "tfface.cli", "train", "--config", str(config), "--output-dir", str(out)],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
+        outputs = [p.communicate(timeout=400)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, output in zip(procs, outputs):
+        assert p.returncode == 0, output[-3000:]
+    # Worker 0 is the chief: it alone writes the model.
+    assert (tmp_path / "run0" / "model.keras").is_file()
+    assert not (tmp_path / "run1" / "model.keras").exists()
+
+
+def test_cli_refuses_bad_config_naming_the_key(tmp_path, capsys):
+    raw = json.loads(json.dumps(TINY))
+    raw["model"]["gate_typo"] = "static"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert cli_main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "model.gate_typo" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_missing_config_file(tmp_path, capsys):
+    assert cli_main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+
+
+def test_cli_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for command in ("data", "train", "evaluate", "export", "serve", "query", "predict", "tune", "demo"):
+        assert command in text
