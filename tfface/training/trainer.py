@@ -39,12 +39,11 @@ MONITOR = "val_mean_balanced_accuracy"
 
 def build_model(schema, model_config):
     """The model class named by `model_config.type`."""
+    from tfface.models import GatedMultiTaskModel
+    from tfface.models import MaskGuidedMultiTaskModel
+
     if model_config.type == "gated":
-        from tfface.models.gated_multitask_model import GatedMultiTaskModel
-
         return GatedMultiTaskModel(schema=schema, config=model_config, name="gated_multitask")
-    from tfface.models.mask_guided_model import MaskGuidedMultiTaskModel
-
     return MaskGuidedMultiTaskModel(schema=schema, config=model_config, name="mask_guided_multitask")
 
 
