@@ -8,7 +8,7 @@ import pytest
 from tfface.data import synthetic
 from tfface.data.source import FaceSource
 from tfface.data.synthetic import (
-    CELEBA_LANDMARK_COLUMNS,
+    LANDMARK_COLUMNS,
     generate_synthetic_faces,
     write_synthetic_folder,
 )
@@ -229,7 +229,7 @@ def test_write_folder_round_trip(tmp_path):
     assert [int(r["identity"]) for r in identities] == source.identities.tolist()
     with open(out / "landmarks.csv", newline="") as f:
         landmarks = list(csv.DictReader(f))
-    assert list(landmarks[0]) == ["image_id", *CELEBA_LANDMARK_COLUMNS]
+    assert list(landmarks[0]) == ["image_id", *LANDMARK_COLUMNS]
     assert float(landmarks[2]["nose_y"]) == pytest.approx(source.landmarks[2, 2, 1], abs=0.01)
     from PIL import Image
 

@@ -16,6 +16,22 @@ from typing import Optional
 import numpy as np
 
 
+# Landmark columns as CelebA names them (list_landmarks_align_celeba.txt), in
+# FaceSource order: left eye, right eye, nose, left mouth, right mouth.
+LANDMARK_COLUMNS = (
+    "lefteye_x",
+    "lefteye_y",
+    "righteye_x",
+    "righteye_y",
+    "nose_x",
+    "nose_y",
+    "leftmouth_x",
+    "leftmouth_y",
+    "rightmouth_x",
+    "rightmouth_y",
+)
+
+
 class DataError(ValueError):
     """Bad user data: names the file (and line) at fault."""
 

@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from tfface.data.source import DataError, FaceSource
+from tfface.data.source import LANDMARK_COLUMNS, DataError, FaceSource
 
 logger = logging.getLogger(__name__)
 
@@ -35,20 +35,6 @@ UTKFACE_NAME = re.compile(
     r"^(\d+)_(\d+)_(\d+)_(\d+)\.(jpg|jpeg|png)(\.chip\.jpg)?$", re.IGNORECASE
 )
 
-# Landmark columns as CelebA names them, in FaceSource order: left eye,
-# right eye, nose, left mouth corner, right mouth corner (image-left first).
-LANDMARK_COLUMNS = (
-    "lefteye_x",
-    "lefteye_y",
-    "righteye_x",
-    "righteye_y",
-    "nose_x",
-    "nose_y",
-    "leftmouth_x",
-    "leftmouth_y",
-    "rightmouth_x",
-    "rightmouth_y",
-)
 MTCNN_CACHE_FILE = "landmarks_mtcnn.csv"
 LANDMARK_FILES = ("landmarks.csv", "list_landmarks_align_celeba.txt", MTCNN_CACHE_FILE)
 

@@ -31,23 +31,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from tfface.data.source import FaceSource
+from tfface.data.source import LANDMARK_COLUMNS, FaceSource
 from tfface.schema import SYNTHETIC, SYNTHETIC_ATTRIBUTES
 
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "left_mouth", "right_mouth")
-# Official CelebA landmark column names (list_landmarks_align_celeba.txt).
-CELEBA_LANDMARK_COLUMNS = (
-    "lefteye_x",
-    "lefteye_y",
-    "righteye_x",
-    "righteye_y",
-    "nose_x",
-    "nose_y",
-    "leftmouth_x",
-    "leftmouth_y",
-    "rightmouth_x",
-    "rightmouth_y",
-)
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG"}
 
 # Random streams: (seed, stream, index) seeds one generator.
@@ -199,7 +186,7 @@ def write_synthetic_folder(source: FaceSource, out_dir, image_format: str = "png
         if source.landmarks is not None:
             with open(tmp / "landmarks.csv", "w", newline="") as f:
                 writer = csv.writer(f)
-                writer.writerow(["image_id", *CELEBA_LANDMARK_COLUMNS])
+                writer.writerow(["image_id", *LANDMARK_COLUMNS])
                 flat = np.asarray(source.landmarks, np.float64).reshape(n, 10)
                 for image_id, row in zip(image_ids, flat.tolist()):
                     writer.writerow([image_id, *(f"{v:.2f}" for v in row)])

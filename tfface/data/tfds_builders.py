@@ -28,25 +28,13 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from tfface.data.source import DataError, FaceSource
+from tfface.data.source import LANDMARK_COLUMNS, DataError, FaceSource
 from tfface.data.splits import DEFAULT_SEED, partition_indices, split_indices
 
 OFFICIAL_CELEB_A = "celeb_a"
 # Refuse to decode more than this into memory without an explicit limit.
 MAX_IN_MEMORY_BYTES = 4 * 1024**3
 _OFFICIAL_SPLITS = {"train": "train", "val": "validation", "validation": "validation", "test": "test"}
-_LANDMARK_NAMES = (
-    "lefteye_x",
-    "lefteye_y",
-    "righteye_x",
-    "righteye_y",
-    "nose_x",
-    "nose_y",
-    "leftmouth_x",
-    "leftmouth_y",
-    "rightmouth_x",
-    "rightmouth_y",
-)
 
 
 def offline_download_config(**overrides) -> tfds.download.DownloadConfig:
@@ -336,7 +324,7 @@ def load_official_celeb_a(data_dir=None, split="train", max_examples=None) -> Fa
     columns: dict = {}
     for example in tfds.as_numpy(dataset):
         images.append(example["image"])
-        landmarks.append([example["landmarks"][name] for name in _LANDMARK_NAMES])
+        landmarks.append([example["landmarks"][name] for name in LANDMARK_COLUMNS])
         identities.append(int(example["identity"]["Identity_No"]))
         for name, value in example["attributes"].items():
             columns.setdefault(name, []).append(int(value))
