@@ -64,7 +64,13 @@ class TaskGate(keras.layers.Layer):
         return ops.sigmoid(ops.cast(logits, features.dtype))
 
     def call(self, features):
-        return self.gates(features) * ops.expand_dims(features, 1)
+        expanded = ops.expand_dims(features, 1)  # (B, 1, C)
+        if self.gate_type == "none":
+            return ops.repeat(expanded, self.num_tasks, axis=1)
+        if self.gate_type == "static":
+            # (1, K, C) gates broadcast over the batch: no per-example copy.
+            return ops.expand_dims(ops.sigmoid(ops.cast(self.task_offsets, features.dtype)), 0) * expanded
+        return self.gates(features) * expanded
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.num_tasks, input_shape[-1])
