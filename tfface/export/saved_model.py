@@ -200,7 +200,7 @@ def build_export_archive(model, schema: Schema, image_size: int, max_image_side:
     schema_json = schema.to_json()
 
     def run_model(images_float):
-        outputs = model(images_float, training=False)
+        outputs = model(_model_input(model, images_float), training=False)
         return postprocess_outputs(outputs, schema, classes)
 
     def serve_bytes(images):
@@ -278,12 +278,18 @@ def postprocess_outputs(outputs, schema: Schema, classes=None) -> dict:
     return result
 
 
+def _model_input(model, images):
+    """tfface models take {"image": ...}; a plain one-input model the tensor."""
+    return {"image": images} if isinstance(getattr(model, "input", None), dict) else images
+
+
 def _check_outputs(model, schema: Schema, image_size: int) -> None:
     """Runs the model once on zeros so contract violations fail before writing."""
     inputs = getattr(model, "inputs", None) or []
     if len(inputs) > 1:
         raise ExportError(f"the model must have exactly one input ('image'), it has {len(inputs)}")
-    outputs = model(np.zeros((2, image_size, image_size, 3), np.float32), training=False)
+    zeros = np.zeros((2, image_size, image_size, 3), np.float32)
+    outputs = model(_model_input(model, zeros), training=False)
     if not isinstance(outputs, dict):
         raise ExportError(f"the model must return a dict of outputs keyed by task name, got {type(outputs).__name__}")
     public = {k for k in outputs if not k.startswith("_")}
