@@ -126,12 +126,14 @@ class MultiTaskFaceModel(keras.Model):
 
     def get_compile_config(self):
         # Must be non-empty: Keras skips `compile_from_config` for a falsy one.
-        return {"optimizer": "auto"} if self.compiled else None
+        if not self.compiled:
+            return None
+        return {"optimizer": keras.saving.serialize_keras_object(self.optimizer)}
 
     def compile_from_config(self, config):
-        # Reloaded models get the default optimizer; resuming a run restores
-        # optimizer state from its checkpoint (see tfface.training).
-        self.compile()
+        # The same optimizer (schedule included), built, so Keras restores
+        # its saved state into matching variables.
+        self.compile(optimizer=keras.saving.deserialize_keras_object(config["optimizer"]))
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         del x, sample_weight
