@@ -192,6 +192,9 @@ def test_evaluate_model_writes_metrics_plots_and_report(tiny_model, tmp_path):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (out / "report.md").read_text()
     assert "(accuracy.png)" in report and "| Smiling |" in report and "### By gender" in report
+    card = (out / "model_card.md").read_text()
+    assert "non-commercial research" in card and "UTKFace" in card
+    assert "### By subgroup" in card and "| gender | female |" in card
     assert (out / "notes.txt").read_text() == "keep me"
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
     assert "mean balanced accuracy" in format_metrics(saved)

@@ -31,6 +31,7 @@ from tfface.schema import Schema
 MASK_PICTURE_FACES = 8
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
+MODEL_CARD_FILE = "model_card.md"
 
 # Subgroupings of the subgroup table: name -> tasks that label it, first
 # labelled one wins (CelebA-schema models call gender "Male").
@@ -444,6 +445,7 @@ def evaluate_model(
         The metrics dict also saved as `metrics.json`.
     """
     from tfface.evaluation import plots
+    from tfface.evaluation.model_card import model_card
     from tfface.evaluation.report import markdown_report
 
     if isinstance(model_path_or_model, (str, os.PathLike)):
@@ -506,6 +508,7 @@ def evaluate_model(
     metrics["plots"] = sorted(files)
     metrics = _plain(metrics)
     files[REPORT_FILE] = markdown_report(metrics)
+    files[MODEL_CARD_FILE] = model_card(model, metrics)
     files[METRICS_FILE] = json.dumps(metrics, indent=2, allow_nan=False)
 
     out_dir = Path(out_dir)
