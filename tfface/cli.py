@@ -18,6 +18,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 USER_ERRORS = (FileNotFoundError, ValueError, KeyError, PermissionError, FileExistsError)
 
 
+def _user_errors():
+    """USER_ERRORS plus the package's own run-time failures that name their cause."""
+    errors = list(USER_ERRORS)
+    try:
+        from tfface.tuning.search import TuningError
+
+        errors.append(TuningError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
 def _cmd_data_summary(args):
     from tfface.data.sources import open_source
     from tfface.data.summary import format_summary
@@ -264,7 +276,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         code = args.func(args)
-    except USER_ERRORS as e:
+    except _user_errors() as e:
         if os.environ.get("TFFACE_DEBUG"):
             raise
         print(f"tfface {args.command}: error: {e}", file=sys.stderr)

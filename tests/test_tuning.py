@@ -1,0 +1,382 @@
+"""KerasTuner search (tfface.tuning): search-space files, a search and its
+results, resume, refused configs, failing trials, distributed chief + workers.
+
+Tiny throughout: synthetic:200 at 32 px, backbone (8, 16, 32, 64),
+embedding 16, one epoch per trial, and a four-task schema so a trial's
+graph traces fast.
+"""
+
+import ast
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras_tuner as kt
+import pytest
+import yaml
+
+from tfface.config import ConfigError
+from tfface.config import ExperimentConfig
+from tfface.tuning import search as search_module
+from tfface.tuning.hypermodels import FaceHyperModel
+from tfface.tuning.hypermodels import hypermodel_for
+from tfface.tuning.search import TuningError
+from tfface.tuning.search import make_tuner
+from tfface.tuning.search import run_search
+from tfface.tuning.search import TuningConfig
+from tfface.tuning.search_space import SearchSpace
+
+REPO = Path(__file__).resolve().parents[1]
+SPACES = {
+    "gated": REPO / "tuning" / "gated_search_space.yaml",
+    "mask_guided": REPO / "tuning" / "mask_guided_search_space.yaml",
+}
+AGE_GROUPS = ["0-2", "3-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "70+"]
+TINY_SCHEMA = {
+    "name": "tiny",
+    "tasks": [
+        {"name": "Smiling", "kind": "binary", "group": "mouth", "sources": {"synthetic": "Smiling"}},
+        {"name": "Eyeglasses", "kind": "binary", "group": "eyes", "sources": {"synthetic": "Eyeglasses"}},
+        {"name": "age_group", "kind": "multiclass", "classes": AGE_GROUPS, "sources": {"synthetic": "age"}},
+        {"name": "gender", "kind": "binary", "classes": ["female", "male"], "sources": {"synthetic": "Male"}},
+    ],
+}
+
+
+def tiny_experiment(model_type="gated", schema=TINY_SCHEMA):
+    return {
+        "name": "tiny",
+        "data": {"sources": ["synthetic:200"], "schema": schema, "image_size": 32, "batch_size": 32,
+                 "val_fraction": 0.2},
+        "model": {"type": model_type, "image_size": 32, "backbone_widths": [8, 16, 32, 64], "embedding_dim": 16,
+                  "mask_channels": [4, 8, 16]},
+        "train": {"epochs": 1, "output_dir": "unused"},
+    }
+
+
+def write_tuning(folder: Path, name="search.yaml", **overrides) -> Path:
+    config = {
+        "project": "search",
+        "tuner": "random",
+        "max_trials": 2,
+        "epochs": 1,
+        "seed": 3,
+        "search_space": str(SPACES["gated"]),
+        "experiment": tiny_experiment(),
+    }
+    config.update(overrides)
+    path = folder / name
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+# --- search-space files ----------------------------------------------------------------
+
+
+def _sample(space, forced, seed):
+    """Random values for every active hyperparameter, `forced` ones fixed."""
+    hp = kt.HyperParameters()
+    space.declare(hp)
+    for i, p in enumerate(hp.space):
+        if hp.is_active(p):
+            hp.values[p.name] = forced.get(p.name, p.random_sample(seed + i))
+    return hp
+
+
+@pytest.mark.parametrize("model_type,switch", [("gated", "gate"), ("mask_guided", "fusion")])
+def test_shipped_search_space_builds_a_model_for_sampled_values(model_type, switch):
+    if model_type == "mask_guided":
+        pytest.importorskip("tfface.models.mask_guided_model")
+    base = ExperimentConfig.from_dict(tiny_experiment(model_type, schema="synthetic"))
+    space = SearchSpace.load(SPACES[model_type]).check(base)
+    wanted = {"loss_weights.attributes", "loss_weights.age_group", "loss_weights.gender", "dropout", "learning_rate"}
+    wanted |= {"gate", "gate_init", "center_loss_weight", "center_update_rate"} if model_type == "gated" else {
+        "mask_loss_weight", "fusion"}
+    assert wanted <= set(space.names)
+    assert "loss_weights.race" not in space.names  # the synthetic schema has no race task
+    hypermodel = hypermodel_for(base, space, steps_per_epoch=4, schedule_epochs=1)
+    choices = {"gated": ["none", "static", "input_conditioned"], "mask_guided": ["group_global", "group", "global"]}
+    for seed, value in enumerate(choices[model_type]):
+        hp = _sample(space, {switch: value}, seed)
+        config = hypermodel.trial_config(hp)
+        model = hypermodel.build(hp)
+        assert getattr(model.model_config, switch) == value
+        assert model.model_config.dropout == pytest.approx(hp.values["dropout"])
+        assert model.model_config.loss_weights["gender"] == pytest.approx(hp.values["loss_weights.gender"])
+        assert config.train.learning_rate == pytest.approx(hp.values["learning_rate"])
+        assert set(base.model.loss_weights) == set()  # the base config is never modified
+        assert "Smiling" in model.output_names or "Smiling" in model.output
+        # The trial config round-trips as an experiment config.
+        again = ExperimentConfig.from_dict(config.to_dict())
+        assert getattr(again.model, switch) == value
+
+
+def test_conditional_hyperparameters_follow_their_parent():
+    base = ExperimentConfig.from_dict(tiny_experiment())
+    space = SearchSpace.load(SPACES["gated"]).check(base)
+    off = _sample(space, {"gate": "none"}, 0)
+    assert not off.is_active("gate_init") and not off.is_active("gate_hidden")
+    on = _sample(space, {"gate": "input_conditioned"}, 0)
+    assert on.is_active("gate_init") and on.is_active("gate_hidden")
+    values = space.declare(on)
+    assert values["gate_hidden"] in (32, 64, 128)
+
+
+# --- refused configs ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "space,overrides,message",
+    [
+        ({"gait": {"type": "choice", "values": ["none"]}}, {}, r"unknown hyperparameter 'gait'"),
+        ({"dropout": {"type": "float", "min": 0.3, "max": 0.3}}, {}, r"'dropout': empty range"),
+        ({"gate": {"type": "choice", "values": []}}, {}, r"'gate': choice needs a non-empty"),
+        ({"gate": {"type": "float", "min": 0, "max": 1}}, {}, r"'gate': type float does not fit"),
+        ({"dropout": {"type": "uniform", "min": 0, "max": 1}}, {}, r"'dropout': type must be one of"),
+        ({"dropout": {"type": "float", "min": 0.0, "max": 1.5}}, {}, r"'dropout': value 1.5 is refused"),
+        ({"learning_rate": {"type": "float", "min": 0, "max": 0.1, "sampling": "log"}}, {}, r"needs min > 0"),
+        ({"mask_loss_weight": {"type": "float", "min": 0.1, "max": 1}}, {}, r"'mask_loss_weight' has no effect"),
+        ({"loss_weights.hair": {"type": "float", "min": 0.1, "max": 1}}, {}, r"'hair' is neither"),
+        ({"gate_init": {"type": "float", "min": 0, "max": 1, "when": {"gate": "static"}}}, {}, r"declared above"),
+        ({"dropout": {"type": "float", "min": 0, "max": 0.5}}, {"tuner": "grid"}, r"tuner must be one of"),
+        ({"dropout": {"type": "float", "min": 0, "max": 0.5}}, {"max_trials": 0}, r"max_trials must be"),
+        ({"dropout": {"type": "float", "min": 0, "max": 0.5}}, {"trials": 3}, r"unknown tuning config key"),
+    ],
+)
+def test_bad_config_is_refused_before_any_trial(tmp_path, monkeypatch, space, overrides, message):
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    config = write_tuning(tmp_path, search_space="space.yaml", **overrides)
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data was read before the config was checked")
+
+    monkeypatch.setattr(search_module, "load_search_data", no_data)
+    with pytest.raises(ConfigError, match=message):
+        run_search(config, verbose=0)
+    assert not (tmp_path / "search").exists()
+
+
+def test_yaml_exponent_without_dot_is_a_number():
+    # PyYAML reads 1e-4 as a string; the space accepts it as a number.
+    space = SearchSpace.from_dict(yaml.safe_load("learning_rate: {type: float, min: 1e-4, max: 1e-2, sampling: log}"))
+    assert space.specs[0].min == pytest.approx(1e-4) and space.specs[0].max == pytest.approx(1e-2)
+
+
+def test_each_tuner_type_is_made_with_its_oracle(tmp_path):
+    base = ExperimentConfig.from_dict(tiny_experiment())
+    space = SearchSpace.load(SPACES["gated"]).check(base)
+    hypermodel = hypermodel_for(base, space)
+    expected = {
+        "random": "RandomSearchOracle",
+        "hyperband": "HyperbandOracle",
+        "bayesian": "BayesianOptimizationOracle",
+    }
+    for name, oracle in expected.items():
+        tuning = TuningConfig.from_dict(
+            {"project": name, "experiment": {}, "search_space": "x", "tuner": name, "max_epochs": 3,
+             "directory": str(tmp_path)}
+        )
+        tuner = make_tuner(tuning, hypermodel)
+        assert type(tuner.oracle).__name__ == oracle
+        assert tuner.oracle.objective.name == "val_mean_balanced_accuracy"
+        assert tuner.oracle.objective.direction == "max"
+        assert set(space.names) <= {p.name for p in tuner.oracle.get_space().space}
+        assert Path(tuner.project_dir) == tmp_path / name
+
+
+# --- a search, resumed --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def resumed_search(tmp_path_factory):
+    """A one-trial search, then the same project rerun with max_trials 2."""
+    folder = tmp_path_factory.mktemp("tuning")
+    from tfface.training import trainer
+
+    calls = []
+    real_load_sources = trainer.load_sources
+
+    def counting_load_sources(data_config):
+        calls.append(1)
+        return real_load_sources(data_config)
+
+    gradients_before = set(search_module._gradient_registry())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "load_sources", counting_load_sources)
+        first = run_search(write_tuning(folder, max_trials=1), verbose=0)
+        trial_0 = (folder / "search" / "trial_0" / "trial.json").read_bytes()
+        loads_first = len(calls)
+        second = run_search(write_tuning(folder, max_trials=2), verbose=0)
+    leftover = {n for n in set(search_module._gradient_registry()) - gradients_before if n.startswith("CustomGradient")}
+    return {"folder": folder, "first": first, "second": second, "trial_0": trial_0,
+            "loads": (loads_first, len(calls) - loads_first), "leftover_gradients": leftover}
+
+
+def test_resumed_search_keeps_completed_trials(resumed_search):
+    first, second = resumed_search["first"], resumed_search["second"]
+    assert first["trials_run"] == ["0"]
+    assert second["trials_run"] == ["1"]  # trial 0 did not run again
+    assert [r["trial_id"] for r in second["trials"]] == ["0", "1"]
+    assert all(r["status"] == "COMPLETED" for r in second["trials"])
+    assert second["trials"][0]["score"] == first["trials"][0]["score"]
+    assert second["trials"][0]["values"] == first["trials"][0]["values"]
+    assert (resumed_search["folder"] / "search" / "trial_0" / "trial.json").read_bytes() == resumed_search["trial_0"]
+    # The data is read once per search, not once per trial.
+    assert resumed_search["loads"] == (1, 1)
+
+
+def test_trials_leave_no_traced_graph_behind(resumed_search):
+    # TensorFlow registers a custom gradient per traced train step and never
+    # drops it (its closure holds the whole graph): each trial drops its own.
+    assert resumed_search["second"]["trials_run"]  # a trial did run
+    assert resumed_search["leftover_gradients"] == set()
+
+
+def test_search_writes_summary_plot_and_best_config_that_trains(resumed_search, tmp_path):
+    from tfface.training.trainer import train
+
+    result = resumed_search["second"]
+    project = resumed_search["folder"] / "search"
+    summary = (project / "summary.md").read_text()
+    rows = [line for line in summary.splitlines() if re.match(r"\| [01] \| completed \| 0\.\d+", line)]
+    assert len(rows) == 2, summary
+    assert "gate" in summary.splitlines()[summary.splitlines().index("## Trials") + 2]
+    assert (project / "objective.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((project / "results.json").read_text())
+    assert results["best"]["trial_id"] == result["best"]["trial_id"]
+    best = result["best"]
+    assert best["score"] == max(r["score"] for r in result["trials"])
+
+    config = ExperimentConfig.load(project / "best_config.yaml")
+    values = best["values"]
+    assert config.model.gate == values["gate"]
+    assert config.model.dropout == pytest.approx(values["dropout"])
+    assert config.train.learning_rate == pytest.approx(values["learning_rate"])
+    assert config.model.loss_weights["age_group"] == pytest.approx(values["loss_weights.age_group"])
+    assert config.data.sources[0].path == "synthetic:200"
+
+    config.train.output_dir = str(tmp_path / "run")
+    trained = train(config, verbose=0)
+    assert trained["epochs_run"] == 1
+    assert (tmp_path / "run" / "model.keras").is_file()
+
+
+@pytest.mark.slow
+def test_search_killed_mid_trial_resumes_with_the_same_command(tmp_path):
+    config = write_tuning(tmp_path, project="killed")
+    trial_1 = tmp_path / "killed" / "trial_1" / "trial.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tfface.cli", "tune", "--config", str(config)],
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+                 PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while not trial_1.exists():  # trial 0 is done, trial 1 has started
+            assert proc.poll() is None, "the search ended before it could be killed"
+            assert time.monotonic() < deadline, "trial 1 never started"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    trial_0 = (tmp_path / "killed" / "trial_0" / "trial.json").read_bytes()
+    assert json.loads(trial_0)["status"] == "COMPLETED"
+    assert json.loads(trial_1.read_text())["status"] == "RUNNING"
+
+    result = run_search(config, verbose=0)  # the same command again
+    assert result["trials_run"] == ["1"]  # only the trial that was cut off
+    assert [r["status"] for r in result["trials"]] == ["COMPLETED", "COMPLETED"]
+    assert (tmp_path / "killed" / "trial_0" / "trial.json").read_bytes() == trial_0
+
+
+# --- failures and budget --------------------------------------------------------------------
+
+
+def test_search_where_every_trial_fails_raises_the_first_error(tmp_path, monkeypatch):
+    def broken_fit(self, hp, model, *args, **kwargs):
+        raise RuntimeError("fit exploded on purpose")
+
+    monkeypatch.setattr(FaceHyperModel, "fit", broken_fit)
+    with pytest.raises(TuningError, match=r"all 2 trials failed") as error:
+        run_search(write_tuning(tmp_path), verbose=0)
+    assert "fit exploded on purpose" in str(error.value)
+    summary = (tmp_path / "search" / "summary.md").read_text()
+    assert summary.count("| failed |") == 2
+    assert not (tmp_path / "search" / "best_config.yaml").exists()
+
+
+def test_time_budget_stops_the_search(tmp_path):
+    # The budget runs out during the first trial: it ends early and no
+    # second trial starts, although max_trials is 3.
+    result = run_search(write_tuning(tmp_path, max_trials=3, time_budget_minutes=0.001), verbose=0)
+    assert result["stopped_by_budget"]
+    assert [r["trial_id"] for r in result["trials"]] == ["0"]
+    assert result["trials"][0]["status"] == "COMPLETED"
+
+
+# --- distributed: KerasTuner chief + two workers -------------------------------------------
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_distributed_search_with_chief_and_two_workers(tmp_path):
+    config = write_tuning(tmp_path, project="distributed", max_trials=2)
+    env = dict(
+        os.environ,
+        KERASTUNER_ORACLE_IP="127.0.0.1",
+        KERASTUNER_ORACLE_PORT=str(_free_port()),
+        TF_CPP_MIN_LOG_LEVEL="2",
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    procs, logs = {}, {}
+    try:
+        for tuner_id in ("chief", "tuner0", "tuner1"):
+            logs[tuner_id] = tmp_path / f"{tuner_id}.log"
+            with open(logs[tuner_id], "w") as out:
+                procs[tuner_id] = subprocess.Popen(
+                    [sys.executable, "-m", "tfface.cli", "tune", "--config", str(config)],
+                    env=dict(env, KERASTUNER_TUNER_ID=tuner_id),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    cwd=tmp_path,
+                    start_new_session=True,
+                )
+        deadline = time.monotonic() + 110  # ~30 s on an idle 2-core machine
+        for tuner_id, proc in procs.items():
+            try:
+                proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"{tuner_id} still running after the time bound:\n{logs[tuner_id].read_text()[-3000:]}")
+        for tuner_id, proc in procs.items():
+            assert proc.returncode == 0, f"{tuner_id} failed:\n{logs[tuner_id].read_text()[-3000:]}"
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    ran = []
+    for tuner_id in ("tuner0", "tuner1"):
+        match = re.search(rf"worker {tuner_id} ran trials (\[.*\])", logs[tuner_id].read_text())
+        assert match, logs[tuner_id].read_text()[-3000:]
+        ran += ast.literal_eval(match.group(1))
+    assert sorted(ran) == ["0", "1"]  # every trial ran once, on a worker
+    results = json.loads((tmp_path / "distributed" / "results.json").read_text())
+    assert [r["status"] for r in results["trials"]] == ["COMPLETED", "COMPLETED"]
+    assert (tmp_path / "distributed" / "best_config.yaml").is_file()
+    assert "best trial" in logs["chief"].read_text()

@@ -1,0 +1,109 @@
+"""KerasTuner hypermodels: one per model type, built from a base experiment.
+
+A hypermodel turns sampled hyperparameter values into an `ExperimentConfig`
+(the base experiment with those values set) and builds and compiles the
+model that config names, exactly as `tfface train` would. So the best
+trial's values, written back as a config, train the same network.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import keras_tuner
+
+from tfface.config import ConfigError
+from tfface.config import ExperimentConfig
+from tfface.tuning.search_space import SearchSpace
+
+OBJECTIVE = "val_mean_balanced_accuracy"
+
+
+def objective() -> keras_tuner.Objective:
+    """Validation mean balanced accuracy over the labelled binary attributes
+    (masked: missing labels count for nothing), maximised."""
+    return keras_tuner.Objective(OBJECTIVE, direction="max")
+
+
+class FaceHyperModel(keras_tuner.HyperModel):
+    """Builds the model of `base_config` with a trial's values applied.
+
+    Args:
+        base_config: the experiment a search varies; its `model.type` must be
+            this hypermodel's `model_type`.
+        search_space: a `SearchSpace` already checked against `base_config`.
+        steps_per_epoch: training steps per epoch, for the learning-rate
+            schedule (the data is loaded once, before the search).
+        schedule_epochs: epochs the learning-rate schedule decays over (the
+            epochs of one trial).
+    """
+
+    model_type = None
+
+    def __init__(self, base_config: ExperimentConfig, search_space: SearchSpace, steps_per_epoch=1,
+                 schedule_epochs=1, name=None):
+        super().__init__(name=name or f"{self.model_type}_hypermodel")
+        if base_config.model.type != self.model_type:
+            raise ConfigError(
+                f"{type(self).__name__} tunes model.type '{self.model_type}', "
+                f"the experiment has '{base_config.model.type}'"
+            )
+        from tfface.schema import get_schema
+
+        self.base_config = base_config
+        self.search_space = search_space
+        self.schema = get_schema(base_config.data.schema)
+        self.steps_per_epoch = max(1, int(steps_per_epoch))
+        self.schedule_epochs = max(1, int(schedule_epochs))
+
+    def declare_hyperparameters(self, hp):
+        self.search_space.declare(hp)
+
+    def trial_config(self, hp) -> ExperimentConfig:
+        """The experiment config of these hyperparameter values."""
+        values = self.search_space.declare(hp)
+        return self.search_space.apply(self.base_config, values)
+
+    def build(self, hp):
+        from tfface.training.trainer import _mixed_precision
+        from tfface.training.trainer import _optimizer
+        from tfface.training.trainer import build_model
+
+        config = self.trial_config(hp)
+        # KerasTuner clears the Keras session before each build, which also
+        # resets the dtype policy: set it again.
+        _mixed_precision(config.train.mixed_precision)
+        model = build_model(self.schema, config.model)
+        # The trial's schedule decays over the trial, not the full run.
+        schedule = copy.deepcopy(config)
+        schedule.train.epochs = self.schedule_epochs
+        schedule.train.steps_per_epoch = self.steps_per_epoch
+        model.compile(optimizer=_optimizer(schedule, None))
+        return model
+
+    def fit(self, hp, model, *args, **kwargs):
+        return model.fit(*args, **kwargs)
+
+
+class GatedHyperModel(FaceHyperModel):
+    """Gated MTL-CNN: gate type and initialisation, correlation, center loss,
+    loss weights, dropout, learning rate (see tuning/gated_search_space.yaml)."""
+
+    model_type = "gated"
+
+
+class MaskGuidedHyperModel(FaceHyperModel):
+    """Mask-guided network: mask-loss weight, fusion, loss weights, dropout,
+    learning rate (see tuning/mask_guided_search_space.yaml)."""
+
+    model_type = "mask_guided"
+
+
+HYPERMODELS = {cls.model_type: cls for cls in (GatedHyperModel, MaskGuidedHyperModel)}
+
+
+def hypermodel_for(base_config: ExperimentConfig, search_space: SearchSpace, **kwargs) -> FaceHyperModel:
+    """The hypermodel of `base_config.model.type`."""
+    if base_config.model.type not in HYPERMODELS:
+        raise ConfigError(f"no hypermodel for model.type '{base_config.model.type}'; have {sorted(HYPERMODELS)}")
+    return HYPERMODELS[base_config.model.type](base_config, search_space, **kwargs)

@@ -1,0 +1,695 @@
+"""`tfface tune`: a KerasTuner search over gates, loss weights and training.
+
+A tuning config (YAML, see tuning/*.yaml) names the project, the tuner
+(random | hyperband | bayesian), the trial budget, the base experiment
+(inline or a path) and the search-space file. Paths in it are relative to
+the tuning config's folder; results go to `<directory>/<project>/` (by
+default beside the tuning config, so tuning/<project>/):
+
+- KerasTuner's own files (oracle.json, tuner0.json, trial_*/), which make
+  the same command resume a killed search without rerunning a completed
+  trial (`overwrite=False`);
+- `best_config.yaml`: the base experiment with the best values set, ready
+  for `tfface train --config`;
+- `summary.md` (every trial: id, status, objective, values),
+  `objective.png` (objective against trial) and `results.json`.
+
+The data is read once and reused by every trial; each trial's model is
+released (`keras.backend.clear_session()` + `gc.collect()`) when it ends.
+A search whose every trial failed raises `TuningError` with the first
+trial's error instead of "completing".
+
+Distributed search uses KerasTuner's chief/worker mode unchanged: run the
+same command with KERASTUNER_TUNER_ID=chief (serves the oracle, trains
+nothing, writes the results) and with KERASTUNER_TUNER_ID=tuner0, tuner1,
+... (workers), all with KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from tfface.config import ConfigError
+from tfface.config import ExperimentConfig
+from tfface.tuning.search_space import SearchSpace
+
+log = logging.getLogger(__name__)
+
+TUNERS = ("random", "hyperband", "bayesian")
+OBJECTIVE = "val_mean_balanced_accuracy"
+_PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class TuningError(RuntimeError):
+    """A search that produced no usable trial (every trial failed)."""
+
+
+# --- the tuning config ----------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TuningConfig:
+    """One search: what to vary, how many trials, where results go."""
+
+    project: str
+    experiment: Any  # inline ExperimentConfig mapping, or a path to one
+    search_space: str  # path to a search-space YAML file
+    tuner: str = "random"
+    max_trials: int = 10  # random, bayesian
+    executions_per_trial: int = 1
+    epochs: int = 2  # per trial (random, bayesian)
+    max_epochs: int = 4  # hyperband: most epochs a trial gets
+    factor: int = 3  # hyperband
+    hyperband_iterations: int = 1  # hyperband
+    seed: int = 0
+    time_budget_minutes: Optional[float] = None  # whole search, per invocation
+    directory: str = "."  # results: <directory>/<project>/
+    source: Optional[Path] = dataclasses.field(default=None, repr=False)
+
+    @classmethod
+    def load(cls, path) -> "TuningConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tuning config not found: {path}")
+        import yaml
+
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: cannot parse YAML ({e})") from None
+        try:
+            return cls.from_dict(raw, source=path)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    @classmethod
+    def from_dict(cls, raw, source=None) -> "TuningConfig":
+        if not isinstance(raw, dict):
+            raise ConfigError("a tuning config must be a mapping")
+        known = {f.name for f in dataclasses.fields(cls)} - {"source"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ConfigError(f"unknown tuning config key(s) {unknown}; known: {sorted(known)}")
+        for key in ("project", "experiment", "search_space"):
+            if raw.get(key) in (None, ""):
+                raise ConfigError(f"tuning config needs '{key}'")
+        config = cls(**raw, source=Path(source) if source else None)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if not isinstance(self.project, str) or not _PROJECT_NAME.match(self.project):
+            raise ConfigError(f"project must be a plain name (letters, digits, _ . -), got {self.project!r}")
+        if self.tuner not in TUNERS:
+            raise ConfigError(f"tuner must be one of {list(TUNERS)}, got {self.tuner!r}")
+        for key, low in (("max_trials", 1), ("executions_per_trial", 1), ("epochs", 1), ("max_epochs", 1),
+                         ("factor", 2), ("hyperband_iterations", 1)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        if self.time_budget_minutes is not None and (
+            isinstance(self.time_budget_minutes, bool)
+            or not isinstance(self.time_budget_minutes, (int, float))
+            or self.time_budget_minutes <= 0
+        ):
+            raise ConfigError(f"time_budget_minutes must be a number > 0, got {self.time_budget_minutes!r}")
+        if not isinstance(self.experiment, (dict, str)):
+            raise ConfigError("experiment must be a mapping (an inline experiment config) or a path to one")
+
+    # --- what it points at ------------------------------------------------------
+    def _path(self, value) -> Path:
+        path = Path(value)
+        if not path.is_absolute() and self.source is not None:
+            path = self.source.parent / path
+        return path
+
+    @property
+    def project_dir(self) -> Path:
+        return self._path(self.directory) / self.project
+
+    def load_experiment(self) -> ExperimentConfig:
+        if isinstance(self.experiment, dict):
+            try:
+                return ExperimentConfig.from_dict(self.experiment)
+            except ConfigError as e:
+                raise ConfigError(f"{self.source or 'tuning config'}: experiment: {e}") from None
+        return ExperimentConfig.load(self._path(self.experiment))
+
+    def load_search_space(self) -> SearchSpace:
+        return SearchSpace.load(self._path(self.search_space))
+
+    @property
+    def trial_epochs(self) -> int:
+        return self.max_epochs if self.tuner == "hyperband" else self.epochs
+
+
+@dataclasses.dataclass
+class SearchData:
+    """The datasets every trial reuses (read once per search)."""
+
+    train: Any
+    val: Any
+    steps_per_epoch: int
+
+
+def load_search_data(config: ExperimentConfig) -> SearchData:
+    """Reads and splits the sources and builds the fused train/val datasets."""
+    from tfface.schema import get_schema
+    from tfface.training.trainer import load_sources
+    from tfface.training.trainer import make_datasets
+
+    schema = get_schema(config.data.schema)
+    train_sources, val_sources = load_sources(config.data)
+    train_ds, val_ds = make_datasets(config, schema, train_sources, val_sources)
+    steps = int(train_ds.cardinality().numpy())
+    if steps < 1:
+        steps = config.train.steps_per_epoch or 1
+    return SearchData(train_ds, val_ds, steps)
+
+
+def prepare(tuning_config_path):
+    """Loads and checks everything a search needs, before any data or trial:
+    (tuning config, base experiment, checked search space)."""
+    tuning = TuningConfig.load(tuning_config_path)
+    base = tuning.load_experiment()
+    if base.data.val_fraction <= 0:
+        raise ConfigError(
+            f"{tuning.source}: experiment data.val_fraction is 0; the objective "
+            f"{OBJECTIVE} needs validation data"
+        )
+    space = tuning.load_search_space().check(base)
+    _distributed_role()  # checks the KerasTuner environment variables
+    return tuning, base, space
+
+
+# --- tuners -----------------------------------------------------------------------
+
+
+def _distributed_role() -> str:
+    """"local", or KerasTuner's "chief" / "worker" from its environment."""
+    if "KERASTUNER_ORACLE_IP" not in os.environ:
+        return "local"
+    for var in ("KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER_ID"):
+        if not os.environ.get(var):
+            raise ConfigError(f"KERASTUNER_ORACLE_IP is set but {var} is not (distributed search needs both)")
+    return "chief" if "chief" in os.environ["KERASTUNER_TUNER_ID"] else "worker"
+
+
+def _stop_at_deadline_callback(deadline):
+    import keras
+
+    class StopAtDeadline(keras.callbacks.Callback):
+        """Ends the running trial when the search's time budget is spent."""
+
+        def on_train_batch_end(self, batch, logs=None):
+            if time.time() > deadline:
+                self.model.stop_training = True
+
+    return StopAtDeadline()
+
+
+def _gradient_registry() -> dict:
+    """TensorFlow's global registry of gradient functions ({} if it moved)."""
+    try:
+        from tensorflow.python.framework import ops
+
+        return ops._gradient_registry._registry
+    except (ImportError, AttributeError):  # pragma: no cover - other TF versions
+        return {}
+
+
+def _release_memory(gradients_before=None):
+    """Frees what a finished trial left behind.
+
+    Besides the Keras session: each traced train step registers a
+    `tf.custom_gradient` function (from `ReplicaContext.all_reduce`) in
+    TensorFlow's global gradient registry under a fresh name and never
+    removes it; its closure holds the whole traced graph, so every trial
+    would leak ~70 MB. The trial's own entries are dropped here; nothing
+    traces those graphs again.
+    """
+    import keras
+
+    if gradients_before is not None:
+        registry = _gradient_registry()
+        for name in set(registry) - gradients_before:
+            if name.startswith("CustomGradient-"):
+                del registry[name]
+    keras.backend.clear_session()
+    gc.collect()
+
+
+class _FaceTunerMixin:
+    """What tfface adds to KerasTuner's tuners.
+
+    - the search space is declared from the YAML file, without building
+      throw-away models to discover it;
+    - every trial's model and traced graphs are released when the trial
+      ends (see `_release_memory`), and the results returned to KerasTuner
+      hold no reference to the model;
+    - a time budget stops the search (and the running trial) when spent;
+    - the chief serves the oracle with a short poll and stops cleanly.
+    """
+
+    def __init__(self, *args, deadline=None, on_trial_end_hook=None, **kwargs):
+        self.deadline = deadline
+        self.on_trial_end_hook = on_trial_end_hook
+        self.trials_run = []
+        self.stopped_by_budget = False
+        super().__init__(*args, **kwargs)
+
+    def _populate_initial_space(self):
+        hp = self.oracle.get_space()
+        self.hypermodel.declare_hyperparameters(hp)
+        self.oracle.update_space(hp)
+
+    def search(self, *fit_args, **fit_kwargs):
+        if _distributed_role() == "chief":
+            self.oracle.verbose = fit_kwargs.get("verbose", 1)
+            self.save()
+            self.stopped_by_budget = serve_oracle(self.oracle, self.deadline)
+            return
+        super().search(*fit_args, **fit_kwargs)
+
+    def on_search_begin(self):
+        # Saved at once, so a search killed in its first trial reloads the
+        # oracle state instead of starting over.
+        self.save()
+        super().on_search_begin()
+
+    def pre_create_trial(self):
+        if self.deadline and time.time() > self.deadline and _distributed_role() == "local":
+            _stop_oracle(self.oracle)
+            self.stopped_by_budget = True
+        super().pre_create_trial()
+
+    def run_trial(self, trial, *args, **kwargs):
+        import keras
+
+        if self.deadline:
+            kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [_stop_at_deadline_callback(self.deadline)]
+        histories = super().run_trial(trial, *args, **kwargs)
+        if not isinstance(histories, list):
+            histories = [histories]
+        detached = []
+        for history in histories:
+            if isinstance(history, keras.callbacks.History):
+                # A History holds its model: keep only the numbers.
+                copy = keras.callbacks.History()
+                copy.history, copy.epoch = dict(history.history), list(history.epoch)
+                history = copy
+            detached.append(history)
+        return detached
+
+    def on_trial_begin(self, trial):
+        self._gradients_before = set(_gradient_registry())
+        super().on_trial_begin(trial)
+
+    def on_trial_end(self, trial):
+        super().on_trial_end(trial)
+        self.trials_run.append(trial.trial_id)
+        _release_memory(getattr(self, "_gradients_before", None))
+        if self.on_trial_end_hook is not None:
+            self.on_trial_end_hook(trial)
+
+
+def _tuner_classes():
+    import keras_tuner
+
+    class FaceRandomSearch(_FaceTunerMixin, keras_tuner.RandomSearch):
+        pass
+
+    class FaceHyperband(_FaceTunerMixin, keras_tuner.Hyperband):
+        pass
+
+    class FaceBayesianOptimization(_FaceTunerMixin, keras_tuner.BayesianOptimization):
+        pass
+
+    return {"random": FaceRandomSearch, "hyperband": FaceHyperband, "bayesian": FaceBayesianOptimization}
+
+
+def make_tuner(tuning: TuningConfig, hypermodel, deadline=None, on_trial_end_hook=None):
+    """The KerasTuner tuner named by `tuning.tuner`, over `tuning.project_dir`."""
+    from tfface.tuning.hypermodels import objective
+
+    common = dict(
+        hypermodel=hypermodel,
+        objective=objective(),
+        seed=tuning.seed,
+        executions_per_trial=tuning.executions_per_trial,
+        directory=str(tuning.project_dir.parent),
+        project_name=tuning.project,
+        overwrite=False,
+        deadline=deadline,
+        on_trial_end_hook=on_trial_end_hook,
+    )
+    cls = _tuner_classes()[tuning.tuner]
+    if tuning.tuner == "hyperband":
+        return cls(max_epochs=tuning.max_epochs, factor=tuning.factor,
+                   hyperband_iterations=tuning.hyperband_iterations, **common)
+    return cls(max_trials=tuning.max_trials, **common)
+
+
+def _stop_oracle(oracle):
+    """No new trials: the oracle answers STOPPED from now on."""
+    done = max(1, len(oracle.trials))
+    if not oracle.max_trials or oracle.max_trials > done:
+        log.warning("time budget spent: no new trials after %d", len(oracle.trials))
+        oracle.max_trials = done
+
+
+def serve_oracle(oracle, deadline=None, poll_seconds=0.5) -> bool:
+    """The chief: serves `oracle` to the workers over gRPC until they are done.
+
+    KerasTuner's own servicer and protocol (`oracle_chief`), with a short
+    poll (KerasTuner sleeps 20 s between checks), the time budget, and a
+    clean server stop. Returns whether the budget stopped the search.
+    """
+    from concurrent import futures
+
+    import grpc
+    from keras_tuner.src import protos
+    from keras_tuner.src.distribute import oracle_chief
+
+    address = f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    servicer = oracle_chief.OracleServicer(oracle)
+    protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
+    if server.add_insecure_port(address) == 0:
+        raise ConfigError(f"the chief cannot listen on {address} (port in use?)")
+    server.start()
+    log.info("chief: oracle served on %s", address)
+    stopped_by_budget = False
+    try:
+        while True:
+            time.sleep(poll_seconds)
+            if deadline and time.time() > deadline and not stopped_by_budget:
+                _stop_oracle(oracle)
+                stopped_by_budget = True
+            if servicer.stop_triggered and oracle_chief.exit_chief(oracle):
+                break
+    finally:
+        server.stop(grace=2).wait()
+    return stopped_by_budget
+
+
+# --- the search ---------------------------------------------------------------------
+
+
+def run_search(
+    tuning_config_path,
+    *,
+    data: Optional[SearchData] = None,
+    verbose="auto",
+    on_trial_end: Optional[Callable] = None,
+) -> dict:
+    """Runs (or resumes) the search of a tuning config; returns its summary.
+
+    Args:
+        tuning_config_path: the tuning config YAML.
+        data: datasets already loaded for the base experiment (read from its
+            sources when None).
+        verbose: Keras/KerasTuner verbosity; "auto" is 1 on a terminal, 2
+            otherwise.
+        on_trial_end: called with each KerasTuner `Trial` this process ends,
+            after its memory is released (used by the memory benchmark).
+
+    Returns a dict: role ("local", "chief" or "worker"), project_dir,
+    trials_run (ids this process ran), and except on workers: trials
+    (records), best (record), best_config, summary, plot, results paths.
+    """
+    import keras
+
+    from tfface.tuning.hypermodels import hypermodel_for
+
+    tuning, base, space = prepare(tuning_config_path)
+    role = _distributed_role()
+    project_dir = tuning.project_dir
+    if role != "worker":
+        _check_same_tuner(project_dir, tuning)
+    start = time.time()
+    deadline = start + tuning.time_budget_minutes * 60.0 if tuning.time_budget_minutes else None
+    if verbose == "auto":
+        verbose = 1 if sys.stdout.isatty() else 2
+
+    steps = 1
+    if role != "chief":  # the chief trains nothing
+        if data is None:
+            data = load_search_data(base)
+        steps = data.steps_per_epoch
+    keras.utils.set_random_seed(tuning.seed)
+    hypermodel = hypermodel_for(base, space, steps_per_epoch=steps, schedule_epochs=tuning.trial_epochs)
+    tuner = make_tuner(tuning, hypermodel, deadline=deadline, on_trial_end_hook=on_trial_end)
+    if role != "worker":
+        _write_meta(project_dir, tuning, space)
+    fit_args = () if data is None else (data.train,)
+    # The training stream is shuffled by the pipeline already.
+    fit_kwargs = dict(epochs=tuning.epochs, verbose=verbose, shuffle=False)
+    if data is not None:
+        fit_kwargs["validation_data"] = data.val
+    tuner.search(*fit_args, **fit_kwargs)
+    _release_memory()
+
+    summary = {
+        "project": tuning.project,
+        "project_dir": str(project_dir),
+        "role": role,
+        "tuner_id": tuner.tuner_id,
+        "trials_run": list(tuner.trials_run),
+        "stopped_by_budget": tuner.stopped_by_budget,
+        "search_seconds": round(time.time() - start, 1),
+    }
+    if role == "worker":
+        return summary
+    records = trial_records(tuner.oracle, space)
+    summary.update(write_results(project_dir, tuning, base, space, records))
+    return summary
+
+
+def _check_same_tuner(project_dir: Path, tuning: TuningConfig) -> None:
+    meta = project_dir / "search.json"
+    if meta.is_file():
+        previous = json.loads(meta.read_text()).get("tuner")
+        if previous and previous != tuning.tuner:
+            raise ConfigError(
+                f"{project_dir} holds a {previous} search; resuming it as {tuning.tuner} cannot work: "
+                f"use another project name or remove {project_dir}"
+            )
+
+
+def _write_meta(project_dir: Path, tuning: TuningConfig, space: SearchSpace) -> None:
+    project_dir.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "project": tuning.project,
+        "tuner": tuning.tuner,
+        "tuning_config": str(tuning.source),
+        "search_space": space.source,
+        "hyperparameters": space.names,
+        "objective": OBJECTIVE,
+    }
+    (project_dir / "search.json").write_text(json.dumps(meta, indent=2))
+
+
+# --- results ------------------------------------------------------------------------
+
+
+def trial_records(oracle, space: SearchSpace) -> list[dict]:
+    """One plain dict per trial, in trial order."""
+    records = []
+    for trial_id, trial in sorted(oracle.trials.items(), key=lambda kv: int(kv[0])):
+        hp = trial.hyperparameters
+        values = {}
+        for name in space.names:
+            if name in hp.values and hp.is_active(name):
+                values[name] = _plain(hp.values[name])
+        score = trial.score
+        if score is not None and (isinstance(score, float) and math.isnan(score)):
+            score = None
+        record = {
+            "trial_id": str(trial_id),
+            "status": str(trial.status),
+            "score": None if score is None else float(score),
+            "values": values,
+            "message": trial.message or None,
+        }
+        if "tuner/epochs" in hp.values:
+            record["epochs"] = int(hp.values["tuner/epochs"])
+        records.append(record)
+    return records
+
+
+def _plain(value):
+    if hasattr(value, "item"):
+        return value.item()
+    return value
+
+
+def _first_error(message: str) -> str:
+    lines = [line for line in (message or "").strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "(no message)"
+
+
+def write_results(project_dir: Path, tuning: TuningConfig, base: ExperimentConfig, space: SearchSpace,
+                  records: list[dict]) -> dict:
+    """Writes summary.md, objective.png, results.json and best_config.yaml;
+    raises TuningError when no trial completed."""
+    project_dir.mkdir(parents=True, exist_ok=True)
+    completed = [r for r in records if r["status"] == "COMPLETED" and r["score"] is not None]
+    best = max(completed, key=lambda r: r["score"]) if completed else None
+    paths = {
+        "summary": str(project_dir / "summary.md"),
+        "plot": str(project_dir / "objective.png"),
+        "results": str(project_dir / "results.json"),
+        "best_config": str(project_dir / "best_config.yaml") if best else None,
+    }
+    Path(paths["summary"]).write_text(summary_markdown(tuning, space, records, best))
+    plot_objective(records, paths["plot"], title=f"{tuning.project}: {OBJECTIVE} per trial")
+    if best is not None:
+        best_config = space.apply(base, best["values"])
+        best_config.name = f"{base.name}_tuned"
+        best_config.train.output_dir = f"runs/{tuning.project}_best"
+        write_best_config(best_config, paths["best_config"], tuning, best, len(records))
+    results = {
+        "project": tuning.project,
+        "tuner": tuning.tuner,
+        "objective": {"name": OBJECTIVE, "direction": "max"},
+        "search_space": space.source,
+        "trials": records,
+        "best": best,
+        **paths,
+    }
+    Path(paths["results"]).write_text(json.dumps(results, indent=2, default=str))
+    if not records:
+        raise TuningError(f"search {tuning.project}: no trial ran (see {project_dir})")
+    if best is None:
+        first = records[0]
+        raise TuningError(
+            f"search {tuning.project}: all {len(records)} trials failed; first error "
+            f"(trial {first['trial_id']}, {first['status']}):\n{first['message'] or '(no message)'}"
+        )
+    failed = [r for r in records if r["status"] != "COMPLETED"]
+    if failed:
+        log.warning("%d of %d trials did not complete; see %s", len(failed), len(records), paths["summary"])
+    return {"trials": records, "best": best, **paths}
+
+
+def write_best_config(config: ExperimentConfig, path, tuning: TuningConfig, best: dict, num_trials: int) -> None:
+    import yaml
+
+    from tfface.config import _plain as plain_config
+
+    header = (
+        f"# Best of {num_trials} trials of tuning project '{tuning.project}' ({tuning.tuner} search):\n"
+        f"# trial {best['trial_id']}, {OBJECTIVE} = {best['score']:.4f}.\n"
+        f"# Train it: tfface train --config {path}\n"
+    )
+    body = yaml.safe_dump(plain_config(config.to_dict()), sort_keys=False)
+    Path(path).write_text(header + body)
+
+
+def _format(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def summary_markdown(tuning: TuningConfig, space: SearchSpace, records: list[dict], best: Optional[dict]) -> str:
+    """Markdown: the search, its best trial, and a table of every trial."""
+    statuses = {}
+    for r in records:
+        statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+    lines = [
+        f"# Tuning results: {tuning.project}",
+        "",
+        f"- tuner: {tuning.tuner}; objective: {OBJECTIVE} (max)",
+        f"- trials: {len(records)} ({', '.join(f'{n} {s.lower()}' for s, n in sorted(statuses.items())) or 'none'})",
+    ]
+    if best is not None:
+        lines.append(f"- best: trial {best['trial_id']}, {OBJECTIVE} = {best['score']:.4f} -> best_config.yaml")
+    lines += ["", "## Trials", ""]
+    names = space.names
+    with_epochs = any("epochs" in r for r in records)
+    header = ["trial", "status", OBJECTIVE] + (["epochs"] if with_epochs else []) + names
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join("---:" if h in (OBJECTIVE, "epochs") else "---" for h in header) + "|")
+    for r in records:
+        row = [r["trial_id"], r["status"].lower(), _format(r["score"])]
+        if with_epochs:
+            row.append(_format(r.get("epochs")))
+        row += [_format(r["values"].get(n)) for n in names]
+        lines.append("| " + " | ".join(row) + " |")
+    failed = [r for r in records if r["status"] != "COMPLETED" and r["message"]]
+    if failed:
+        lines += ["", "## Errors", ""]
+        lines += [f"- trial {r['trial_id']}: `{_first_error(r['message'])}`" for r in failed]
+    lines += ["", "## Search space", "", space.to_markdown(), ""]
+    return "\n".join(lines)
+
+
+def plot_objective(records: list[dict], path, title: str) -> None:
+    """PNG of the objective against trial number, with the best so far."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    done = [(int(r["trial_id"]), r["score"]) for r in records if r["score"] is not None]
+    failed = [int(r["trial_id"]) for r in records if r["score"] is None]
+    if done:
+        xs, ys = zip(*done)
+        axes.plot(xs, ys, "o", label="trial")
+        best, running = [], -math.inf
+        for y in ys:
+            running = max(running, y)
+            best.append(running)
+        axes.step(xs, best, where="post", label="best so far")
+    if failed:
+        floor = min((y for _, y in done), default=0.0)
+        axes.plot(failed, [floor] * len(failed), "x", color="red", label="failed")
+    from matplotlib.ticker import MaxNLocator
+
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_xlabel("trial")
+    axes.set_ylabel(OBJECTIVE)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    if done or failed:
+        axes.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+# --- CLI ----------------------------------------------------------------------------
+
+
+def tune_main(args) -> dict:
+    """`tfface tune --config FILE`."""
+    summary = run_search(args.config)
+    if summary["role"] == "worker":
+        print(f"worker {summary['tuner_id']} ran trials {summary['trials_run']}")
+        return summary
+    best = summary["best"]
+    print(
+        f"{len(summary['trials'])} trials; best trial {best['trial_id']}: "
+        f"{OBJECTIVE} = {best['score']:.4f}"
+    )
+    print(f"best config: {summary['best_config']}  (train it: tfface train --config {summary['best_config']})")
+    print(f"summary: {summary['summary']}; plot: {summary['plot']}")
+    return summary
