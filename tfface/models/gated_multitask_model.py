@@ -43,6 +43,9 @@ class GatedMultiTaskModel(MultiTaskFaceModel):
             name="center_loss",
         )
         self.center_loss.build((None, len(self.schema), self.model_config.embedding_dim))
+        # Without the loss the centers get no gradient; freeze them rather
+        # than have the optimizer warn about them every step.
+        self.center_loss.trainable = self.model_config.center_loss_weight > 0
 
     def build_graph(self, schema, config):
         # === Layers and functional model ===

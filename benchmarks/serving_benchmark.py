@@ -1,0 +1,658 @@
+"""Serving speed: in-process Keras vs SavedModel vs gRPC, batching, load.
+
+All in one run, on one exported model (default: an untrained gated model,
+fused schema, 64 px; speed does not depend on training), with 112x112 JPEG
+face crops as the request bytes (real UTKFace faces when the shared data is
+there, synthetic faces otherwise):
+
+1. Latency and throughput at batch 1, 8 and 32 of
+   (a) the Keras model in process on decoded float images, both as a
+       `tf.function` of the model call (the baseline of the targets: the
+       fastest in-process path) and as `model.predict_on_batch`;
+   (b) the SavedModel in process through `serving_default` (bytes: decode,
+       crop and resize included) and `serving_uint8`;
+   (c) gRPC through `LocalModelServer` on 127.0.0.1, batching on and off,
+       with a raw PredictionService stub and prebuilt requests so client
+       Python is not measured.
+   Targets: SavedModel bytes <= 1.15x Keras (tf.function) at every batch
+   size; gRPC at batch 32 <= 1.2x the in-process SavedModel.
+2. Concurrency 1, 8 and 32 of single-image requests (one thread and one
+   channel per client, closed loop), batching on vs off: requests/s, p50
+   and p99 latency. Target: at 32 clients batching gives >= 3x the
+   throughput of no batching.
+3. A load run of 10,000 single-image requests from 32 clients (batching
+   on): errors (target 0) and the process RSS (the server runs in this
+   process) before and after warm-up and at the end (target: < 10% growth
+   after warm-up).
+
+Configurations are interleaved in rounds and medians are reported, because
+the machine is shared and its load drifts. Clients and server share this
+process (and its GIL) and the machine's cores, as a sidecar client would.
+
+Run: python benchmarks/serving_benchmark.py [--quick] [--model PATH.keras]
+Writes benchmarks/results/serving.json and docs/serving_benchmark.md.
+"""
+
+import argparse
+import io
+import itertools
+import os
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from common import print_table
+from common import time_call
+from common import write_results
+
+import numpy as np
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "serving_benchmark.md"
+MODEL_NAME = "tfface"
+FACE_SIDE = 112
+TARGETS = {
+    "savedmodel_bytes_vs_keras": 1.15,
+    "grpc_batch32_vs_savedmodel": 1.2,
+    "batching_throughput_gain_c32": 3.0,
+    "load_errors": 0,
+    "rss_growth_after_warmup": 0.10,
+}
+
+
+# --- inputs -------------------------------------------------------------------------
+
+
+def face_jpegs(count, seed=0):
+    """`count` 112x112 JPEG face crops (bytes) and where they came from."""
+    from PIL import Image
+
+    from tfface.data.sources import shared_data_dir
+
+    rng = np.random.default_rng(seed)
+    data = shared_data_dir()
+    utk = data / "utkface" / "images" if data is not None else None
+    if utk is not None and utk.is_dir():
+        files = sorted(utk.glob("*.jpg"))
+        picked = [files[i] for i in rng.choice(len(files), size=count, replace=False)]
+        images = [Image.open(p).convert("RGB") for p in picked]
+        source = "real UTKFace faces (200x200) resized"
+    else:
+        from tfface.data.synthetic import generate_synthetic_faces
+
+        faces = generate_synthetic_faces(count, image_size=FACE_SIDE, seed=seed)
+        images = [Image.fromarray(im) for im in faces.images]
+        source = "synthetic faces (real data not found)"
+    payloads = []
+    for image in images:
+        buffer = io.BytesIO()
+        image.resize((FACE_SIDE, FACE_SIDE), Image.Resampling.BILINEAR).save(buffer, format="JPEG", quality=90)
+        payloads.append(buffer.getvalue())
+    return payloads, f"{count} {FACE_SIDE}x{FACE_SIDE} JPEG crops of {source}"
+
+
+def decoded(payloads, image_size):
+    """The float32 (N, S, S, 3) images the bytes signature computes internally."""
+    import tensorflow as tf
+
+    from tfface.data.image_ops import decode_image, preprocess_image
+
+    return np.stack([preprocess_image(decode_image(tf.constant(p)), image_size).numpy() for p in payloads])
+
+
+# --- gRPC helpers ---------------------------------------------------------------------
+
+
+def predict_request(payloads, signature="serving_default"):
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = MODEL_NAME
+    request.model_spec.signature_name = signature
+    request.inputs["images"].CopyFrom(tf.make_tensor_proto(list(payloads), dtype=tf.string, shape=[len(payloads)]))
+    return request
+
+
+def open_stub(port):
+    import grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    channel = grpc.insecure_channel(
+        f"127.0.0.1:{port}",
+        options=[("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)],
+    )
+    grpc.channel_ready_future(channel).result(timeout=30)
+    return channel, prediction_service_pb2_grpc.PredictionServiceStub(channel)
+
+
+def closed_loop(port, requests, concurrency, total, expected_outputs, timeout_s=30.0, deadline_s=900.0):
+    """`total` requests from `concurrency` clients, each sending its next request
+    when the last answer arrives. Returns throughput, latencies and errors."""
+    import grpc
+
+    clients = [open_stub(port) for _ in range(concurrency)]
+    counter = itertools.count()
+    latencies = [[] for _ in range(concurrency)]
+    errors = [[] for _ in range(concurrency)]
+    stop_at = time.monotonic() + deadline_s
+    barrier = threading.Barrier(concurrency + 1)
+
+    def client(k):
+        stub = clients[k][1]
+        barrier.wait()
+        while time.monotonic() < stop_at:
+            i = next(counter)  # atomic under the GIL
+            if i >= total:
+                return
+            start = time.perf_counter()
+            try:
+                response = stub.Predict(requests[i % len(requests)], timeout=timeout_s)
+            except grpc.RpcError as e:
+                errors[k].append(f"{e.code().name}: {e.details()}")
+                continue
+            latencies[k].append(time.perf_counter() - start)
+            if len(response.outputs) != expected_outputs:
+                errors[k].append(f"answer with {len(response.outputs)} outputs, expected {expected_outputs}")
+
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - start
+    for channel, _ in clients:
+        channel.close()
+    all_latencies = np.array([x for per in latencies for x in per])
+    all_errors = [x for per in errors for x in per]
+    answered = len(all_latencies)
+    return {
+        "requests": total,
+        "answered": answered,
+        "not_sent": max(0, total - answered - len(all_errors)),
+        "errors": len(all_errors),
+        "error_examples": sorted(set(all_errors))[:5],
+        "seconds": seconds,
+        "requests_per_s": answered / seconds if seconds > 0 else 0.0,
+        "latencies": all_latencies,
+    }
+
+
+def server_breakdown(server, request, repeats):
+    """Median ms of the steps of `LocalModelServer.predict` for one request
+    (batching off): the model call, and turning its outputs into the answer's
+    TensorProtos (one `tf.make_tensor_proto` per output, as the server does)."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+
+    servable = server.resolve(request.model_spec)
+    signature = server._signature(servable, request.model_spec.signature_name)
+    arrays, _ = server._parse_inputs(signature, request.inputs)
+    outputs = signature(arrays)
+
+    def build_answer():
+        response = predict_pb2.PredictResponse()
+        for key in signature.outputs:
+            response.outputs[key].CopyFrom(tf.make_tensor_proto(outputs[key]))
+        return response
+
+    steps = {
+        "LocalModelServer.predict, whole (batching off)": lambda: server.predict(request),
+        "parse and check the request": lambda: server._parse_inputs(signature, request.inputs),
+        "model call (serving_default, 1 image)": lambda: signature(arrays),
+        f"build the answer ({len(signature.outputs)} tf.make_tensor_proto)": build_answer,
+    }
+    return [
+        {"step": name, "median_ms": time_call(fn, repeats=repeats, warmup=2)["median_s"] * 1000}
+        for name, fn in steps.items()
+    ]
+
+
+def rss_mb():
+    """Resident memory of this process (VmRSS), in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak, the best left
+
+
+def percentile_ms(latencies, q):
+    return float(np.percentile(latencies, q) * 1000) if len(latencies) else None
+
+
+# --- the benchmark --------------------------------------------------------------------
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--quick", action="store_true", help="a fast smoke run (few repeats, 500-request load run); records nothing"
+    )
+    parser.add_argument("--model", help=".keras model (default: untrained gated model, fused schema, 64 px)")
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--batch-timeout-ms", type=float, default=10.0)
+    parser.add_argument("--repeats", type=int, help="timed calls per configuration and round (default 15; quick 5)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3; quick 1)")
+    parser.add_argument("--load-requests", type=int, help="requests of the load run (default 10000; quick 500)")
+    parser.add_argument("--no-write", action="store_true", help="print only; write no JSON or Markdown")
+    args = parser.parse_args()
+    repeats = args.repeats or (5 if args.quick else 15)
+    rounds = args.rounds or (1 if args.quick else 3)
+    load_total = args.load_requests or (500 if args.quick else 10_000)
+    level_requests = {1: 60, 8: 200, 32: 400} if args.quick else {1: 200, 8: 600, 32: 1500}
+
+    import tensorflow as tf
+
+    from tfface.config import ModelConfig
+    from tfface.export.saved_model import export_saved_model
+    from tfface.schema import get_schema
+    from tfface.serving.server import LocalModelServer
+    from tfface.training.trainer import build_model
+    from tfface.training.trainer import load_model
+
+    started = time.perf_counter()
+    if args.model:
+        model, model_name = load_model(args.model), args.model
+    else:
+        model = build_model(get_schema("fused"), ModelConfig(image_size=64))
+        model_name = "untrained gated, fused schema, 64 px, widths (32, 64, 128, 256)"
+    image_size = int(model.image_size)
+    payloads, data = face_jpegs(64)
+    floats = decoded(payloads, image_size)
+    uint8s = floats.astype(np.uint8)
+    expected_outputs = 3 * len(model.schema)
+
+    export_root = Path(tempfile.mkdtemp(prefix="tfface_serving_bench_"))
+    servers = {}
+    try:
+        export_dir = export_saved_model(model, export_root, MODEL_NAME, version=1)
+        loaded = tf.saved_model.load(str(export_dir))
+        sig_bytes = loaded.signatures["serving_default"]
+        sig_uint8 = loaded.signatures["serving_uint8"]
+        call = tf.function(lambda x: model({"image": x}, training=False), reduce_retracing=True)
+
+        servers["off"] = LocalModelServer(export_root / MODEL_NAME, port=0, enable_batching=False)
+        servers["on"] = LocalModelServer(
+            export_root / MODEL_NAME,
+            port=0,
+            enable_batching=True,
+            max_batch_size=args.max_batch_size,
+            batch_timeout_ms=args.batch_timeout_ms,
+        )
+        ports = {mode: server.start() for mode, server in servers.items()}
+        max_workers = servers["on"].max_workers
+        stubs = {mode: open_stub(port) for mode, port in ports.items()}
+
+        # 1. Latency by batch size ------------------------------------------------------
+        batch_rows, ratios = [], {}
+        for batch in (1, 8, 32):
+            x = tf.constant(floats[:batch])
+            xb = tf.constant(payloads[:batch])
+            xu = tf.constant(uint8s[:batch])
+            request = predict_request(payloads[:batch])
+            paths = {
+                "keras tf.function (decoded floats)": lambda: call(x),
+                "keras predict_on_batch (decoded floats)": lambda: model.predict_on_batch({"image": floats[:batch]}),
+                "SavedModel serving_default (bytes)": lambda: sig_bytes(images=xb),
+                "SavedModel serving_uint8": lambda: sig_uint8(images_uint8=xu),
+                "gRPC bytes, batching off": lambda: stubs["off"][1].Predict(request, timeout=60),
+                "gRPC bytes, batching on": lambda: stubs["on"][1].Predict(request, timeout=60),
+            }
+            medians = {name: [] for name in paths}
+            best = {name: [] for name in paths}
+            for r in range(rounds):
+                for name, fn in paths.items():
+                    timing = time_call(fn, repeats=repeats, warmup=3 if r == 0 else 1)
+                    medians[name].append(timing["median_s"])
+                    best[name].append(timing["min_s"])
+            for name in paths:
+                ms = statistics.median(medians[name]) * 1000
+                batch_rows.append(
+                    {
+                        "path": name,
+                        "batch": batch,
+                        "median_ms": ms,
+                        "min_ms": min(best[name]) * 1000,
+                        "images_per_s": batch / ms * 1000,
+                    }
+                )
+            ms = {row["path"]: row["median_ms"] for row in batch_rows if row["batch"] == batch}
+            ratios[f"savedmodel_bytes_vs_keras_b{batch}"] = (
+                ms["SavedModel serving_default (bytes)"] / ms["keras tf.function (decoded floats)"]
+            )
+            ratios[f"savedmodel_bytes_vs_keras_predict_on_batch_b{batch}"] = (
+                ms["SavedModel serving_default (bytes)"] / ms["keras predict_on_batch (decoded floats)"]
+            )
+            for mode in ("off", "on"):
+                ratios[f"grpc_batching_{mode}_vs_savedmodel_b{batch}"] = (
+                    ms[f"gRPC bytes, batching {mode}"] / ms["SavedModel serving_default (bytes)"]
+                )
+            print(f"batch {batch} done ({time.perf_counter() - started:.0f} s)", flush=True)
+        print_table(batch_rows, ["path", "batch", "median_ms", "min_ms", "images_per_s"])
+
+        # Where one single-image request's server time goes (in process, no gRPC).
+        breakdown = server_breakdown(servers["off"], predict_request(payloads[:1]), repeats * rounds)
+        print_table(breakdown, ["step", "median_ms"])
+
+        # 2. Concurrency of single-image requests ----------------------------------------
+        singles = [predict_request([p]) for p in payloads]
+        runs = {}
+        for level, total in level_requests.items():
+            for r in range(rounds):
+                for mode in ("off", "on"):
+                    closed_loop(ports[mode], singles, level, min(total // 4, 8 * level), expected_outputs)  # warm
+                    warm_count = len(servers[mode].batch_sizes(MODEL_NAME, 1)) if mode == "on" else 0
+                    result = closed_loop(ports[mode], singles, level, total, expected_outputs)
+                    if mode == "on":
+                        sizes = servers[mode].batch_sizes(MODEL_NAME, 1)[warm_count:]
+                        result["model_calls"] = len(sizes)
+                        result["mean_batch"] = float(np.mean(sizes)) if sizes else None
+                    runs.setdefault((level, mode), []).append(result)
+            print(f"concurrency {level} done ({time.perf_counter() - started:.0f} s)", flush=True)
+        concurrency_rows = []
+        for (level, mode), results in runs.items():
+            latencies = np.concatenate([r["latencies"] for r in results])
+            concurrency_rows.append(
+                {
+                    "concurrency": level,
+                    "batching": mode,
+                    "requests": sum(r["answered"] for r in results),
+                    "errors": sum(r["errors"] for r in results),
+                    "requests_per_s": statistics.median(r["requests_per_s"] for r in results),
+                    "p50_ms": percentile_ms(latencies, 50),
+                    "p99_ms": percentile_ms(latencies, 99),
+                    "mean_batch": statistics.median(r["mean_batch"] for r in results) if mode == "on" else 1.0,
+                }
+            )
+        concurrency_rows.sort(key=lambda row: (row["concurrency"], row["batching"]))
+        print_table(
+            concurrency_rows,
+            ["concurrency", "batching", "requests", "errors", "requests_per_s", "p50_ms", "p99_ms", "mean_batch"],
+        )
+        throughput = {(row["concurrency"], row["batching"]): row["requests_per_s"] for row in concurrency_rows}
+        for level in level_requests:
+            ratios[f"batching_throughput_gain_c{level}"] = throughput[(level, "on")] / throughput[(level, "off")]
+
+        # 3. Load run -------------------------------------------------------------------------
+        stubs["off"][0].close()
+        servers.pop("off").stop()
+        stubs["on"][0].close()
+        rss_before = rss_mb()
+        warmup_result = closed_loop(ports["on"], singles, 32, 500 if not args.quick else 100, expected_outputs)
+        rss_warm = rss_mb()
+        samples = []
+        done = threading.Event()
+
+        def sample_rss():
+            while not done.wait(0.5):
+                samples.append(rss_mb())
+
+        sampler = threading.Thread(target=sample_rss, daemon=True)
+        sampler.start()
+        load = closed_loop(ports["on"], singles, 32, load_total, expected_outputs, deadline_s=1200.0)
+        done.set()
+        sampler.join()
+        rss_end = rss_mb()
+        load_row = {
+            "requests": load_total,
+            "concurrency": 32,
+            "answered": load["answered"],
+            "errors": load["errors"] + warmup_result["errors"],
+            "not_sent": load["not_sent"],
+            "error_examples": load["error_examples"] + warmup_result["error_examples"],
+            "seconds": load["seconds"],
+            "requests_per_s": load["requests_per_s"],
+            "p50_ms": percentile_ms(load["latencies"], 50),
+            "p99_ms": percentile_ms(load["latencies"], 99),
+            "max_ms": float(load["latencies"].max() * 1000) if len(load["latencies"]) else None,
+            "rss_mb_before_warmup": rss_before,
+            "rss_mb_after_warmup": rss_warm,
+            "rss_mb_peak": max(samples + [rss_end]),
+            "rss_mb_end": rss_end,
+            "rss_growth_after_warmup": (rss_end - rss_warm) / rss_warm,
+            "rss_growth_from_start": (rss_end - rss_before) / rss_before,
+        }
+        print_table([load_row], [k for k in load_row if k != "error_examples"])
+    finally:
+        for server in servers.values():
+            server.stop()
+        shutil.rmtree(export_root, ignore_errors=True)
+
+    goals = evaluate_goals(ratios, load_row, load_total)
+    for goal in goals:
+        print(f"[{'PASS' if goal['pass'] else 'FAIL'}] {goal['goal']}: {goal['measured']}")
+
+    payload = {
+        "mode": "quick" if args.quick else "full",
+        "model": model_name,
+        "data": data,
+        "image_size": image_size,
+        "tasks": len(model.schema),
+        "outputs_per_answer": expected_outputs,
+        "server": {
+            "max_batch_size": args.max_batch_size,
+            "batch_timeout_ms": args.batch_timeout_ms,
+            "max_workers": max_workers,
+            "address": "127.0.0.1 (in this process)",
+        },
+        "repeats": repeats,
+        "rounds": rounds,
+        "latency_by_batch": batch_rows,
+        "single_request_breakdown": breakdown,
+        "concurrency": concurrency_rows,
+        "concurrency_requests_per_round": {str(k): v for k, v in level_requests.items()},
+        "load": load_row,
+        "ratios": ratios,
+        "targets": TARGETS,
+        "goals": goals,
+        "tensorflow": tf.__version__,
+        "load_average_at_end": list(os.getloadavg()),
+        "seconds": time.perf_counter() - started,
+    }
+    print(f"total {payload['seconds']:.0f} s; load average {payload['load_average_at_end']}")
+    text = markdown(payload)
+    if args.quick or args.no_write:
+        print("results not recorded (quick mode or --no-write); run without --quick to record them")
+    else:
+        write_results("serving", payload)
+        DOC.write_text(text)
+        print(f"wrote {DOC}")
+
+
+def evaluate_goals(ratios, load_row, load_total):
+    goals = []
+    for batch in (1, 8, 32):
+        value = ratios[f"savedmodel_bytes_vs_keras_b{batch}"]
+        goals.append(
+            {
+                "goal": f"SavedModel bytes path <= {TARGETS['savedmodel_bytes_vs_keras']}x in-process Keras, batch {batch}",
+                "measured": f"{value:.2f}x",
+                "pass": value <= TARGETS["savedmodel_bytes_vs_keras"],
+            }
+        )
+    for mode in ("on", "off"):
+        value = ratios[f"grpc_batching_{mode}_vs_savedmodel_b32"]
+        goals.append(
+            {
+                "goal": f"gRPC (batching {mode}) at batch 32 <= {TARGETS['grpc_batch32_vs_savedmodel']}x in-process SavedModel",
+                "measured": f"{value:.2f}x",
+                "pass": value <= TARGETS["grpc_batch32_vs_savedmodel"],
+            }
+        )
+    value = ratios["batching_throughput_gain_c32"]
+    goals.append(
+        {
+            "goal": f"32 clients, single images: batching >= {TARGETS['batching_throughput_gain_c32']}x the throughput without",
+            "measured": f"{value:.2f}x",
+            "pass": value >= TARGETS["batching_throughput_gain_c32"],
+        }
+    )
+    goals.append(
+        {
+            "goal": f"load run of {load_total} requests at concurrency 32: 0 errors, all answered",
+            "measured": f"{load_row['errors']} errors, {load_row['answered']} answered",
+            "pass": load_row["errors"] == 0 and load_row["answered"] == load_total,
+        }
+    )
+    growth = load_row["rss_growth_after_warmup"]
+    goals.append(
+        {
+            "goal": f"RSS growth after warm-up < {TARGETS['rss_growth_after_warmup']:.0%}",
+            "measured": f"{growth:+.1%} ({load_row['rss_mb_after_warmup']:.0f} -> {load_row['rss_mb_end']:.0f} MiB)",
+            "pass": growth < TARGETS["rss_growth_after_warmup"],
+        }
+    )
+    return goals
+
+
+def markdown(p):
+    def f(value, digits=3):
+        if value is None:
+            return ""
+        if isinstance(value, float):
+            return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:.0f}"
+        return str(value)
+
+    server = p["server"]
+    lines = [
+        "# Serving benchmark (generated by benchmarks/serving_benchmark.py)",
+        "",
+        f"Run: `python benchmarks/serving_benchmark.py{' --quick' if p['mode'] == 'quick' else ''}` "
+        f"({p['mode']} mode, {p['seconds']:.0f} s). Model: {p['model']}; {p['tasks']} tasks, "
+        f"{p['outputs_per_answer']} output tensors per answer. Request bytes: {p['data']}.",
+        "",
+        f"Machine: {os.cpu_count()} CPU cores, shared with other jobs (load average at the end "
+        f"{', '.join(f'{x:.1f}' for x in p['load_average_at_end'])}); TensorFlow {p['tensorflow']}, no GPU. "
+        "The gRPC server (`LocalModelServer`) and its clients run in one process on 127.0.0.1, so they share "
+        f"the GIL and the two cores. Server: batching up to {server['max_batch_size']} rows, "
+        f"batch timeout {server['batch_timeout_ms']:g} ms, {server['max_workers']} gRPC worker threads. "
+        f"Times are medians of {p['rounds']} interleaved round(s) of {p['repeats']} calls each.",
+        "",
+        "## Goals",
+        "",
+        "| goal | measured | result |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {g['goal']} | {g['measured']} | {'pass' if g['pass'] else '**fail**'} |" for g in p["goals"]]
+    lines += [
+        "",
+        "## 1. Latency by batch size",
+        "",
+        "In-process Keras runs on images already decoded and resized; the SavedModel `serving_default` and gRPC "
+        "rows start from the JPEG bytes (decode, centre crop and resize inside the graph). gRPC uses a raw "
+        "PredictionService stub with a prebuilt request (no client-side Python).",
+        "",
+        "| path | batch | median ms | min ms | images/s |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['path']} | {r['batch']} | {f(r['median_ms'])} | {f(r['min_ms'])} | {f(r['images_per_s'])} |"
+        for r in p["latency_by_batch"]
+    ]
+    ratios = p["ratios"]
+    lines += [
+        "",
+        "| ratio | batch 1 | batch 8 | batch 32 |",
+        "|---|---:|---:|---:|",
+    ]
+    for label, key in (
+        ("SavedModel bytes / Keras tf.function", "savedmodel_bytes_vs_keras_b{}"),
+        ("SavedModel bytes / Keras predict_on_batch", "savedmodel_bytes_vs_keras_predict_on_batch_b{}"),
+        ("gRPC batching off / SavedModel bytes", "grpc_batching_off_vs_savedmodel_b{}"),
+        ("gRPC batching on / SavedModel bytes", "grpc_batching_on_vs_savedmodel_b{}"),
+    ):
+        lines.append(f"| {label} | " + " | ".join(f"{ratios[key.format(b)]:.2f}x" for b in (1, 8, 32)) + " |")
+    lines += [
+        "",
+        "Where one single-image request's time goes inside the server (in process, no gRPC, batching off):",
+        "",
+        "| step | median ms |",
+        "|---|---:|",
+    ]
+    lines += [f"| {r['step']} | {f(r['median_ms'])} |" for r in p["single_request_breakdown"]]
+    lines += [
+        "",
+        "## 2. Concurrent single-image requests",
+        "",
+        "Each client is a thread with its own channel and stub, sending its next request when the answer to "
+        f"the last one arrives (requests per round: {p['concurrency_requests_per_round']}). "
+        "Requests/s is the median over rounds; latencies are pooled over rounds. Mean batch: rows per model call.",
+        "",
+        "| clients | batching | requests | errors | requests/s | p50 ms | p99 ms | mean batch |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['concurrency']} | {r['batching']} | {r['requests']} | {r['errors']} | {f(r['requests_per_s'])} | "
+        f"{f(r['p50_ms'])} | {f(r['p99_ms'])} | {f(r['mean_batch'])} |"
+        for r in p["concurrency"]
+    ]
+    lines += [
+        "",
+        "Throughput with batching / without: "
+        + ", ".join(f"{c} client(s) {ratios[f'batching_throughput_gain_c{c}']:.2f}x" for c in (1, 8, 32))
+        + ".",
+        "",
+        "## 3. Load run",
+        "",
+    ]
+    load = p["load"]
+    lines += [
+        "| requests | clients | answered | errors | seconds | requests/s | p50 ms | p99 ms | max ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {load['requests']} | {load['concurrency']} | {load['answered']} | {load['errors']} | {f(load['seconds'])} | "
+        f"{f(load['requests_per_s'])} | {f(load['p50_ms'])} | {f(load['p99_ms'])} | {f(load['max_ms'])} |",
+        "",
+        "| process RSS (MiB) | before warm-up | after warm-up | peak | end | growth after warm-up |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| server + clients | {load['rss_mb_before_warmup']:.0f} | {load['rss_mb_after_warmup']:.0f} | "
+        f"{load['rss_mb_peak']:.0f} | {load['rss_mb_end']:.0f} | {load['rss_growth_after_warmup']:+.1%} |",
+    ]
+    if load["error_examples"]:
+        lines += ["", "Errors seen: " + "; ".join(load["error_examples"])]
+    lines += ["", "## Reading the numbers", ""] + [f"- {note}" for note in explanations(p)]
+    return "\n".join(lines) + "\n"
+
+
+def explanations(p):
+    """Sentences that tie the goals to the measured costs behind them."""
+    ms = {(r["path"], r["batch"]): r["median_ms"] for r in p["latency_by_batch"]}
+    keras32 = ms[("keras tf.function (decoded floats)", 32)]
+    bytes32 = ms[("SavedModel serving_default (bytes)", 32)]
+    uint8_32 = ms[("SavedModel serving_uint8", 32)]
+    steps = {r["step"].split(" (")[0]: r["median_ms"] for r in p["single_request_breakdown"]}
+    whole = steps["LocalModelServer.predict, whole"]
+    model_1 = steps["model call"]
+    answer = next(v for k, v in steps.items() if k.startswith("build the answer"))
+    c32 = {r["batching"]: r for r in p["concurrency"] if r["concurrency"] == 32}
+    per_request_on = 1000 / c32["on"]["requests_per_s"]
+    notes = [
+        f"Bytes path vs Keras: `serving_uint8`, the same graph without decoding, runs at "
+        f"{uint8_32 / keras32:.2f}x Keras at batch 32, so the export itself adds little; the bytes path's extra "
+        f"{bytes32 - uint8_32:.1f} ms at batch 32 ({(bytes32 - uint8_32) / 32:.2f} ms per image) is JPEG decoding, "
+        f"centre crop and the antialiased resize to {p['image_size']} px, done image by image in a `tf.map_fn`. "
+        f"The {p['image_size']} px model itself costs only {keras32 / 32:.2f} ms per image at batch 32, so "
+        "preprocessing 112 px JPEGs cannot hide inside a 15% margin on this CPU.",
+        f"Batching gain: one single-image request costs the server {whole:.1f} ms in process, of which the model "
+        f"call is {model_1:.1f} ms and building the answer's {p['outputs_per_answer']} TensorProtos with "
+        f"`tf.make_tensor_proto` {answer:.1f} ms. That Python work runs under the GIL, once per request whether "
+        "batched or not, and gRPC handling and the in-process clients add more of the same; batching only "
+        f"amortises the model call. At 32 clients with batching the process spends {per_request_on:.1f} ms per "
+        f"answered request (mean batch {c32['on']['mean_batch']:.1f}), so the throughput gain stays far below 3x: "
+        "the per-request Python cost, not the model, bounds throughput on 2 shared cores.",
+        f"Batching costs latency when the server is idle: a lone request waits up to the batch timeout "
+        f"({p['server']['batch_timeout_ms']:g} ms) for company, visible at batch 1 and 8 and at 1 client.",
+    ]
+    return notes
+
+
+if __name__ == "__main__":
+    main()
