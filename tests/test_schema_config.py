@@ -153,13 +153,11 @@ def test_bad_schema_files_raise_schema_error_naming_the_file(tmp_path):
         get_schema("celeba")["nope"]
 
 
-@pytest.mark.xfail(strict=True, reason="schema.py: a task without 'name' raises TypeError, not SchemaError")
 def test_schema_task_without_name_raises_schema_error():
     with pytest.raises(SchemaError, match="name"):
         Schema.from_dict({"tasks": [{"kind": "binary"}]})
 
 
-@pytest.mark.xfail(strict=True, reason="schema.py: a non-numeric threshold raises a bare float() ValueError")
 def test_schema_non_numeric_threshold_names_the_task():
     with pytest.raises(SchemaError, match="'a'.*threshold"):
         Schema.from_dict({"tasks": [{"name": "a", "threshold": "high"}]})

@@ -231,7 +231,11 @@ class Task:
         for source in self.sources:
             if source not in SOURCE_FORMATS:
                 raise SchemaError(f"task {self.name!r}: unknown source format {source!r} (known: {SOURCE_FORMATS})")
-        if not 0.0 < float(self.threshold) < 1.0:
+        try:
+            threshold = float(self.threshold)
+        except (TypeError, ValueError):
+            raise SchemaError(f"task {self.name!r}: threshold must be a number, got {self.threshold!r}") from None
+        if not 0.0 < threshold < 1.0:
             raise SchemaError(f"task {self.name!r}: threshold must be in (0, 1), got {self.threshold}")
         object.__setattr__(self, "sources", dict(self.sources))
         object.__setattr__(self, "threshold", float(self.threshold))
@@ -357,6 +361,8 @@ class Schema:
             unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(Task)})
             if unknown:
                 raise SchemaError(f"schema task #{i} ({raw.get('name')!r}) has unknown fields {unknown}")
+            if "name" not in raw:
+                raise SchemaError(f"schema task #{i} has no 'name'")
             tasks.append(Task(**raw))
         return cls(tasks, name=data.get("name", "custom"))
 
