@@ -203,19 +203,7 @@ class ExperimentConfig:
 
     @classmethod
     def load(cls, path) -> "ExperimentConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        text = path.read_text()
-        try:
-            if path.suffix == ".json":
-                raw = json.loads(text)
-            else:
-                import yaml
-
-                raw = yaml.safe_load(text)
-        except Exception as e:
-            raise ConfigError(f"{path}: cannot parse ({e})") from None
+        raw = read_structured_file(path, "config file")
         try:
             return cls.from_dict(raw or {})
         except ConfigError as e:
@@ -225,6 +213,25 @@ class ExperimentConfig:
         import yaml
 
         Path(path).write_text(yaml.safe_dump(_plain(self.to_dict()), sort_keys=False))
+
+
+def read_structured_file(path, what: str, error=None):
+    """A YAML or JSON file (by suffix) as data; a missing file or a parse
+    error is reported naming `what` and the path."""
+    error = error or ConfigError
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    text = path.read_text()
+    kind = "JSON" if path.suffix == ".json" else "YAML"
+    try:
+        if kind == "JSON":
+            return json.loads(text)
+        import yaml
+
+        return yaml.safe_load(text)
+    except Exception as e:
+        raise error(f"{path}: cannot parse, not valid {kind} ({e})") from None
 
 
 def _plain(value):

@@ -378,18 +378,9 @@ class Schema:
 
     @classmethod
     def load(cls, path) -> "Schema":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"schema file not found: {path}")
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
+        from tfface.config import read_structured_file
 
-            return cls.from_dict(yaml.safe_load(text))
-        try:
-            return cls.from_json(text)
-        except json.JSONDecodeError as e:
-            raise SchemaError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(read_structured_file(path, "schema file", error=SchemaError))
 
 
 # --- presets ------------------------------------------------------------------

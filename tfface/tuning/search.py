@@ -41,6 +41,7 @@ from typing import Any, Callable, Optional
 
 from tfface.config import ConfigError
 from tfface.config import ExperimentConfig
+from tfface.config import read_structured_file
 from tfface.tuning.search_space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -79,14 +80,7 @@ class TuningConfig:
     @classmethod
     def load(cls, path) -> "TuningConfig":
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"tuning config not found: {path}")
-        import yaml
-
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: cannot parse YAML ({e})") from None
+        raw = read_structured_file(path, "tuning config")
         try:
             return cls.from_dict(raw, source=path)
         except ConfigError as e:

@@ -39,6 +39,7 @@ from tfface.config import ConfigError
 from tfface.config import ExperimentConfig
 from tfface.config import ModelConfig
 from tfface.config import TrainConfig
+from tfface.config import read_structured_file
 
 log = logging.getLogger(__name__)
 
@@ -177,15 +178,7 @@ class SearchSpace:
     # --- loading ------------------------------------------------------------------
     @classmethod
     def load(cls, path) -> "SearchSpace":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"search space file not found: {path}")
-        import yaml
-
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: cannot parse YAML ({e})") from None
+        raw = read_structured_file(path, "search space file")
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
