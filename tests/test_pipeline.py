@@ -1,0 +1,169 @@
+"""The fused tf.data pipeline: masking per source, augmentation consistency, bad files."""
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from tfface.data.pipeline import affine_example
+from tfface.data.pipeline import flip_example
+from tfface.data.pipeline import make_dataset
+from tfface.data.source import FaceSource
+from tfface.schema import MISSING
+from tfface.schema import get_schema
+
+SIZE = 32
+
+
+def _celeba_source(tmp_path, n=6):
+    folder = tmp_path / "celeba"
+    folder.mkdir()
+    paths = []
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        path = folder / f"{i:06d}.jpg"
+        Image.fromarray(rng.integers(0, 255, (44, 36, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    columns = {"Smiling": np.arange(n) % 2, "Male": (np.arange(n) + 1) % 2, "Eyeglasses": np.zeros(n, int)}
+    landmarks = np.tile(np.array([[12, 20], [24, 20], [18, 26], [13, 32], [23, 32]], np.float32), (n, 1, 1))
+    return FaceSource(name="celeba", format="celeba", columns=columns, image_paths=np.array(paths), landmarks=landmarks)
+
+
+def _utk_source(n=5):
+    images = np.full((n, 40, 40, 3), 128, np.uint8)
+    columns = {"age": np.array([1, 5, 25, 45, 80]), "male": np.array([1, 0, 1, 0, 1]), "race": np.array([0, 1, 2, 3, 4])}
+    return FaceSource(name="utk", format="utkface", columns=columns, images=images)
+
+
+def _collect(dataset):
+    xs, ys = [], []
+    for x, y in dataset:
+        xs.append(x["image"].numpy())
+        ys.append({k: v.numpy() for k, v in y.items()})
+    return np.concatenate(xs), {k: np.concatenate([y[k] for y in ys]) for k in ys[0]}
+
+
+def test_fused_stream_masks_every_task_a_source_does_not_label(tmp_path):
+    schema = get_schema("fused")
+    celeba, utk = _celeba_source(tmp_path), _utk_source()
+    images, y = _collect(make_dataset([celeba, utk], schema, SIZE, batch_size=4))
+    assert images.shape == (11, SIZE, SIZE, 3)
+    is_celeba = y["_source"] == 0
+    assert is_celeba.sum() == 6
+    for task in schema:
+        labelled = y[task.name] != MISSING
+        if "celeba" in task.sources and "utkface" in task.sources:
+            assert labelled.all(), task.name  # gender: both label it
+        elif "celeba" in task.sources:
+            assert (labelled == is_celeba).all(), task.name
+        elif "utkface" in task.sources:
+            assert (labelled == ~is_celeba).all(), task.name
+    # Known values pass through: CelebA's Male is the fused `gender`,
+    # UTKFace ages land in the FairFace bins.
+    np.testing.assert_array_equal(y["gender"][is_celeba], celeba.columns["Male"])
+    np.testing.assert_array_equal(y["gender"][~is_celeba], utk.columns["male"])
+    np.testing.assert_array_equal(y["age_group"][~is_celeba], [0, 1, 3, 5, 8])
+    np.testing.assert_array_equal(y["race"][~is_celeba], [0, 1, 2, 3, 4])
+    # Landmarks are known for CelebA rows only; unknown ones are -1.
+    assert (y["_has_landmarks"] == is_celeba).all()
+    assert (y["_landmarks"][~is_celeba] == -1).all()
+
+
+def test_landmarks_follow_the_centre_crop(tmp_path):
+    schema = get_schema("fused")
+    _, y = _collect(make_dataset([_celeba_source(tmp_path)], schema, SIZE, batch_size=6))
+    # 36x44 image: square crop 36x36 from row 4; left eye (12, 20) pixel
+    # index -> ((12 + 0.5) / 36, (20 - 4 + 0.5) / 36).
+    np.testing.assert_allclose(y["_landmarks"][0, 0], [12.5 / 36, 16.5 / 36], atol=1e-6)
+
+
+def test_training_stream_mixes_sources_with_weights_and_has_fixed_epoch_length(tmp_path):
+    schema = get_schema("fused")
+    dataset = make_dataset(
+        [_celeba_source(tmp_path), _utk_source()], schema, SIZE, batch_size=10, training=True,
+        weights=[0.9, 0.1], steps_per_epoch=30, seed=1,
+    )
+    _, y = _collect(dataset)
+    assert len(y["_source"]) == 300
+    share = (y["_source"] == 0).mean()
+    assert 0.8 < share < 0.97
+
+
+def test_flip_mirrors_image_and_landmarks_and_swaps_sides():
+    image = np.zeros((SIZE, SIZE, 3), np.float32)
+    image[5, 3] = 255.0  # a bright pixel left of centre
+    landmarks = np.array([[0.3, 0.4], [0.7, 0.42], [0.5, 0.6], [0.35, 0.8], [0.66, 0.78]], np.float32)
+    y = {"Smiling": tf.constant(1.0), "_landmarks": tf.constant(landmarks), "_has_landmarks": tf.constant(1.0)}
+    flipped, fy = flip_example(tf.constant(image), y)
+    assert flipped.numpy()[5, SIZE - 1 - 3].max() == 255.0
+    assert fy["Smiling"].numpy() == 1.0  # labels unchanged
+    out = fy["_landmarks"].numpy()
+    # Left eye of the flipped face is the mirrored right eye, and so on.
+    np.testing.assert_allclose(out[0], [1 - 0.7, 0.42], atol=1e-6)
+    np.testing.assert_allclose(out[1], [1 - 0.3, 0.4], atol=1e-6)
+    np.testing.assert_allclose(out[2], [0.5, 0.6], atol=1e-6)
+    np.testing.assert_allclose(out[3], [1 - 0.66, 0.78], atol=1e-6)
+    np.testing.assert_allclose(out[4], [1 - 0.35, 0.8], atol=1e-6)
+    # Image-left stays first: the flipped left eye has the smaller x.
+    assert out[0, 0] < out[1, 0] and out[3, 0] < out[4, 0]
+
+
+def test_flip_of_the_group_masks_matches_masks_of_the_flipped_landmarks():
+    from tfface.landmarks.group_masks import group_masks_tf
+
+    landmarks = tf.constant([[0.36, 0.45], [0.62, 0.44], [0.5, 0.6], [0.4, 0.74], [0.6, 0.73]], tf.float32)
+    y = {"_landmarks": landmarks, "_has_landmarks": tf.constant(1.0)}
+    _, fy = flip_example(tf.zeros((SIZE, SIZE, 3)), y)
+    masks = group_masks_tf(landmarks, 16).numpy()
+    flipped_masks = group_masks_tf(fy["_landmarks"], 16).numpy()
+    mirrored = masks[:, ::-1]
+    for g in range(masks.shape[-1]):
+        a, b = mirrored[..., g] > 0.5, flipped_masks[..., g] > 0.5
+        union = (a | b).sum()
+        assert union == 0 or (a & b).sum() / union > 0.9, g
+
+
+def test_affine_moves_landmarks_with_the_image():
+    image = np.zeros((64, 64, 3), np.float32)
+    point = np.array([20.0, 28.0])  # pixel index (x, y)
+    image[int(point[1]), int(point[0])] = 255.0
+    norm = (point + 0.5) / 64
+    y = {"_landmarks": tf.constant(np.tile(norm, (5, 1)).astype(np.float32)), "_has_landmarks": tf.constant(1.0)}
+    warped, wy = affine_example(
+        tf.constant(image), y, tf.constant(1.05), tf.constant(8.0 * math.pi / 180), tf.constant([0.03, -0.02])
+    )
+    brightest = np.unravel_index(np.argmax(warped.numpy()[..., 0]), (64, 64))
+    moved = wy["_landmarks"].numpy()[0] * 64 - 0.5
+    assert abs(moved[0] - brightest[1]) <= 1.0 and abs(moved[1] - brightest[0]) <= 1.0
+
+
+def test_group_masks_are_drawn_only_where_landmarks_are_known(tmp_path):
+    schema = get_schema("fused")
+    dataset = make_dataset([_celeba_source(tmp_path), _utk_source()], schema, SIZE, batch_size=11, with_masks=True)
+    _, y = _collect(dataset)
+    masks = y["_group_masks"]
+    assert masks.shape == (11, SIZE // 4, SIZE // 4, 8)
+    has = y["_has_landmarks"] > 0
+    assert masks[has].sum(axis=(1, 2, 3)).min() > 0
+    assert masks[~has].max() == 0
+
+
+def test_corrupt_image_error_names_the_file(tmp_path):
+    source = _celeba_source(tmp_path)
+    bad = source.image_paths[2]
+    data = open(bad, "rb").read()
+    open(bad, "wb").write(data[: len(data) // 3])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="corrupt or truncated image file: .*000002.jpg"):
+        _collect(make_dataset([source], get_schema("fused"), SIZE, batch_size=4))
+
+
+def test_missing_image_file_error_names_the_file(tmp_path):
+    source = _celeba_source(tmp_path)
+    missing = source.image_paths[1]
+    import os
+
+    os.remove(missing)
+    with pytest.raises(tf.errors.NotFoundError, match="000001.jpg"):
+        _collect(make_dataset([source], get_schema("fused"), SIZE, batch_size=4))
