@@ -155,15 +155,33 @@ def named_folder(name: str) -> Path:
 
 
 def read_folder(root, **kwargs) -> FaceSource:
-    """Reads a folder with the reader for its detected format."""
+    """Reads a folder with the reader for its detected format; landmarks come
+    from the folder, else from an earlier `tfface data annotate` cache."""
     fmt = detect_format(root)
     if fmt == "celeba":
         from tfface.data.celeba import read_celeba_folder
 
-        return read_celeba_folder(root, **kwargs)
-    from tfface.data.utkface import read_utkface_folder
+        source = read_celeba_folder(root, **kwargs)
+    else:
+        from tfface.data.utkface import read_utkface_folder
 
-    return read_utkface_folder(root, **kwargs)
+        source = read_utkface_folder(root, **kwargs)
+    if source.landmarks is None:
+        attach_cached_landmarks(source)
+    return source
+
+
+def attach_cached_landmarks(source: FaceSource) -> None:
+    """Uses landmarks from an earlier `tfface data annotate` run, if any."""
+    from tfface.landmarks.detector import default_landmark_cache
+    from tfface.landmarks.detector import load_landmark_cache
+
+    cache = default_landmark_cache(source.root)
+    if cache.is_file():
+        ids = [Path(p).name for p in source.image_paths]
+        source.landmarks = load_landmark_cache(cache, ids)
+        found = int(np.isfinite(source.landmarks).all(axis=(1, 2)).sum())
+        logger.info("%s: landmarks for %d of %d images from %s", source.name, found, len(source), cache)
 
 
 def _without_folder_options(kwargs: dict) -> dict:

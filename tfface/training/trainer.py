@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from tfface.config import ExperimentConfig
@@ -60,8 +59,6 @@ def load_sources(data_config):
         elif source_config.landmarks:
             options["landmarks_file"] = source_config.landmarks
         source = open_source(source_config.path, **options)
-        if source.landmarks is None and source.root is not None:
-            _attach_cached_landmarks(source)
         if data_config.val_fraction > 0:
             parts = split_source(source, val_fraction=data_config.val_fraction, seed=data_config.split_seed)
             train.append(parts["train"])
@@ -69,19 +66,6 @@ def load_sources(data_config):
         else:
             train.append(source)
     return train, val
-
-
-def _attach_cached_landmarks(source):
-    """Uses landmarks from an earlier `tfface data annotate` run, if any."""
-    from tfface.landmarks.detector import default_landmark_cache
-    from tfface.landmarks.detector import load_landmark_cache
-
-    cache = default_landmark_cache(source.root)
-    if cache.is_file():
-        ids = [Path(p).name for p in source.image_paths]
-        source.landmarks = load_landmark_cache(cache, ids)
-        found = int(np.isfinite(source.landmarks).all(axis=(1, 2)).sum())
-        log.info("%s: landmarks for %d of %d images from %s", source.name, found, len(source), cache)
 
 
 class TimeBudget(keras.callbacks.Callback):
