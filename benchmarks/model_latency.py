@@ -16,6 +16,27 @@ from common import time_call
 from common import write_results
 
 
+def tf_function(model):
+    """The model's forward pass without Keras's per-call predict overhead."""
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        fn = tf.function(lambda x: model(x, training=False))
+        return lambda x: _block(fn(x))
+    return lambda x: _block(model(x, training=False))
+
+
+def _block(outputs):
+    """Waits for the result (asynchronous backends) by reading one value."""
+    import keras
+
+    first = outputs if not isinstance(outputs, dict) else next(iter(outputs.values()))
+    keras.ops.convert_to_numpy(first)
+    return outputs
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--image-size", type=int, default=64)
@@ -42,27 +63,31 @@ def main():
         "gated, static + correlation (full)": dict(type="gated", gate="static", correlation=True),
         "mask-guided, group-global (full)": dict(type="mask_guided", fusion="group_global"),
     }
+    # Build every variant first, then time them in interleaved rounds so a
+    # change in machine load hits all variants alike.
+    built = {}
     rows = []
-    base = None
     for label, overrides in variants.items():
         config = ModelConfig(image_size=args.image_size, backbone=args.backbone, **(overrides or {}))
         try:
-            if overrides is None:
-                model = build_backbone(config)
-                fn = model.predict_on_batch
-                inputs = images
-            else:
-                model = build_model(schema, config)
-                fn = model.predict_on_batch
-                inputs = {"image": images}
+            model = build_backbone(config) if overrides is None else build_model(schema, config)
         except ImportError as e:
             rows.append({"model": label, "error": str(e)})
             continue
-        timing = time_call(lambda: fn(inputs), repeats=args.repeats, warmup=3)
-        ms = timing["median_s"] * 1000
+        inputs = images if overrides is None else {"image": images}
+        call = tf_function(model)
+        for _ in range(3):
+            call(inputs)  # trace and warm up
+        built[label] = (model, call, inputs)
+    samples = {label: [] for label in built}
+    for _ in range(args.repeats):
+        for label, (_, call, inputs) in built.items():
+            samples[label].append(time_call(lambda: call(inputs), repeats=1, warmup=0)["median_s"])
+    base = None
+    for label, (model, _, _) in built.items():
+        ms = float(np.median(samples[label])) * 1000
         base = base or ms
         rows.append({"model": label, "params": model.count_params(), "median_ms": ms, "vs_backbone": ms / base})
-        keras.backend.clear_session()
     print(f"backend {keras.backend.backend()}; {args.backbone} at {args.image_size}px; batch {args.batch}; {len(schema)} tasks")
     print_table(rows, ["model", "params", "median_ms", "vs_backbone", "error"])
     write_results(

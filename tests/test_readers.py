@@ -4,6 +4,7 @@ on tiny fixture folders the tests write themselves."""
 import csv
 import logging
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -443,3 +444,25 @@ def test_prepare_builder_detects_format_and_reuses(utk_csv, tmp_path, no_network
     assert {k: v.num_examples for k, v in builder.info.splits.items()} == {"train": 1, "val": 1}
     again = prepare_builder(str(utk_csv), data_dir=str(tmp_path / "tfds"), val_fraction=0.5)
     assert again.data_dir == builder.data_dir  # same folder and settings: built once
+
+
+def test_folder_sources_pick_up_the_annotation_cache(utk_csv, tmp_path, monkeypatch):
+    from tfface.landmarks.detector import Detection
+    from tfface.landmarks.detector import annotate_folder
+    from tfface.landmarks.detector import default_landmark_cache
+
+    class OneFaceDetector:
+        def detect_batch(self, images):
+            points = np.array([[5, 6], [9, 6], [7, 8], [5, 10], [9, 10]], np.float32)
+            return [[Detection(box=(1, 1, 10, 10), confidence=0.99, landmarks=points)] for _ in images]
+
+    monkeypatch.setenv("TFFACE_CACHE_DIR", str(tmp_path / "cache"))
+    before = open_source(utk_csv)
+    for path in before.image_paths:  # big enough for the detector
+        write_jpeg(Path(path), size=(32, 32))
+    assert before.landmarks is None
+    cache = default_landmark_cache(before.root)
+    annotate_folder(list(before.image_paths), cache, detector=OneFaceDetector(), verbose=False)
+    after = open_source(utk_csv)
+    assert after.landmarks.shape == (len(after), 5, 2)
+    np.testing.assert_allclose(after.landmarks[0, 2], [7, 8])

@@ -264,8 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the main job on synthetic data: generate, train, evaluate, export, serve, query",
     )
     p.add_argument("--workdir", default="runs/demo")
-    p.add_argument("--num-images", type=int, default=3000)
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--num-images", type=int, default=4000)
+    p.add_argument("--epochs", type=int, default=12)
     p.set_defaults(func=_cmd_demo)
     return parser
 

@@ -23,7 +23,7 @@ def _png_bytes(image) -> bytes:
     return buffer.getvalue()
 
 
-def run_demo(workdir="runs/demo", num_images=3000, epochs=6, image_size=64, query_count=4) -> dict:
+def run_demo(workdir="runs/demo", num_images=4000, epochs=12, image_size=64, query_count=4) -> dict:
     from tfface.config import DataConfig
     from tfface.config import ExperimentConfig
     from tfface.config import ModelConfig
