@@ -185,9 +185,10 @@ def closed_loop(port, requests, concurrency, total, expected_outputs, timeout_s=
 def server_breakdown(server, request, repeats):
     """Median ms of the steps of `LocalModelServer.predict` for one request
     (batching off): the model call, and turning its outputs into the answer's
-    TensorProtos (one `tf.make_tensor_proto` per output, as the server does)."""
-    import tensorflow as tf
+    TensorProtos (with the server's own `_fill_tensor`)."""
     from tensorflow_serving.apis import predict_pb2
+
+    from tfface.serving.server import _fill_tensor
 
     servable = server.resolve(request.model_spec)
     signature = server._signature(servable, request.model_spec.signature_name)
@@ -197,14 +198,14 @@ def server_breakdown(server, request, repeats):
     def build_answer():
         response = predict_pb2.PredictResponse()
         for key in signature.outputs:
-            response.outputs[key].CopyFrom(tf.make_tensor_proto(outputs[key]))
+            _fill_tensor(response.outputs[key], outputs[key])
         return response
 
     steps = {
         "LocalModelServer.predict, whole (batching off)": lambda: server.predict(request),
         "parse and check the request": lambda: server._parse_inputs(signature, request.inputs),
         "model call (serving_default, 1 image)": lambda: signature(arrays),
-        f"build the answer ({len(signature.outputs)} tf.make_tensor_proto)": build_answer,
+        f"build the answer ({len(signature.outputs)} output tensors)": build_answer,
     }
     return [
         {"step": name, "median_ms": time_call(fn, repeats=repeats, warmup=2)["median_s"] * 1000}
@@ -642,8 +643,8 @@ def explanations(p):
         f"The {p['image_size']} px model itself costs only {keras32 / 32:.2f} ms per image at batch 32, so "
         "preprocessing 112 px JPEGs cannot hide inside a 15% margin on this CPU.",
         f"Batching gain: one single-image request costs the server {whole:.1f} ms in process, of which the model "
-        f"call is {model_1:.1f} ms and building the answer's {p['outputs_per_answer']} TensorProtos with "
-        f"`tf.make_tensor_proto` {answer:.1f} ms. That Python work runs under the GIL, once per request whether "
+        f"call is {model_1:.1f} ms and building the answer's {p['outputs_per_answer']} TensorProtos "
+        f"{answer:.1f} ms. That Python work runs under the GIL, once per request whether "
         "batched or not, and gRPC handling and the in-process clients add more of the same; batching only "
         f"amortises the model call. At 32 clients with batching the process spends {per_request_on:.1f} ms per "
         f"answered request (mean batch {c32['on']['mean_batch']:.1f}), so the throughput gain stays far below 3x: "
