@@ -51,3 +51,17 @@ def write_results(name, payload):
     path.write_text(json.dumps(payload, indent=2, default=str))
     print(f"wrote {path}")
     return path
+
+
+def model_for_benchmark(path=None):
+    """(model, description): a trained `.keras` model, or the default gated
+    model untrained (speed does not depend on the weights)."""
+    from tfface.config import ModelConfig
+    from tfface.schema import get_schema
+    from tfface.training.trainer import build_model
+    from tfface.models.saving import load_model
+
+    if path:
+        return load_model(path), str(path)
+    model = build_model(get_schema("fused"), ModelConfig(image_size=64))
+    return model, "untrained gated, fused schema, 64 px, widths (32, 64, 128, 256)"

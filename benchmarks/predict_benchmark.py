@@ -31,6 +31,7 @@ from pathlib import Path
 
 from common import print_table
 from common import time_call
+from common import model_for_benchmark
 from common import write_results
 
 import numpy as np
@@ -149,18 +150,10 @@ def main():
     parser.add_argument("--skip-detection-rate", action="store_true")
     args = parser.parse_args()
 
-    from tfface.config import ModelConfig
     from tfface.landmarks import FaceDetector
     from tfface.predict import FaceAnalyzer
-    from tfface.schema import get_schema
-    from tfface.training.trainer import build_model
-    from tfface.training.trainer import load_model
 
-    if args.model:
-        model, model_name = load_model(args.model), args.model
-    else:
-        model = build_model(get_schema("fused"), ModelConfig(image_size=64))
-        model_name = "untrained gated, fused schema, 64 px, widths (32, 64, 128, 256)"
+    model, model_name = model_for_benchmark(args.model)
 
     folder = Path(args.photos_dir) if args.photos_dir else Path(tempfile.mkdtemp(prefix="tfface_predict_bench_"))
     try:

@@ -46,6 +46,7 @@ from pathlib import Path
 
 from common import print_table
 from common import time_call
+from common import model_for_benchmark
 from common import write_results
 
 import numpy as np
@@ -253,19 +254,11 @@ def main():
 
     import tensorflow as tf
 
-    from tfface.config import ModelConfig
     from tfface.export.saved_model import export_saved_model
-    from tfface.schema import get_schema
     from tfface.serving.server import LocalModelServer
-    from tfface.training.trainer import build_model
-    from tfface.training.trainer import load_model
 
     started = time.perf_counter()
-    if args.model:
-        model, model_name = load_model(args.model), args.model
-    else:
-        model = build_model(get_schema("fused"), ModelConfig(image_size=64))
-        model_name = "untrained gated, fused schema, 64 px, widths (32, 64, 128, 256)"
+    model, model_name = model_for_benchmark(args.model)
     image_size = int(model.image_size)
     payloads, data = face_jpegs(64)
     floats = decoded(payloads, image_size)

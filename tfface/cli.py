@@ -117,7 +117,7 @@ def _cmd_evaluate(args):
 
 def _cmd_export(args):
     from tfface.export.saved_model import export_saved_model
-    from tfface.training.trainer import load_model
+    from tfface.models.saving import load_model
 
     model = load_model(args.model)
     path = export_saved_model(model, args.export_root, args.name, version=args.version)

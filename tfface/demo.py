@@ -36,7 +36,7 @@ def run_demo(workdir="runs/demo", num_images=4000, epochs=12, image_size=64, que
     from tfface.serving.client import ServingClient
     from tfface.serving.client import format_results
     from tfface.serving.server import LocalModelServer
-    from tfface.training.trainer import load_model
+    from tfface.models.saving import load_model
     from tfface.training.trainer import train
 
     workdir = Path(workdir)

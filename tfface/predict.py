@@ -194,7 +194,7 @@ class FaceAnalyzer:
         schema = getattr(model, "schema", None)
         if schema is None:
             raise TypeError(
-                f"expected a tfface model with a `schema` (load one with tfface.training.trainer.load_model), "
+                f"expected a tfface model with a `schema` (load one with tfface.models.saving.load_model), "
                 f"got {type(model).__name__}"
             )
         for name, value in (("batch_size", batch_size), ("detection_batch_size", detection_batch_size)):
@@ -436,7 +436,7 @@ def predict_faces(model_or_path, images: Iterable, batch_size: int = 32, detecto
     """Analyses `images` with a model or a `.keras` path; see `FaceAnalyzer.analyze`."""
     model = model_or_path
     if isinstance(model_or_path, (str, Path)):
-        from tfface.training.trainer import load_model
+        from tfface.models.saving import load_model
 
         model = load_model(model_or_path)
     return FaceAnalyzer(model, detector=detector, batch_size=batch_size).analyze(images)
@@ -544,7 +544,7 @@ def predict_main(args) -> int:
     skipped (exit 0); no existing input at all raises FileNotFoundError
     (the CLI exits 2)."""
     paths = expand_inputs(args.inputs)
-    from tfface.training.trainer import load_model
+    from tfface.models.saving import load_model
 
     model = load_model(args.model)
     batch_size = getattr(args, "batch_size", 32) or 32

@@ -612,7 +612,7 @@ def _hair_back(pen, f):
 
 def _hair_front(pen, f, rng):
     """Hair over the scalp above the hairline; bangs bring it over the forehead."""
-    a, b, jaw, hair = f["a"], f["b"], f["jaw"], f["hair"]
+    a, b, hair = f["a"], f["b"], f["hair"]
     x = np.linspace(-a, a, 41)
     top = -b * np.sqrt(np.clip(1 - (x / a) ** 2, 0, 1))
     if f["bangs"]:

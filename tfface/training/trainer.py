@@ -28,7 +28,6 @@ import tensorflow as tf
 
 from tfface.config import ExperimentConfig
 from tfface.data.pipeline import make_dataset
-from tfface.models.saving import load_model  # noqa: F401  (re-exported)
 from tfface.schema import get_schema
 
 log = logging.getLogger(__name__)

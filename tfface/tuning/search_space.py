@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from pathlib import Path
 from typing import Any, Optional
 
 from tfface.config import LOSS_FAMILIES
