@@ -188,7 +188,7 @@ def affine_example(image, y, scale, angle, shift):
     return tf.cast(warped, image.dtype), y
 
 
-def augment_example(image, y, seed=None):
+def augment_example(image, y):
     """Random flip, small affine, colour jitter; labels are unchanged."""
     image = tf.cast(image, tf.float32)
     image, y = tf.cond(
@@ -286,7 +286,3 @@ def make_dataset(
         num_parallel_calls=AUTOTUNE,
     )
     return dataset.prefetch(AUTOTUNE)
-
-
-def steps_for(sources, batch_size) -> int:
-    return max(1, sum(len(s) for s in sources) // batch_size)

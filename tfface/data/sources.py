@@ -109,20 +109,23 @@ def open_source(spec, **kwargs) -> FaceSource:
             `data_dir`, `split`, `max_examples`). Bare names win over a
             same-named folder in the working directory: write "./utkface"
             for the folder.
-        **kwargs: passed to the reader (`skip_bad_rows`, `check_images`, ...).
+        **kwargs: passed to the reader (`skip_bad_rows`, `check_images`,
+            `landmarks_file` for folders; `image_size`, `seed` for synthetic
+            data). Options for another kind of source are dropped, so
+            callers can pass one set for every source.
     """
     if isinstance(spec, FaceSource):
         return spec
     text = os.fspath(spec) if isinstance(spec, os.PathLike) else str(spec)
     if text == "synthetic" or text.startswith("synthetic:"):
-        return _open_synthetic(text, **_without_folder_options(kwargs))
+        return _open_synthetic(text, **_without(kwargs, FOLDER_OPTIONS))
     if text.startswith("tfds:"):
         name = text[len("tfds:"):]
         if name != "celeb_a":
             raise ValueError(f"unsupported TFDS source {text!r}: only 'tfds:celeb_a' is known")
         from tfface.data.tfds_builders import load_official_celeb_a
 
-        return load_official_celeb_a(**_without_folder_options(kwargs))
+        return load_official_celeb_a(**_without(kwargs, FOLDER_OPTIONS + GENERATION_OPTIONS))
     if text in NAMED_FOLDERS and not isinstance(spec, os.PathLike):
         root = named_folder(text)
     else:
@@ -184,10 +187,14 @@ def attach_cached_landmarks(source: FaceSource) -> None:
         logger.info("%s: landmarks for %d of %d images from %s", source.name, found, len(source), cache)
 
 
-def _without_folder_options(kwargs: dict) -> dict:
-    # Options about label rows and image files mean nothing for generated or
-    # TFDS-prepared data; callers (the CLI) may pass them for any source.
-    return {k: v for k, v in kwargs.items() if k not in ("skip_bad_rows", "check_images")}
+# Options that only mean something for one kind of source; callers (the CLI,
+# training, evaluation) may pass them for any source, and the others drop them.
+FOLDER_OPTIONS = ("skip_bad_rows", "check_images", "landmarks_file")
+GENERATION_OPTIONS = ("image_size", "seed")
+
+
+def _without(kwargs: dict, options) -> dict:
+    return {k: v for k, v in kwargs.items() if k not in options}
 
 
 def _open_synthetic(text: str, **kwargs) -> FaceSource:

@@ -69,10 +69,7 @@ def open_sources(specs, image_size=None, split=None, val_fraction=0.15, split_se
         else:
             from tfface.data.sources import open_source
 
-            text = os.fspath(spec)
-            kwargs = {}
-            if image_size and (text == "synthetic" or text.startswith("synthetic:")):
-                kwargs["image_size"] = int(image_size)
+            kwargs = {"image_size": int(image_size)} if image_size else {}
             source = open_source(spec, **kwargs)
         if split is not None:
             source = _split(source, split, val_fraction, split_seed)

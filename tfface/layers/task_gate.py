@@ -51,26 +51,29 @@ class TaskGate(keras.layers.Layer):
             )
             self.excite.build((None, self.hidden_units))
 
-    def gates(self, features):
-        """The gate values (B, K, C) in [0, 1] (ones for "none")."""
-        batch = ops.shape(features)[0]
+    def _gate_values(self, features):
+        """Gates broadcastable to (B, K, C): (1, K, C) for static gates (no
+        per-example copy), (B, K, C) for input-conditioned ones; None for
+        "none"."""
         if self.gate_type == "none":
-            return ops.ones((batch, self.num_tasks, ops.shape(features)[-1]), features.dtype)
+            return None
         logits = ops.expand_dims(self.task_offsets, 0)
         if self.gate_type == "input_conditioned":
             logits = logits + ops.expand_dims(self.excite(self.squeeze(features)), 1)
-        else:
-            logits = ops.broadcast_to(logits, (batch, self.num_tasks, ops.shape(features)[-1]))
         return ops.sigmoid(ops.cast(logits, features.dtype))
+
+    def gates(self, features):
+        """The gate values (B, K, C) in [0, 1] (ones for "none")."""
+        shape = (ops.shape(features)[0], self.num_tasks, ops.shape(features)[-1])
+        values = self._gate_values(features)
+        return ops.ones(shape, features.dtype) if values is None else ops.broadcast_to(values, shape)
 
     def call(self, features):
         expanded = ops.expand_dims(features, 1)  # (B, 1, C)
-        if self.gate_type == "none":
+        values = self._gate_values(features)
+        if values is None:
             return ops.repeat(expanded, self.num_tasks, axis=1)
-        if self.gate_type == "static":
-            # (1, K, C) gates broadcast over the batch: no per-example copy.
-            return ops.expand_dims(ops.sigmoid(ops.cast(self.task_offsets, features.dtype)), 0) * expanded
-        return self.gates(features) * expanded
+        return values * expanded
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.num_tasks, input_shape[-1])

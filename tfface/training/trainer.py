@@ -52,10 +52,8 @@ def load_sources(data_config):
 
     train, val = [], []
     for source_config in data_config.sources:
-        options = {}
-        if source_config.path.startswith("synthetic"):
-            options["image_size"] = data_config.image_size
-        elif source_config.landmarks:
+        options = {"image_size": data_config.image_size}
+        if source_config.landmarks:
             options["landmarks_file"] = source_config.landmarks
         source = open_source(source_config.path, **options)
         if data_config.val_fraction > 0:
