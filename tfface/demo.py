@@ -7,20 +7,11 @@ images -> print the per-face results -> stop the server.
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from pathlib import Path
 
-import numpy as np
-
-
-def _png_bytes(image) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
+from tfface.data.image_ops import encode_png
 
 
 def run_demo(workdir="runs/demo", num_images=4000, epochs=12, image_size=64, query_count=4) -> dict:
@@ -74,7 +65,7 @@ def run_demo(workdir="runs/demo", num_images=4000, epochs=12, image_size=64, que
     try:
         print(f"[5/6] querying {query_count} faces over gRPC at 127.0.0.1:{port}")
         client = ServingClient(f"127.0.0.1:{port}", model_name="tfface_demo", timeout_s=30.0)
-        images = [_png_bytes(held_out.images[i]) for i in range(query_count)]
+        images = [encode_png(held_out.images[i]) for i in range(query_count)]
         results = client.predict(images)
         print("[6/6] per-face results")
         print(format_results(results, names=[f"face {i}" for i in range(query_count)]))

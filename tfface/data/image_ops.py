@@ -33,6 +33,18 @@ def decode_image(data) -> tf.Tensor:
     return image
 
 
+def encode_png(image) -> bytes:
+    """uint8 (H, W, 3) array -> PNG bytes (lossless, so decoding gives it back)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def preprocess_image(image, size: int) -> tf.Tensor:
     """uint8 (H, W, 3) -> float32 (size, size, 3) with values in 0..255.
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import io
 import os
 import re
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
+from tfface.data.image_ops import encode_png
 from tfface.data.source import LANDMARK_COLUMNS, DataError, FaceSource
 from tfface.data.splits import DEFAULT_SEED, partition_indices, split_indices
 
@@ -189,7 +189,7 @@ class _FaceSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
             i = int(i)
             # In-memory images go in as PNG bytes encoded with PIL: TFDS would
             # otherwise start a TensorFlow session per builder to encode them.
-            image = _png_bytes(source.images[i]) if source.images is not None else str(source.image_paths[i])
+            image = encode_png(source.images[i]) if source.images is not None else str(source.image_paths[i])
             yield image_ids[i], {
                 "image": image,
                 "image_id": image_ids[i],
@@ -197,14 +197,6 @@ class _FaceSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
                 "landmarks": nan if source.landmarks is None else np.asarray(source.landmarks[i], np.float32),
                 "identity": -1 if source.identities is None else int(source.identities[i]),
             }
-
-
-def _png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 class _FolderBuilder(_FaceSourceBuilder, skip_registration=True):
