@@ -300,6 +300,10 @@ def test_format_detection(celeba_csv, celeba_txt, utk_names, utk_csv, tmp_path):
     assert detect_format(utk_csv) == "utkface"
     assert open_source(str(utk_names)).format == "utkface"
     assert len(open_source(celeba_txt)) == 3
+    # Training passes one option set to every source; folders drop the
+    # synthetic-only options instead of failing on them.
+    assert len(open_source(celeba_txt, image_size=64, seed=3, skip_bad_rows=False)) == 3
+    assert open_source(str(utk_names), image_size=64).format == "utkface"
     other = tmp_path / "holiday_photos"
     write_jpeg(other / "beach.jpg")
     with pytest.raises(DataError, match=r"cannot tell the format.*attributes\.csv or list_attr_celeba\.txt.*labels\.csv"):

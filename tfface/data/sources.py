@@ -135,7 +135,7 @@ def open_source(spec, **kwargs) -> FaceSource:
                 f"data folder not found: {root} (named sources: synthetic[:N], "
                 f"{', '.join(NAMED_FOLDERS)}, tfds:celeb_a)"
             )
-    return read_folder(root, **kwargs)
+    return read_folder(root, **_without(kwargs, GENERATION_OPTIONS))
 
 
 def named_folder(name: str) -> Path:
