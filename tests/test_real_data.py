@@ -87,3 +87,20 @@ def test_bad_copy_of_real_labels_names_line(data_dir, tmp_path):
     (tmp_path / "attributes.csv").write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=r"attributes\.csv, line 11: column .* is '7'"):
         open_source(tmp_path)
+
+
+@pytest.mark.parametrize("config_name", ["gated_real.yaml", "mask_guided_real.yaml"])
+def test_shipped_real_configs_open_their_sources(data_dir, config_name):
+    """What `tfface train --config configs/*_real.yaml` does before the first
+    step: every source opens with the options training passes, and splits."""
+    from pathlib import Path
+
+    from tfface.config import ExperimentConfig
+    from tfface.training.trainer import load_sources
+
+    config = ExperimentConfig.load(Path(__file__).resolve().parents[1] / "configs" / config_name)
+    for source in config.data.sources:
+        _needs(data_dir, source.path)
+    train, val = load_sources(config.data)
+    assert [s.format for s in train] == ["celeba", "celeba", "utkface"]
+    assert sum(map(len, train)) + sum(map(len, val)) == 2100 + 4900 + 6845
