@@ -181,3 +181,27 @@ def test_logits_match_public_outputs():
     assert_allclose_tree(out["never_labelled"], 1.0 / (1.0 + np.exp(-logits[:, 1])), atol=1e-6)
     e = np.exp(logits[:, 2:5] - logits[:, 2:5].max(axis=1, keepdims=True))
     assert_allclose_tree(out["age_group"], e / e.sum(axis=1, keepdims=True), atol=1e-6)
+
+
+def test_correlation_starts_from_training_label_phi():
+    from tfface.data.sources import open_source
+    from tfface.models.multitask_model import logit_blocks
+    from tfface.schema import get_schema
+    from tfface.training.trainer import training_labels
+
+    schema = get_schema("synthetic")
+    source = open_source("synthetic:300", image_size=32, seed=0)
+    labels = training_labels(schema, [source])
+    model = GatedMultiTaskModel(schema=schema, config=tiny_config(correlation_init="label_correlation"))
+    model.init_correlation_from_labels(labels)
+    c = to_numpy(model.get_layer("correlation").correlation)
+    starts = {t.name: start for t, (start, _) in zip(schema, logit_blocks(schema))}
+    names = [t.name for t in schema.binary_tasks]
+    pairs = [(a, b) for a in names for b in names if a != b]
+    a, b = max(pairs, key=lambda p: abs(np.corrcoef(labels[p[0]], labels[p[1]])[0, 1]))
+    phi = np.corrcoef(labels[a], labels[b])[0, 1]
+    assert abs(phi) > 0.05  # the synthetic attributes are correlated
+    np.testing.assert_allclose(c[starts[a], starts[b]], 0.1 * phi, rtol=1e-4)
+    np.testing.assert_allclose(c[starts[a], starts[a]], 0.0)
+    with pytest.raises(ValueError, match="no correlation layer"):
+        GatedMultiTaskModel(schema=schema, config=tiny_config(correlation=False)).init_correlation_from_labels(labels)

@@ -193,6 +193,7 @@ def test_unknown_config_keys_are_refused_by_name(raw, key):
         ({"model": {"gate": "sometimes"}}, "model.gate.*'sometimes'"),
         ({"model": {"backbone": "vgg16"}}, "model.backbone.*'vgg16'"),
         ({"model": {"fusion": "concat"}}, "model.fusion"),
+        ({"model": {"correlation_init": "phi"}}, "model.correlation_init.*'phi'"),
         ({"train": {"optimizer": "lion"}}, "train.optimizer.*'lion'"),
         ({"train": {"strategy": "tpu"}}, "train.strategy"),
         ({"train": {"epochs": 0}}, "train.epochs"),

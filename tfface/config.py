@@ -75,6 +75,10 @@ class ModelConfig:
     gate_init: float = 2.0
     gate_hidden: int = 64
     correlation: bool = True
+    # "identity" (C = 0) or "label_correlation": C starts from the phi
+    # coefficients of the training labels, times correlation_init_scale.
+    correlation_init: str = "identity"
+    correlation_init_scale: float = 0.1
     center_loss_weight: float = 0.01
     center_update_rate: float = 0.5
     # Mask-guided network.
@@ -92,6 +96,7 @@ class ModelConfig:
         _check_choice("model.gate", self.gate, GATE_TYPES)
         _check_choice("model.backbone", self.backbone, BACKBONES)
         _check_choice("model.fusion", self.fusion, ("global", "group", "group_global"))
+        _check_choice("model.correlation_init", self.correlation_init, ("identity", "label_correlation"))
         if self.image_size < 32 or self.image_size % 16:
             raise ConfigError(f"model.image_size must be a multiple of 16 and >= 32, got {self.image_size}")
         if not 0.0 <= self.dropout < 1.0:
@@ -99,7 +104,7 @@ class ModelConfig:
         for key in ("embedding_dim", "gate_hidden"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"model.{key} must be positive")
-        for key in ("center_loss_weight", "center_update_rate", "mask_loss_weight"):
+        for key in ("center_loss_weight", "center_update_rate", "mask_loss_weight", "correlation_init_scale"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"model.{key} must be >= 0, got {getattr(self, key)}")
         for key, value in self.loss_weights.items():

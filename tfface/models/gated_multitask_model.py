@@ -8,6 +8,7 @@ leaves open.
 """
 
 import keras
+import numpy as np
 
 from tfface.layers.center_loss import CenterLoss
 from tfface.layers.correlation_refinement import CorrelationRefinement
@@ -15,6 +16,7 @@ from tfface.layers.task_gate import TaskGate
 from tfface.layers.task_heads import TaskHeads
 from tfface.models.backbones import build_backbone
 from tfface.models.multitask_model import MultiTaskFaceModel
+from tfface.models.multitask_model import logit_blocks
 from tfface.models.multitask_model import output_sizes
 from tfface.models.multitask_model import task_outputs
 
@@ -75,3 +77,24 @@ class GatedMultiTaskModel(MultiTaskFaceModel):
         outputs["_logits"] = logits
         outputs["_embeddings"] = embeddings
         return {"image": image}, outputs
+
+    def init_correlation_from_labels(self, labels, scale=None):
+        """Starts the correlation layer from label co-occurrence.
+
+        Args:
+            labels: task name -> (N,) labels with -1 where missing, as
+                `Schema.encode_labels` gives them (binary tasks are used).
+            scale: multiplies the phi coefficients (default: the config's
+                `correlation_init_scale`).
+        """
+        if not self.model_config.correlation:
+            raise ValueError("this model has no correlation layer (model.correlation is false)")
+        blocks = logit_blocks(self.schema)
+        rows = len(next(iter(labels.values())))
+        matrix = np.full((rows, blocks[-1][1]), np.nan)
+        for task, (start, _) in zip(self.schema, blocks):
+            if task.is_binary and task.name in labels:
+                values = np.asarray(labels[task.name], np.float64)
+                matrix[:, start] = np.where(values < 0, np.nan, values)
+        scale = self.model_config.correlation_init_scale if scale is None else scale
+        self.get_layer("correlation").set_from_label_correlation(matrix, scale=scale)

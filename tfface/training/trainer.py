@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tfface.config import ExperimentConfig
@@ -63,6 +64,12 @@ def load_sources(data_config):
         else:
             train.append(source)
     return train, val
+
+
+def training_labels(schema, sources) -> dict:
+    """Task name -> labels of every training example (-1 where missing)."""
+    parts = [schema.encode_labels(s.format, s.columns, len(s)) for s in sources]
+    return {task.name: np.concatenate([p[task.name] for p in parts]) for task in schema}
 
 
 class TimeBudget(keras.callbacks.Callback):
@@ -165,6 +172,8 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
     with strategy.scope():
         model = build_model(schema, config.model)
         optimizer = _optimizer(config, train_ds)
+        if config.model.type == "gated" and config.model.correlation_init == "label_correlation":
+            model.init_correlation_from_labels(training_labels(schema, train_sources))
         model.compile(optimizer=optimizer)
         if config.train.strategy == "multi_worker":
             _rank_one_logs(model)
