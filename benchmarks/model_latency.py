@@ -44,6 +44,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--backbone", default="small_cnn")
     parser.add_argument("--schema", default="fused")
+    parser.add_argument(
+        "--embedding-dim", type=int, default=64, help="per-task embedding of the gated variants (64 in configs/)"
+    )
+    parser.add_argument(
+        "--extra-embedding-dims", default="", help="comma list: full gated model again at these embedding sizes"
+    )
     args = parser.parse_args()
 
     import keras
@@ -63,12 +69,17 @@ def main():
         "gated, static + correlation (full)": dict(type="gated", gate="static", correlation=True),
         "mask-guided, group-global (full)": dict(type="mask_guided", fusion="group_global"),
     }
+    for dim in filter(None, args.extra_embedding_dims.split(",")):
+        variants[f"gated, full, embedding {int(dim)}"] = dict(
+            type="gated", gate="static", correlation=True, embedding_dim=int(dim)
+        )
     # Build every variant first, then time them in interleaved rounds so a
     # change in machine load hits all variants alike.
     built = {}
     rows = []
     for label, overrides in variants.items():
-        config = ModelConfig(image_size=args.image_size, backbone=args.backbone, **(overrides or {}))
+        overrides_with_dim = {"embedding_dim": args.embedding_dim, **(overrides or {})}
+        config = ModelConfig(image_size=args.image_size, backbone=args.backbone, **overrides_with_dim)
         try:
             model = build_backbone(config) if overrides is None else build_model(schema, config)
         except ImportError as e:
@@ -88,11 +99,16 @@ def main():
         ms = float(np.median(samples[label])) * 1000
         base = base or ms
         rows.append({"model": label, "params": model.count_params(), "median_ms": ms, "vs_backbone": ms / base})
-    print(f"backend {keras.backend.backend()}; {args.backbone} at {args.image_size}px; batch {args.batch}; {len(schema)} tasks")
+    print(
+        f"backend {keras.backend.backend()}; {args.backbone} at {args.image_size}px; batch {args.batch}; "
+        f"{len(schema)} tasks; embedding {args.embedding_dim}"
+    )
     print_table(rows, ["model", "params", "median_ms", "vs_backbone", "error"])
+    suffix = "" if args.backbone == "small_cnn" else f"_{args.backbone}"
     write_results(
-        f"model_latency_{keras.backend.backend()}_{args.image_size}",
-        {"image_size": args.image_size, "batch": args.batch, "backbone": args.backbone, "rows": rows,
+        f"model_latency_{keras.backend.backend()}_{args.image_size}{suffix}",
+        {"image_size": args.image_size, "batch": args.batch, "backbone": args.backbone,
+         "embedding_dim": args.embedding_dim, "rows": rows,
          "targets": {"gated": 1.05, "mask_guided": 1.6}},
     )
 

@@ -132,11 +132,14 @@ def score_config(config, data, epochs, seed):
     from tfface.training.trainer import _mixed_precision
     from tfface.training.trainer import _optimizer
     from tfface.training.trainer import build_model
+    from tfface.training.trainer import needs_training_labels
 
     keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
     _mixed_precision(config.train.mixed_precision)
     model = build_model(get_schema(config.data.schema), config.model)
+    if needs_training_labels(config.model):
+        model.init_correlation_from_labels(data.train_labels)
     schedule = copy.deepcopy(config)
     schedule.train.epochs = epochs
     schedule.train.steps_per_epoch = data.steps_per_epoch

@@ -17,12 +17,16 @@ import sys
 import time
 from pathlib import Path
 
+import keras
 import keras_tuner as kt
+import numpy as np
 import pytest
 import yaml
 
 from tfface.config import ConfigError
 from tfface.config import ExperimentConfig
+from tfface.data.sources import open_source
+from tfface.training.trainer import training_labels
 from tfface.tuning import search as search_module
 from tfface.tuning.hypermodels import FaceHyperModel
 from tfface.tuning.hypermodels import hypermodel_for
@@ -103,7 +107,7 @@ def test_shipped_search_space_builds_a_model_for_sampled_values(model_type, swit
     hypermodel = hypermodel_for(base, space, steps_per_epoch=4, schedule_epochs=1)
     choices = {"gated": ["none", "static", "input_conditioned"], "mask_guided": ["group_global", "group", "global"]}
     for seed, value in enumerate(choices[model_type]):
-        hp = _sample(space, {switch: value}, seed)
+        hp = _sample(space, {switch: value, "correlation_init": "identity"}, seed)
         config = hypermodel.trial_config(hp)
         model = hypermodel.build(hp)
         assert getattr(model.model_config, switch) == value
@@ -112,6 +116,14 @@ def test_shipped_search_space_builds_a_model_for_sampled_values(model_type, swit
         assert config.train.learning_rate == pytest.approx(hp.values["learning_rate"])
         assert set(base.model.loss_weights) == set()  # the base config is never modified
         assert "Smiling" in model.output_names or "Smiling" in model.output
+        if model_type == "gated":
+            # Sampled label_correlation starts need the training labels.
+            hp.values.update(correlation=True, correlation_init="label_correlation")
+            with pytest.raises(ConfigError, match="needs the training labels"):
+                hypermodel.build(hp)
+            labels = training_labels(hypermodel.schema, [open_source("synthetic:200", image_size=32)])
+            started = hypermodel_for(base, space, train_labels=labels).build(hp)
+            assert np.abs(keras.ops.convert_to_numpy(started.get_layer("correlation").correlation)).max() > 0.005
         # The trial config round-trips as an experiment config.
         again = ExperimentConfig.from_dict(config.to_dict())
         assert getattr(again.model, switch) == value

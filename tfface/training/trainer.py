@@ -66,6 +66,15 @@ def load_sources(data_config):
     return train, val
 
 
+def needs_training_labels(model_config) -> bool:
+    """Whether the model starts from label statistics (correlation_init)."""
+    return (
+        model_config.type == "gated"
+        and model_config.correlation
+        and model_config.correlation_init == "label_correlation"
+    )
+
+
 def training_labels(schema, sources) -> dict:
     """Task name -> labels of every training example (-1 where missing)."""
     parts = [schema.encode_labels(s.format, s.columns, len(s)) for s in sources]
@@ -172,7 +181,7 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
     with strategy.scope():
         model = build_model(schema, config.model)
         optimizer = _optimizer(config, train_ds)
-        if config.model.type == "gated" and config.model.correlation_init == "label_correlation":
+        if needs_training_labels(config.model):
             model.init_correlation_from_labels(training_labels(schema, train_sources))
         model.compile(optimizer=optimizer)
         if config.train.strategy == "multi_worker":

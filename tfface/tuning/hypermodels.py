@@ -41,7 +41,7 @@ class FaceHyperModel(keras_tuner.HyperModel):
     model_type = None
 
     def __init__(self, base_config: ExperimentConfig, search_space: SearchSpace, steps_per_epoch=1,
-                 schedule_epochs=1, name=None):
+                 schedule_epochs=1, train_labels=None, name=None):
         super().__init__(name=name or f"{self.model_type}_hypermodel")
         if base_config.model.type != self.model_type:
             raise ConfigError(
@@ -55,6 +55,7 @@ class FaceHyperModel(keras_tuner.HyperModel):
         self.schema = get_schema(base_config.data.schema)
         self.steps_per_epoch = max(1, int(steps_per_epoch))
         self.schedule_epochs = max(1, int(schedule_epochs))
+        self.train_labels = train_labels
 
     def declare_hyperparameters(self, hp):
         self.search_space.declare(hp)
@@ -68,12 +69,17 @@ class FaceHyperModel(keras_tuner.HyperModel):
         from tfface.training.trainer import _mixed_precision
         from tfface.training.trainer import _optimizer
         from tfface.training.trainer import build_model
+        from tfface.training.trainer import needs_training_labels
 
         config = self.trial_config(hp)
         # KerasTuner clears the Keras session before each build, which also
         # resets the dtype policy: set it again.
         _mixed_precision(config.train.mixed_precision)
         model = build_model(self.schema, config.model)
+        if needs_training_labels(config.model):
+            if self.train_labels is None:
+                raise ConfigError("model.correlation_init 'label_correlation' needs the training labels (train_labels)")
+            model.init_correlation_from_labels(self.train_labels)
         # The trial's schedule decays over the trial, not the full run.
         schedule = copy.deepcopy(config)
         schedule.train.epochs = self.schedule_epochs

@@ -156,6 +156,9 @@ class SearchData:
     train: Any
     val: Any
     steps_per_epoch: int
+    # Task name -> training labels, for models that start from label
+    # statistics (model.correlation_init: label_correlation).
+    train_labels: Optional[dict] = None
 
 
 def load_search_data(config: ExperimentConfig) -> SearchData:
@@ -163,6 +166,7 @@ def load_search_data(config: ExperimentConfig) -> SearchData:
     from tfface.schema import get_schema
     from tfface.training.trainer import load_sources
     from tfface.training.trainer import make_datasets
+    from tfface.training.trainer import training_labels
 
     schema = get_schema(config.data.schema)
     train_sources, val_sources = load_sources(config.data)
@@ -170,7 +174,7 @@ def load_search_data(config: ExperimentConfig) -> SearchData:
     steps = int(train_ds.cardinality().numpy())
     if steps < 1:
         steps = config.train.steps_per_epoch or 1
-    return SearchData(train_ds, val_ds, steps)
+    return SearchData(train_ds, val_ds, steps, training_labels(schema, train_sources))
 
 
 def prepare(tuning_config_path):
@@ -444,7 +448,13 @@ def run_search(
             data = load_search_data(base)
         steps = data.steps_per_epoch
     keras.utils.set_random_seed(tuning.seed)
-    hypermodel = hypermodel_for(base, space, steps_per_epoch=steps, schedule_epochs=tuning.trial_epochs)
+    hypermodel = hypermodel_for(
+        base,
+        space,
+        steps_per_epoch=steps,
+        schedule_epochs=tuning.trial_epochs,
+        train_labels=data.train_labels if data is not None else None,
+    )
     tuner = make_tuner(tuning, hypermodel, deadline=deadline, on_trial_end_hook=on_trial_end)
     if role != "worker":
         _write_meta(project_dir, tuning, space)

@@ -56,6 +56,8 @@ MODEL_FIELDS = {
     "gate_init": ("gated",),
     "gate_hidden": ("gated",),
     "correlation": ("gated",),
+    "correlation_init": ("gated",),
+    "correlation_init_scale": ("gated",),
     "center_loss_weight": ("gated",),
     "center_update_rate": ("gated",),
     "deep_supervision": ("gated",),
