@@ -18,6 +18,17 @@ def _blocks(output_sizes):
     return [(int(starts[i]), int(starts[i + 1])) for i in range(len(output_sizes))]
 
 
+def _segments(output_sizes):
+    """(start, end, binary) spans: each run of binary tasks, each multiclass task."""
+    segments = []
+    for (start, end), size in zip(_blocks(output_sizes), output_sizes):
+        if size == 1 and segments and segments[-1][2]:
+            segments[-1] = (segments[-1][0], end, True)
+        else:
+            segments.append((start, end, size == 1))
+    return segments
+
+
 @keras.saving.register_keras_serializable(package="tfface")
 class CorrelationRefinement(keras.layers.Layer):
     """Refines logits (B, M) with the other tasks' probabilities.
@@ -51,11 +62,13 @@ class CorrelationRefinement(keras.layers.Layer):
         )
 
     def probabilities(self, logits):
+        # Runs of consecutive binary tasks share one sigmoid: one op per
+        # task would cost more than the matmul on a small CPU model.
         parts = []
-        for (start, end), size in zip(_blocks(self.output_sizes), self.output_sizes):
+        for start, end, binary in _segments(self.output_sizes):
             block = logits[:, start:end]
-            parts.append(ops.sigmoid(block) if size == 1 else ops.softmax(block, axis=-1))
-        return ops.concatenate(parts, axis=-1)
+            parts.append(ops.sigmoid(block) if binary else ops.softmax(block, axis=-1))
+        return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
 
     def call(self, logits, training=False):
         probs = self.probabilities(logits)
