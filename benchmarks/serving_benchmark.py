@@ -26,8 +26,10 @@ there, synthetic faces otherwise):
    after warm-up).
 
 Configurations are interleaved in rounds and medians are reported, because
-the machine is shared and its load drifts. Clients and server share this
-process (and its GIL) and the machine's cores, as a sidecar client would.
+the machine is shared and its load drifts. The concurrent clients of 2. and
+3. run in a separate process (as other services would), so their Python
+work does not hold the server's GIL; they still share the machine's two
+cores. --in-process-clients puts them in the server's process instead.
 
 Run: python benchmarks/serving_benchmark.py [--quick] [--model PATH.keras]
 Writes benchmarks/results/serving.json and docs/serving_benchmark.md.
@@ -36,6 +38,7 @@ Writes benchmarks/results/serving.json and docs/serving_benchmark.md.
 import argparse
 import io
 import itertools
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -144,6 +147,33 @@ def open_stub(port):
     )
     grpc.channel_ready_future(channel).result(timeout=30)
     return channel, prediction_service_pb2_grpc.PredictionServiceStub(channel)
+
+
+class Clients:
+    """Runs `closed_loop` in one separate client process (spawned, reused
+    for every run) or, with `separate=False`, in this process."""
+
+    def __init__(self, separate: bool):
+        self.separate = separate
+        self._pool = multiprocessing.get_context("spawn").Pool(1) if separate else None
+
+    def closed_loop(self, port, requests, concurrency, total, expected_outputs, **kwargs):
+        if self._pool is None:
+            return closed_loop(port, requests, concurrency, total, expected_outputs, **kwargs)
+        serialized = [r.SerializeToString() for r in requests]
+        return self._pool.apply(_closed_loop_from_bytes, (port, serialized, concurrency, total, expected_outputs, kwargs))
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.close()
+            self._pool.join()
+
+
+def _closed_loop_from_bytes(port, serialized, concurrency, total, expected_outputs, kwargs):
+    from tensorflow_serving.apis import predict_pb2
+
+    requests = [predict_pb2.PredictRequest.FromString(b) for b in serialized]
+    return closed_loop(port, requests, concurrency, total, expected_outputs, **kwargs)
 
 
 def closed_loop(port, requests, concurrency, total, expected_outputs, timeout_s=30.0, deadline_s=900.0):
@@ -263,6 +293,9 @@ def main():
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3; quick 1)")
     parser.add_argument("--load-requests", type=int, help="requests of the load run (default 10000; quick 500)")
     parser.add_argument("--no-write", action="store_true", help="print only; write no JSON or Markdown")
+    parser.add_argument(
+        "--in-process-clients", action="store_true", help="run the concurrent clients in the server's process"
+    )
     args = parser.parse_args()
     repeats = args.repeats or (5 if args.quick else 15)
     rounds = args.rounds or (1 if args.quick else 3)
@@ -284,6 +317,7 @@ def main():
 
     export_root = Path(tempfile.mkdtemp(prefix="tfface_serving_bench_"))
     servers = {}
+    clients = Clients(separate=not args.in_process_clients)
     try:
         export_dir = export_saved_model(model, export_root, MODEL_NAME, version=1)
         loaded = tf.saved_model.load(str(export_dir))
@@ -363,9 +397,9 @@ def main():
         for level, total in level_requests.items():
             for r in range(rounds):
                 for mode in ("off", "on"):
-                    closed_loop(ports[mode], singles, level, min(total // 4, 8 * level), expected_outputs)  # warm
+                    clients.closed_loop(ports[mode], singles, level, min(total // 4, 8 * level), expected_outputs)
                     warm_count = len(servers[mode].batch_sizes(MODEL_NAME, 1)) if mode == "on" else 0
-                    result = closed_loop(ports[mode], singles, level, total, expected_outputs)
+                    result = clients.closed_loop(ports[mode], singles, level, total, expected_outputs)
                     if mode == "on":
                         sizes = servers[mode].batch_sizes(MODEL_NAME, 1)[warm_count:]
                         result["model_calls"] = len(sizes)
@@ -401,7 +435,7 @@ def main():
         servers.pop("off").stop()
         stubs["on"][0].close()
         rss_before = rss_mb()
-        warmup_result = closed_loop(ports["on"], singles, 32, 500 if not args.quick else 100, expected_outputs)
+        warmup_result = clients.closed_loop(ports["on"], singles, 32, 500 if not args.quick else 100, expected_outputs)
         rss_warm = rss_mb()
         samples = []
         done = threading.Event()
@@ -412,7 +446,7 @@ def main():
 
         sampler = threading.Thread(target=sample_rss, daemon=True)
         sampler.start()
-        load = closed_loop(ports["on"], singles, 32, load_total, expected_outputs, deadline_s=1200.0)
+        load = clients.closed_loop(ports["on"], singles, 32, load_total, expected_outputs, deadline_s=1200.0)
         done.set()
         sampler.join()
         rss_end = rss_mb()
@@ -437,6 +471,7 @@ def main():
         }
         print_table([load_row], [k for k in load_row if k != "error_examples"])
     finally:
+        clients.close()
         for server in servers.values():
             server.stop()
         shutil.rmtree(export_root, ignore_errors=True)
@@ -458,6 +493,7 @@ def main():
             "max_workers": max_workers,
             "address": "127.0.0.1 (in this process)",
         },
+        "clients": "in the server's process" if args.in_process_clients else "one separate process",
         "repeats": repeats,
         "rounds": rounds,
         "latency_by_batch": batch_rows,
@@ -546,8 +582,13 @@ def markdown(p):
         "",
         f"Machine: {os.cpu_count()} CPU cores, shared with other jobs (load average at the end "
         f"{', '.join(f'{x:.1f}' for x in p['load_average_at_end'])}); TensorFlow {p['tensorflow']}, no GPU. "
-        "The gRPC server (`LocalModelServer`) and its clients run in one process on 127.0.0.1, so they share "
-        f"the GIL and the two cores. Server: batching up to {server['max_batch_size']} rows, "
+        "The gRPC server (`LocalModelServer`) runs in the benchmark's process on 127.0.0.1; the concurrent "
+        + (
+            "clients run in that process too, so they share its GIL and the two cores. "
+            if p.get("clients") == "in the server's process"
+            else "clients of sections 2 and 3 run in one separate process (their own GIL; the same two cores). "
+        )
+        + f"Server: batching up to {server['max_batch_size']} rows, "
         f"batch timeout {server['batch_timeout_ms']:g} ms, {server['max_workers']} gRPC worker threads. "
         f"Times are medians of {p['rounds']} interleaved round(s) of {p['repeats']} calls each.",
         "",
@@ -663,7 +704,7 @@ def explanations(p):
         f"Batching gain: one single-image request costs the server {whole:.1f} ms in process, of which the model "
         f"call is {model_1:.1f} ms and building the answer's {p['outputs_per_answer']} TensorProtos "
         f"{answer:.1f} ms. That Python work runs under the GIL, once per request whether "
-        "batched or not, and gRPC handling and the in-process clients add more of the same; batching only "
+        "batched or not, and gRPC handling adds more of the same; batching only "
         f"amortises the model call. At 32 clients with batching the process spends {per_request_on:.1f} ms per "
         f"answered request (mean batch {c32['on']['mean_batch']:.1f}), so the throughput gain stays far below 3x: "
         "the per-request Python cost, not the model, bounds throughput on 2 shared cores.",
