@@ -175,7 +175,7 @@ def real(args):
     completed = [t for t in trials if t["status"] == "COMPLETED"]
     payload = {
         "benchmark": "tuning_real",
-        "tuning_config": str(args.config),
+        "tuning_config": _relative(args.config),
         "tuner": tuning.tuner,
         "time_budget_minutes": tuning.time_budget_minutes,
         "search_seconds": result["search_seconds"],
@@ -188,8 +188,8 @@ def real(args):
         "retrain_epochs": epochs,
         "default": {"score": default_score, "per_epoch": default_curve},
         "best_retrained": {"score": best_score, "per_epoch": best_curve},
-        "best_config": result["best_config"],
-        "summary": result["summary"],
+        "best_config": _relative(result["best_config"]),
+        "summary": _relative(result["summary"]),
     }
     write_results(args.results_name, payload)
     out = Path(args.report)
@@ -203,6 +203,14 @@ def real(args):
         ],
         ["config", OBJECTIVE],
     )
+
+
+def _relative(path) -> str:
+    """A path relative to the repository when it is inside it (for the report)."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
 
 
 def results_markdown(payload, base, best_config, space, trials_summary) -> str:
