@@ -20,7 +20,6 @@ Run: python benchmarks/tuning_benchmark.py --memory [--trials 10]
 """
 
 import argparse
-import copy
 import sys
 import tempfile
 import time
@@ -128,22 +127,11 @@ def score_config(config, data, epochs, seed):
     protocol; returns (best objective over the epochs, per-epoch values)."""
     import keras
 
-    from tfface.schema import get_schema
-    from tfface.training.trainer import _mixed_precision
-    from tfface.training.trainer import _optimizer
-    from tfface.training.trainer import build_model
-    from tfface.training.trainer import needs_training_labels
+    from tfface.tuning.hypermodels import build_trial_model
 
     keras.backend.clear_session()
     keras.utils.set_random_seed(seed)
-    _mixed_precision(config.train.mixed_precision)
-    model = build_model(get_schema(config.data.schema), config.model)
-    if needs_training_labels(config.model):
-        model.init_correlation_from_labels(data.train_labels)
-    schedule = copy.deepcopy(config)
-    schedule.train.epochs = epochs
-    schedule.train.steps_per_epoch = data.steps_per_epoch
-    model.compile(optimizer=_optimizer(schedule, None))
+    model = build_trial_model(config, data.steps_per_epoch, epochs, data.train_labels)
     history = model.fit(data.train, validation_data=data.val, epochs=epochs, verbose=2)
     values = [float(v) for v in history.history[OBJECTIVE]]
     del model

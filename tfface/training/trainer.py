@@ -36,14 +36,26 @@ log = logging.getLogger(__name__)
 MONITOR = "val_mean_balanced_accuracy"
 
 
-def build_model(schema, model_config):
-    """The model class named by `model_config.type`."""
+def build_model(schema, model_config, train_labels=None):
+    """The model class named by `model_config.type`.
+
+    Args:
+        train_labels: task name -> training labels (`training_labels`);
+            needed when the config starts the correlation layer from them
+            (`correlation_init: label_correlation`), ignored otherwise.
+    """
+    from tfface.config import ConfigError
     from tfface.models import GatedMultiTaskModel
     from tfface.models import MaskGuidedMultiTaskModel
 
-    if model_config.type == "gated":
-        return GatedMultiTaskModel(schema=schema, config=model_config, name="gated_multitask")
-    return MaskGuidedMultiTaskModel(schema=schema, config=model_config, name="mask_guided_multitask")
+    if model_config.type != "gated":
+        return MaskGuidedMultiTaskModel(schema=schema, config=model_config, name="mask_guided_multitask")
+    model = GatedMultiTaskModel(schema=schema, config=model_config, name="gated_multitask")
+    if model_config.correlation and model_config.correlation_init == "label_correlation":
+        if train_labels is None:
+            raise ConfigError("model.correlation_init 'label_correlation' needs the training labels (train_labels)")
+        model.init_correlation_from_labels(train_labels)
+    return model
 
 
 def load_sources(data_config):
@@ -64,15 +76,6 @@ def load_sources(data_config):
         else:
             train.append(source)
     return train, val
-
-
-def needs_training_labels(model_config) -> bool:
-    """Whether the model starts from label statistics (correlation_init)."""
-    return (
-        model_config.type == "gated"
-        and model_config.correlation
-        and model_config.correlation_init == "label_correlation"
-    )
 
 
 def training_labels(schema, sources) -> dict:
@@ -179,10 +182,8 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
     train_ds, val_ds = make_datasets(config, schema, train_sources, val_sources)
 
     with strategy.scope():
-        model = build_model(schema, config.model)
+        model = build_model(schema, config.model, training_labels(schema, train_sources))
         optimizer = _optimizer(config, train_ds)
-        if needs_training_labels(config.model):
-            model.init_correlation_from_labels(training_labels(schema, train_sources))
         model.compile(optimizer=optimizer)
         if config.train.strategy == "multi_worker":
             _rank_one_logs(model)

@@ -66,29 +66,31 @@ class FaceHyperModel(keras_tuner.HyperModel):
         return self.search_space.apply(self.base_config, values)
 
     def build(self, hp):
-        from tfface.training.trainer import _mixed_precision
-        from tfface.training.trainer import _optimizer
-        from tfface.training.trainer import build_model
-        from tfface.training.trainer import needs_training_labels
-
-        config = self.trial_config(hp)
-        # KerasTuner clears the Keras session before each build, which also
-        # resets the dtype policy: set it again.
-        _mixed_precision(config.train.mixed_precision)
-        model = build_model(self.schema, config.model)
-        if needs_training_labels(config.model):
-            if self.train_labels is None:
-                raise ConfigError("model.correlation_init 'label_correlation' needs the training labels (train_labels)")
-            model.init_correlation_from_labels(self.train_labels)
-        # The trial's schedule decays over the trial, not the full run.
-        schedule = copy.deepcopy(config)
-        schedule.train.epochs = self.schedule_epochs
-        schedule.train.steps_per_epoch = self.steps_per_epoch
-        model.compile(optimizer=_optimizer(schedule, None))
-        return model
+        return build_trial_model(
+            self.trial_config(hp), self.steps_per_epoch, self.schedule_epochs, self.train_labels
+        )
 
     def fit(self, hp, model, *args, **kwargs):
         return model.fit(*args, **kwargs)
+
+
+def build_trial_model(config: ExperimentConfig, steps_per_epoch: int, schedule_epochs: int, train_labels=None):
+    """The compiled model of one trial: `config`'s model, its learning-rate
+    schedule decaying over the trial's `schedule_epochs`, not the full run."""
+    from tfface.schema import get_schema
+    from tfface.training.trainer import _mixed_precision
+    from tfface.training.trainer import _optimizer
+    from tfface.training.trainer import build_model
+
+    # KerasTuner clears the Keras session before each build, which also
+    # resets the dtype policy: set it again.
+    _mixed_precision(config.train.mixed_precision)
+    model = build_model(get_schema(config.data.schema), config.model, train_labels)
+    schedule = copy.deepcopy(config)
+    schedule.train.epochs = schedule_epochs
+    schedule.train.steps_per_epoch = steps_per_epoch
+    model.compile(optimizer=_optimizer(schedule, None))
+    return model
 
 
 class GatedHyperModel(FaceHyperModel):
