@@ -106,6 +106,19 @@ def test_parameter_count_of_a_fixed_tiny_config():
     assert model.count_params() == 76147
 
 
+def test_without_gates_every_task_gets_the_same_embedding_of_the_pooled_feature():
+    model = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config(gate="none", correlation=False))
+    images, _ = toy_data(4, seed=2)
+    embeddings = to_numpy(model({"image": images}, training=False))["_embeddings"]
+    assert embeddings.shape == (4, 3, 16)
+    for k in range(1, 3):
+        np.testing.assert_array_equal(embeddings[:, k], embeddings[:, 0])
+    # e = relu(bn(P f)), projected once from the pooled backbone feature.
+    pooled = keras.Model(model.inputs, model.get_layer("pool").output)({"image": images}, training=False)
+    shared = model.get_layer("projection_bn")(model.get_layer("shared_projection")(pooled), training=False)
+    np.testing.assert_allclose(embeddings[:, 0], np.maximum(to_numpy(shared), 0.0), rtol=1e-5, atol=1e-6)
+
+
 def test_fit_learns_with_missing_labels_and_metrics_survive_reload(tmp_path):
     model = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config(gate="static"))
     model.compile(learning_rate=1e-2)

@@ -109,15 +109,16 @@ def test_task_heads_layer(tmp_path):
     )
 
 
-def test_task_heads_match_per_task_numpy():
-    heads = TaskHeads([1, 3, 1])
+@pytest.mark.parametrize("sizes", [[1, 3, 1], [3, 1, 1], [1, 1, 3], [1, 1, 1], [2, 3, 4]])
+def test_task_heads_match_per_task_numpy(sizes):
+    heads = TaskHeads(sizes)
     heads.build(EMBEDDINGS.shape)
-    kernel = RNG.normal(size=(3, 6, 3)).astype("float32")
-    bias = RNG.normal(size=(3, 3)).astype("float32")
+    kernel = RNG.normal(size=(3, 6, max(sizes))).astype("float32")
+    bias = RNG.normal(size=(3, max(sizes))).astype("float32")
     heads.kernel.assign(kernel)
     heads.bias.assign(bias)
     expected = np.concatenate(
-        [EMBEDDINGS[:, k] @ kernel[k, :, :size] + bias[k, :size] for k, size in enumerate([1, 3, 1])],
+        [EMBEDDINGS[:, k] @ kernel[k, :, :size] + bias[k, :size] for k, size in enumerate(sizes)],
         axis=1,
     )
     np.testing.assert_allclose(to_numpy(heads(EMBEDDINGS)), expected, rtol=1e-5, atol=1e-5)

@@ -10,8 +10,11 @@ class TaskHeads(keras.layers.Layer):
 
     Task k has `output_sizes[k]` logits (1 for a binary task, C for a
     C-class task); the output concatenates them in task order, so
-    M = sum(output_sizes). All heads run as one einsum over a padded kernel,
-    which keeps the cost of 40+ heads at one op.
+    M = sum(output_sizes). The kernel is stored padded to the widest task,
+    (K, D, max size). Every task's first logit comes from one multiply and
+    sum over (B, K, D); only multiclass tasks add a small matmul each. On a
+    2-core CPU that measured a few times faster than one batched einsum
+    over the padded kernel, which TF runs as transposes and a batch matmul.
 
     Args:
         output_sizes: logits per task.
@@ -20,11 +23,6 @@ class TaskHeads(keras.layers.Layer):
     def __init__(self, output_sizes, **kwargs):
         super().__init__(**kwargs)
         self.output_sizes = [int(s) for s in output_sizes]
-        self._gather = [
-            k * max(self.output_sizes) + c
-            for k, size in enumerate(self.output_sizes)
-            for c in range(size)
-        ]
 
     def build(self, input_shape):
         num_tasks, dim = int(input_shape[1]), int(input_shape[2])
@@ -37,10 +35,22 @@ class TaskHeads(keras.layers.Layer):
         self.bias = self.add_weight(name="bias", shape=(num_tasks, width), initializer="zeros")
 
     def call(self, embeddings):
-        logits = ops.einsum("bkd,kdc->bkc", embeddings, ops.cast(self.kernel, embeddings.dtype))
-        logits = logits + ops.cast(self.bias, embeddings.dtype)
-        flat = ops.reshape(logits, (ops.shape(logits)[0], -1))
-        return ops.take(flat, self._gather, axis=1)
+        kernel = ops.cast(self.kernel, embeddings.dtype)
+        bias = ops.cast(self.bias, embeddings.dtype)
+        # (B, K): logit 0 of every task; all a binary task has.
+        first = ops.sum(embeddings * kernel[:, :, 0], axis=-1) + bias[:, 0]
+        parts, run_start = [], None
+        for k, size in enumerate(self.output_sizes):
+            if size == 1:
+                run_start = k if run_start is None else run_start
+                continue
+            if run_start is not None:
+                parts.append(first[:, run_start:k])
+                run_start = None
+            parts.append(ops.matmul(embeddings[:, k, :], kernel[k, :, :size]) + bias[k, :size])
+        if run_start is not None:
+            parts.append(first[:, run_start:])
+        return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=-1)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], sum(self.output_sizes))

@@ -54,17 +54,24 @@ class GatedMultiTaskModel(MultiTaskFaceModel):
         image = keras.Input((config.image_size, config.image_size, 3), name="image")
         features = build_backbone(config)(image)["P5"]
         pooled = keras.layers.GlobalAveragePooling2D(name="pool")(features)
-        gated = TaskGate(
+        gate = TaskGate(
             len(schema),
             gate_type=config.gate,
             gate_init=config.gate_init,
             hidden_units=config.gate_hidden,
             name="task_gate",
-        )(pooled)
-        # Shared projection P: the same Dense for every task's gated view.
-        embeddings = keras.layers.Dense(config.embedding_dim, name="shared_projection")(gated)
-        embeddings = keras.layers.BatchNormalization(name="projection_bn")(embeddings)
-        embeddings = keras.layers.ReLU(name="embeddings")(embeddings)
+        )
+        # Shared projection P, BN and ReLU: the same for every task's view,
+        # e_k = relu(bn(P(g_k * f))).
+        projection = keras.layers.Dense(config.embedding_dim, name="shared_projection")
+        normalization = keras.layers.BatchNormalization(name="projection_bn")
+        if config.gate == "none":
+            # Every task sees f, so e_k is the same for all k: project once
+            # and repeat (K times less work than projecting K copies of f).
+            shared = keras.layers.ReLU(name="shared_embedding")(normalization(projection(pooled)))
+            embeddings = keras.layers.Identity(name="embeddings")(gate(shared))
+        else:
+            embeddings = keras.layers.ReLU(name="embeddings")(normalization(projection(gate(pooled))))
         dropped = keras.layers.Dropout(config.dropout, name="dropout")(embeddings)
         raw_logits = TaskHeads(output_sizes(schema), name="task_heads")(dropped)
         outputs = {}
