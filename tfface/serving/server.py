@@ -32,14 +32,16 @@ from typing import Optional, Union
 import grpc
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import (
+    classification_pb2,
     get_model_metadata_pb2,
     get_model_status_pb2,
+    inference_pb2,
     model_service_pb2_grpc,
     predict_pb2,
     prediction_service_pb2_grpc,
+    regression_pb2,
 )
 
 from tfface.data.image_ops import DECODABLE_FORMATS, image_format, image_size_from_header
@@ -49,6 +51,7 @@ from tfface.export.saved_model import (
     list_versions,
     read_warmup_requests,
 )
+from tfface.serving.wire import ResponseEncoder
 
 logger = logging.getLogger("tfface.serving")
 
@@ -383,6 +386,7 @@ class LocalModelServer:
         self.models = {}  # name -> {version: _Servable}
         self._batchers = {}
         self._batchers_lock = threading.Lock()
+        self._encoder = ResponseEncoder()
         self._server = None
         self._executor = None
         # Every thread this server starts has a name starting with this.
@@ -427,9 +431,7 @@ class LocalModelServer:
             max_workers=self.max_workers, thread_name_prefix=f"{self.thread_prefix}-grpc"
         )
         server = grpc.server(self._executor, options=options)
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            _PredictionServicer(self), server
-        )
+        _add_prediction_service(_PredictionServicer(self), server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(_ModelServicer(self), server)
         address = f"{self.host}:{self.port}"
         try:
@@ -585,6 +587,11 @@ class LocalModelServer:
         return list(batcher.batch_sizes) if batcher else []
 
     def predict(self, request, timeout_s=None) -> predict_pb2.PredictResponse:
+        return predict_pb2.PredictResponse.FromString(self.predict_serialized(request, timeout_s))
+
+    def predict_serialized(self, request, timeout_s=None) -> bytes:
+        """`predict`'s answer as serialized `PredictResponse` bytes (what the
+        gRPC handler sends; see `tfface.serving.wire`)."""
         servable = self.resolve(request.model_spec)
         signature = self._signature(servable, request.model_spec.signature_name)
         arrays, size = self._parse_inputs(signature, request.inputs)
@@ -593,11 +600,9 @@ class LocalModelServer:
         if unknown:
             raise _invalid(f"output_filter names unknown output(s) {unknown}; outputs: {signature.outputs}")
         outputs = self.run(servable, signature, arrays, size, timeout_s)
-        response = predict_pb2.PredictResponse()
-        _fill_spec(response.model_spec, servable, signature.name)
-        for key in wanted:
-            _fill_tensor(response.outputs[key], outputs[key])
-        return response
+        spec = predict_pb2.PredictResponse().model_spec
+        _fill_spec(spec, servable, signature.name)
+        return self._encoder.encode(outputs, wanted, spec.SerializeToString())
 
     def metadata(self, request) -> get_model_metadata_pb2.GetModelMetadataResponse:
         servable = self.resolve(request.model_spec)
@@ -653,34 +658,35 @@ def _handle(context, work):
     context.abort(error.code, error.message)
 
 
-_DTYPES = {
-    np.dtype(np.float32): types_pb2.DT_FLOAT,
-    np.dtype(np.float64): types_pb2.DT_DOUBLE,
-    np.dtype(np.int32): types_pb2.DT_INT32,
-    np.dtype(np.int64): types_pb2.DT_INT64,
-    np.dtype(np.uint8): types_pb2.DT_UINT8,
-}
-
-
-def _fill_tensor(proto, value) -> None:
-    """Writes a numpy output into a TensorProto.
-
-    Numeric arrays go in as raw bytes: `tf.make_tensor_proto` costs ~20 us a
-    tensor, and answers carry three tensors per task, so it dominated the
-    per-request cost of the server.
-    """
-    array = np.asarray(value)
-    for dim in array.shape:
-        proto.tensor_shape.dim.add(size=dim)
-    dtype = _DTYPES.get(array.dtype)
-    if dtype is not None:
-        proto.dtype = dtype
-        proto.tensor_content = np.ascontiguousarray(array).tobytes()
-    elif array.dtype.kind in ("S", "O", "U"):
-        proto.dtype = types_pb2.DT_STRING
-        proto.string_val.extend(v if isinstance(v, bytes) else str(v).encode() for v in array.reshape(-1))
-    else:
-        proto.CopyFrom(tf.make_tensor_proto(array))
+def _add_prediction_service(servicer, server) -> None:
+    """`add_PredictionServiceServicer_to_server`, except that Predict answers
+    with bytes already serialized by `tfface.serving.wire`."""
+    handlers = {
+        "Predict": grpc.unary_unary_rpc_method_handler(
+            servicer.Predict,
+            request_deserializer=predict_pb2.PredictRequest.FromString,
+            response_serializer=None,  # the handler returns bytes
+        ),
+        "GetModelMetadata": grpc.unary_unary_rpc_method_handler(
+            servicer.GetModelMetadata,
+            request_deserializer=get_model_metadata_pb2.GetModelMetadataRequest.FromString,
+            response_serializer=get_model_metadata_pb2.GetModelMetadataResponse.SerializeToString,
+        ),
+    }
+    # The rest answer UNIMPLEMENTED through the official base servicer.
+    for name, request, response in (
+        ("Classify", classification_pb2.ClassificationRequest, classification_pb2.ClassificationResponse),
+        ("Regress", regression_pb2.RegressionRequest, regression_pb2.RegressionResponse),
+        ("MultiInference", inference_pb2.MultiInferenceRequest, inference_pb2.MultiInferenceResponse),
+    ):
+        handlers[name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name),
+            request_deserializer=request.FromString,
+            response_serializer=response.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("tensorflow.serving.PredictionService", handlers),)
+    )
 
 
 class _PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
@@ -690,7 +696,7 @@ class _PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer)
     def Predict(self, request, context):
         remaining = context.time_remaining()  # huge when the client set no deadline
         timeout_s = remaining if remaining is not None and remaining < 86400 else None
-        return _handle(context, lambda: self._server.predict(request, timeout_s))
+        return _handle(context, lambda: self._server.predict_serialized(request, timeout_s))
 
     def GetModelMetadata(self, request, context):
         return _handle(context, lambda: self._server.metadata(request))
