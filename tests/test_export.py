@@ -120,6 +120,14 @@ def test_preprocess_crops_the_centre_square_and_resizes():
     np.testing.assert_array_equal(noisy.numpy(), np.round(noisy.numpy()))
 
 
+def test_preprocess_of_a_batch_equals_preprocess_of_each_image():
+    batch = np.random.default_rng(1).integers(0, 256, (3, 23, 31, 3), dtype=np.uint8)
+    together = preprocess_image(batch, 8)
+    assert together.shape == (3, 8, 8, 3)
+    for image, out in zip(batch, together.numpy()):
+        np.testing.assert_array_equal(out, preprocess_image(image, 8).numpy())
+
+
 def test_decode_image_gives_rgb_uint8_and_rejects_garbage():
     gray = tf.io.encode_png(np.full((6, 4, 1), 7, np.uint8)).numpy()
     image = decode_image(gray).numpy()

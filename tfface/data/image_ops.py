@@ -48,6 +48,8 @@ def encode_png(image) -> bytes:
 def preprocess_image(image, size: int) -> tf.Tensor:
     """uint8 (H, W, 3) -> float32 (size, size, 3) with values in 0..255.
 
+    A batch (B, H, W, 3) of images of one size works too, as one resize.
+
     Centre square crop of side min(H, W), then antialiased bilinear resize,
     rounded to whole pixel values: the training pipeline caches this as
     uint8, so rounding here makes that cache lossless and the serving path
@@ -56,11 +58,11 @@ def preprocess_image(image, size: int) -> tf.Tensor:
     """
     image = tf.convert_to_tensor(image)
     shape = tf.shape(image)
-    height, width = shape[0], shape[1]
+    height, width = shape[-3], shape[-2]
     side = tf.minimum(height, width)
     top = (height - side) // 2
     left = (width - side) // 2
-    square = image[top : top + side, left : left + side, :]
+    square = image[..., top : top + side, left : left + side, :]
     resized = tf.image.resize(
         tf.cast(square, tf.float32),
         [size, size],
@@ -68,7 +70,7 @@ def preprocess_image(image, size: int) -> tf.Tensor:
         antialias=True,
     )
     resized = tf.clip_by_value(tf.round(resized), 0.0, 255.0)
-    resized.set_shape([size, size, 3])
+    resized.set_shape([*image.shape[:-3], size, size, 3])
     return resized
 
 
