@@ -200,6 +200,19 @@ def test_evaluate_model_writes_metrics_plots_and_report(tiny_model, tmp_path):
     assert "mean balanced accuracy" in format_metrics(saved)
 
 
+def test_model_card_takes_licences_from_the_recorded_source_formats(tiny_model, tmp_path):
+    from tfface.evaluation.model_card import model_card
+
+    run = tmp_path / "run"
+    run.mkdir()
+    # A folder name that says nothing about the data: only the recorded format does.
+    summary = {"sources": [{"path": "faces_v2", "name": "faces_v2", "format": "utkface", "train_examples": 10}]}
+    (run / "train_summary.json").write_text(json.dumps(summary))
+    card = model_card(tiny_model, {"model": {"path": str(run / "model.keras")}, "data": []})
+    assert "faces_v2" in card and "UTKFace: non-commercial" in card
+    assert "CelebA (MMLAB" not in card
+
+
 def test_evaluate_model_failure_leaves_previous_outputs(tiny_model, tmp_path, monkeypatch):
     from tfface.evaluation import plots
 

@@ -67,6 +67,8 @@ def test_train_writes_model_logs_and_summary(tmp_path):
     assert _epochs_logged(run) == [0, 1]
     assert any((run / "logs").rglob("events.out.tfevents.*"))
     assert "val_mean_balanced_accuracy" in summary["history"]
+    assert [(s["path"], s["format"]) for s in summary["sources"]] == [("synthetic:160", "synthetic")]
+    assert summary["sources"][0]["train_examples"] == summary["train_examples"]
     # The saved config trains the same run again unchanged.
     assert ExperimentConfig.load(run / "config.yaml").to_dict() == config.to_dict()
     # The backup used for resuming is removed after a finished run.

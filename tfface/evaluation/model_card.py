@@ -41,14 +41,18 @@ def model_card(model, metrics: dict) -> str:
     config_text, summary = _training_info(metrics.get("model", {}).get("path"))
     formats = set()
     train_sources = []
-    if summary:
+    if summary and "sources" in summary:
+        for source in summary["sources"]:
+            train_sources.append(source["path"])
+            formats.add(source["format"])
+    elif summary:
+        # Summaries written before formats were recorded: guess from the path.
         for source in summary.get("config", {}).get("data", {}).get("sources", []):
             train_sources.append(source["path"])
+            name = str(source["path"]).lower()
+            formats.add("synthetic" if name.startswith("synthetic") else "utkface" if "utk" in name else "celeba")
     for source in metrics.get("data", []):
         formats.add(source.get("format"))
-    for path in train_sources:
-        name = str(path).lower()
-        formats.add("synthetic" if name.startswith("synthetic") else "utkface" if "utk" in name else "celeba")
     lines = [
         f"# Model card: {model.name}",
         "",

@@ -232,6 +232,12 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
         "epochs_run": len(history.history.get("loss", [])),
         "train_seconds": round(seconds, 1),
         "train_examples": int(sum(len(s) for s in train_sources)),
+        # What each configured source was read as: the model card takes the
+        # licence terms from the format, not from the folder's name.
+        "sources": [
+            {"path": str(cfg.path), "name": source.name, "format": source.format, "train_examples": len(source)}
+            for cfg, source in zip(config.data.sources, train_sources)
+        ],
         "val_examples": int(sum(len(s) for s in val_sources)),
         "mixed_precision": mixed,
         "parameters": int(model.count_params()),
