@@ -237,7 +237,7 @@ def server_breakdown(server, request, repeats):
     """Median ms of the steps of `LocalModelServer.predict_serialized` for one
     request (batching off): the model call, and writing its outputs as the
     answer's bytes (with the server's own encoder)."""
-    from tensorflow_serving.apis import predict_pb2
+    from tensorflow_serving.apis import model_pb2
 
     from tfface.serving.wire import ResponseEncoder
 
@@ -246,7 +246,7 @@ def server_breakdown(server, request, repeats):
     arrays, _ = server._parse_inputs(signature, request.inputs)
     outputs = signature(arrays)
     encoder = ResponseEncoder()
-    spec = predict_pb2.PredictResponse().model_spec.SerializeToString()
+    spec = model_pb2.ModelSpec(name=servable.name, signature_name=signature.name).SerializeToString()
 
     steps = {
         "LocalModelServer.predict_serialized, whole (batching off)": lambda: server.predict_serialized(request),

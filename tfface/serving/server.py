@@ -38,6 +38,7 @@ from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
     inference_pb2,
+    model_pb2,
     model_service_pb2_grpc,
     predict_pb2,
     prediction_service_pb2_grpc,
@@ -600,7 +601,7 @@ class LocalModelServer:
         if unknown:
             raise _invalid(f"output_filter names unknown output(s) {unknown}; outputs: {signature.outputs}")
         outputs = self.run(servable, signature, arrays, size, timeout_s)
-        spec = predict_pb2.PredictResponse().model_spec
+        spec = model_pb2.ModelSpec()
         _fill_spec(spec, servable, signature.name)
         return self._encoder.encode(outputs, wanted, spec.SerializeToString())
 

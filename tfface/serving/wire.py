@@ -25,9 +25,9 @@ _DTYPES = {
     np.dtype(np.int64): types_pb2.DT_INT64,
     np.dtype(np.uint8): types_pb2.DT_UINT8,
 }
-# Whole label tensors of one row cached per (name, label); names and labels
-# come from the model's schema, so this stays small, but it is bounded anyway.
-_MAX_CACHED_LABELS = 65536
+# Cache entries per kind. Output names, labels and (with batching) batch
+# sizes are few, but clients choose batch sizes freely, so both are bounded.
+_MAX_CACHED = 65536
 
 
 def varint(value: int) -> bytes:
@@ -90,14 +90,15 @@ class ResponseEncoder:
             header = self._numeric_headers.get(key)
             if header is None:
                 header = self._numeric_header(name, array, len(content))
-                self._numeric_headers[key] = header
+                if len(self._numeric_headers) < _MAX_CACHED:
+                    self._numeric_headers[key] = header
             return header + content
         if array.dtype.kind in ("S", "O") and array.shape == (1,):
             label = array[0] if isinstance(array[0], bytes) else str(array[0]).encode()
             entry = self._labels.get((name, label))
             if entry is None:
                 entry = self._map_entry(name, tensor_bytes(array))
-                if len(self._labels) < _MAX_CACHED_LABELS:
+                if len(self._labels) < _MAX_CACHED:
                     self._labels[(name, label)] = entry
             return entry
         return self._map_entry(name, tensor_bytes(array))
