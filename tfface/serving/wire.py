@@ -53,13 +53,21 @@ def shape_bytes(shape) -> bytes:
     return field(2, dims)
 
 
+def numeric_tensor_header(array: np.ndarray, content_length: int) -> bytes:
+    """A numeric TensorProto up to its content: dtype, shape, content's tag
+    and length (the content field is left out when empty, as protobuf does)."""
+    header = b"\x08" + varint(_DTYPES[array.dtype]) + shape_bytes(array.shape)
+    if content_length:
+        header += varint(4 << 3 | 2) + varint(content_length)
+    return header
+
+
 def tensor_bytes(array: np.ndarray) -> bytes:
     """A numpy array as serialized TensorProto bytes."""
     array = np.asarray(array)
     if array.dtype in _DTYPES:
         content = np.ascontiguousarray(array).tobytes()
-        header = b"\x08" + varint(_DTYPES[array.dtype]) + shape_bytes(array.shape)
-        return header + (field(4, content) if content else b"")
+        return numeric_tensor_header(array, len(content)) + content
     if array.dtype.kind in ("S", "O", "U"):
         values = (v if isinstance(v, bytes) else str(v).encode() for v in array.reshape(-1))
         return b"\x08" + varint(types_pb2.DT_STRING) + shape_bytes(array.shape) + b"".join(
@@ -110,9 +118,7 @@ class ResponseEncoder:
     @staticmethod
     def _numeric_header(name: str, array: np.ndarray, content_length: int) -> bytes:
         """The map entry of `array` without its content bytes at the end."""
-        tensor_header = b"\x08" + varint(_DTYPES[array.dtype]) + shape_bytes(array.shape)
-        if content_length:
-            tensor_header += varint(4 << 3 | 2) + varint(content_length)
+        tensor_header = numeric_tensor_header(array, content_length)
         tensor_length = len(tensor_header) + content_length
         key = field(1, name.encode())
         value_header = varint(2 << 3 | 2) + varint(tensor_length)
