@@ -121,19 +121,17 @@ def predict_request(payloads, signature="serving_default"):
 
 
 def preprocessing_functions(image_size):
-    """The bytes signature's preprocessing alone, as it runs there (one
-    `tf.map_fn` over the batch): decode only, and decode + crop + resize."""
+    """The bytes signature's preprocessing alone, as it runs there: decode
+    only, and decode + checks + crop + resize."""
     import tensorflow as tf
 
     from tfface.data.image_ops import decode_image
-    from tfface.data.image_ops import preprocess_image
+    from tfface.data.image_ops import preprocess_encoded_images
+    from tfface.export.saved_model import DEFAULT_MAX_IMAGE_SIDE
 
     decoded_spec = tf.TensorSpec((None, None, 3), tf.uint8)
-    resized_spec = tf.TensorSpec((image_size, image_size, 3), tf.float32)
     decode_only = tf.function(lambda x: tf.map_fn(decode_image, x, fn_output_signature=decoded_spec))
-    decode_and_resize = tf.function(
-        lambda x: tf.map_fn(lambda d: preprocess_image(decode_image(d), image_size), x, fn_output_signature=resized_spec)
-    )
+    decode_and_resize = tf.function(lambda x: preprocess_encoded_images(x, image_size, DEFAULT_MAX_IMAGE_SIDE))
     return decode_only, decode_and_resize
 
 

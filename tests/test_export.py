@@ -16,6 +16,7 @@ from tfface.data.image_ops import (
     decode_image,
     image_format,
     image_size_from_header,
+    preprocess_encoded_images,
     preprocess_image,
 )
 from tfface.export import saved_model as export_lib
@@ -128,6 +129,22 @@ def test_preprocess_of_a_batch_equals_preprocess_of_each_image():
         np.testing.assert_array_equal(out, preprocess_image(image, 8).numpy())
 
 
+@pytest.mark.parametrize("shapes", [[(23, 31)] * 3, [(23, 31), (8, 8), (40, 12)]], ids=["one size", "mixed sizes"])
+def test_preprocess_encoded_images_equals_decoding_and_preprocessing_each(shapes):
+    rng = np.random.default_rng(2)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes]
+    encoded = [tf.io.encode_jpeg(images[0]).numpy()] + [png(i) for i in images[1:]]  # JPEG and PNG mixed
+    out = preprocess_encoded_images(tf.constant(encoded), 8, max_side=64).numpy()
+    assert out.shape == (3, 8, 8, 3)
+    for data, row in zip(encoded, out):
+        np.testing.assert_array_equal(row, preprocess_image(decode_image(data), 8).numpy())
+
+
+def test_preprocess_encoded_images_of_an_empty_batch_is_empty():
+    out = preprocess_encoded_images(tf.constant([], tf.string), 8, max_side=64)
+    assert out.shape == (0, 8, 8, 3)
+
+
 def test_decode_image_gives_rgb_uint8_and_rejects_garbage():
     gray = tf.io.encode_png(np.full((6, 4, 1), 7, np.uint8)).numpy()
     image = decode_image(gray).numpy()
@@ -180,9 +197,10 @@ def test_uint8_signature_matches_keras(exported, model):
     check_against_keras(result, expected_outputs(model, images.astype(np.float32)), schema)
 
 
-def test_bytes_signature_matches_keras_on_decoded_preprocessed_images(exported, model):
+@pytest.mark.parametrize("shapes", [[(20, 31)] * 3, [(20, 31), (SIZE, SIZE), (45, 17)]], ids=["one size", "mixed sizes"])
+def test_bytes_signature_matches_keras_on_decoded_preprocessed_images(exported, model, shapes):
     _, loaded, schema = exported
-    images = random_images(3, shapes=[(20, 31), (SIZE, SIZE), (45, 17)], seed=1)
+    images = random_images(3, shapes=shapes, seed=1)
     encoded = [png(i) for i in images]
     result = loaded.signatures["serving_default"](images=tf.constant(encoded))
     preprocessed = np.stack([preprocess_image(decode_image(b), SIZE).numpy() for b in encoded])

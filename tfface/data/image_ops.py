@@ -74,6 +74,39 @@ def preprocess_image(image, size: int) -> tf.Tensor:
     return resized
 
 
+def preprocess_encoded_images(images, size: int, max_side: int) -> tf.Tensor:
+    """Batch of encoded images (string (B,)) -> float32 (B, size, size, 3).
+
+    The serving graph's preprocessing, image by image (a request may mix
+    sizes and formats), refusing an image whose header or pixels exceed
+    `max_side`. Resizing a same-size batch in one op instead measured no
+    faster: TF already runs the loop's iterations on every core.
+    """
+    limit = tf.constant(max_side, tf.int64)
+
+    def one(data):
+        check_header = tf.debugging.assert_less_equal(
+            encoded_image_side(data),
+            limit,
+            message=f"image is larger than the maximum side of {max_side} pixels (header)",
+        )
+        with tf.control_dependencies([check_header]):
+            image = decode_image(data)
+        check_pixels = tf.debugging.assert_less_equal(
+            tf.cast(tf.reduce_max(tf.shape(image)[:2]), tf.int64),
+            limit,
+            message=f"image is larger than the maximum side of {max_side} pixels",
+        )
+        with tf.control_dependencies([check_pixels]):
+            return preprocess_image(image, size)
+
+    return tf.map_fn(
+        one,
+        tf.convert_to_tensor(images, tf.string),
+        fn_output_signature=tf.TensorSpec((size, size, 3), tf.float32),
+    )
+
+
 def encoded_image_side(data) -> tf.Tensor:
     """Longest side of an encoded JPEG or PNG read from its header (int64).
 

@@ -41,7 +41,7 @@ import tensorflow as tf
 
 import keras
 
-from tfface.data.image_ops import decode_image, encoded_image_side, preprocess_image
+from tfface.data.image_ops import preprocess_encoded_images
 from tfface.schema import Schema
 
 SERVING_DEFAULT = "serving_default"
@@ -196,38 +196,14 @@ def export_saved_model(
 
 def build_export_archive(model, schema: Schema, image_size: int, max_image_side: int = DEFAULT_MAX_IMAGE_SIDE):
     """A `keras.export.ExportArchive` with the three tfface signatures."""
-    classes = {t.name: tf.constant(list(t.classes)) for t in schema}
     schema_json = schema.to_json()
 
     def run_model(images_float):
         outputs = model(_model_input(model, images_float), training=False)
-        return postprocess_outputs(outputs, schema, classes)
+        return postprocess_outputs(outputs, schema)
 
     def serve_bytes(images):
-        def one(data):
-            side = encoded_image_side(data)
-            check_header = tf.debugging.assert_less_equal(
-                side,
-                tf.constant(max_image_side, tf.int64),
-                message=f"image is larger than the maximum side of {max_image_side} pixels (header)",
-            )
-            with tf.control_dependencies([check_header]):
-                image = decode_image(data)
-            decoded_side = tf.cast(tf.reduce_max(tf.shape(image)[:2]), tf.int64)
-            check_decoded = tf.debugging.assert_less_equal(
-                decoded_side,
-                tf.constant(max_image_side, tf.int64),
-                message=f"image is larger than the maximum side of {max_image_side} pixels",
-            )
-            with tf.control_dependencies([check_decoded]):
-                return preprocess_image(image, image_size)
-
-        batch = tf.map_fn(
-            one,
-            images,
-            fn_output_signature=tf.TensorSpec((image_size, image_size, 3), tf.float32),
-        )
-        return run_model(batch)
+        return run_model(preprocess_encoded_images(images, image_size, max_image_side))
 
     def serve_uint8(images_uint8):
         return run_model(tf.cast(images_uint8, tf.float32))
@@ -255,27 +231,43 @@ def build_export_archive(model, schema: Schema, image_size: int, max_image_side:
     return archive
 
 
-def postprocess_outputs(outputs, schema: Schema, classes=None) -> dict:
+def postprocess_outputs(outputs, schema: Schema) -> dict:
     """Model output dict -> {T_probabilities, T_label, T_class_id} per task.
 
-    Keys starting with "_" (training-only auxiliaries) are dropped.
+    Keys starting with "_" (training-only auxiliaries) are dropped. The
+    binary tasks are thresholded and labelled together as one (B, N) tensor
+    and split once at the end: per task, that was ~6 small ops each, which
+    cost more than the model's heads at batch 1.
     """
-    if classes is None:
-        classes = {t.name: tf.constant(list(t.classes)) for t in schema}
     result = {}
+    binary = [task for task in schema if task.is_binary]
+    if binary:
+        positive = tf.concat([tf.reshape(tf.cast(outputs[t.name], tf.float32), [-1, 1]) for t in binary], axis=1)
+        thresholds = tf.constant([t.threshold for t in binary], tf.float32)
+        class_id = tf.cast(positive >= thresholds, tf.int64)
+        # Row k of the flat table holds task k's (negative, positive) names.
+        names = tf.constant([name for t in binary for name in t.classes])
+        labels = tf.gather(names, class_id + 2 * tf.range(len(binary), dtype=tf.int64))
+        probabilities = tf.stack([1.0 - positive, positive], axis=-1)
+        for task, p, label, cid in zip(
+            binary,
+            tf.unstack(probabilities, num=len(binary), axis=1),
+            tf.unstack(labels, num=len(binary), axis=1),
+            tf.unstack(class_id, num=len(binary), axis=1),
+        ):
+            result[task.name + PROBABILITIES_SUFFIX] = p
+            result[task.name + LABEL_SUFFIX] = label
+            result[task.name + CLASS_ID_SUFFIX] = cid
     for task in schema:
-        value = tf.cast(outputs[task.name], tf.float32)
         if task.is_binary:
-            positive = tf.reshape(value, [-1])
-            probabilities = tf.stack([1.0 - positive, positive], axis=-1)
-            class_id = tf.cast(positive >= task.threshold, tf.int64)
-        else:
-            probabilities = value
-            class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
+            continue
+        probabilities = tf.cast(outputs[task.name], tf.float32)
+        class_id = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
         result[task.name + PROBABILITIES_SUFFIX] = probabilities
-        result[task.name + LABEL_SUFFIX] = tf.gather(classes[task.name], class_id)
+        result[task.name + LABEL_SUFFIX] = tf.gather(tf.constant(list(task.classes)), class_id)
         result[task.name + CLASS_ID_SUFFIX] = class_id
-    return result
+    suffixes = (PROBABILITIES_SUFFIX, LABEL_SUFFIX, CLASS_ID_SUFFIX)
+    return {t.name + suffix: result[t.name + suffix] for t in schema for suffix in suffixes}  # schema order
 
 
 def _model_input(model, images):
