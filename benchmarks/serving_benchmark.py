@@ -25,8 +25,9 @@ there, synthetic faces otherwise):
    process) before and after warm-up and at the end (target: < 10% growth
    after warm-up).
 
-Configurations are interleaved in rounds and medians are reported, because
-the machine is shared and its load drifts. The concurrent clients of 2. and
+Configurations are interleaved (latencies call by call, concurrency runs in
+rounds) and medians are reported, because the machine is shared and its
+load drifts. The concurrent clients of 2. and
 3. run in a separate process (as other services would), so their Python
 work does not hold the server's GIL; they still share the machine's two
 cores. --in-process-clients puts them in the server's process instead.
@@ -288,8 +289,8 @@ def main():
     parser.add_argument("--model", help=".keras model (default: untrained gated model, fused schema, 64 px)")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-timeout-ms", type=float, default=10.0)
-    parser.add_argument("--repeats", type=int, help="timed calls per configuration and round (default 15; quick 5)")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3; quick 1)")
+    parser.add_argument("--repeats", type=int, help="timed calls per path and round (default 15; quick 5)")
+    parser.add_argument("--rounds", type=int, help="rounds (default 3; quick 1)")
     parser.add_argument("--load-requests", type=int, help="requests of the load run (default 10000; quick 500)")
     parser.add_argument("--no-write", action="store_true", help="print only; write no JSON or Markdown")
     parser.add_argument(
@@ -364,21 +365,24 @@ def main():
                 "gRPC bytes, batching off": lambda: stubs["off"][1].Predict(request, timeout=60),
                 "gRPC bytes, batching on": lambda: stubs["on"][1].Predict(request, timeout=60),
             }
-            medians = {name: [] for name in paths}
-            best = {name: [] for name in paths}
-            for r in range(rounds):
+            # One call of each path in turn, rounds x repeats times: the
+            # machine's speed drifts, and paths compared call by call see
+            # the same drift (blocks of calls per path did not).
+            for fn in paths.values():
+                for _ in range(3):  # warm-up
+                    fn()
+            samples = {name: [] for name in paths}
+            for _ in range(rounds * repeats):
                 for name, fn in paths.items():
-                    timing = time_call(fn, repeats=repeats, warmup=3 if r == 0 else 1)
-                    medians[name].append(timing["median_s"])
-                    best[name].append(timing["min_s"])
+                    samples[name].append(time_call(fn, repeats=1, warmup=0)["median_s"])
             for name in paths:
-                ms = statistics.median(medians[name]) * 1000
+                ms = statistics.median(samples[name]) * 1000
                 batch_rows.append(
                     {
                         "path": name,
                         "batch": batch,
                         "median_ms": ms,
-                        "min_ms": min(best[name]) * 1000,
+                        "min_ms": min(samples[name]) * 1000,
                         "images_per_s": batch / ms * 1000,
                     }
                 )
@@ -616,7 +620,7 @@ def markdown(p):
         )
         + f"Server: batching up to {server['max_batch_size']} rows, "
         f"batch timeout {server['batch_timeout_ms']:g} ms, {server['max_workers']} gRPC worker threads. "
-        f"Times are medians of {p['rounds']} interleaved round(s) of {p['repeats']} calls each.",
+        f"Latencies are medians of {p['rounds'] * p['repeats']} calls per path, the paths called in turn, one call each.",
         "",
         "## Goals",
         "",

@@ -65,3 +65,13 @@ def test_output_filter_order_and_subset_are_kept():
     )
     assert list(answer.outputs) == ["smile_label"]
     assert tf.make_ndarray(answer.outputs["smile_label"]).tolist() == [b"yes"]
+
+
+def test_batches_of_labels_encode_like_tensor_bytes_on_every_call():
+    long_label = b"x" * 300  # longer than the cached strings
+    labels = np.array([b"yes", b"no", b"", "n\u00e9".encode(), long_label, b"yes"], dtype=object).reshape(3, 2)
+    encoder = ResponseEncoder()
+    for _ in range(2):  # the second call hits the per-string cache
+        answer = predict_pb2.PredictResponse.FromString(encoder.encode({"labels": labels}, ["labels"], b""))
+        assert answer.outputs["labels"].SerializeToString() == tensor_bytes(labels)
+        np.testing.assert_array_equal(tf.make_ndarray(answer.outputs["labels"]), labels)
