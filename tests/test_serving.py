@@ -24,7 +24,7 @@ from tensorflow_serving.apis import (
 from tfface.export.saved_model import export_saved_model, load_exported
 from tfface.schema import AGE_GROUPS, MULTICLASS, Schema, Task
 from tfface.serving.client import ServingClient, ServingError, format_results, query_main
-from tfface.serving.server import LocalModelServer, serve_main
+from tfface.serving.server import LocalModelServer, _Batcher, serve_main
 
 SIZE = 16
 MAX_SIDE = 64
@@ -242,6 +242,39 @@ def test_concurrent_requests_are_batched_and_split_back_correctly(deployment, st
     sizes = server.batch_sizes("faces", 2)[before:]
     assert max(sizes) > 2  # some requests were merged
     assert max(sizes) <= server.max_batch_size
+
+
+def test_without_a_timeout_requests_that_queue_during_a_model_call_form_the_next_batch():
+    calls, running, release = [], threading.Event(), threading.Event()
+
+    def model(arrays):  # the first call holds the model until released
+        calls.append(len(arrays["x"]))
+        if len(calls) == 1:
+            running.set()
+            assert release.wait(20)
+        return {"y": arrays["x"] * 2}
+
+    batcher = _Batcher(model, max_batch_size=8, timeout_s=0.0, label="test-batcher")
+    results = {}
+
+    def submit(i):
+        results[i] = batcher.submit({"x": np.array([i])}, 1, 20)
+
+    threads = [threading.Thread(target=submit, args=(0,))]
+    threads[0].start()
+    assert running.wait(20)  # the lone first request runs on its own
+    threads += [threading.Thread(target=submit, args=(i,)) for i in range(1, 5)]
+    for t in threads[1:]:
+        t.start()
+    deadline = time.monotonic() + 20
+    while len(batcher._queue) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+    for t in threads:
+        t.join(20)
+    batcher.stop()
+    assert calls == [1, 4]
+    assert {i: results[i]["y"].tolist() for i in results} == {i: [2 * i] for i in range(5)}
 
 
 def test_unbatched_server_gives_the_same_answers_and_limits_message_size(deployment):

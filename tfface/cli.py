@@ -227,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8500)
     p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--batch-timeout-ms", type=float, default=5.0)
+    p.add_argument(
+        "--batch-timeout-ms", type=float, default=0.0, help="wait for company (default 0: batch what queues while the model runs)"
+    )
     p.add_argument("--no-batching", action="store_true")
     p.add_argument("--versions", default="latest", help='"latest" or "all" exported versions')
     p.add_argument("--max-image-side", type=int, default=4096, help="reject larger images (INVALID_ARGUMENT)")
