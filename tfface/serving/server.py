@@ -11,9 +11,9 @@ Like TF Serving it batches: concurrent Predict requests for the same
 model, version and signature are merged into one model call (up to
 `max_batch_size` rows or `batch_timeout_ms` after the first request; by
 default no wait, so the requests that queue while a batch runs form the
-next one), then split back. A bad request is rejected before it can join a batch, and if a
-merged call still fails the requests are rerun one by one, so one client's
-garbage never fails another client's request.
+next one), then split back. A bad request is rejected before it can join
+a batch, and if a merged call still fails the requests are rerun one by
+one, so one client's garbage never fails another client's request.
 """
 
 from __future__ import annotations

@@ -63,6 +63,11 @@ def numeric_tensor_header(array: np.ndarray, content_length: int) -> bytes:
     return header
 
 
+def string_tensor_header(shape) -> bytes:
+    """A string TensorProto up to its values: dtype and shape."""
+    return b"\x08" + varint(types_pb2.DT_STRING) + shape_bytes(shape)
+
+
 def tensor_bytes(array: np.ndarray) -> bytes:
     """A numpy array as serialized TensorProto bytes."""
     array = np.asarray(array)
@@ -71,9 +76,7 @@ def tensor_bytes(array: np.ndarray) -> bytes:
         return numeric_tensor_header(array, len(content)) + content
     if array.dtype.kind in ("S", "O", "U"):
         values = (v if isinstance(v, bytes) else str(v).encode() for v in array.reshape(-1))
-        return b"\x08" + varint(types_pb2.DT_STRING) + shape_bytes(array.shape) + b"".join(
-            field(8, v) for v in values
-        )
+        return string_tensor_header(array.shape) + b"".join(field(8, v) for v in values)
     import tensorflow as tf  # other dtypes (bool, float16, ...): rare, the slow general path
 
     return tf.make_tensor_proto(array).SerializeToString()
@@ -119,7 +122,7 @@ class ResponseEncoder:
         """`tensor_bytes` of a string array, each value's field cached: a
         batch of labels repeats a few class names (43 x 32 at batch 32)."""
         fields = self._string_fields
-        parts = [b"\x08" + varint(types_pb2.DT_STRING) + shape_bytes(array.shape)]
+        parts = [string_tensor_header(array.shape)]
         for value in array.reshape(-1):
             encoded = fields.get(value)
             if encoded is None:
