@@ -100,11 +100,10 @@ def face_jpegs(count, seed=0):
 
 def decoded(payloads, image_size):
     """The float32 (N, S, S, 3) images the bytes signature computes internally."""
-    import tensorflow as tf
+    from tfface.data.image_ops import preprocess_encoded_images
+    from tfface.export.saved_model import DEFAULT_MAX_IMAGE_SIDE
 
-    from tfface.data.image_ops import decode_image, preprocess_image
-
-    return np.stack([preprocess_image(decode_image(tf.constant(p)), image_size).numpy() for p in payloads])
+    return preprocess_encoded_images(payloads, image_size, DEFAULT_MAX_IMAGE_SIDE).numpy()
 
 
 # --- gRPC helpers ---------------------------------------------------------------------
