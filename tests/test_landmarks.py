@@ -287,6 +287,20 @@ def test_a_foreign_csv_is_not_taken_for_a_cache(tmp_path):
         load_landmark_cache(tmp_path / "missing.csv", ["x.jpg"])
 
 
+def test_a_one_line_file_without_newline_is_refused_and_kept(tmp_path):
+    paths = _write_images(tmp_path, [200])
+    notes = tmp_path / "notes.txt"
+    notes.write_text("important notes, no trailing newline")
+    with pytest.raises(LandmarkError, match="notes.txt:1: not a tfface landmark cache"):
+        annotate_folder(paths, notes, detector=FakeDetector(), verbose=False)
+    assert notes.read_text() == "important notes, no trailing newline"
+    # A header torn mid-write is still a cache to finish.
+    torn = tmp_path / "torn.csv"
+    torn.write_text(",".join(detector_module.CACHE_COLUMNS)[:12])
+    annotate_folder(paths, torn, detector=FakeDetector(), verbose=False)
+    assert sorted(read_landmark_cache(torn)) == ["000.png"]
+
+
 def test_default_landmark_cache_location(tmp_path, monkeypatch):
     monkeypatch.delenv("TFFACE_CACHE_DIR", raising=False)
     data = tmp_path / "my_faces"

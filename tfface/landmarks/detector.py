@@ -294,6 +294,9 @@ def _read_cache_rows(cache_file: Path) -> tuple[dict, bool]:
     lines = text.splitlines(keepends=True)
     torn = not lines[-1].endswith("\n")
     if torn:  # a run killed mid-write: drop the partial line
+        if len(lines) == 1 and not ",".join(CACHE_COLUMNS).startswith(lines[0]):
+            # Not even a partial header: some other file, never rewritten.
+            raise LandmarkError(f"{cache_file}:1: not a tfface landmark cache (no header line)")
         lines = lines[:-1]
     reader = csv.reader(lines)
     header = next(reader, None)
