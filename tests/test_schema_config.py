@@ -129,6 +129,9 @@ def test_encode_labels_refuses_out_of_range_values():
         ([{"name": "a", "colour": "red"}], r"#0 \('a'\).*unknown fields \['colour'\]"),
         (["a"], "#0 must be a mapping"),
         ([{"name": ""}], "non-empty string"),
+        ([{"name": "a", "classes": "ab"}], "'a'.*classes must be a list"),
+        ([{"name": "a", "kind": "multiclass", "classes": ["x", "y", "x"]}], "'a'.*class names repeat"),
+        ([{"name": "a", "sources": ["celeba"]}], "'a'.*sources must map"),
     ],
 )
 def test_bad_schema_values_raise_schema_error(tasks, message):
@@ -202,6 +205,21 @@ def test_unknown_config_keys_are_refused_by_name(raw, key):
         ({"data": {"sources": [{"path": "synthetic:10", "weight": 0}]}}, r"data.sources\[0\].weight"),
         ({"model": {"loss_weights": {"smiling": 1.0}}}, r"loss_weights.*\['smiling'\]"),
         ({"model": {"loss_weights": {"gender": -1}}}, "loss_weights.gender"),
+        # Values of the wrong type are refused by name before any work.
+        ({"train": {"epochs": "5"}}, "train.epochs must be an integer, got '5'"),
+        ({"train": {"epochs": 2.5}}, "train.epochs must be an integer"),
+        ({"model": {"backbone_widths": 32}}, "model.backbone_widths must be a non-empty list"),
+        ({"model": {"loss_weights": [1, 2]}}, "model.loss_weights must be a mapping"),
+        ({"model": {"embedding_dim": None}}, "model.embedding_dim must be set"),
+        ({"model": {"correlation": "no"}}, "model.correlation must be true or false"),
+        ({"model": {"loss_weights": {"gender": True}}}, "loss_weights.gender"),
+        ({"data": {"sources": [{"path": "synthetic:10", "weight": "a"}]}}, r"data.sources\[0\].weight must be a number"),
+        ({"data": {"sources": {"path": "x"}}}, "data.sources must be a list"),
+        ({"model": [1]}, "model must be a mapping"),
+        ({"train": {"steps_per_epoch": -1}}, "train.steps_per_epoch"),
+        ({"train": {"weight_decay": -1e-4}}, "train.weight_decay"),
+        ({"train": {"early_stopping_patience": -2}}, "train.early_stopping_patience"),
+        ({"train": {"time_budget_minutes": 0}}, "train.time_budget_minutes"),
     ],
 )
 def test_bad_config_values_are_refused_by_name(raw, message):
@@ -252,6 +270,12 @@ def test_config_files_with_problems_name_the_file(tmp_path):
         ExperimentConfig.load(wrong)
     with pytest.raises(FileNotFoundError, match="nothing.yaml"):
         ExperimentConfig.load(tmp_path / "nothing.yaml")
+
+
+def test_empty_sections_and_a_single_source_string_mean_the_obvious():
+    config = ExperimentConfig.from_dict({"data": {"sources": "synthetic:10", "schema": "synthetic"}, "model": None})
+    assert [s.path for s in config.data.sources] == ["synthetic:10"]
+    assert config.model == ModelConfig()
 
 
 def test_model_config_validate_normalises_sequences():

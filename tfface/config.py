@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -92,6 +94,7 @@ class ModelConfig:
     deep_supervision: bool = True
 
     def validate(self):
+        _check_types("model.", self)
         _check_choice("model.type", self.type, MODEL_TYPES)
         _check_choice("model.gate", self.gate, GATE_TYPES)
         _check_choice("model.backbone", self.backbone, BACKBONES)
@@ -108,10 +111,8 @@ class ModelConfig:
             if getattr(self, key) < 0:
                 raise ConfigError(f"model.{key} must be >= 0, got {getattr(self, key)}")
         for key, value in self.loss_weights.items():
-            if not isinstance(value, (int, float)) or value < 0:
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"model.loss_weights.{key} must be a number >= 0, got {value!r}")
-        self.backbone_widths = tuple(int(w) for w in self.backbone_widths)
-        self.mask_channels = tuple(int(c) for c in self.mask_channels)
 
 
 @dataclasses.dataclass
@@ -138,6 +139,14 @@ class ExperimentConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def validate(self) -> "ExperimentConfig":
+        if not isinstance(self.name, str):
+            raise ConfigError(f"name must be a string, got {self.name!r}")
+        _check_types("data.", self.data)
+        for i, source in enumerate(self.data.sources):
+            if not isinstance(source, SourceConfig):
+                raise ConfigError(f"data.sources[{i}] must be a source (path, weight, landmarks), got {source!r}")
+            _check_types(f"data.sources[{i}].", source)
+        _check_types("train.", self.train)
         self.model.validate()
         if self.data.image_size != self.model.image_size:
             raise ConfigError(
@@ -157,6 +166,15 @@ class ExperimentConfig:
             raise ConfigError("train.epochs must be >= 1")
         if self.train.learning_rate <= 0:
             raise ConfigError("train.learning_rate must be > 0")
+        if self.train.steps_per_epoch is not None and self.train.steps_per_epoch < 1:
+            raise ConfigError(f"train.steps_per_epoch must be >= 1 (or null for one pass), got {self.train.steps_per_epoch}")
+        if self.train.time_budget_minutes is not None and self.train.time_budget_minutes <= 0:
+            raise ConfigError(f"train.time_budget_minutes must be > 0 (or null), got {self.train.time_budget_minutes}")
+        for key in ("weight_decay", "warmup_epochs", "early_stopping_patience"):
+            if getattr(self.train, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self.train, key)}")
+        if not self.train.output_dir:
+            raise ConfigError("train.output_dir must not be empty")
         _check_choice("train.optimizer", self.train.optimizer, ("adamw", "adam", "sgd"))
         _check_choice("train.strategy", self.train.strategy, ("default", "mirrored", "multi_worker"))
         _check_choice("train.mixed_precision", self.train.mixed_precision, ("auto", "on", "off"))
@@ -181,19 +199,24 @@ class ExperimentConfig:
         if not isinstance(raw, dict):
             raise ConfigError(f"a config must be a mapping, got {type(raw).__name__}")
         _check_keys("", raw, cls)
-        data_raw = dict(raw.get("data", {}))
+        data_raw = _section(raw, "data")
         _check_keys("data.", data_raw, DataConfig)
+        listed = data_raw.pop("sources", None) or [{"path": "synthetic:2000"}]
+        if isinstance(listed, str):
+            listed = [listed]
+        if not isinstance(listed, list):
+            raise ConfigError(f"data.sources must be a list of folders or sources, got {type(listed).__name__}")
         sources = []
-        for i, s in enumerate(data_raw.pop("sources", None) or [{"path": "synthetic:2000"}]):
+        for i, s in enumerate(listed):
             if isinstance(s, str):
                 s = {"path": s}
             _check_keys(f"data.sources[{i}].", s, SourceConfig)
             if "path" not in s:
                 raise ConfigError(f"data.sources[{i}] needs a 'path'")
             sources.append(SourceConfig(**s))
-        model_raw = dict(raw.get("model", {}))
+        model_raw = _section(raw, "model")
         _check_keys("model.", model_raw, ModelConfig)
-        train_raw = dict(raw.get("train", {}))
+        train_raw = _section(raw, "train")
         _check_keys("train.", train_raw, TrainConfig)
         try:
             config = cls(
@@ -217,7 +240,12 @@ class ExperimentConfig:
     def save(self, path) -> None:
         import yaml
 
-        Path(path).write_text(yaml.safe_dump(_plain(self.to_dict()), sort_keys=False))
+        # Write then rename: a reader (another worker, a resumed run) never
+        # sees half a file.
+        path = Path(path)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # workers may write at once
+        tmp.write_text(yaml.safe_dump(_plain(self.to_dict()), sort_keys=False))
+        os.replace(tmp, path)
 
 
 def read_structured_file(path, what: str, error=None):
@@ -255,6 +283,69 @@ def _check_keys(prefix: str, raw: dict, cls) -> None:
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]}; known: {sorted(known)}")
+
+
+def _section(raw: dict, name: str) -> dict:
+    """A top-level section as a new dict; an empty one (`data:` with
+    nothing under it) means all defaults."""
+    section = raw.get(name)
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{name} must be a mapping, got {type(section).__name__}")
+    return dict(section)
+
+
+def _check_types(prefix: str, obj) -> None:
+    """Every field of a config dataclass against its annotation, so a
+    quoted number or a list where a number belongs is refused by name
+    before it fails deep in training. Numbers become plain Python ints and
+    floats (YAML, KerasTuner and numpy all hand over numbers)."""
+    for field in dataclasses.fields(obj):
+        kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "Any")
+        optional = kind.startswith("Optional[")
+        kind = kind[len("Optional["):-1] if optional else kind
+        value = getattr(obj, field.name)
+        key = prefix + field.name
+        if value is None:
+            if optional or kind == "Any":
+                continue
+            raise ConfigError(f"{key} must be set, got null")
+        setattr(obj, field.name, _typed_value(key, kind, value))
+
+
+def _typed_value(key: str, kind: str, value):
+    if kind == "int":
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if kind == "float":
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if kind == "str":
+        if isinstance(value, (str, os.PathLike)):  # folders may come as pathlib paths
+            return os.fspath(value)
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    if kind == "tuple":  # layer widths
+        if isinstance(value, (list, tuple)) and value and all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in value
+        ):
+            return tuple(int(v) for v in value)
+        raise ConfigError(f"{key} must be a non-empty list of positive integers, got {value!r}")
+    if kind == "dict":
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{key} must be a mapping, got {value!r}")
+    if kind == "list":
+        if isinstance(value, list):
+            return value
+        raise ConfigError(f"{key} must be a list, got {value!r}")
+    return value  # Any: checked where it is used (e.g. the schema)
 
 
 def _check_choice(key: str, value, choices) -> None:

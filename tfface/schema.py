@@ -221,6 +221,10 @@ class Task:
             raise SchemaError(f"task name must be a non-empty string, got {self.name!r}")
         if self.kind not in KINDS:
             raise SchemaError(f"task {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+        if not isinstance(self.classes, (list, tuple)) or not all(isinstance(c, str) and c for c in self.classes):
+            raise SchemaError(f"task {self.name!r}: classes must be a list of class names, got {self.classes!r}")
+        if len(set(self.classes)) != len(self.classes):
+            raise SchemaError(f"task {self.name!r}: class names repeat: {list(self.classes)}")
         object.__setattr__(self, "classes", tuple(self.classes))
         if self.kind == BINARY and len(self.classes) != 2:
             raise SchemaError(f"task {self.name!r}: a binary task has exactly 2 class names, got {len(self.classes)}")
@@ -228,6 +232,10 @@ class Task:
             raise SchemaError(f"task {self.name!r}: a multiclass task needs at least 2 classes")
         if self.group not in GROUPS:
             raise SchemaError(f"task {self.name!r}: group must be one of {GROUPS}, got {self.group!r}")
+        if not isinstance(self.sources, dict) or not all(isinstance(c, str) for c in self.sources.values()):
+            raise SchemaError(
+                f"task {self.name!r}: sources must map a source format to its label column, got {self.sources!r}"
+            )
         for source in self.sources:
             if source not in SOURCE_FORMATS:
                 raise SchemaError(f"task {self.name!r}: unknown source format {source!r} (known: {SOURCE_FORMATS})")
@@ -352,8 +360,8 @@ class Schema:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Schema":
-        if not isinstance(data, dict) or "tasks" not in data:
-            raise SchemaError("a schema file needs a top-level 'tasks' list")
+        if not isinstance(data, dict) or not isinstance(data.get("tasks"), list) or not data["tasks"]:
+            raise SchemaError("a schema file needs a top-level 'tasks' list with at least one task")
         tasks = []
         for i, raw in enumerate(data["tasks"]):
             if not isinstance(raw, dict):
