@@ -1,6 +1,7 @@
 """Training runs: outputs, resume after a kill, multi-worker, CLI errors."""
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -14,7 +15,9 @@ import pytest
 import yaml
 
 from tfface.cli import main as cli_main
+from tfface.config import ConfigError
 from tfface.config import ExperimentConfig
+from tfface.config import SourceConfig
 
 TINY = {
     "name": "tiny",
@@ -73,6 +76,16 @@ def test_train_writes_model_logs_and_summary(tmp_path):
     assert ExperimentConfig.load(run / "config.yaml").to_dict() == config.to_dict()
     # The backup used for resuming is removed after a finished run.
     assert not (run / "backup").exists() or not any((run / "backup").iterdir())
+    # Another config into the same folder is refused before anything is
+    # written, as is a source that does not open.
+    saved = (run / "config.yaml").read_text()
+    other = dataclasses.replace(config, model=dataclasses.replace(config.model, gate="none"))
+    with pytest.raises(ConfigError, match=r"different config \(differs in \['model.gate'\]\)"):
+        train(other, verbose=0)
+    missing = dataclasses.replace(config, data=dataclasses.replace(config.data, sources=[SourceConfig(str(tmp_path / "nope"))]))
+    with pytest.raises(FileNotFoundError, match="nope"):
+        train(missing, verbose=0)
+    assert (run / "config.yaml").read_text() == saved
 
 
 @pytest.mark.slow
@@ -170,3 +183,55 @@ def test_cli_help_lists_every_command(capsys):
     text = capsys.readouterr().out
     for command in ("data", "train", "evaluate", "export", "serve", "query", "predict", "tune", "demo"):
         assert command in text
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    """A tiny untrained tfface model, a plain Keras model and a text file,
+    each saved as .keras."""
+    import keras
+
+    from tfface.config import ModelConfig
+    from tfface.models import GatedMultiTaskModel
+    from tfface.schema import get_schema
+
+    folder = tmp_path_factory.mktemp("models")
+    config = ModelConfig(image_size=32, backbone_widths=(8, 16, 32, 64), embedding_dim=8)
+    GatedMultiTaskModel(schema=get_schema("synthetic"), config=config).save(folder / "tiny.keras")
+    keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)]).save(folder / "plain.keras")
+    (folder / "fake.keras").write_text("not a model")
+    (folder / "a_file").write_text("")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["export", "--model", "{m}/tiny.keras", "--name", "123"], "must not be all digits"),
+        (["export", "--model", "{m}/tiny.keras", "--name", "ok", "--export-root", "{m}/a_file"], "a_file"),
+        (["evaluate", "--model", "{m}/plain.keras", "--data", "synthetic:8", "--out", "{m}/ev"], "not a tfface model"),
+        (["evaluate", "--model", "{m}/fake.keras", "--data", "synthetic:8", "--out", "{m}/ev"],
+         "fake.keras: not a Keras model file"),
+    ],
+)
+def test_cli_user_errors_are_one_line_and_exit_2(model_files, capsys, argv, message):
+    assert cli_main([a.format(m=model_files) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (model_files / "ev").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["data", "masks", "synthetic:8", "--count", "0"],
+        ["query", "x.jpg", "--model", "m", "--batch-size", "0"],
+        ["query", "x.jpg", "--model", "m", "--timeout", "0"],
+        ["train", "--config", "c.yaml", "--epochs", "-1"],
+    ],
+)
+def test_cli_refuses_counts_below_one(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(argv)
+    assert exit_info.value.code == 2
+    assert "must be" in capsys.readouterr().err

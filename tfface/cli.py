@@ -15,19 +15,43 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-USER_ERRORS = (FileNotFoundError, ValueError, KeyError, PermissionError, FileExistsError)
+# OSError covers missing files and folders, a file where a folder belongs
+# (and back), permissions and a full disk: all name the path.
+USER_ERRORS = (OSError, ValueError, KeyError)
 
 
 def _user_errors():
     """USER_ERRORS plus the package's own run-time failures that name their cause."""
     errors = list(USER_ERRORS)
     try:
+        from tfface.export.saved_model import ExportError
         from tfface.tuning.search import TuningError
 
-        errors.append(TuningError)
+        errors += [ExportError, TuningError]
     except ImportError:  # pragma: no cover
         pass
     return tuple(errors)
+
+
+def _positive_int(text):
+    """argparse type: counts and batch sizes, where 0 or less means nothing."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
 
 
 def _cmd_data_summary(args):
@@ -90,7 +114,7 @@ def _cmd_train(args):
     config = ExperimentConfig.load(args.config)
     if args.output_dir:
         config.train.output_dir = args.output_dir
-    if args.epochs:
+    if args.epochs is not None:
         config.train.epochs = args.epochs
     summary = train(config)
     print(f"trained {summary['epochs_run']} epochs in {summary['train_seconds']} s; model: {summary['model_path']}")
@@ -177,32 +201,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_data_summary)
     p = data_sub.add_parser("generate", help="write synthetic faces as a CelebA-format folder")
     p.add_argument("--out", required=True)
-    p.add_argument("--num-images", type=int, default=1000)
+    p.add_argument("--num-images", type=_positive_int, default=1000)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_data_generate)
     p = data_sub.add_parser("annotate", help="detect five landmarks with MTCNN once and cache them")
     p.add_argument("source")
     p.add_argument("--cache", help="cache file (default: beside the data, or ~/.cache/tfface when read-only)")
-    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--limit", type=_positive_int, help="only the first N images")
     p.set_defaults(func=_cmd_data_annotate)
     p = data_sub.add_parser("masks", help="draw the eight group masks over sample faces (PNG)")
     p.add_argument("source")
     p.add_argument("--out", default="group_masks.png")
-    p.add_argument("--count", type=int, default=8)
+    p.add_argument("--count", type=_positive_int, default=8)
     p.set_defaults(func=_cmd_data_masks)
 
     p = sub.add_parser("train", help="train a model from a config file (resumes an interrupted run)")
     p.add_argument("--config", required=True, help="YAML experiment config (see configs/)")
     p.add_argument("--output-dir", help="override train.output_dir")
-    p.add_argument("--epochs", type=int, help="override train.epochs")
+    p.add_argument("--epochs", type=_positive_int, help="override train.epochs")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics.json, plots and a report on a labelled source")
     p.add_argument("--model", required=True, help=".keras file or a training output dir")
     p.add_argument("--data", required=True, help="SOURCE (folder or named source)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
     p.add_argument(
         "--split",
         choices=["train", "val"],
@@ -226,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", required=True, help="saved_models/NAME")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8500)
-    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--max-batch-size", type=_positive_int, default=32)
     p.add_argument(
         "--batch-timeout-ms", type=float, default=0.0, help="wait for company (default 0: batch what queues while the model runs)"
     )
@@ -240,12 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="localhost:8500", help="HOST:PORT")
     p.add_argument("--model", required=True, help="model name on the server")
     p.add_argument("--signature", default="serving_default")
-    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--timeout", type=_positive_float, default=10.0, help="seconds per call")
     p.add_argument("--tls", action="store_true")
     p.add_argument("--root-certificates", help="PEM file for TLS")
     p.add_argument("--version", type=int, help="model version (default: latest)")
     p.add_argument("--version-label", help="model version label, e.g. stable")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_query)
 
@@ -253,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--model", required=True)
     p.add_argument("--draw", help="folder for annotated PNGs")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--out", help="JSON lines file (default: stdout)")
     p.set_defaults(func=_cmd_predict)
 
@@ -266,8 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the main job on synthetic data: generate, train, evaluate, export, serve, query",
     )
     p.add_argument("--workdir", default="runs/demo")
-    p.add_argument("--num-images", type=int, default=4000)
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--num-images", type=_positive_int, default=4000)
+    p.add_argument("--epochs", type=_positive_int, default=12)
     p.set_defaults(func=_cmd_demo)
     return parser
 

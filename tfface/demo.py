@@ -8,6 +8,7 @@ images -> print the per-face results -> stop the server.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -46,6 +47,10 @@ def run_demo(workdir="runs/demo", num_images=4000, epochs=12, image_size=64, que
         model=ModelConfig(image_size=image_size, gate="static", embedding_dim=64),
         train=TrainConfig(epochs=epochs, learning_rate=3e-3, output_dir=str(workdir / "train")),
     )
+    # The demo's run folder is its own scratch space: a new demo (perhaps
+    # with other --epochs) replaces the last one instead of being refused
+    # as a different config.
+    shutil.rmtree(config.train.output_dir, ignore_errors=True)
     summary = train(config, verbose=2)
     timings["train_s"] = summary["train_seconds"]
 

@@ -547,7 +547,8 @@ def predict_main(args) -> int:
     from tfface.models.saving import load_model
 
     model = load_model(args.model)
-    batch_size = getattr(args, "batch_size", 32) or 32
+    batch_size = getattr(args, "batch_size", None)
+    batch_size = 32 if batch_size is None else batch_size
     analyzer = FaceAnalyzer(model, batch_size=batch_size)
     draw_dir = Path(args.draw) if getattr(args, "draw", None) else None
     if draw_dir is not None:

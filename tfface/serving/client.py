@@ -364,6 +364,13 @@ def format_results(results: list[dict], names: Optional[Sequence] = None, top_k:
     return "\n".join(lines)
 
 
+def _arg(args, name, default):
+    """An optional argument; only a missing one takes the default (a 0
+    reaches the client's own checks instead of turning into the default)."""
+    value = getattr(args, name, None)
+    return default if value is None else value
+
+
 def query_main(args) -> int:
     """`tfface query --host HOST:PORT --model NAME IMAGE... [--json]`.
 
@@ -377,7 +384,7 @@ def query_main(args) -> int:
             target=getattr(args, "host", None) or "localhost:8500",
             model_name=getattr(args, "model", None) or "tfface",
             signature=getattr(args, "signature", None) or SERVING_DEFAULT,
-            timeout_s=getattr(args, "timeout", None) or 10.0,
+            timeout_s=_arg(args, "timeout", 10.0),
             version=getattr(args, "version", None),
             version_label=getattr(args, "version_label", None),
             tls=bool(getattr(args, "tls", False)),
@@ -389,7 +396,7 @@ def query_main(args) -> int:
     images = list(args.images)
     try:
         with client:
-            results = client.predict(images, batch_size=getattr(args, "batch_size", None) or 32)
+            results = client.predict(images, batch_size=_arg(args, "batch_size", 32))
     except (ServingError, ValueError, OSError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

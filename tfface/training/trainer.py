@@ -10,7 +10,8 @@ history, early stopping and a wall-clock budget.
 Everything lands in `train.output_dir`:
 `config.yaml`, `model.keras` (best), `last.keras`, `history.csv`,
 `logs/` (TensorBoard), `backup/` (resume state, removed after success),
-`train_summary.json`.
+`train_summary.json`. Nothing is written before the data opens, and a
+folder holding a run with a different config is refused, not overwritten.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfface.config import ConfigError
 from tfface.config import ExperimentConfig
 from tfface.data.pipeline import make_dataset
 from tfface.schema import get_schema
@@ -76,6 +78,45 @@ def load_sources(data_config):
         else:
             train.append(source)
     return train, val
+
+
+# Settings a resumed run may change: where it lives, its name, its budget.
+RESUMABLE_CHANGES = ("name", "train.output_dir", "train.time_budget_minutes")
+
+
+def check_resumable(out: Path, config: ExperimentConfig) -> None:
+    """Refuses to train into a run folder made with a different config.
+
+    The same config resumes (or repeats) the run; a different one would
+    overwrite `config.yaml` and mix its checkpoints and history with the old
+    run's, so it is refused with the settings that differ.
+    """
+    existing = out / "config.yaml"
+    if not existing.is_file():
+        return
+    try:
+        previous = ExperimentConfig.load(existing).to_dict()
+    except (ConfigError, OSError) as e:
+        raise ConfigError(
+            f"{out} holds a run whose config cannot be read ({e}); choose another train.output_dir"
+        ) from None
+    changed = [key for key in _differing_keys(previous, config.to_dict()) if key not in RESUMABLE_CHANGES]
+    if changed:
+        raise ConfigError(
+            f"{out} holds a run with a different config (differs in {changed}); choose another "
+            "train.output_dir (or --output-dir), or remove the old run"
+        )
+
+
+def _differing_keys(old, new, prefix=""):
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = []
+        for key in sorted(set(old) | set(new), key=str):
+            keys += _differing_keys(old.get(key), new.get(key), f"{prefix}{key}.")
+        return keys
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [k for i, (a, b) in enumerate(zip(old, new)) for k in _differing_keys(a, b, f"{prefix}{i}.")]
+    return [] if old == new else [prefix.rstrip(".")]
 
 
 def training_labels(schema, sources) -> dict:
@@ -173,12 +214,15 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
     # Collective ops (multi-worker) must be configured before any other op.
     strategy = _strategy(config.train.strategy)
     out = Path(config.train.output_dir)
+    # Open the data before writing anything, so a bad source leaves an
+    # existing run folder as it was.
+    schema = get_schema(config.data.schema)
+    train_sources, val_sources = load_sources(config.data)
+    check_resumable(out, config)
     out.mkdir(parents=True, exist_ok=True)
     config.save(out / "config.yaml")
     keras.utils.set_random_seed(config.train.seed)
     mixed = _mixed_precision(config.train.mixed_precision)
-    schema = get_schema(config.data.schema)
-    train_sources, val_sources = load_sources(config.data)
     train_ds, val_ds = make_datasets(config, schema, train_sources, val_sources)
 
     with strategy.scope():
