@@ -1,6 +1,7 @@
 """The fused tf.data pipeline: masking per source, augmentation consistency, bad files."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -160,6 +161,28 @@ def test_corrupt_image_error_names_the_file(tmp_path):
     open(bad, "wb").write(data[: len(data) // 3])
     with pytest.raises(tf.errors.InvalidArgumentError, match="corrupt or truncated image file: .*000002.jpg"):
         _collect(make_dataset([source], get_schema("fused"), SIZE, batch_size=4))
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"just some text, not pixels", r"not an image file \(JPEG, PNG, GIF, BMP, WebP or JPEG XL\): .*000003.jpg"),
+        (b"", "empty image file: .*000003.jpg"),
+    ],
+)
+def test_a_file_that_is_no_image_is_named(tmp_path, content, message):
+    source = _celeba_source(tmp_path)
+    Path(source.image_paths[3]).write_bytes(content)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        _collect(make_dataset([source], get_schema("fused"), SIZE, batch_size=4))
+
+
+def test_other_formats_the_decoder_reads_still_load(tmp_path):
+    source = _celeba_source(tmp_path)
+    for path, fmt in zip(source.image_paths[:3], ("GIF", "BMP", "WEBP")):
+        Image.open(path).convert("RGB").save(path, format=fmt)  # same name, other format
+    images, _ = _collect(make_dataset([source], get_schema("fused"), SIZE, batch_size=4))
+    assert len(images) == len(source)
 
 
 def test_missing_image_file_error_names_the_file(tmp_path):

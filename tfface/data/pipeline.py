@@ -24,6 +24,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from tfface.data.image_ops import _JXL_CONTAINER
 from tfface.data.image_ops import decode_image
 from tfface.data.image_ops import preprocess_image
 from tfface.data.source import FaceSource
@@ -56,13 +57,34 @@ def _checked_decode(path):
     # pad after it, so look for it within the last 64 bytes).
     tail = tf.io.decode_raw(tf.strings.substr(data, tf.maximum(length - 64, 0), 64), tf.uint8)
     jpeg_end_ok = tf.reduce_any(tf.logical_and(tf.equal(tail[:-1], 0xFF), tf.equal(tail[1:], 0xD9)))
-    ok = tf.logical_or(is_png, tf.logical_and(is_jpeg, jpeg_end_ok))
-    ok = tf.logical_or(ok, tf.logical_not(tf.logical_or(is_jpeg, is_png)) & (length > 0))
-    tf.debugging.Assert(
-        ok, [tf.strings.join(["corrupt or truncated image file: ", path])], summarize=1
+    # The other formats tf.io.decode_image reads; anything else would fail
+    # inside the decoder without naming the file.
+    is_other = (
+        tf.equal(tf.strings.substr(head, 0, 3), b"GIF")
+        | tf.equal(tf.strings.substr(head, 0, 2), b"BM")
+        | (tf.equal(head, b"RIFF") & tf.equal(tf.strings.substr(data, 8, 4), b"WEBP"))
+        | tf.equal(tf.strings.substr(head, 0, 2), b"\xff\x0a")
+        | tf.equal(tf.strings.substr(data, 0, 12), _JXL_CONTAINER)
     )
-    tf.debugging.Assert(length > 0, [tf.strings.join(["empty image file: ", path])])
-    return decode_image(data)
+    checks = [tf.debugging.Assert(length > 0, [tf.strings.join(["empty image file: ", path])])]
+    with tf.control_dependencies(checks):
+        checks.append(
+            tf.debugging.Assert(
+                is_jpeg | is_png | is_other,
+                [tf.strings.join(["not an image file (JPEG, PNG, GIF, BMP, WebP or JPEG XL): ", path])],
+                summarize=1,
+            )
+        )
+    with tf.control_dependencies(checks):
+        checks.append(
+            tf.debugging.Assert(
+                is_png | is_other | jpeg_end_ok,
+                [tf.strings.join(["corrupt or truncated image file: ", path])],
+                summarize=1,
+            )
+        )
+    with tf.control_dependencies(checks):
+        return decode_image(data)
 
 
 def _normalised_landmarks(landmarks, height, width):
