@@ -167,6 +167,14 @@ def test_wrong_column_count_names_file_and_line(celeba_csv):
         read_celeba_folder(celeba_csv)
 
 
+@pytest.mark.parametrize("labels", ["attributes.csv", "list_attr_celeba.txt"])
+def test_label_file_that_is_not_utf8_is_named(celeba_csv, celeba_txt, labels):
+    root = celeba_csv if labels.endswith(".csv") else celeba_txt
+    (root / labels).write_bytes(b"\xff\xfe" + (root / labels).read_bytes())
+    with pytest.raises(DataError, match=f"{labels}: not UTF-8 text"):
+        read_celeba_folder(root)
+
+
 def test_out_of_range_attribute_names_file_line_and_column(celeba_csv):
     text = (celeba_csv / "attributes.csv").read_text().replace("000003.jpg,1,1,1", "000003.jpg,1,2,1")
     (celeba_csv / "attributes.csv").write_text(text)

@@ -225,15 +225,20 @@ def csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
                     yield reader.line_num, [field.strip() for field in fields]
         except csv.Error as e:
             raise DataError(f"{path}, line {reader.line_num}: not valid CSV ({e})") from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e.reason}); save the labels as UTF-8") from None
 
 
 def text_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
     """(line number, whitespace-separated fields) of every non-blank line."""
     with open(path, encoding="utf-8-sig") as f:
-        for number, line in enumerate(f, start=1):
-            fields = line.split()
-            if fields:
-                yield number, fields
+        try:
+            for number, line in enumerate(f, start=1):
+                fields = line.split()
+                if fields:
+                    yield number, fields
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text ({e.reason}); save the labels as UTF-8") from None
 
 
 class BadRows:
