@@ -159,6 +159,7 @@ def test_conditional_hyperparameters_follow_their_parent():
         ({"dropout": {"type": "float", "min": 0, "max": 0.5}}, {"tuner": "grid"}, r"tuner must be one of"),
         ({"dropout": {"type": "float", "min": 0, "max": 0.5}}, {"max_trials": 0}, r"max_trials must be"),
         ({"dropout": {"type": "float", "min": 0, "max": 0.5}}, {"trials": 3}, r"unknown tuning config key"),
+        ({"dropout": {"type": "float", "min": 0, "max": 0.5}}, {"directory": 5}, r"directory must be a path, got 5"),
     ],
 )
 def test_bad_config_is_refused_before_any_trial(tmp_path, monkeypatch, space, overrides, message):
@@ -309,6 +310,31 @@ def test_search_killed_mid_trial_resumes_with_the_same_command(tmp_path):
     assert result["trials_run"] == ["1"]  # only the trial that was cut off
     assert [r["status"] for r in result["trials"]] == ["COMPLETED", "COMPLETED"]
     assert (tmp_path / "killed" / "trial_0" / "trial.json").read_bytes() == trial_0
+
+
+def test_keras_tuner_state_files_are_replaced_whole(tmp_path, monkeypatch):
+    from keras_tuner.src import utils as kt_utils
+
+    search_module._make_keras_tuner_state_writes_atomic()
+    state = tmp_path / "oracle.json"
+    kt_utils.save_json(str(state), {"ongoing_trials": {}})
+    assert json.loads(state.read_text()) == {"ongoing_trials": {}}
+
+    def killed(*args):
+        raise KeyboardInterrupt("killed between the write and the rename")
+
+    monkeypatch.setattr(search_module.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        kt_utils.save_json(str(state), {"ongoing_trials": {"1": "x"}})
+    assert json.loads(state.read_text()) == {"ongoing_trials": {}}  # the old state, whole
+
+
+def test_a_search_with_a_cut_short_state_file_names_it(tmp_path):
+    config = write_tuning(tmp_path, project="torn")
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "oracle.json").write_text("")
+    with pytest.raises(TuningError, match=r"oracle.json is empty or cut short.*remove .*torn"):
+        run_search(config, verbose=0)
 
 
 # --- failures and budget --------------------------------------------------------------------

@@ -121,6 +121,9 @@ class TuningConfig:
             raise ConfigError(f"time_budget_minutes must be a number > 0, got {self.time_budget_minutes!r}")
         if not isinstance(self.experiment, (dict, str)):
             raise ConfigError("experiment must be a mapping (an inline experiment config) or a path to one")
+        for key in ("search_space", "directory"):
+            if not isinstance(getattr(self, key), (str, os.PathLike)) or not str(getattr(self, key)):
+                raise ConfigError(f"{key} must be a path, got {getattr(self, key)!r}")
 
     # --- what it points at ------------------------------------------------------
     def _path(self, value) -> Path:
@@ -338,9 +341,62 @@ def _tuner_classes():
     return {"random": FaceRandomSearch, "hyperband": FaceHyperband, "bayesian": FaceBayesianOptimization}
 
 
+def _write_json_atomic(path, obj, indent=None) -> str:
+    """Write to a temporary file, then rename: a kill leaves the old file or
+    the new one, never half of one."""
+    text = json.dumps(obj, indent=indent)
+    tmp = f"{path}.{os.getpid()}.tmp"  # chief and workers may write at once
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return text
+
+
+def _make_keras_tuner_state_writes_atomic() -> None:
+    """KerasTuner 1.4 rewrites oracle.json, tuner0.json and trial.json in
+    place (truncate, then write). A search killed during such a write left
+    an empty file that it could not reload ("Expecting value") - the search
+    was lost. Its one writer, `keras_tuner.src.utils.save_json`, is looked up
+    at each call, so replacing it makes every state file atomic (local
+    paths; remote ones are written as before)."""
+    from keras_tuner.src import utils as kt_utils
+
+    if getattr(kt_utils.save_json, "atomic", False):
+        return
+    original = kt_utils.save_json
+
+    def save_json(path, obj):
+        if "://" in str(path):
+            return original(path, obj)
+        return _write_json_atomic(path, obj)
+
+    save_json.atomic = True
+    kt_utils.save_json = save_json
+
+
+def _check_state_files(project_dir: Path) -> None:
+    """A state file cut short (by a kill before writes were atomic, or by a
+    full disk) is reported by name instead of as a JSON parse error deep
+    in KerasTuner."""
+    for path in [project_dir / "oracle.json", *sorted(project_dir.glob("tuner*.json")),
+                 *sorted(project_dir.glob("trial_*/trial.json"))]:
+        if not path.is_file():
+            continue
+        try:
+            json.loads(path.read_text())
+        except ValueError:
+            raise TuningError(
+                f"{path} is empty or cut short (not valid JSON), so the search cannot resume; "
+                f"remove {project_dir} to start it over"
+            ) from None
+
+
 def make_tuner(tuning: TuningConfig, hypermodel, deadline=None, on_trial_end_hook=None):
     """The KerasTuner tuner named by `tuning.tuner`, over `tuning.project_dir`."""
     from tfface.tuning.hypermodels import objective
+
+    _make_keras_tuner_state_writes_atomic()
+    _check_state_files(tuning.project_dir)
 
     common = dict(
         hypermodel=hypermodel,
@@ -485,7 +541,10 @@ def run_search(
 def _check_same_tuner(project_dir: Path, tuning: TuningConfig) -> None:
     meta = project_dir / "search.json"
     if meta.is_file():
-        previous = json.loads(meta.read_text()).get("tuner")
+        try:
+            previous = json.loads(meta.read_text()).get("tuner")
+        except ValueError:
+            raise TuningError(f"{meta} is not valid JSON; remove {project_dir} to start the search over") from None
         if previous and previous != tuning.tuner:
             raise ConfigError(
                 f"{project_dir} holds a {previous} search; resuming it as {tuning.tuner} cannot work: "
@@ -503,7 +562,7 @@ def _write_meta(project_dir: Path, tuning: TuningConfig, space: SearchSpace) -> 
         "hyperparameters": space.names,
         "objective": OBJECTIVE,
     }
-    (project_dir / "search.json").write_text(json.dumps(meta, indent=2))
+    _write_json_atomic(project_dir / "search.json", meta, indent=2)
 
 
 # --- results ------------------------------------------------------------------------
