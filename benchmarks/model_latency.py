@@ -2,7 +2,9 @@
 
 One forward pass serves every task, so the full model should cost little
 more than its backbone: targets at batch 32 are gated <= 1.05x and
-mask-guided <= 1.6x the backbone's time, measured in one run.
+mask-guided <= 1.6x the backbone's time, measured in one run. Variants are
+timed in interleaved rounds; each ratio comes with a 95% interval from
+resampling the rounds, so a pass or a miss is told apart from noise.
 
 Run: python benchmarks/model_latency.py [--image-size 64] [--batch 32]
 Runs under any Keras backend (KERAS_BACKEND=jax for the GPU machine).
@@ -41,7 +43,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=30, help="interleaved rounds; every variant runs once per round")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="resamples of the rounds for the ratios' 95%% intervals")
     parser.add_argument("--backbone", default="small_cnn")
     parser.add_argument("--schema", default="fused")
     parser.add_argument(
@@ -91,24 +94,37 @@ def main():
             call(inputs)  # trace and warm up
         built[label] = (model, call, inputs)
     samples = {label: [] for label in built}
-    for _ in range(args.repeats):
-        for label, (_, call, inputs) in built.items():
+    labels = list(built)
+    for round_index in range(args.repeats):
+        # Alternate the order so no variant always runs right after another.
+        for label in labels if round_index % 2 == 0 else labels[::-1]:
+            _, call, inputs = built[label]
             samples[label].append(time_call(lambda: call(inputs), repeats=1, warmup=0)["median_s"])
-    base = None
+    times = {label: np.asarray(samples[label]) for label in built}
+    base_label = labels[0]
+    # Resample whole rounds (paired: one round times every variant) for a
+    # 95% interval of each ratio of medians.
+    rng = np.random.default_rng(0)
+    rounds = rng.integers(0, args.repeats, (args.bootstrap, args.repeats))
+    base_medians = np.median(times[base_label][rounds], axis=1)
     for label, (model, _, _) in built.items():
-        ms = float(np.median(samples[label])) * 1000
-        base = base or ms
-        rows.append({"model": label, "params": model.count_params(), "median_ms": ms, "vs_backbone": ms / base})
+        ratios = np.median(times[label][rounds], axis=1) / base_medians
+        low, high = np.percentile(ratios, [2.5, 97.5])
+        rows.append({
+            "model": label, "params": model.count_params(), "median_ms": float(np.median(times[label])) * 1000,
+            "vs_backbone": float(np.median(times[label]) / np.median(times[base_label])),
+            "ci95_low": float(low), "ci95_high": float(high),
+        })
     print(
         f"backend {keras.backend.backend()}; {args.backbone} at {args.image_size}px; batch {args.batch}; "
         f"{len(schema)} tasks; embedding {args.embedding_dim}"
     )
-    print_table(rows, ["model", "params", "median_ms", "vs_backbone", "error"])
+    print_table(rows, ["model", "params", "median_ms", "vs_backbone", "ci95_low", "ci95_high", "error"])
     suffix = "" if args.backbone == "small_cnn" else f"_{args.backbone}"
     write_results(
         f"model_latency_{keras.backend.backend()}_{args.image_size}{suffix}",
         {"image_size": args.image_size, "batch": args.batch, "backbone": args.backbone,
-         "embedding_dim": args.embedding_dim, "rows": rows,
+         "embedding_dim": args.embedding_dim, "repeats": args.repeats, "bootstrap": args.bootstrap, "rows": rows,
          "targets": {"gated": 1.05, "mask_guided": 1.6}},
     )
 
