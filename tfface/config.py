@@ -314,38 +314,35 @@ def _check_types(prefix: str, obj) -> None:
         setattr(obj, field.name, _typed_value(key, kind, value))
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+# Annotation -> (accepts the value, makes it plain, what was wanted).
+_FIELD_KINDS = {
+    "int": (_is_int, int, "an integer"),
+    "float": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool), float, "a number"),
+    "bool": (lambda v: isinstance(v, bool), bool, "true or false"),
+    # Folders may come as pathlib paths.
+    "str": (lambda v: isinstance(v, (str, os.PathLike)), os.fspath, "a string"),
+    # Layer widths.
+    "tuple": (
+        lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_is_int(w) and w >= 1 for w in v),
+        lambda v: tuple(int(w) for w in v),
+        "a non-empty list of positive integers",
+    ),
+    "dict": (lambda v: isinstance(v, dict), dict, "a mapping"),
+    "list": (lambda v: isinstance(v, list), list, "a list"),
+}
+
+
 def _typed_value(key: str, kind: str, value):
-    if kind == "int":
-        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-            return int(value)
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
-    if kind == "float":
-        if isinstance(value, numbers.Real) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key} must be a number, got {value!r}")
-    if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    if kind == "str":
-        if isinstance(value, (str, os.PathLike)):  # folders may come as pathlib paths
-            return os.fspath(value)
-        raise ConfigError(f"{key} must be a string, got {value!r}")
-    if kind == "tuple":  # layer widths
-        if isinstance(value, (list, tuple)) and value and all(
-            isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in value
-        ):
-            return tuple(int(v) for v in value)
-        raise ConfigError(f"{key} must be a non-empty list of positive integers, got {value!r}")
-    if kind == "dict":
-        if isinstance(value, dict):
-            return dict(value)
-        raise ConfigError(f"{key} must be a mapping, got {value!r}")
-    if kind == "list":
-        if isinstance(value, list):
-            return value
-        raise ConfigError(f"{key} must be a list, got {value!r}")
-    return value  # Any: checked where it is used (e.g. the schema)
+    if kind not in _FIELD_KINDS:
+        return value  # Any: checked where it is used (e.g. the schema)
+    accepts, plain, wanted = _FIELD_KINDS[kind]
+    if not accepts(value):
+        raise ConfigError(f"{key} must be {wanted}, got {value!r}")
+    return plain(value)
 
 
 def _check_choice(key: str, value, choices) -> None:

@@ -66,23 +66,15 @@ def _checked_decode(path):
         | tf.equal(tf.strings.substr(head, 0, 2), b"\xff\x0a")
         | tf.equal(tf.strings.substr(data, 0, 12), _JXL_CONTAINER)
     )
-    checks = [tf.debugging.Assert(length > 0, [tf.strings.join(["empty image file: ", path])])]
-    with tf.control_dependencies(checks):
-        checks.append(
-            tf.debugging.Assert(
-                is_jpeg | is_png | is_other,
-                [tf.strings.join(["not an image file (JPEG, PNG, GIF, BMP, WebP or JPEG XL): ", path])],
-                summarize=1,
-            )
-        )
-    with tf.control_dependencies(checks):
-        checks.append(
-            tf.debugging.Assert(
-                is_png | is_other | jpeg_end_ok,
-                [tf.strings.join(["corrupt or truncated image file: ", path])],
-                summarize=1,
-            )
-        )
+    checks = []
+    for ok, problem in (
+        (length > 0, "empty image file: "),
+        (is_jpeg | is_png | is_other, "not an image file (JPEG, PNG, GIF, BMP, WebP or JPEG XL): "),
+        (is_png | is_other | jpeg_end_ok, "corrupt or truncated image file: "),
+    ):
+        # Chained, so the first check that fails is the one reported.
+        with tf.control_dependencies(checks):
+            checks = [tf.debugging.Assert(ok, [tf.strings.join([problem, path])], summarize=1)]
     with tf.control_dependencies(checks):
         return decode_image(data)
 
