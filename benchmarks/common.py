@@ -58,7 +58,7 @@ def model_for_benchmark(path=None):
     model untrained (speed does not depend on the weights)."""
     from tfface.config import ModelConfig
     from tfface.schema import get_schema
-    from tfface.training.trainer import build_model
+    from tfface.models.build import build_model
     from tfface.models.saving import load_model
 
     if path:

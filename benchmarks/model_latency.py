@@ -60,7 +60,7 @@ def main():
     from tfface.config import ModelConfig
     from tfface.models.backbones import build_backbone
     from tfface.schema import get_schema
-    from tfface.training.trainer import build_model
+    from tfface.models.build import build_model
 
     schema = get_schema(args.schema)
     images = np.random.default_rng(0).uniform(0, 255, (args.batch, args.image_size, args.image_size, 3)).astype("float32")

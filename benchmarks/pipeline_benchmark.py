@@ -31,7 +31,7 @@ def main():
     from tfface.data.sources import open_source
     from tfface.data.sources import shared_data_dir
     from tfface.schema import get_schema
-    from tfface.training.trainer import build_model
+    from tfface.models.build import build_model
 
     schema = get_schema("fused")
     if shared_data_dir() is not None:

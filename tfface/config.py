@@ -3,8 +3,8 @@
 An `ExperimentConfig` = `DataConfig` + `ModelConfig` + `TrainConfig`. Files
 are YAML (or JSON) mirroring these dataclasses; unknown keys and bad values
 are refused with a message naming the key, before any data is read or any
-model is built. Named experiments live in `EXPERIMENTS` (see
-`tfface.presets`).
+model is built. A `model:` section may start from a named architecture,
+`preset: NAME` (see `tfface.presets`), and override keys beside it.
 """
 
 from __future__ import annotations
@@ -215,6 +215,13 @@ class ExperimentConfig:
                 raise ConfigError(f"data.sources[{i}] needs a 'path'")
             sources.append(SourceConfig(**s))
         model_raw = _section(raw, "model")
+        if "preset" in model_raw:
+            from tfface.presets import preset_values
+
+            name = model_raw.pop("preset")
+            if not isinstance(name, str):
+                raise ConfigError(f"model.preset must be a preset name, got {name!r}")
+            model_raw = {**preset_values(name), **model_raw}
         _check_keys("model.", model_raw, ModelConfig)
         train_raw = _section(raw, "train")
         _check_keys("train.", train_raw, TrainConfig)

@@ -31,10 +31,14 @@ class GatedMultiTaskModel(MultiTaskFaceModel):
         schema=tfface.schema.get_schema("fused"),
         config=tfface.config.ModelConfig(image_size=64, gate="static"),
     )
+    # or a named architecture (tfface.presets):
+    model = tfface.models.GatedMultiTaskModel.from_preset("gated_small_cnn_64", "fused")
     model.compile()
     model.fit(train_ds, validation_data=val_ds, epochs=5)
     ```
     """
+
+    model_type = "gated"
 
     def __init__(self, schema=None, config=None, **kwargs):
         super().__init__(schema=schema, config=config, **kwargs)

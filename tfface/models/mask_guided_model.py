@@ -74,6 +74,8 @@ class MaskGuidedMultiTaskModel(MultiTaskFaceModel):
     predictor gets no mask supervision.
     """
 
+    model_type = "mask_guided"
+
     def build_graph(self, schema, config):
         if config.use_landmark_masks and config.fusion == "global":
             raise ConfigError("model.use_landmark_masks needs model.fusion 'group' or 'group_global'")

@@ -31,33 +31,12 @@ import tensorflow as tf
 from tfface.config import ConfigError
 from tfface.config import ExperimentConfig
 from tfface.data.pipeline import make_dataset
+from tfface.models.build import build_model
 from tfface.schema import get_schema
 
 log = logging.getLogger(__name__)
 
 MONITOR = "val_mean_balanced_accuracy"
-
-
-def build_model(schema, model_config, train_labels=None):
-    """The model class named by `model_config.type`.
-
-    Args:
-        train_labels: task name -> training labels (`training_labels`);
-            needed when the config starts the correlation layer from them
-            (`correlation_init: label_correlation`), ignored otherwise.
-    """
-    from tfface.config import ConfigError
-    from tfface.models import GatedMultiTaskModel
-    from tfface.models import MaskGuidedMultiTaskModel
-
-    if model_config.type != "gated":
-        return MaskGuidedMultiTaskModel(schema=schema, config=model_config, name="mask_guided_multitask")
-    model = GatedMultiTaskModel(schema=schema, config=model_config, name="gated_multitask")
-    if model_config.correlation and model_config.correlation_init == "label_correlation":
-        if train_labels is None:
-            raise ConfigError("model.correlation_init 'label_correlation' needs the training labels (train_labels)")
-        model.init_correlation_from_labels(train_labels)
-    return model
 
 
 def load_sources(data_config):

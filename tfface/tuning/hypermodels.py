@@ -80,7 +80,7 @@ def build_trial_model(config: ExperimentConfig, steps_per_epoch: int, schedule_e
     from tfface.schema import get_schema
     from tfface.training.trainer import _mixed_precision
     from tfface.training.trainer import _optimizer
-    from tfface.training.trainer import build_model
+    from tfface.models.build import build_model
 
     # KerasTuner clears the Keras session before each build, which also
     # resets the dtype policy: set it again.
