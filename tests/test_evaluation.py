@@ -173,8 +173,6 @@ def test_subgroups_use_male_in_the_celeba_schema():
 
 def test_evaluate_model_writes_metrics_plots_and_report(tiny_model, tmp_path):
     out = tmp_path / "eval"
-    out.mkdir()
-    (out / "notes.txt").write_text("keep me")
     metrics = evaluate_model(tiny_model, [synthetic_source(), utkface_source()], out, batch_size=16)
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == metrics
@@ -195,9 +193,26 @@ def test_evaluate_model_writes_metrics_plots_and_report(tiny_model, tmp_path):
     card = (out / "model_card.md").read_text()
     assert "non-commercial research" in card and "UTKFace" in card
     assert "### By subgroup" in card and "| gender | female |" in card
-    assert (out / "notes.txt").read_text() == "keep me"
-    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
     assert "mean balanced accuracy" in format_metrics(saved)
+
+
+def test_evaluate_model_replaces_an_earlier_evaluation_whole_and_nothing_else(tiny_model, tmp_path):
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    (out / "group_masks.png").write_bytes(b"from an earlier, mask-guided model")
+    evaluate_model(tiny_model, synthetic_source(n=8), out, batch_size=8)
+    assert "group_masks.png" not in {p.name for p in out.iterdir()}  # no stale file beside the new ones
+    assert json.loads((out / "metrics.json").read_text())["n_images"] == 8
+    # A folder holding anything else is refused before any work, untouched.
+    (out / "notes.txt").write_text("keep me")
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(FileExistsError, match=r"holds other files \(notes.txt\)"):
+        evaluate_model(tiny_model, synthetic_source(n=8), out, batch_size=8)
+    assert sorted(p.name for p in out.iterdir()) == before and (out / "notes.txt").read_text() == "keep me"
+    with pytest.raises(NotADirectoryError, match="notes.txt is a file"):
+        evaluate_model(tiny_model, synthetic_source(n=8), out / "notes.txt", batch_size=8)
 
 
 def test_model_card_takes_licences_from_the_recorded_source_formats(tiny_model, tmp_path):

@@ -235,3 +235,61 @@ def test_cli_refuses_counts_below_one(capsys, argv):
         cli_main(argv)
     assert exit_info.value.code == 2
     assert "must be" in capsys.readouterr().err
+
+
+def test_cli_outputs_never_replace_inputs_or_models(model_files, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (40, 40), "gray").save(photos / name)
+    originals = {p.name: p.read_bytes() for p in photos.iterdir()}
+    model = str(model_files / "tiny.keras")
+    model_bytes = (model_files / "tiny.keras").read_bytes()
+    refusals = [
+        (["predict", str(photos), "--model", model, "--draw", str(photos)], "would overwrite the input image"),
+        (["predict", str(photos / "a.png"), "--model", model, "--out", str(photos / "a.png")], "is one of the input images"),
+        (["evaluate", "--model", model, "--data", "synthetic:40", "--out", str(tmp_path / "ev"), "--calibrate", model],
+         "is the model being evaluated"),
+        (["evaluate", "--model", model, "--data", "synthetic:40", "--out", str(tmp_path / "ev"),
+          "--calibrate", str(tmp_path / "cal.h5")], "is a .keras file"),
+        (["data", "masks", "synthetic:8", "--out", str(tmp_path / "masks.jpg")], "is a PNG file"),
+    ]
+    for argv, message in refusals:
+        assert cli_main(argv) == 2, argv
+        assert message in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in photos.iterdir()} == originals
+    assert (model_files / "tiny.keras").read_bytes() == model_bytes
+    assert not (tmp_path / "ev").exists() and not (tmp_path / "masks.jpg").exists()
+
+    # A calibrated model goes to a new file, written after the evaluation.
+    calibrated = tmp_path / "calibrated.keras"
+    argv = ["evaluate", "--model", model, "--data", "synthetic:60", "--out", str(tmp_path / "ev"),
+            "--calibrate", str(calibrated)]
+    assert cli_main(argv) == 0
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["model"]["path"] == model
+    from tfface.models.saving import load_model
+
+    assert load_model(calibrated).schema.task_names == load_model(model).schema.task_names
+
+    # A dataset folder that is taken is refused before any faces are drawn.
+    from tfface.data import synthetic
+
+    monkeypatch.setattr(synthetic, "generate_synthetic_faces", lambda *a, **k: pytest.fail("generated first"))
+    assert cli_main(["data", "generate", "--out", str(photos)]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_demo_replaces_only_an_earlier_demo_run(tmp_path):
+    from tfface.demo import _remove_earlier_demo_run
+
+    run = tmp_path / "train"
+    run.mkdir()
+    (run / "model.keras").write_text("someone's model")
+    with pytest.raises(FileExistsError, match="not an earlier demo's run"):
+        _remove_earlier_demo_run(run)
+    assert (run / "model.keras").read_text() == "someone's model"
+    (run / "config.yaml").write_text("name: demo\n")
+    _remove_earlier_demo_run(run)
+    assert not run.exists()

@@ -65,9 +65,11 @@ def _cmd_data_summary(args):
 
 
 def _cmd_data_generate(args):
+    from tfface.data.synthetic import check_new_dataset_folder
     from tfface.data.synthetic import generate_synthetic_faces
     from tfface.data.synthetic import write_synthetic_folder
 
+    check_new_dataset_folder(args.out)
     source = generate_synthetic_faces(args.num_images, image_size=args.image_size, seed=args.seed)
     write_synthetic_folder(source, args.out)
     print(f"wrote {len(source)} synthetic faces to {args.out}")
@@ -125,6 +127,8 @@ def _cmd_evaluate(args):
     from tfface.evaluation.evaluate import print_metrics
     from tfface.models.saving import load_model
 
+    if args.calibrate:
+        _check_new_model_file(args.calibrate, args.model)
     model = load_model(args.model)
     if args.calibrate:
         from tfface.evaluation.calibration import calibrate_model
@@ -132,11 +136,33 @@ def _cmd_evaluate(args):
 
         val_sources = open_sources(args.data, image_size=model.image_size, split="val")
         thresholds = calibrate_model(model, val_sources)
-        model.save(args.calibrate)
-        print(f"calibrated {len(thresholds)} thresholds on the validation split; saved {args.calibrate}")
-    metrics = evaluate_model(model, args.data, args.out, batch_size=args.batch_size, split=args.split)
+        print(f"calibrated {len(thresholds)} thresholds on the validation split")
+    metrics = evaluate_model(
+        model, args.data, args.out, batch_size=args.batch_size, split=args.split, model_path=args.model
+    )
     print_metrics(metrics)
     print(f"wrote {args.out}/metrics.json and report.md")
+    if args.calibrate:
+        from tfface.atomic_files import save_model_atomic
+
+        # Saved last and whole: a failed evaluation leaves no new model.
+        save_model_atomic(model, args.calibrate)
+        print(f"saved the calibrated model to {args.calibrate}")
+
+
+def _check_new_model_file(path, source_model):
+    """The calibrated model goes to a new .keras file, never over a model."""
+    from pathlib import Path
+
+    path, source = Path(path), Path(source_model)
+    if path.suffix != ".keras":
+        raise ValueError(f"--calibrate {path}: the calibrated model is a .keras file")
+    if path.exists():
+        same = source.exists() and path.resolve() in (source.resolve(), (source / "model.keras").resolve())
+        what = "the model being evaluated" if same else "an existing file"
+        raise FileExistsError(f"--calibrate {path} is {what}; save the calibrated model to a new file")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"--calibrate {path}: folder {path.parent} not found")
 
 
 def _cmd_export(args):
@@ -235,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--calibrate",
         metavar="OUT.keras",
-        help="first calibrate per-attribute thresholds on the val split (max balanced accuracy) and save the model here",
+        help="first calibrate per-attribute thresholds on the val split (max balanced accuracy); the calibrated model is saved to this new .keras file after the evaluation",
     )
     p.set_defaults(func=_cmd_evaluate)
 

@@ -247,12 +247,11 @@ class ExperimentConfig:
     def save(self, path) -> None:
         import yaml
 
-        # Write then rename: a reader (another worker, a resumed run) never
-        # sees half a file.
-        path = Path(path)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # workers may write at once
-        tmp.write_text(yaml.safe_dump(_plain(self.to_dict()), sort_keys=False))
-        os.replace(tmp, path)
+        from tfface.atomic_files import write_atomic
+
+        # Whole or not at all: a reader (another worker, a resumed run)
+        # never sees half a file.
+        write_atomic(path, yaml.safe_dump(_plain(self.to_dict()), sort_keys=False))
 
 
 def read_structured_file(path, what: str, error=None):

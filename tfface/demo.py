@@ -15,6 +15,21 @@ from pathlib import Path
 from tfface.data.image_ops import encode_png
 
 
+def _remove_earlier_demo_run(run_dir: Path) -> None:
+    if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
+        return
+    import yaml
+
+    config = run_dir / "config.yaml"
+    try:
+        is_demo = yaml.safe_load(config.read_text()).get("name") == "demo"
+    except (OSError, AttributeError, yaml.YAMLError):
+        is_demo = False
+    if not is_demo:
+        raise FileExistsError(f"{run_dir} exists and is not an earlier demo's run; choose another --workdir")
+    shutil.rmtree(run_dir)
+
+
 def run_demo(workdir="runs/demo", num_images=4000, epochs=12, image_size=64, query_count=4) -> dict:
     from tfface.config import DataConfig
     from tfface.config import ExperimentConfig
@@ -47,10 +62,10 @@ def run_demo(workdir="runs/demo", num_images=4000, epochs=12, image_size=64, que
         model=ModelConfig(image_size=image_size, gate="static", embedding_dim=64),
         train=TrainConfig(epochs=epochs, learning_rate=3e-3, output_dir=str(workdir / "train")),
     )
-    # The demo's run folder is its own scratch space: a new demo (perhaps
-    # with other --epochs) replaces the last one instead of being refused
-    # as a different config.
-    shutil.rmtree(config.train.output_dir, ignore_errors=True)
+    # A new demo (perhaps with other --epochs) replaces an earlier demo's
+    # run instead of being refused as a different config; anything else in
+    # that folder is left alone.
+    _remove_earlier_demo_run(Path(config.train.output_dir))
     summary = train(config, verbose=2)
     timings["train_s"] = summary["train_seconds"]
 

@@ -30,6 +30,7 @@ and a plain bilinear warp of a large face would alias.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import sys
@@ -41,6 +42,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from tfface.atomic_files import atomic_path
 from tfface.landmarks.alignment import TEMPLATE_5PT, align_face, similarity_transform, transform_points
 from tfface.landmarks.detector import LandmarkError, check_rgb_image
 
@@ -525,6 +527,18 @@ def expand_inputs(inputs: Sequence) -> list[Path]:
     return paths
 
 
+def _drawing_paths(folder: Path, paths: Sequence[Path]) -> list[Path]:
+    """One PNG per input, named after it; refused up front when a drawing
+    would land on an input image (e.g. --draw pointing at the photo folder)."""
+    used: set = set()
+    drawings = [_drawing_path(folder, str(path), used) for path in paths]
+    inputs = {path.resolve() for path in paths}
+    clash = next((d for d in drawings if d.resolve() in inputs), None)
+    if clash is not None:
+        raise FileExistsError(f"--draw {folder} would overwrite the input image {clash}; choose another folder")
+    return drawings
+
+
 def _drawing_path(folder: Path, name: str, used: set) -> Path:
     stem = Path(name).name
     for suffix in IMAGE_EXTENSIONS:
@@ -544,23 +558,29 @@ def predict_main(args) -> int:
     skipped (exit 0); no existing input at all raises FileNotFoundError
     (the CLI exits 2)."""
     paths = expand_inputs(args.inputs)
+    draw_dir = Path(args.draw) if getattr(args, "draw", None) else None
+    drawings = _drawing_paths(draw_dir, paths) if draw_dir is not None else None
+    out_path = getattr(args, "out", None)
+    if out_path and Path(out_path).resolve() in {p.resolve() for p in paths}:
+        raise FileExistsError(f"--out {out_path} is one of the input images")
     from tfface.models.saving import load_model
 
     model = load_model(args.model)
     batch_size = getattr(args, "batch_size", None)
     batch_size = 32 if batch_size is None else batch_size
     analyzer = FaceAnalyzer(model, batch_size=batch_size)
-    draw_dir = Path(args.draw) if getattr(args, "draw", None) else None
     if draw_dir is not None:
         draw_dir.mkdir(parents=True, exist_ok=True)
-    out_path = getattr(args, "out", None)
-    if out_path:
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    stream = open(out_path, "w") if out_path else sys.stdout
     counts = {"images": 0, "faces": 0, "no_face": 0, "unreadable": 0}
-    used = set()
-    try:
-        for result, image in analyzer._run(paths, None, keep_images=draw_dir is not None):
+    with contextlib.ExitStack() as stack:
+        if out_path:
+            Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+            # The results replace an earlier --out file only when complete.
+            stream = open(stack.enter_context(atomic_path(out_path)), "w")
+            stack.callback(stream.close)
+        else:
+            stream = sys.stdout
+        for index, (result, image) in enumerate(analyzer._run(paths, None, keep_images=draw_dir is not None)):
             stream.write(json.dumps(result) + "\n")
             stream.flush()
             counts["images"] += 1
@@ -570,11 +590,8 @@ def predict_main(args) -> int:
                 print(f"predict: {result['error']}", file=sys.stderr)
             elif not result["faces"]:
                 counts["no_face"] += 1
-            if draw_dir is not None and image is not None:
-                draw_faces(image, result, analyzer.schema).save(_drawing_path(draw_dir, result["image"], used))
-    finally:
-        if out_path:
-            stream.close()
+            if drawings is not None and image is not None:
+                draw_faces(image, result, analyzer.schema).save(drawings[index])
     where = f" -> {out_path}" if out_path else ""
     drawn = f", drawings in {draw_dir}" if draw_dir is not None else ""
     print(

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from tfface.atomic_files import current_umask
 from tfface.data.source import LANDMARK_COLUMNS, FaceSource
 from tfface.schema import SYNTHETIC, SYNTHETIC_ATTRIBUTES
 
@@ -131,6 +132,17 @@ def generate_synthetic_faces(
     )
 
 
+def check_new_dataset_folder(out_dir) -> None:
+    """A dataset is written to a new (or empty) folder, never over files;
+    callers check before generating, which can take a while."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise FileExistsError(f"{out_dir} exists and is not a folder")
+        if any(out_dir.iterdir()):
+            raise FileExistsError(f"{out_dir} already exists and is not empty; refusing to overwrite it")
+
+
 def write_synthetic_folder(source: FaceSource, out_dir, image_format: str = "png") -> Path:
     """Writes an in-memory source as a CelebA-format folder.
 
@@ -154,11 +166,7 @@ def write_synthetic_folder(source: FaceSource, out_dir, image_format: str = "png
         raise ValueError(
             f"source.images must be uint8 of shape (N, H, W, 3), got {images.dtype} {images.shape}"
         )
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise FileExistsError(f"{out_dir} exists and is not a folder")
-        if any(out_dir.iterdir()):
-            raise FileExistsError(f"{out_dir} already exists and is not empty; refusing to overwrite it")
+    check_new_dataset_folder(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
 
     n = len(source)
@@ -168,6 +176,7 @@ def write_synthetic_folder(source: FaceSource, out_dir, image_format: str = "png
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's folder is private; a dataset is not
         (tmp / "images").mkdir()
         for image_id, image in zip(image_ids, source.images):
             Image.fromarray(image).save(tmp / "images" / image_id, IMAGE_FORMATS[key])

@@ -17,11 +17,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
-from pathlib import Path
 
 import numpy as np
 
+from tfface.atomic_files import replaced_folder
 from tfface.data.source import FaceSource
 from tfface.models.saving import load_model
 from tfface.schema import MISSING
@@ -384,36 +383,6 @@ def _plain(value):
     return value
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_atomic(path, data) -> Path:
-    """Writes via a temp file in the same folder and a rename, so a reader
-    (or a crash) never sees a half-written file."""
-    path = Path(path)
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes the file private; give it the usual permissions.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
-
-
 def evaluate_model(
     model_path_or_model,
     data_spec_or_sources,
@@ -423,6 +392,7 @@ def evaluate_model(
     split: str | None = None,
     val_fraction: float = 0.15,
     split_seed: int | None = None,
+    model_path: str | None = None,
 ) -> dict:
     """Evaluates a model and writes `metrics.json`, PNG plots and `report.md`.
 
@@ -431,27 +401,49 @@ def evaluate_model(
             `model.keras`, or a loaded tfface model.
         data_spec_or_sources: a folder, "synthetic:N", a named source
             ("celeba_sample", "utkface", ...), a `FaceSource`, or a list.
-        out_dir: output folder (created). Only the files this writes are
-            replaced; each is written to a temp file and renamed, and all
-            are rendered before the first is written.
+        out_dir: output folder, written whole: the files go to a new
+            folder beside it that replaces an earlier evaluation only when
+            complete. A folder holding anything but evaluation files is
+            refused before any work.
         batch_size: prediction batch size.
         thresholds: task -> threshold overriding the model's.
         split: None, "train" or "val" (see `open_sources`).
+        model_path: where a loaded model came from (recorded in
+            `metrics.json` and read by the model card).
 
     Returns:
         The metrics dict also saved as `metrics.json`.
     """
-    from tfface.evaluation import plots
-    from tfface.evaluation.model_card import model_card
-    from tfface.evaluation.report import markdown_report
-
     if isinstance(model_path_or_model, (str, os.PathLike)):
         model_path = str(model_path_or_model)
         model = load_model(model_path_or_model)
     else:
-        model, model_path = model_path_or_model, None
+        model = model_path_or_model
+    if getattr(model, "schema", None) is None:
+        raise TypeError(f"expected a tfface model (with a task schema), got {type(model).__name__}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    with replaced_folder(out_dir, is_evaluation_file) as staging:
+        metrics, files = _evaluation(
+            model, model_path, data_spec_or_sources, batch_size, thresholds, split, val_fraction, split_seed
+        )
+        for name, data in files.items():
+            (staging / name).write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    return metrics
+
+
+def is_evaluation_file(name: str) -> bool:
+    """A file an evaluation writes (an earlier evaluation's folder may be
+    replaced; a folder with anything else is not)."""
+    return name in (METRICS_FILE, REPORT_FILE, MODEL_CARD_FILE) or name.endswith(".png")
+
+
+def _evaluation(model, model_path, data_spec_or_sources, batch_size, thresholds, split, val_fraction, split_seed):
+    """(metrics, file name -> contents) of one evaluation."""
+    from tfface.evaluation import plots
+    from tfface.evaluation.model_card import model_card
+    from tfface.evaluation.report import markdown_report
+
     schema = model.schema
     sources = open_sources(
         data_spec_or_sources, model.image_size, split=split, val_fraction=val_fraction, split_seed=split_seed
@@ -507,13 +499,7 @@ def evaluate_model(
     files[REPORT_FILE] = markdown_report(metrics)
     files[MODEL_CARD_FILE] = model_card(model, metrics)
     files[METRICS_FILE] = json.dumps(metrics, indent=2, allow_nan=False)
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # metrics.json last: its time stamp marks a completed evaluation.
-    for name in sorted(files, key=lambda n: n == METRICS_FILE):
-        write_atomic(out_dir / name, files[name])
-    return metrics
+    return metrics, files
 
 
 def format_metrics(metrics: dict, worst: int = 5) -> str:

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from tfface.atomic_files import atomic_path
 from tfface.schema import GROUPS
 
 GROUP_NAMES = GROUPS
@@ -285,6 +286,9 @@ def overlay_masks_png(images, landmarks, path, panel_width: int = 96) -> Path:
     """
     from PIL import Image, ImageDraw
 
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"{path}: the mask picture is a PNG file (name it .png)")
     images = np.asarray(images)
     landmarks = np.asarray(landmarks, np.float32)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
@@ -315,8 +319,9 @@ def overlay_masks_png(images, landmarks, path, panel_width: int = 96) -> Path:
                     colour = (255, 255, 255) if k != 2 else (255, 0, 0)
                     pd.ellipse((x - 1.5, y - 1.5, x + 1.5, y + 1.5), fill=colour, outline=(0, 0, 0))
             canvas.paste(panel, (g * panel_width, title_height + i * panel_height))
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A 256-colour palette keeps the picture small enough to commit.
-    canvas.quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(path, optimize=True)
+    picture = canvas.quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+    with atomic_path(path, suffix=".png") as tmp:
+        picture.save(tmp, optimize=True)
     return path

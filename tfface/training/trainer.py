@@ -28,6 +28,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfface.atomic_files import save_model_atomic
+from tfface.atomic_files import write_atomic
 from tfface.config import ConfigError
 from tfface.config import ExperimentConfig
 from tfface.data.pipeline import make_dataset
@@ -247,7 +249,7 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
     )
     seconds = time.monotonic() - start
     if chief and val_ds is None:
-        model.save(out / "model.keras")
+        save_model_atomic(model, out / "model.keras")
     summary = {
         "name": config.name,
         "output_dir": str(out),
@@ -268,7 +270,7 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
         "config": dataclasses.asdict(config),
     }
     if chief:
-        (out / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        write_atomic(out / "train_summary.json", json.dumps(summary, indent=2, default=str))
     return summary
 
 

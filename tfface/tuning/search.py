@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from tfface.atomic_files import atomic_path
+from tfface.atomic_files import write_atomic
 from tfface.config import ConfigError
 from tfface.config import ExperimentConfig
 from tfface.config import read_structured_file
@@ -342,13 +344,8 @@ def _tuner_classes():
 
 
 def _write_json_atomic(path, obj, indent=None) -> str:
-    """Write to a temporary file, then rename: a kill leaves the old file or
-    the new one, never half of one."""
     text = json.dumps(obj, indent=indent)
-    tmp = f"{path}.{os.getpid()}.tmp"  # chief and workers may write at once
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
     return text
 
 
@@ -617,7 +614,7 @@ def write_results(project_dir: Path, tuning: TuningConfig, base: ExperimentConfi
         "results": str(project_dir / "results.json"),
         "best_config": str(project_dir / "best_config.yaml") if best else None,
     }
-    Path(paths["summary"]).write_text(summary_markdown(tuning, space, records, best))
+    write_atomic(paths["summary"], summary_markdown(tuning, space, records, best))
     plot_objective(records, paths["plot"], title=f"{tuning.project}: {OBJECTIVE} per trial")
     if best is not None:
         best_config = space.apply(base, best["values"])
@@ -633,7 +630,7 @@ def write_results(project_dir: Path, tuning: TuningConfig, base: ExperimentConfi
         "best": best,
         **paths,
     }
-    Path(paths["results"]).write_text(json.dumps(results, indent=2, default=str))
+    write_atomic(paths["results"], json.dumps(results, indent=2, default=str))
     if not records:
         raise TuningError(f"search {tuning.project}: no trial ran (see {project_dir})")
     if best is None:
@@ -659,7 +656,7 @@ def write_best_config(config: ExperimentConfig, path, tuning: TuningConfig, best
         f"# Train it: tfface train --config {path}\n"
     )
     body = yaml.safe_dump(plain_config(config.to_dict()), sort_keys=False)
-    Path(path).write_text(header + body)
+    write_atomic(path, header + body)
 
 
 def _format(value) -> str:
@@ -736,7 +733,8 @@ def plot_objective(records: list[dict], path, title: str) -> None:
     if done or failed:
         axes.legend(loc="lower right")
     figure.tight_layout()
-    figure.savefig(path)
+    with atomic_path(path, suffix=".png") as tmp:
+        figure.savefig(tmp, format="png")
 
 
 # --- CLI ----------------------------------------------------------------------------

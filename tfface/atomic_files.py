@@ -1,0 +1,107 @@
+"""Writing outputs so that a crash, a full disk or Ctrl-C never leaves half
+of one: every file (and an evaluation's whole folder) is written beside its
+target under a temporary name and renamed into place when complete."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it, so set it back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _discard(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_path(path, suffix: str = ""):
+    """Yields a temporary path beside `path` to write to; it replaces
+    `path` only if the block ends without an error. `suffix` keeps writers
+    that check the file name happy (Keras wants ".keras")."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a file")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"folder not found for {path}")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        # mkstemp makes the file private; give it the usual permissions.
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        _discard(tmp)
+        raise
+
+
+def write_atomic(path, data) -> Path:
+    """Writes text or bytes to `path` whole, or not at all."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    return Path(path)
+
+
+def save_model_atomic(model, path) -> Path:
+    """`model.save(path)` for a `.keras` file, whole or not at all (Keras
+    writes straight into its target)."""
+    path = Path(path)
+    if path.suffix != ".keras":
+        raise ValueError(f"{path}: a model file must end in .keras")
+    with atomic_path(path, suffix=".keras") as tmp:
+        model.save(tmp)
+    return path
+
+
+@contextlib.contextmanager
+def replaced_folder(out_dir, may_replace: Callable[[str], bool]):
+    """Yields an empty folder beside `out_dir` to fill; when the block ends
+    without an error it becomes `out_dir`, replacing an earlier one whole
+    (no mix of old and new files). Checked before any work: `out_dir` is
+    replaced only if every entry in it is a file `may_replace(name)` accepts,
+    so a folder holding anything else is refused, never emptied."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise NotADirectoryError(f"{out_dir} is a file, not an output folder")
+        foreign = sorted(p.name for p in out_dir.iterdir() if not (p.is_file() and may_replace(p.name)))
+        if foreign:
+            raise FileExistsError(
+                f"{out_dir} holds other files ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+                "choose a new or empty output folder"
+            )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield staging
+        os.chmod(staging, 0o777 & ~current_umask())
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old)
+            os.replace(staging, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, out_dir)
+    except BaseException:
+        _discard(staging)
+        raise
