@@ -458,7 +458,8 @@ def test_prepare_builder_detects_format_and_reuses(utk_csv, tmp_path, no_network
     assert again.data_dir == builder.data_dir  # same folder and settings: built once
 
 
-def test_folder_sources_pick_up_the_annotation_cache(utk_csv, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cache_dir", ["TFFACE_CACHE_DIR", "in the data folder"])
+def test_folder_sources_pick_up_the_annotation_cache(utk_csv, tmp_path, monkeypatch, cache_dir):
     from tfface.landmarks.detector import Detection
     from tfface.landmarks.detector import annotate_folder
     from tfface.landmarks.detector import default_landmark_cache
@@ -468,13 +469,20 @@ def test_folder_sources_pick_up_the_annotation_cache(utk_csv, tmp_path, monkeypa
             points = np.array([[5, 6], [9, 6], [7, 8], [5, 10], [9, 10]], np.float32)
             return [[Detection(box=(1, 1, 10, 10), confidence=0.99, landmarks=points)] for _ in images]
 
-    monkeypatch.setenv("TFFACE_CACHE_DIR", str(tmp_path / "cache"))
+    if cache_dir == "TFFACE_CACHE_DIR":
+        monkeypatch.setenv("TFFACE_CACHE_DIR", str(tmp_path / "cache"))
+    else:  # a writable folder keeps its own cache, landmarks_mtcnn.csv
+        monkeypatch.delenv("TFFACE_CACHE_DIR", raising=False)
     before = open_source(utk_csv)
     for path in before.image_paths:  # big enough for the detector
         write_jpeg(Path(path), size=(32, 32))
     assert before.landmarks is None
     cache = default_landmark_cache(before.root)
     annotate_folder(list(before.image_paths), cache, detector=OneFaceDetector(), verbose=False)
+    assert (cache.parent == utk_csv) == (cache_dir != "TFFACE_CACHE_DIR")
     after = open_source(utk_csv)
     assert after.landmarks.shape == (len(after), 5, 2)
     np.testing.assert_allclose(after.landmarks[0, 2], [7, 8])
+    # The same cache named as a source's landmarks file reads the same.
+    named = open_source(utk_csv, landmarks_file=str(cache))
+    np.testing.assert_array_equal(named.landmarks, after.landmarks)

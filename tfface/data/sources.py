@@ -310,6 +310,11 @@ def read_landmarks(root: Path, image_ids, landmarks_file=None, skip_bad_rows=Fal
     else:
         rows = csv_rows(path)
         _, columns = next(rows, (None, []))
+        from tfface.landmarks.detector import CACHE_COLUMNS
+        from tfface.landmarks.detector import load_landmark_cache
+
+        if tuple(columns) == CACHE_COLUMNS:  # written by `tfface data annotate`
+            return load_landmark_cache(path, image_ids)
     missing = [c for c in ("image_id", *LANDMARK_COLUMNS) if c not in columns]
     if missing:
         raise DataError(f"{path}: landmark file lacks columns {missing}")
