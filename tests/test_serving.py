@@ -349,8 +349,11 @@ def test_query_main_prints_json_and_fails_cleanly(deployment, tmp_path, capsys):
     assert printed[0]["image"] == str(path)
     assert printed[0]["predictions"]["age_group"]["label"] in AGE_GROUPS
     args = argparse.Namespace(host=deployment["target"], model="nope", images=[str(path)], json=False)
-    assert query_main(args) == 1
+    assert query_main(args) == 1  # the server refused
     assert "NOT_FOUND" in capsys.readouterr().err
+    args = argparse.Namespace(host=deployment["target"], model="faces", images=[str(tmp_path / "no.png")], json=False)
+    assert query_main(args) == 2  # a bad input, as everywhere in the CLI
+    assert "no.png" in capsys.readouterr().err
 
 
 def test_serve_main_serves_until_stopped(deployment, capsys):
@@ -369,5 +372,5 @@ def test_serve_main_serves_until_stopped(deployment, capsys):
     assert not thread.is_alive() and codes == [0]
     assert f"127.0.0.1:{port}" in capsys.readouterr().out
     bad = argparse.Namespace(model_dir=str(deployment["root"] / "missing"))
-    assert serve_main(bad) == 1
+    assert serve_main(bad) == 2
     assert "model folder not found" in capsys.readouterr().err

@@ -2,7 +2,8 @@
 
 Heavy imports (TensorFlow, Keras) happen inside each command, so
 `tfface --help` answers at once. User errors (missing files, bad configs,
-bad data) print one clear line and exit with status 2, never a traceback.
+bad data) print one clear line and exit with status 2, never a traceback;
+`tfface query` exits 1 when the server fails or refuses a call.
 """
 
 from __future__ import annotations

@@ -376,8 +376,9 @@ def query_main(args) -> int:
 
     Reads `host`, `model`, `images`, `json` and optionally `signature`,
     `timeout`, `version`, `version_label`, `tls`, `root_certificates`,
-    `batch_size` from `args`. Prints results; returns the exit code (errors
-    go to stderr with code 1).
+    `batch_size` from `args`. Prints results; returns the exit code as the
+    rest of the CLI: 2 for a bad argument or input file, 1 when the server
+    fails or refuses the call (message on stderr either way).
     """
     try:
         client = ServingClient(
@@ -392,14 +393,17 @@ def query_main(args) -> int:
         )
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     images = list(args.images)
     try:
         with client:
             results = client.predict(images, batch_size=_arg(args, "batch_size", 32))
-    except (ServingError, ValueError, OSError, TypeError) as e:
+    except ServingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (ValueError, OSError, TypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if getattr(args, "json", False):
         print(json.dumps([{"image": str(p), "predictions": r} for p, r in zip(images, results)], indent=2))
     else:

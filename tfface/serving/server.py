@@ -726,8 +726,8 @@ def serve_main(args, stop_event: Optional[threading.Event] = None) -> int:
     Reads `model_dir`, and optionally `host`, `port`, `max_batch_size`,
     `batch_timeout_ms`, `no_batching`, `versions` ("latest"/"all"),
     `max_image_side` from `args`. `stop_event` stops it too (embedding,
-    tests). Returns the exit code: 0, or 1 after printing why it could not
-    start.
+    tests). Returns the exit code: 0; 2 after printing why it could not
+    start for a bad folder, argument or taken port; 1 for other failures.
     """
 
     def arg(name, default):
@@ -747,7 +747,10 @@ def serve_main(args, stop_event: Optional[threading.Event] = None) -> int:
             max_image_side=arg("max_image_side", 4096),
         )
         port = server.start()
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError) as e:  # a missing or bad model folder, a taken port
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     previous = {}
