@@ -69,3 +69,15 @@ def test_a_yaml_model_section_starts_from_a_preset(tmp_path):
     raw["model"]["preset"] = "vgg_64"
     with pytest.raises(ConfigError, match="unknown model preset 'vgg_64'"):
         ExperimentConfig.from_dict(raw)
+
+
+def test_docstring_style_access_through_the_package():
+    import tfface
+
+    model = tfface.models.GatedMultiTaskModel(
+        schema=tfface.schema.get_schema("synthetic"),
+        config=tfface.config.ModelConfig(image_size=32, backbone_widths=(8, 16, 32, 64), embedding_dim=8),
+    )
+    assert model.image_size == 32 and "presets" in dir(tfface)
+    with pytest.raises(AttributeError, match="no attribute 'modles'"):
+        tfface.modles

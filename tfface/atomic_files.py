@@ -1,6 +1,12 @@
 """Writing outputs so that a crash, a full disk or Ctrl-C never leaves half
-of one: every file (and an evaluation's whole folder) is written beside its
-target under a temporary name and renamed into place when complete."""
+of one: the file (or an evaluation's whole folder) is written beside its
+target under a temporary name and renamed into place when complete.
+
+Used for configs, summaries, reports, metrics, pictures, tuning results and
+models tfface saves itself; Keras's own checkpoint and log writers during
+training (ModelCheckpoint, CSVLogger, TensorBoard) write in place, and a
+resumed run rewrites them.
+"""
 
 from __future__ import annotations
 
