@@ -293,3 +293,23 @@ def test_demo_replaces_only_an_earlier_demo_run(tmp_path):
     (run / "config.yaml").write_text("name: demo\n")
     _remove_earlier_demo_run(run)
     assert not run.exists()
+
+
+def test_cli_evaluate_split_follows_the_run_that_trained_the_model(model_files, tmp_path, capsys):
+    import shutil
+
+    from tfface.data.sources import open_source
+    from tfface.data.splits import split_source
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(model_files / "tiny.keras", run / "model.keras")
+    raw = json.loads(json.dumps(TINY))
+    raw["data"]["val_fraction"] = 0.5
+    raw["data"]["split_seed"] = 7
+    (run / "config.yaml").write_text(yaml.safe_dump(raw))
+    assert cli_main(["evaluate", "--model", str(run), "--data", "synthetic:40", "--split", "val",
+                     "--out", str(tmp_path / "ev")]) == 0
+    assert f"val_fraction 0.5, seed 7 ({run / 'config.yaml'})" in capsys.readouterr().out
+    expected = split_source(open_source("synthetic:40", image_size=32), val_fraction=0.5, seed=7)["val"]
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n_images"] == len(expected)

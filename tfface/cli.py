@@ -131,15 +131,22 @@ def _cmd_evaluate(args):
     if args.calibrate:
         _check_new_model_file(args.calibrate, args.model)
     model = load_model(args.model)
+    split = _training_split(args.model)
+    if args.split or args.calibrate:
+        print(f"split: val_fraction {split['val_fraction']}, seed {split['split_seed']} ({split['from']})")
     if args.calibrate:
         from tfface.evaluation.calibration import calibrate_model
         from tfface.evaluation.evaluate import open_sources
 
-        val_sources = open_sources(args.data, image_size=model.image_size, split="val")
+        val_sources = open_sources(
+            args.data, image_size=model.image_size, split="val",
+            val_fraction=split["val_fraction"], split_seed=split["split_seed"],
+        )
         thresholds = calibrate_model(model, val_sources)
         print(f"calibrated {len(thresholds)} thresholds on the validation split")
     metrics = evaluate_model(
-        model, args.data, args.out, batch_size=args.batch_size, split=args.split, model_path=args.model
+        model, args.data, args.out, batch_size=args.batch_size, split=args.split, model_path=args.model,
+        val_fraction=split["val_fraction"], split_seed=split["split_seed"],
     )
     print_metrics(metrics)
     print(f"wrote {args.out}/metrics.json and report.md")
@@ -149,6 +156,28 @@ def _cmd_evaluate(args):
         # Saved last and whole: a failed evaluation leaves no new model.
         save_model_atomic(model, args.calibrate)
         print(f"saved the calibrated model to {args.calibrate}")
+
+
+def _training_split(model_path) -> dict:
+    """The split settings of the run that trained the model (its config.yaml
+    sits beside model.keras), so --split and --calibrate take the same
+    validation images as training; the defaults for a model on its own."""
+    from pathlib import Path
+
+    from tfface.config import ConfigError
+    from tfface.config import DataConfig
+    from tfface.config import ExperimentConfig
+
+    path = Path(model_path)
+    config_file = (path if path.is_dir() else path.parent) / "config.yaml"
+    if config_file.is_file():
+        try:
+            data = ExperimentConfig.load(config_file).data
+            return {"val_fraction": data.val_fraction, "split_seed": data.split_seed, "from": str(config_file)}
+        except (ConfigError, OSError):
+            pass
+    defaults = DataConfig()
+    return {"val_fraction": defaults.val_fraction, "split_seed": defaults.split_seed, "from": "defaults"}
 
 
 def _check_new_model_file(path, source_model):
@@ -257,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--split",
         choices=["train", "val"],
-        help="evaluate only this part of the training split (same identity-disjoint split as `train`)",
+        help="evaluate only this part of the training split: the same identity-disjoint split as `train`, "
+        "with val_fraction and split_seed from the run's config.yaml beside the model (else the defaults)",
     )
     p.add_argument(
         "--calibrate",
