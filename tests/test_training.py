@@ -77,8 +77,13 @@ def test_train_writes_model_logs_and_summary(tmp_path):
     # The backup used for resuming is removed after a finished run.
     assert not (run / "backup").exists() or not any((run / "backup").iterdir())
     # Another config into the same folder is refused before anything is
-    # written, as is a source that does not open.
+    # written, as is a source that does not open, and the finished run is
+    # not trained over.
     saved = (run / "config.yaml").read_text()
+    model_bytes = (run / "model.keras").read_bytes()
+    with pytest.raises(ConfigError, match="holds a finished run"):
+        train(config, verbose=0)
+    assert (run / "model.keras").read_bytes() == model_bytes
     other = dataclasses.replace(config, model=dataclasses.replace(config.model, gate="none"))
     with pytest.raises(ConfigError, match=r"different config \(differs in \['model.gate'\]\)"):
         train(other, verbose=0)
@@ -313,3 +318,17 @@ def test_cli_evaluate_split_follows_the_run_that_trained_the_model(model_files, 
     assert f"val_fraction 0.5, seed 7 ({run / 'config.yaml'})" in capsys.readouterr().out
     expected = split_source(open_source("synthetic:40", image_size=32), val_fraction=0.5, seed=7)["val"]
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n_images"] == len(expected)
+
+
+def test_a_resumed_run_keeps_counting_from_its_history(tmp_path):
+    from tfface.training.trainer import MONITOR
+    from tfface.training.trainer import ResumedEarlyStopping
+    from tfface.training.trainer import _monitored_history
+
+    history = tmp_path / "history.csv"
+    history.write_text(f"epoch,loss,{MONITOR}\n0,1.0,0.50\n1,0.9,0.60\n2,0.8,0.55\n3,0.7,0.58\n")
+    earlier = _monitored_history(history)
+    assert earlier == [0.5, 0.6, 0.55, 0.58]
+    stopping = ResumedEarlyStopping(earlier, patience=3)
+    stopping.on_train_begin()
+    assert stopping.best == 0.6 and stopping.wait == 2  # one more epoch without gain stops it

@@ -3,7 +3,8 @@
 Reads and splits the sources, builds the fused pipeline and the model named
 by the config, and runs `model.fit` with the callbacks a long run needs:
 a backup every epoch so a killed run resumes where it stopped (model,
-optimizer and epoch restored by `keras.callbacks.BackupAndRestore`), the
+optimizer and epoch restored by `keras.callbacks.BackupAndRestore`; the
+best score so far and early stopping's count from `history.csv`), the
 best model by validation mean balanced accuracy, TensorBoard logs, a CSV
 history, early stopping and a wall-clock budget.
 
@@ -11,7 +12,8 @@ Everything lands in `train.output_dir`:
 `config.yaml`, `model.keras` (best), `last.keras`, `history.csv`,
 `logs/` (TensorBoard), `backup/` (resume state, removed after success),
 `train_summary.json`. Nothing is written before the data opens, and a
-folder holding a run with a different config is refused, not overwritten.
+folder holding a finished run, or a run with a different config, is
+refused, not overwritten.
 """
 
 from __future__ import annotations
@@ -68,9 +70,10 @@ RESUMABLE_CHANGES = ("name", "train.output_dir", "train.time_budget_minutes")
 def check_resumable(out: Path, config: ExperimentConfig) -> None:
     """Refuses to train into a run folder made with a different config.
 
-    The same config resumes (or repeats) the run; a different one would
+    The same config resumes an interrupted run; a different one would
     overwrite `config.yaml` and mix its checkpoints and history with the old
-    run's, so it is refused with the settings that differ.
+    run's, so it is refused with the settings that differ. A finished run is
+    not trained over either.
     """
     existing = out / "config.yaml"
     if not existing.is_file():
@@ -86,6 +89,11 @@ def check_resumable(out: Path, config: ExperimentConfig) -> None:
         raise ConfigError(
             f"{out} holds a run with a different config (differs in {changed}); choose another "
             "train.output_dir (or --output-dir), or remove the old run"
+        )
+    if (out / "train_summary.json").is_file() and not _is_resuming(out):
+        raise ConfigError(
+            f"{out} holds a finished run (train_summary.json); choose another train.output_dir "
+            "(or --output-dir), or remove it to train again"
         )
 
 
@@ -104,6 +112,37 @@ def training_labels(schema, sources) -> dict:
     """Task name -> labels of every training example (-1 where missing)."""
     parts = [schema.encode_labels(s.format, s.columns, len(s)) for s in sources]
     return {task.name: np.concatenate([p[task.name] for p in parts]) for task in schema}
+
+
+def _is_resuming(out: Path) -> bool:
+    backup = out / "backup"
+    return backup.is_dir() and any(backup.iterdir())
+
+
+def _monitored_history(history_file: Path) -> list:
+    """The monitored validation score of every epoch logged before a resume."""
+    if not history_file.is_file():
+        return []
+    import csv
+
+    with open(history_file, newline="") as f:
+        return [float(row[MONITOR]) for row in csv.DictReader(f) if row.get(MONITOR) not in (None, "", "nan")]
+
+
+class ResumedEarlyStopping(keras.callbacks.EarlyStopping):
+    """Early stopping on `MONITOR` that counts the epochs of the run before a
+    resume (`earlier` scores, oldest first) as Keras would have."""
+
+    def __init__(self, earlier, patience):
+        super().__init__(monitor=MONITOR, mode="max", patience=patience, restore_best_weights=False)
+        self.earlier = list(earlier)
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        for score in self.earlier:
+            self.wait += 1
+            if self.best is None or score - self.min_delta > self.best:
+                self.best, self.wait = score, 0
 
 
 class TimeBudget(keras.callbacks.Callback):
@@ -214,25 +253,28 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
             _rank_one_logs(model)
 
     chief = _is_chief()
+    resuming = _is_resuming(out)
+    # BackupAndRestore brings back weights, optimizer and epoch only; the
+    # best score so far and early stopping's count come from the history,
+    # so a resumed run neither overwrites a better model.keras nor waits
+    # its whole patience again.
+    earlier = _monitored_history(out / "history.csv") if resuming else []
     callbacks = [keras.callbacks.BackupAndRestore(str(out / "backup"))]
     if chief:
         callbacks += [
-            keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
+            keras.callbacks.CSVLogger(str(out / "history.csv"), append=resuming),
             keras.callbacks.TensorBoard(str(out / "logs"), update_freq="epoch"),
             keras.callbacks.ModelCheckpoint(str(out / "last.keras")),
         ]
         if val_ds is not None:
             callbacks.append(
                 keras.callbacks.ModelCheckpoint(
-                    str(out / "model.keras"), monitor=MONITOR, mode="max", save_best_only=True
+                    str(out / "model.keras"), monitor=MONITOR, mode="max", save_best_only=True,
+                    initial_value_threshold=max(earlier) if earlier else None,
                 )
             )
     if config.train.early_stopping_patience > 0 and val_ds is not None:
-        callbacks.append(
-            keras.callbacks.EarlyStopping(
-                monitor=MONITOR, mode="max", patience=config.train.early_stopping_patience, restore_best_weights=False
-            )
-        )
+        callbacks.append(ResumedEarlyStopping(earlier, patience=config.train.early_stopping_patience))
     if config.train.time_budget_minutes:
         callbacks.append(TimeBudget(config.train.time_budget_minutes))
     if verbose == "auto":
