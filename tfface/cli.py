@@ -263,7 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_data_generate)
     p = data_sub.add_parser("annotate", help="detect five landmarks with MTCNN once and cache them")
     p.add_argument("source")
-    p.add_argument("--cache", help="cache file (default: beside the data, or ~/.cache/tfface when read-only)")
+    p.add_argument(
+        "--cache",
+        help="cache file (default: landmarks_mtcnn.csv in the data folder when it is writable and not shared "
+        "data, else under ~/.cache/tfface, or $TFFACE_CACHE_DIR when set)",
+    )
     p.add_argument("--limit", type=_positive_int, help="only the first N images")
     p.set_defaults(func=_cmd_data_annotate)
     p = data_sub.add_parser("masks", help="draw the eight group masks over sample faces (PNG)")
