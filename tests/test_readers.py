@@ -456,6 +456,10 @@ def test_prepare_builder_detects_format_and_reuses(utk_csv, tmp_path, no_network
     assert {k: v.num_examples for k, v in builder.info.splits.items()} == {"train": 1, "val": 1}
     again = prepare_builder(str(utk_csv), data_dir=str(tmp_path / "tfds"), val_fraction=0.5)
     assert again.data_dir == builder.data_dir  # same folder and settings: built once
+    image = next(p for p in utk_csv.rglob("*.jpg"))
+    write_jpeg(image, size=(24, 24))  # an image replaced below the top level
+    changed = prepare_builder(str(utk_csv), data_dir=str(tmp_path / "tfds"), val_fraction=0.5)
+    assert changed.data_dir != builder.data_dir
 
 
 @pytest.mark.parametrize("cache_dir", ["TFFACE_CACHE_DIR", "in the data folder"])

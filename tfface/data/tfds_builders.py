@@ -85,16 +85,19 @@ def _slug(text: str) -> str:
 
 def folder_config(root, val_fraction=0.15, test_fraction=0.0, seed=DEFAULT_SEED, skip_bad_rows=False) -> FolderConfig:
     """A `FolderConfig` named after the folder and a fingerprint of its
-    path, its top-level files (sizes, times) and the split settings, so a
-    changed label file or split gives a new, separately prepared config."""
+    path, every file under it (relative path, size, time: label files and
+    images alike) and the split settings, so a changed label file, image or
+    split gives a new, separately prepared config."""
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"data folder not found: {root}")
     digest = hashlib.sha1(str(root).encode())
-    for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        if entry.is_file():
-            stat = entry.stat()
-            digest.update(f"{entry.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    for folder, subfolders, files in os.walk(root):
+        subfolders.sort()
+        for name in sorted(files):
+            stat = os.stat(os.path.join(folder, name))
+            relative = os.path.relpath(os.path.join(folder, name), root)
+            digest.update(f"{relative}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     digest.update(f"{val_fraction}:{test_fraction}:{seed}:{skip_bad_rows}".encode())
     return FolderConfig(
         name=f"{_slug(root.name)}_{digest.hexdigest()[:10]}",
