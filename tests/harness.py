@@ -73,9 +73,9 @@ def _as_list(inputs):
     return list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
 
 
-def _call(layer, inputs, call_kwargs):
-    inputs = _as_list(inputs)
-    return layer(*[ops.convert_to_tensor(x) for x in inputs], **call_kwargs)
+def _call(layer, inputs, call_kwargs, list_input=False):
+    tensors = [ops.convert_to_tensor(x) for x in _as_list(inputs)]
+    return layer(tensors, **call_kwargs) if list_input else layer(*tensors, **call_kwargs)
 
 
 def _copy_weights(source, target):
@@ -94,6 +94,7 @@ def run_layer_test(
     call_kwargs=None,
     tmp_path=None,
     atol=1e-6,
+    list_input=False,
 ):
     """Checks one custom layer end to end and returns its eager output.
 
@@ -106,13 +107,15 @@ def run_layer_test(
         num_*: exact weight counts (see `assert_weight_counts`).
         call_kwargs: extra call arguments (e.g. `training=False`).
         tmp_path: where to write the `.keras` file; None skips that part.
+        list_input: the layer takes its inputs as one list (e.g.
+            `MaskedAveragePooling([features, masks])`), not positionally.
     """
     call_kwargs = dict(call_kwargs or {})
     inputs = _as_list(input_data)
 
     # Build + call.
     layer = layer_cls(**init_kwargs)
-    output = _call(layer, inputs, call_kwargs)
+    output = _call(layer, inputs, call_kwargs, list_input)
     assert layer.built, f"{layer_cls.__name__} is not built after its first call"
     if expected_output_shape is not None:
         assert tuple(output.shape) == tuple(expected_output_shape), (
@@ -130,7 +133,7 @@ def run_layer_test(
 
     # compute_output_shape agrees with the real output (batch dim excluded).
     shapes = [tuple(np.shape(x)) for x in inputs]
-    predicted = layer.compute_output_shape(*shapes)
+    predicted = layer.compute_output_shape(shapes) if list_input else layer.compute_output_shape(*shapes)
     assert tuple(predicted)[1:] == tuple(output.shape)[1:], (
         f"{layer_cls.__name__}.compute_output_shape gives {predicted}, call gives {output.shape}"
     )
@@ -144,9 +147,9 @@ def run_layer_test(
         assert got == value, f"get_config()[{key!r}] = {got!r}, constructed with {value!r}"
     clone = layer_cls.from_config(config)
     assert clone.get_config() == config, "from_config(get_config()) changed the config"
-    _call(clone, inputs, call_kwargs)  # builds the clone
+    _call(clone, inputs, call_kwargs, list_input)  # builds the clone
     _copy_weights(layer, clone)
-    assert_allclose_tree(_call(clone, inputs, call_kwargs), output, atol=atol)
+    assert_allclose_tree(_call(clone, inputs, call_kwargs, list_input), output, atol=atol)
 
     # Keras serialization finds the registered class by name.
     serialized = keras.saving.serialize_keras_object(layer)
@@ -155,11 +158,11 @@ def run_layer_test(
     assert type(revived) is layer_cls and revived.get_config() == config
 
     if tmp_path is not None:
-        run_layer_saving_test(layer, inputs, call_kwargs, tmp_path, atol=atol)
+        run_layer_saving_test(layer, inputs, call_kwargs, tmp_path, atol=atol, list_input=list_input)
     return output
 
 
-def run_layer_saving_test(layer, inputs, call_kwargs, tmp_path, atol=1e-6):
+def run_layer_saving_test(layer, inputs, call_kwargs, tmp_path, atol=1e-6, list_input=False):
     """Saves `layer` inside a tiny functional model and compares after reload.
 
     Weights are first perturbed (a fresh layer often has all-zero or constant
@@ -170,7 +173,7 @@ def run_layer_saving_test(layer, inputs, call_kwargs, tmp_path, atol=1e-6):
         keras.Input(shape=np.shape(x)[1:], dtype=str(np.asarray(x).dtype), name=f"input_{i}")
         for i, x in enumerate(inputs)
     ]
-    outputs = layer(*symbolic, **call_kwargs)
+    outputs = layer(symbolic, **call_kwargs) if list_input else layer(*symbolic, **call_kwargs)
     model = keras.Model(symbolic, outputs)
     rng = np.random.default_rng(1)
     for weight in layer.weights:

@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from harness import run_layer_test
 
 from tfface.config import ConfigError
 from tfface.config import ModelConfig
@@ -154,6 +155,41 @@ def test_masked_average_pooling_non_integer_resize():
     masks = np.random.default_rng(3).random((1, 8, 8, 4)).astype("float32")
     pooled = keras.ops.convert_to_numpy(MaskedAveragePooling()([features, masks]))
     np.testing.assert_allclose(pooled, 1.0, rtol=1e-5)  # average of a constant
+
+
+@pytest.mark.parametrize("fusion", ["group_global", "group", "global"])
+def test_group_global_fusion_layer(fusion, tmp_path):
+    rng = np.random.default_rng(5)
+    groups = rng.normal(size=(2, 3, 5)).astype("float32")
+    global_feature = rng.normal(size=(2, 4)).astype("float32")
+    inputs = {"group_global": [groups, global_feature], "group": groups, "global": global_feature}[fusion]
+    params = {"group_global": 3 * 5 * 6 + 4 * 18, "group": 3 * 5 * 6, "global": 4 * 18}[fusion] + 3 * 6
+    run_layer_test(
+        GroupGlobalFusion,
+        dict(num_groups=3, units=6, fusion=fusion),
+        inputs,
+        expected_output_shape=(2, 3, 6),
+        num_trainable_params=params,
+        num_non_trainable_params=0,
+        tmp_path=tmp_path,
+        list_input=fusion == "group_global",
+    )
+
+
+def test_masked_average_pooling_layer(tmp_path):
+    rng = np.random.default_rng(6)
+    features = rng.normal(size=(2, 4, 4, 5)).astype("float32")
+    masks = rng.uniform(size=(2, 8, 8, 3)).astype("float32")
+    run_layer_test(
+        MaskedAveragePooling,
+        dict(epsilon=1e-5),
+        [features, masks],
+        expected_output_shape=(2, 3, 5),
+        num_trainable_params=0,
+        num_non_trainable_params=0,
+        tmp_path=tmp_path,
+        list_input=True,
+    )
 
 
 def test_group_global_fusion_equals_dense_on_concat():
