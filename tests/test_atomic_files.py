@@ -26,12 +26,53 @@ def test_a_failed_folder_leaves_the_old_one_whole(tmp_path):
     out.mkdir()
     (out / "metrics.json").write_text("old")
     with pytest.raises(RuntimeError, match="plot failed"):
-        with replaced_folder(out, lambda name: name.endswith(".json")) as staging:
+        with replaced_folder(out, lambda name: name.endswith(".json"), marker="metrics.json") as staging:
             (staging / "metrics.json").write_text("new")
             raise RuntimeError("plot failed")
     assert [(p.name, p.read_text()) for p in out.iterdir()] == [("metrics.json", "old")]
     assert [p.name for p in tmp_path.iterdir()] == ["eval"]
-    with replaced_folder(out, lambda name: name.endswith(".json")) as staging:
-        (staging / "report.md").write_text("new")
-    assert [p.name for p in out.iterdir()] == ["report.md"]
+    with replaced_folder(out, lambda name: name.endswith(".json"), marker="metrics.json") as staging:
+        (staging / "metrics.json").write_text("new")
+    assert [(p.name, p.read_text()) for p in out.iterdir()] == [("metrics.json", "new")]
     assert [p.name for p in tmp_path.iterdir()] == ["eval"]
+
+
+def test_only_an_earlier_output_of_the_same_kind_is_replaced(tmp_path, monkeypatch):
+    def accept_png(name):
+        return name.endswith(".png")
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.png").write_bytes(b"a photo")  # nothing but files the output could hold
+    with pytest.raises(FileExistsError, match="holds other files"):
+        with replaced_folder(photos, accept_png, marker="metrics.json"):
+            pytest.fail("refused before the block runs")
+    assert (photos / "a.png").read_bytes() == b"a photo"
+    # A link to an earlier output is followed; the folder holding the
+    # working directory is refused.
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "metrics.json").write_text("old")
+    link = tmp_path / "link"
+    link.symlink_to(earlier)
+    with replaced_folder(link, lambda name: name.endswith(".json"), marker="metrics.json") as staging:
+        (staging / "metrics.json").write_text("new")
+    assert (earlier / "metrics.json").read_text() == "new" and link.is_symlink()
+    monkeypatch.chdir(earlier)
+    with pytest.raises(ValueError, match="holds the working directory"):
+        with replaced_folder(".", lambda name: name.endswith(".json"), marker="metrics.json"):
+            pytest.fail("refused before the block runs")
+
+
+def test_pipes_and_devices_are_written_directly(tmp_path):
+    import os
+    import threading
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(open(fifo).read()))
+    reader.start()
+    write_atomic(fifo, "through the pipe")
+    reader.join(10)
+    assert received == ["through the pipe"] and fifo.is_fifo()

@@ -168,6 +168,7 @@ def test_corrupt_image_error_names_the_file(tmp_path):
     [
         (b"just some text, not pixels", r"not an image file \(JPEG, PNG, GIF, BMP, WebP or JPEG XL\): .*000003.jpg"),
         (b"", "empty image file: .*000003.jpg"),
+        (b"abc", r"not an image file .*000003.jpg"),  # shorter than any header
     ],
 )
 def test_a_file_that_is_no_image_is_named(tmp_path, content, message):

@@ -62,6 +62,8 @@ def test_a_yaml_model_section_starts_from_a_preset(tmp_path):
     config = ExperimentConfig.from_dict(raw)
     expected = preset_config("gated_small_cnn_64", dropout=0.2, loss_weights={"gender": 2.0})
     assert config.model == expected
+    # A loss weight set beside the preset changes that family only.
+    assert expected.loss_weights == {"attributes": 1.0, "age_group": 0.5, "gender": 2.0, "race": 0.25}
     # Saved configs spell every value out, so they load without the preset table.
     config.save(tmp_path / "run.yaml")
     assert "preset" not in (tmp_path / "run.yaml").read_text()

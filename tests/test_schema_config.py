@@ -278,6 +278,17 @@ def test_empty_sections_and_a_single_source_string_mean_the_obvious():
     assert config.model == ModelConfig()
 
 
+def test_numpy_numbers_become_plain_and_the_config_saves(tmp_path):
+    import numpy as np
+
+    config = ExperimentConfig.from_dict({"data": {"sources": ["synthetic:10"], "schema": "synthetic"}})
+    config.model.loss_weights = {"gender": np.float32(0.5)}
+    config.train.epochs = np.int64(3)
+    config.validate().save(tmp_path / "c.yaml")
+    loaded = ExperimentConfig.load(tmp_path / "c.yaml")
+    assert loaded.model.loss_weights == {"gender": 0.5} and loaded.train.epochs == 3
+
+
 def test_model_config_validate_normalises_sequences():
     config = ModelConfig(backbone_widths=[8, 16, 32, 64], mask_channels=[4, 8, 16])
     config.validate()

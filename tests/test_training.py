@@ -268,10 +268,12 @@ def test_cli_outputs_never_replace_inputs_or_models(model_files, tmp_path, capsy
     assert (model_files / "tiny.keras").read_bytes() == model_bytes
     assert not (tmp_path / "ev").exists() and not (tmp_path / "masks.jpg").exists()
 
-    # A calibrated model goes to a new file, written after the evaluation.
+    # A calibrated model goes to its own file, written after the evaluation;
+    # the same command again replaces its earlier output and evaluation.
     calibrated = tmp_path / "calibrated.keras"
     argv = ["evaluate", "--model", model, "--data", "synthetic:60", "--out", str(tmp_path / "ev"),
             "--calibrate", str(calibrated)]
+    assert cli_main(argv) == 0
     assert cli_main(argv) == 0
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["model"]["path"] == model
     from tfface.models.saving import load_model
@@ -332,3 +334,49 @@ def test_a_resumed_run_keeps_counting_from_its_history(tmp_path):
     stopping = ResumedEarlyStopping(earlier, patience=3)
     stopping.on_train_begin()
     assert stopping.best == 0.6 and stopping.wait == 2  # one more epoch without gain stops it
+
+
+def test_a_run_folder_with_only_a_config_takes_a_corrected_config(tmp_path):
+    from tfface.training.trainer import check_resumable
+
+    config = ExperimentConfig.load(_write_config(tmp_path))
+    run = Path(config.train.output_dir)
+    run.mkdir()
+    config.save(run / "config.yaml")  # a first attempt that failed before training
+    fixed = dataclasses.replace(config, data=dataclasses.replace(config.data, batch_size=8))
+    check_resumable(run, fixed)  # nothing trained yet: accepted
+    (run / "history.csv").write_text("epoch,loss\n0,1.0\n")
+    with pytest.raises(ConfigError, match=r"differs in \['data.batch_size'\]"):
+        check_resumable(run, fixed)
+
+
+def test_evaluate_reads_the_split_keys_even_when_the_run_config_does_not_load(tmp_path):
+    from tfface.cli import _training_split
+
+    (tmp_path / "config.yaml").write_text("data:\n  schema: schemas/elsewhere.yaml\n  val_fraction: 0.3\n  split_seed: 5\n")
+    split = _training_split(tmp_path / "model.keras")
+    assert (split["val_fraction"], split["split_seed"]) == (0.3, 5)
+    assert _training_split(tmp_path / "nowhere" / "model.keras")["from"] == "defaults"
+
+
+def test_predict_out_is_replaced_only_by_a_complete_run(model_files, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from tfface import predict
+
+    photo = tmp_path / "a.png"
+    Image.new("RGB", (40, 40), "gray").save(photo)
+    out = tmp_path / "faces.jsonl"
+    out.write_text("earlier results\n")
+
+    def one_then_fail(self, images, names, keep_images):
+        yield {"image": str(photo), "faces": [], "error": None}, None
+        raise RuntimeError("detector crashed")
+
+    monkeypatch.setattr(predict.FaceAnalyzer, "_run", one_then_fail)
+    argv = ["predict", str(photo), "--model", str(model_files / "tiny.keras"), "--out", str(out)]
+    with pytest.raises(RuntimeError, match="detector crashed"):
+        cli_main(argv)
+    assert out.read_text() == "earlier results\n"
+    assert json.loads((tmp_path / "faces.jsonl.partial").read_text())["image"] == str(photo)
+    assert "results so far are in" in capsys.readouterr().err

@@ -37,10 +37,15 @@ def _discard(path: Path) -> None:
 def atomic_path(path, suffix: str = ""):
     """Yields a temporary path beside `path` to write to; it replaces
     `path` only if the block ends without an error. `suffix` keeps writers
-    that check the file name happy (Keras wants ".keras")."""
-    path = Path(path)
+    that check the file name happy (Keras wants ".keras"). A symlink is
+    followed (its target is replaced); a pipe or device (`/dev/stdout`) is
+    written directly, as it cannot be replaced."""
+    path = Path(os.path.realpath(path))
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder, not a file")
+    if path.exists() and not path.is_file():
+        yield path
+        return
     if not path.parent.is_dir():
         raise FileNotFoundError(f"folder not found for {path}")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
@@ -64,7 +69,8 @@ def write_atomic(path, data) -> Path:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if tmp.is_file():  # pipes and devices cannot be synced
+                os.fsync(f.fileno())
     return Path(path)
 
 
@@ -80,34 +86,49 @@ def save_model_atomic(model, path) -> Path:
 
 
 @contextlib.contextmanager
-def replaced_folder(out_dir, may_replace: Callable[[str], bool]):
+def replaced_folder(out_dir, may_replace: Callable[[str], bool], marker: str):
     """Yields an empty folder beside `out_dir` to fill; when the block ends
     without an error it becomes `out_dir`, replacing an earlier one whole
-    (no mix of old and new files). Checked before any work: `out_dir` is
-    replaced only if every entry in it is a file `may_replace(name)` accepts,
-    so a folder holding anything else is refused, never emptied."""
-    out_dir = Path(out_dir)
+    (no mix of old and new files). Checked before any work: a non-empty
+    `out_dir` is replaced only if it holds `marker` (the file that says it is
+    an earlier output of the same kind) and every entry in it is a file
+    `may_replace(name)` accepts; any other folder is refused, never emptied,
+    as is one that holds the working directory."""
+    out_dir = Path(os.path.realpath(out_dir))
     if out_dir.exists():
         if not out_dir.is_dir():
             raise NotADirectoryError(f"{out_dir} is a file, not an output folder")
-        foreign = sorted(p.name for p in out_dir.iterdir() if not (p.is_file() and may_replace(p.name)))
-        if foreign:
+        entries = list(out_dir.iterdir())
+        foreign = sorted(p.name for p in entries if not (p.is_file() and may_replace(p.name)))
+        if entries and (foreign or not (out_dir / marker).is_file()):
+            shown = foreign or sorted(p.name for p in entries)
             raise FileExistsError(
-                f"{out_dir} holds other files ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+                f"{out_dir} holds other files ({', '.join(shown[:3])}{', ...' if len(shown) > 3 else ''}); "
                 "choose a new or empty output folder"
             )
+        cwd = Path.cwd().resolve()
+        if out_dir == cwd or out_dir in cwd.parents:
+            raise ValueError(f"{out_dir} holds the working directory; choose another output folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         yield staging
         os.chmod(staging, 0o777 & ~current_umask())
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        if not out_dir.exists():
+            os.replace(staging, out_dir)
+            return
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        try:
             os.replace(out_dir, old)
+        except BaseException:
+            old.rmdir()
+            raise
+        try:
             os.replace(staging, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, out_dir)
+        except BaseException:
+            os.replace(old, out_dir)  # put the earlier output back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         _discard(staging)
         raise

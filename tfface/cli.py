@@ -166,31 +166,35 @@ def _training_split(model_path) -> dict:
 
     from tfface.config import ConfigError
     from tfface.config import DataConfig
-    from tfface.config import ExperimentConfig
+    from tfface.config import read_structured_file
 
+    defaults = DataConfig()
     path = Path(model_path)
     config_file = (path if path.is_dir() else path.parent) / "config.yaml"
-    if config_file.is_file():
-        try:
-            data = ExperimentConfig.load(config_file).data
-            return {"val_fraction": data.val_fraction, "split_seed": data.split_seed, "from": str(config_file)}
-        except (ConfigError, OSError):
-            pass
-    defaults = DataConfig()
-    return {"val_fraction": defaults.val_fraction, "split_seed": defaults.split_seed, "from": "defaults"}
+    if not config_file.is_file():
+        return {"val_fraction": defaults.val_fraction, "split_seed": defaults.split_seed, "from": "defaults"}
+    # Only the two split keys: the rest of the run's config (e.g. a schema
+    # file relative to another folder) need not load here.
+    raw = read_structured_file(config_file, "run config")
+    data = raw.get("data") if isinstance(raw, dict) else None
+    data = data if isinstance(data, dict) else {}
+    split = {"val_fraction": data.get("val_fraction", defaults.val_fraction),
+             "split_seed": data.get("split_seed", defaults.split_seed), "from": str(config_file)}
+    if not isinstance(split["val_fraction"], (int, float)) or not isinstance(split["split_seed"], int):
+        raise ConfigError(f"{config_file}: data.val_fraction and data.split_seed must be numbers")
+    return split
 
 
 def _check_new_model_file(path, source_model):
-    """The calibrated model goes to a new .keras file, never over a model."""
+    """The calibrated model is a .keras file other than the model being
+    evaluated (a repeated calibration may replace its own earlier output)."""
     from pathlib import Path
 
     path, source = Path(path), Path(source_model)
     if path.suffix != ".keras":
         raise ValueError(f"--calibrate {path}: the calibrated model is a .keras file")
-    if path.exists():
-        same = source.exists() and path.resolve() in (source.resolve(), (source / "model.keras").resolve())
-        what = "the model being evaluated" if same else "an existing file"
-        raise FileExistsError(f"--calibrate {path} is {what}; save the calibrated model to a new file")
+    if path.exists() and path.resolve() in (source.resolve(), (source / "model.keras").resolve()):
+        raise FileExistsError(f"--calibrate {path} is the model being evaluated; save the calibrated model elsewhere")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"--calibrate {path}: folder {path.parent} not found")
 
@@ -296,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--calibrate",
         metavar="OUT.keras",
-        help="first calibrate per-attribute thresholds on the val split (max balanced accuracy); the calibrated model is saved to this new .keras file after the evaluation",
+        help="first calibrate per-attribute thresholds on the val split (max balanced accuracy); the calibrated model is saved to this .keras file (not the evaluated one) after the evaluation",
     )
     p.set_defaults(func=_cmd_evaluate)
 

@@ -113,6 +113,7 @@ class ModelConfig:
         for key, value in self.loss_weights.items():
             if not isinstance(value, numbers.Real) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"model.loss_weights.{key} must be a number >= 0, got {value!r}")
+            self.loss_weights[key] = float(value)  # plain, so the config saves as YAML
 
 
 @dataclasses.dataclass
@@ -221,7 +222,7 @@ class ExperimentConfig:
             name = model_raw.pop("preset")
             if not isinstance(name, str):
                 raise ConfigError(f"model.preset must be a preset name, got {name!r}")
-            model_raw = {**preset_values(name), **model_raw}
+            model_raw = preset_values(name, model_raw)
         _check_keys("model.", model_raw, ModelConfig)
         train_raw = _section(raw, "train")
         _check_keys("train.", train_raw, TrainConfig)

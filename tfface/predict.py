@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import sys
 import time
 from collections import deque
@@ -42,7 +43,6 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from tfface.atomic_files import atomic_path
 from tfface.landmarks.alignment import TEMPLATE_5PT, align_face, similarity_transform, transform_points
 from tfface.landmarks.detector import LandmarkError, check_rgb_image
 
@@ -527,6 +527,28 @@ def expand_inputs(inputs: Sequence) -> list[Path]:
     return paths
 
 
+@contextlib.contextmanager
+def _results_file(out_path):
+    """The --out stream: results go to OUT.partial and replace an earlier OUT
+    only when the run completes; a run that stops keeps what it wrote in
+    OUT.partial (and says so). A pipe or device is written directly."""
+    out = Path(os.path.realpath(out_path))
+    if out.exists() and not out.is_file():
+        with open(out, "w") as stream:
+            yield stream
+        return
+    partial = out.with_name(out.name + ".partial")
+    stream = open(partial, "w")
+    try:
+        yield stream
+    except BaseException:
+        stream.close()
+        print(f"predict: stopped; the results so far are in {partial} ({out} is unchanged)", file=sys.stderr)
+        raise
+    stream.close()
+    os.replace(partial, out)
+
+
 def _drawing_paths(folder: Path, paths: Sequence[Path]) -> list[Path]:
     """One PNG per input, named after it; refused up front when a drawing
     would land on an input image (e.g. --draw pointing at the photo folder)."""
@@ -575,9 +597,7 @@ def predict_main(args) -> int:
     with contextlib.ExitStack() as stack:
         if out_path:
             Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-            # The results replace an earlier --out file only when complete.
-            stream = open(stack.enter_context(atomic_path(out_path)), "w")
-            stack.callback(stream.close)
+            stream = stack.enter_context(_results_file(out_path))
         else:
             stream = sys.stdout
         for index, (result, image) in enumerate(analyzer._run(paths, None, keep_images=draw_dir is not None)):

@@ -56,13 +56,17 @@ def list_presets() -> dict:
     return {name: preset["description"] for name, preset in MODEL_PRESETS.items()}
 
 
-def preset_values(name: str) -> dict:
-    """The preset's config values, as a new dict (a YAML `model:` section
-    starts from these)."""
+def preset_values(name: str, overrides: dict | None = None) -> dict:
+    """The preset's config values with `overrides` on top, as a new dict (a
+    YAML `model:` section starts from these). `loss_weights` overrides set
+    single families or tasks; the preset's other weights stay."""
     if name not in MODEL_PRESETS:
         raise ConfigError(f"unknown model preset {name!r}; presets: {sorted(MODEL_PRESETS)}")
-    values = dict(MODEL_PRESETS[name]["config"])
-    values["loss_weights"] = dict(values.get("loss_weights", {}))
+    preset = MODEL_PRESETS[name]["config"]
+    values = {**preset, **(overrides or {})}
+    weights = values.get("loss_weights")
+    if isinstance(weights, dict):  # a new dict, merged (anything else is refused by validation)
+        values["loss_weights"] = {**preset.get("loss_weights", {}), **weights}
     return values
 
 
@@ -72,7 +76,7 @@ def preset_config(name: str, **overrides) -> ModelConfig:
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ConfigError(f"unknown model config key(s) {unknown} for preset {name!r}")
-    config = ModelConfig(**{**preset_values(name), **overrides})
+    config = ModelConfig(**preset_values(name, overrides))
     config.validate()
     return config
 

@@ -49,7 +49,10 @@ def mask_size_for(image_size: int) -> int:
 def _checked_decode(path):
     """Reads and decodes one file; a corrupt or truncated file fails naming it."""
     data = tf.io.read_file(path)
-    head = tf.strings.substr(data, 0, 4)
+    # Header checks read a padded copy: substr past the end of a file of a
+    # few bytes would fail without naming it.
+    padded = data + b"\0" * 16
+    head = tf.strings.substr(padded, 0, 4)
     is_jpeg = tf.equal(tf.strings.substr(head, 0, 2), _JPEG_START)
     is_png = tf.equal(head, _PNG_START)
     length = tf.strings.length(data)
@@ -62,9 +65,9 @@ def _checked_decode(path):
     is_other = (
         tf.equal(tf.strings.substr(head, 0, 3), b"GIF")
         | tf.equal(tf.strings.substr(head, 0, 2), b"BM")
-        | (tf.equal(head, b"RIFF") & tf.equal(tf.strings.substr(data, 8, 4), b"WEBP"))
+        | (tf.equal(head, b"RIFF") & tf.equal(tf.strings.substr(padded, 8, 4), b"WEBP"))
         | tf.equal(tf.strings.substr(head, 0, 2), b"\xff\x0a")
-        | tf.equal(tf.strings.substr(data, 0, 12), _JXL_CONTAINER)
+        | tf.equal(tf.strings.substr(padded, 0, 12), _JXL_CONTAINER)
     )
     checks = []
     for ok, problem in (

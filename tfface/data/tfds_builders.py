@@ -92,10 +92,19 @@ def folder_config(root, val_fraction=0.15, test_fraction=0.0, seed=DEFAULT_SEED,
     if not root.is_dir():
         raise FileNotFoundError(f"data folder not found: {root}")
     digest = hashlib.sha1(str(root).encode())
-    for folder, subfolders, files in os.walk(root):
+    seen = set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):  # images/ may link elsewhere
+        real = os.path.realpath(folder)
+        if real in seen:  # a link loop
+            subfolders[:] = []
+            continue
+        seen.add(real)
         subfolders.sort()
         for name in sorted(files):
-            stat = os.stat(os.path.join(folder, name))
+            try:
+                stat = os.stat(os.path.join(folder, name))
+            except OSError:  # a dangling link: no data behind it
+                continue
             relative = os.path.relpath(os.path.join(folder, name), root)
             digest.update(f"{relative}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     digest.update(f"{val_fraction}:{test_fraction}:{seed}:{skip_bad_rows}".encode())

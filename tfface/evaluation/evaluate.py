@@ -423,7 +423,7 @@ def evaluate_model(
         raise TypeError(f"expected a tfface model (with a task schema), got {type(model).__name__}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    with replaced_folder(out_dir, is_evaluation_file) as staging:
+    with replaced_folder(out_dir, is_evaluation_file, marker=METRICS_FILE) as staging:
         metrics, files = _evaluation(
             model, model_path, data_spec_or_sources, batch_size, thresholds, split, val_fraction, split_seed
         )
@@ -435,7 +435,9 @@ def evaluate_model(
 def is_evaluation_file(name: str) -> bool:
     """A file an evaluation writes (an earlier evaluation's folder may be
     replaced; a folder with anything else is not)."""
-    return name in (METRICS_FILE, REPORT_FILE, MODEL_CARD_FILE) or name.endswith(".png")
+    if name in (METRICS_FILE, REPORT_FILE, MODEL_CARD_FILE, "accuracy.png", "group_masks.png"):
+        return True
+    return name.endswith(".png") and name.startswith(("confusion_", "subgroups_"))
 
 
 def _evaluation(model, model_path, data_spec_or_sources, batch_size, thresholds, split, val_fraction, split_seed):

@@ -24,6 +24,7 @@ import logging
 import os
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import keras
@@ -76,8 +77,8 @@ def check_resumable(out: Path, config: ExperimentConfig) -> None:
     not trained over either.
     """
     existing = out / "config.yaml"
-    if not existing.is_file():
-        return
+    if not existing.is_file() or not _has_run_outputs(out):
+        return  # nothing trained yet (e.g. a first attempt that failed to start): the config may change
     try:
         previous = ExperimentConfig.load(existing).to_dict()
     except (ConfigError, OSError) as e:
@@ -112,6 +113,11 @@ def training_labels(schema, sources) -> dict:
     """Task name -> labels of every training example (-1 where missing)."""
     parts = [schema.encode_labels(s.format, s.columns, len(s)) for s in sources]
     return {task.name: np.concatenate([p[task.name] for p in parts]) for task in schema}
+
+
+def _has_run_outputs(out: Path) -> bool:
+    named = ("history.csv", "last.keras", "model.keras", "train_summary.json")
+    return _is_resuming(out) or any((out / name).exists() for name in named)
 
 
 def _is_resuming(out: Path) -> bool:
@@ -259,6 +265,9 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
     # so a resumed run neither overwrites a better model.keras nor waits
     # its whole patience again.
     earlier = _monitored_history(out / "history.csv") if resuming else []
+    best_model = out / "model.keras"
+    # A model.keras cut short by the kill must be rewritten, whatever its score.
+    best_so_far = max(earlier) if earlier and zipfile.is_zipfile(best_model) else None
     callbacks = [keras.callbacks.BackupAndRestore(str(out / "backup"))]
     if chief:
         callbacks += [
@@ -270,11 +279,14 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
             callbacks.append(
                 keras.callbacks.ModelCheckpoint(
                     str(out / "model.keras"), monitor=MONITOR, mode="max", save_best_only=True,
-                    initial_value_threshold=max(earlier) if earlier else None,
+                    initial_value_threshold=best_so_far,
                 )
             )
     if config.train.early_stopping_patience > 0 and val_ds is not None:
-        callbacks.append(ResumedEarlyStopping(earlier, patience=config.train.early_stopping_patience))
+        # Workers must stop at the same epoch, and only the chief keeps the
+        # history: a multi-worker run counts patience afresh on resume.
+        replay = [] if config.train.strategy == "multi_worker" else earlier
+        callbacks.append(ResumedEarlyStopping(replay, patience=config.train.early_stopping_patience))
     if config.train.time_budget_minutes:
         callbacks.append(TimeBudget(config.train.time_budget_minutes))
     if verbose == "auto":
