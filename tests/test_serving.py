@@ -193,7 +193,31 @@ BAD_REQUESTS = {
         grpc.StatusCode.INVALID_ARGUMENT,
         f"largest side allowed is {MAX_SIDE}",
     ),
+    # make_ndarray would fill these out to the declared shape: thousands of
+    # images from a request of a few bytes.
+    "fewer strings than the shape": (
+        lambda: request(tensor=_declared(tf.make_tensor_proto(random_pngs(1)), [3000])),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "declares shape [3000] (3000 values) but carries 1",
+    ),
+    "pixels missing": (
+        lambda: request(
+            signature="serving_uint8",
+            key="images_uint8",
+            tensor=_declared(tf.make_tensor_proto(np.zeros((0,), np.uint8)), [20000, 16, 16, 3]),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "declares shape [20000, 16, 16, 3]",
+    ),
 }
+
+
+def _declared(proto, dims):
+    """The tensor with another declared shape (what a hostile client can send)."""
+    del proto.tensor_shape.dim[:]
+    for size in dims:
+        proto.tensor_shape.dim.add(size=size)
+    return proto
 
 
 @pytest.mark.parametrize("case", sorted(BAD_REQUESTS))
@@ -374,3 +398,26 @@ def test_serve_main_serves_until_stopped(deployment, capsys):
     bad = argparse.Namespace(model_dir=str(deployment["root"] / "missing"))
     assert serve_main(bad) == 2
     assert "model folder not found" in capsys.readouterr().err
+
+
+def test_a_newest_version_that_does_not_load_leaves_the_last_good_one(deployment, tmp_path, caplog):
+    import shutil
+
+    model_dir = tmp_path / "faces"
+    shutil.copytree(deployment["root"] / "faces" / "1", model_dir / "1")
+    shutil.copytree(deployment["root"] / "faces" / "1", model_dir / "3")
+    shutil.rmtree(model_dir / "3" / "variables")  # a copy cut short
+    server = LocalModelServer(model_dir, port=0)
+    server.load()
+    assert sorted(server.models["faces"]) == [1]
+    assert "skipping version 3" in caplog.text
+    pinned = LocalModelServer(model_dir, port=0, versions=[3])
+    with pytest.raises(RuntimeError, match=r"cannot load SavedModel .*3: [^\n]*$"):
+        pinned.load()
+
+
+def test_a_certificates_file_that_is_no_pem_is_refused_up_front(tmp_path):
+    bad = tmp_path / "bad.pem"
+    bad.write_text("garbage")
+    with pytest.raises(ValueError, match="bad.pem holds no PEM certificate"):
+        ServingClient("localhost:1", model_name="faces", tls=True, root_certificates=str(bad))

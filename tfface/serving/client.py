@@ -115,6 +115,8 @@ class ServingClient:
                 if not path.is_file():
                     raise FileNotFoundError(f"root certificates file not found: {path}")
                 root_certificates = path.read_bytes()
+                if b"-----BEGIN CERTIFICATE-----" not in root_certificates:
+                    raise ValueError(f"{path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
             credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
             self._channel = grpc.secure_channel(target, credentials, options=options)
         else:

@@ -122,11 +122,36 @@ class _Servable:
     signature_defs: dict  # name -> SignatureDef proto
 
 
+_TYPED_VALUE_FIELDS = (
+    "float_val", "double_val", "int_val", "int64_val", "bool_val", "half_val", "uint32_val", "uint64_val",
+)
+
+
+def _check_values_match_shape(key: str, proto) -> None:
+    """A tensor must carry every value its shape declares. `make_ndarray`
+    would fill a short one out (repeating the last string, or zeros), so a
+    request of a few bytes could declare, and cost, thousands of images."""
+    dims = [d.size for d in proto.tensor_shape.dim]
+    if any(d < 0 for d in dims):
+        raise _invalid(f"input {key!r} has a negative dimension in its shape {dims}")
+    declared = int(np.prod(dims, dtype=np.int64)) if dims else 1
+    dtype = tf.dtypes.as_dtype(proto.dtype)
+    if dtype == tf.string:
+        sent = len(proto.string_val)
+    elif proto.tensor_content:
+        sent = len(proto.tensor_content) / dtype.size
+    else:
+        sent = sum(len(getattr(proto, field)) for field in _TYPED_VALUE_FIELDS)
+    if sent != declared:
+        raise _invalid(f"input {key!r} declares shape {dims} ({declared} values) but carries {sent:g}")
+
+
 def _load_servable(name: str, version: int, path: Path) -> _Servable:
     try:
         loaded = tf.saved_model.load(str(path))
     except Exception as e:
-        raise RuntimeError(f"cannot load SavedModel {path}: {e}") from e
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeError(f"cannot load SavedModel {path}: {first_line}") from e
     signatures = {}
     for sig_name, function in loaded.signatures.items():
         _, kwargs = function.structured_input_signature
@@ -351,8 +376,10 @@ class LocalModelServer:
         max_message_bytes: gRPC send/receive message size limit.
         max_image_side: encoded images whose header says a side is larger
             are refused before decoding.
-        versions: "latest" (like TF Serving's default policy), "all", or a
-            list of version numbers to load.
+        versions: "latest" (like TF Serving's default policy; a newest
+            version that fails to load is skipped for the one before), "all",
+            or a list of version numbers to load. Versions are read at start:
+            restart the server to serve a new export (TF Serving polls).
         version_labels: label -> version, e.g. {"stable": 1, "canary": 2};
             one mapping for every model served.
         max_workers: gRPC handler threads (each waiting request holds one,
@@ -420,8 +447,22 @@ class LocalModelServer:
                     f"model {name!r} in {self.model_dir} has no version(s) {missing} "
                     f"(versions on disk: {available})"
                 )
-            models[name] = {v: _load_servable(name, v, on_disk[v]) for v in sorted(wanted)}
-            logger.info("loaded model %r versions %s", name, sorted(wanted))
+            if self.versions == "latest" and not self.version_labels:
+                # As TF Serving: a newer version that does not load (a copy
+                # cut short) leaves the last good one served.
+                loaded = {}
+                for version in reversed(available):
+                    try:
+                        loaded = {version: _load_servable(name, version, on_disk[version])}
+                        break
+                    except RuntimeError as e:
+                        logger.warning("model %r: skipping version %d: %s", name, version, e)
+                if not loaded:
+                    raise RuntimeError(f"model {name!r} in {self.model_dir}: no version loads (versions on disk: {available})")
+                models[name] = loaded
+            else:
+                models[name] = {v: _load_servable(name, v, on_disk[v]) for v in sorted(wanted)}
+            logger.info("loaded model %r versions %s", name, sorted(models[name]))
         self.models = models
 
     def start(self) -> int:
@@ -531,6 +572,7 @@ class LocalModelServer:
             if proto.dtype != spec.dtype.as_datatype_enum:
                 got = tf.dtypes.as_dtype(proto.dtype).name if proto.dtype else "an unset dtype"
                 raise _invalid(f"input {key!r} must be {spec.dtype.name}, got {got}")
+            _check_values_match_shape(key, proto)
             try:
                 array = tf.make_ndarray(proto)
             except Exception as e:
