@@ -136,6 +136,21 @@ def encoded_image_side(data) -> tf.Tensor:
     return tf.cond(tf.io.is_jpeg(data), jpeg_side, other_side)
 
 
+def has_other_decodable_header(data) -> tf.Tensor:
+    """In-graph: whether encoded bytes start like a GIF, BMP, WebP or JPEG XL
+    file, the formats `decode_image` reads besides JPEG and PNG (the
+    signatures `image_format` checks in Python). Safe on files shorter than
+    any header."""
+    padded = tf.convert_to_tensor(data, tf.string) + b"\0" * 16
+    return (
+        tf.equal(tf.strings.substr(padded, 0, 3), b"GIF")
+        | tf.equal(tf.strings.substr(padded, 0, 2), b"BM")
+        | (tf.equal(tf.strings.substr(padded, 0, 4), b"RIFF") & tf.equal(tf.strings.substr(padded, 8, 4), b"WEBP"))
+        | tf.equal(tf.strings.substr(padded, 0, 2), b"\xff\x0a")
+        | tf.equal(tf.strings.substr(padded, 0, 12), _JXL_CONTAINER)
+    )
+
+
 def image_format(data: bytes) -> Optional[str]:
     """The format of encoded image bytes ("jpeg", "png", ...) or None."""
     if data[:3] == b"\xff\xd8\xff":

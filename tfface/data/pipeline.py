@@ -24,8 +24,8 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from tfface.data.image_ops import _JXL_CONTAINER
 from tfface.data.image_ops import decode_image
+from tfface.data.image_ops import has_other_decodable_header
 from tfface.data.image_ops import preprocess_image
 from tfface.data.source import FaceSource
 from tfface.schema import Schema
@@ -62,13 +62,7 @@ def _checked_decode(path):
     jpeg_end_ok = tf.reduce_any(tf.logical_and(tf.equal(tail[:-1], 0xFF), tf.equal(tail[1:], 0xD9)))
     # The other formats tf.io.decode_image reads; anything else would fail
     # inside the decoder without naming the file.
-    is_other = (
-        tf.equal(tf.strings.substr(head, 0, 3), b"GIF")
-        | tf.equal(tf.strings.substr(head, 0, 2), b"BM")
-        | (tf.equal(head, b"RIFF") & tf.equal(tf.strings.substr(padded, 8, 4), b"WEBP"))
-        | tf.equal(tf.strings.substr(head, 0, 2), b"\xff\x0a")
-        | tf.equal(tf.strings.substr(padded, 0, 12), _JXL_CONTAINER)
-    )
+    is_other = has_other_decodable_header(data)
     checks = []
     for ok, problem in (
         (length > 0, "empty image file: "),

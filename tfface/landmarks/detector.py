@@ -29,6 +29,8 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from tfface.atomic_files import atomic_path
+
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 # Flipping an image horizontally swaps these landmark indices.
 FLIP_PERMUTATION = (1, 0, 2, 4, 3)
@@ -325,14 +327,12 @@ def read_landmark_cache(cache_file) -> dict:
 
 
 def _write_atomic(path: Path, rows: Iterable[list[str]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(CACHE_COLUMNS)
         writer.writerows(rows)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _load_rgb(path) -> np.ndarray:
