@@ -16,6 +16,7 @@ Run:
     python benchmarks/ablation.py --model gated --minutes 6
     python benchmarks/ablation.py --model mask_guided --minutes 6
     python benchmarks/ablation.py --model gated --epochs 4   # same epochs, not time
+    python benchmarks/ablation.py --model gate_bottleneck --epochs 5
 Writes benchmarks/results/ablation_<model>.json and docs/ablation_<model>.md.
 """
 
@@ -47,7 +48,17 @@ VARIANTS = {
         # Same trained weights as the fusion model, fed landmark masks.
         ("group-global fusion, landmark masks at inference", "landmark_masks"),
     ],
+    # The full gated model with its gates on the backbone's 256 pooled
+    # channels (papers.md 6.2) against gates on a narrower shared bottleneck,
+    # which makes the heads cheaper (benchmarks/model_latency.py).
+    "gate_bottleneck": [
+        ("full gated model, gates on the 256 backbone channels", dict(gate="static", correlation=True)),
+        ("same, gates on a 128-channel bottleneck", dict(gate="static", correlation=True, gate_bottleneck=128)),
+        ("same, gates on a 64-channel bottleneck", dict(gate="static", correlation=True, gate_bottleneck=64)),
+    ],
 }
+# The shipped config each set of variants starts from.
+BASE_CONFIGS = {"gated": "gated_real.yaml", "mask_guided": "mask_guided_real.yaml", "gate_bottleneck": "gated_real.yaml"}
 
 
 def bootstrap_balanced_accuracy(labels, probs, tasks, weights):
@@ -85,7 +96,7 @@ def main():
     parser.add_argument(
         "--epochs", type=int, help="train every variant exactly this many epochs instead (no time budget)"
     )
-    parser.add_argument("--config", help="base experiment config (default: configs/<model>_real.yaml)")
+    parser.add_argument("--config", help="base experiment config (default: the shipped one, BASE_CONFIGS)")
     parser.add_argument("--only", nargs="*", help="run only these variant indices")
     parser.add_argument("--bootstrap", type=int, default=1000)
     args = parser.parse_args()
@@ -98,7 +109,7 @@ def main():
     from tfface.training.trainer import load_sources
     from tfface.training.trainer import train
 
-    config_path = Path(args.config or ROOT / "configs" / f"{args.model}_real.yaml")
+    config_path = Path(args.config or ROOT / "configs" / BASE_CONFIGS[args.model])
     base = ExperimentConfig.load(config_path)
     _, val_sources = load_sources(base.data)
     celeba_val = [s for s in val_sources if s.format == "celeba"]

@@ -53,6 +53,9 @@ def main():
     parser.add_argument(
         "--extra-embedding-dims", default="", help="comma list: full gated model again at these embedding sizes"
     )
+    parser.add_argument(
+        "--gate-bottlenecks", default="", help="comma list: full gated model again, gating a bottleneck of this width"
+    )
     args = parser.parse_args()
 
     import keras
@@ -75,6 +78,10 @@ def main():
     for dim in filter(None, args.extra_embedding_dims.split(",")):
         variants[f"gated, full, embedding {int(dim)}"] = dict(
             type="gated", gate="static", correlation=True, embedding_dim=int(dim)
+        )
+    for width in filter(None, args.gate_bottlenecks.split(",")):
+        variants[f"gated, full, gate bottleneck {int(width)}"] = dict(
+            type="gated", gate="static", correlation=True, gate_bottleneck=int(width)
         )
     # Build every variant first, then time them in interleaved rounds so a
     # change in machine load hits all variants alike.

@@ -119,6 +119,36 @@ def test_without_gates_every_task_gets_the_same_embedding_of_the_pooled_feature(
     np.testing.assert_allclose(embeddings[:, 0], np.maximum(to_numpy(shared), 0.0), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("gate", ["static", "input_conditioned"])
+def test_gate_bottleneck_gates_a_shared_narrow_feature_and_round_trips(gate, tmp_path):
+    model = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config(gate=gate, gate_bottleneck=8))
+    assert model.get_layer("task_gate").task_offsets.shape == (3, 8)  # K x N, not K x 64 backbone channels
+    assert model.get_layer("shared_projection").kernel.shape == (8, 16)
+    plain = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config(gate=gate))
+    assert model.count_params() < plain.count_params()
+    images, _ = toy_data(3, seed=4)
+    # The gates see relu(bn(Q f)) of the pooled feature f.
+    pooled = keras.Model(model.inputs, model.get_layer("pool").output)({"image": images}, training=False)
+    narrow = model.get_layer("gate_bottleneck_bn")(model.get_layer("gate_bottleneck")(pooled), training=False)
+    gated = model.get_layer("task_gate")(np.maximum(to_numpy(narrow), 0.0))
+    expected = model.get_layer("projection_bn")(model.get_layer("shared_projection")(gated), training=False)
+    embeddings = to_numpy(model({"image": images}, training=False))["_embeddings"]
+    np.testing.assert_allclose(embeddings, np.maximum(to_numpy(expected), 0.0), rtol=1e-5, atol=1e-6)
+    for weight in model.get_layer("gate_bottleneck").weights:
+        weight.assign(to_numpy(weight) + 0.1)
+    reloaded = run_model_saving_test(model, {"image": images}, tmp_path, extra_weights=("center_loss.centers",))
+    assert reloaded.model_config.gate_bottleneck == 8
+
+
+def test_gate_bottleneck_must_not_be_negative():
+    from tfface.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.gate_bottleneck must be >= 0"):
+        tiny_config(gate_bottleneck=-1).validate()
+    with pytest.raises(ConfigError, match="model.gate_bottleneck must be an integer"):
+        tiny_config(gate_bottleneck=8.5).validate()
+
+
 def test_fit_learns_with_missing_labels_and_metrics_survive_reload(tmp_path):
     model = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config(gate="static"))
     model.compile(learning_rate=1e-2)

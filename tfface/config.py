@@ -76,6 +76,10 @@ class ModelConfig:
     gate: str = "static"
     gate_init: float = 2.0
     gate_hidden: int = 64
+    # 0: gate the backbone's pooled channels (papers.md 6.2). N > 0: gate a
+    # shared N-channel bottleneck of them instead, so the per-task work
+    # scales with N rather than the backbone's width.
+    gate_bottleneck: int = 0
     correlation: bool = True
     # "identity" (C = 0) or "label_correlation": C starts from the phi
     # coefficients of the training labels, times correlation_init_scale.
@@ -107,6 +111,8 @@ class ModelConfig:
         for key in ("embedding_dim", "gate_hidden"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"model.{key} must be positive")
+        if self.gate_bottleneck < 0:
+            raise ConfigError(f"model.gate_bottleneck must be >= 0 (0: no bottleneck), got {self.gate_bottleneck}")
         for key in ("center_loss_weight", "center_update_rate", "mask_loss_weight", "correlation_init_scale"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"model.{key} must be >= 0, got {getattr(self, key)}")

@@ -58,6 +58,12 @@ class GatedMultiTaskModel(MultiTaskFaceModel):
         image = keras.Input((config.image_size, config.image_size, 3), name="image")
         features = build_backbone(config)(image)["P5"]
         pooled = keras.layers.GlobalAveragePooling2D(name="pool")(features)
+        if config.gate_bottleneck:
+            # The gated tensor is (B, K, C) and the projection costs B*K*C*E:
+            # a shared bottleneck makes C small whatever the backbone's width.
+            pooled = keras.layers.Dense(config.gate_bottleneck, name="gate_bottleneck")(pooled)
+            pooled = keras.layers.BatchNormalization(name="gate_bottleneck_bn")(pooled)
+            pooled = keras.layers.ReLU(name="gate_bottleneck_relu")(pooled)
         gate = TaskGate(
             len(schema),
             gate_type=config.gate,

@@ -55,6 +55,7 @@ MODEL_FIELDS = {
     "gate": ("gated",),
     "gate_init": ("gated",),
     "gate_hidden": ("gated",),
+    "gate_bottleneck": ("gated",),
     "correlation": ("gated",),
     "correlation_init": ("gated",),
     "correlation_init_scale": ("gated",),
