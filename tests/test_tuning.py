@@ -100,7 +100,7 @@ def test_shipped_search_space_builds_a_model_for_sampled_values(model_type, swit
     base = ExperimentConfig.from_dict(tiny_experiment(model_type, schema="synthetic"))
     space = SearchSpace.load(SPACES[model_type]).check(base)
     wanted = {"loss_weights.attributes", "loss_weights.age_group", "loss_weights.gender", "dropout", "learning_rate"}
-    wanted |= {"gate", "gate_init", "center_loss_weight", "center_update_rate"} if model_type == "gated" else {
+    wanted |= {"gate", "gate_init", "gate_bottleneck", "center_loss_weight", "center_update_rate"} if model_type == "gated" else {
         "mask_loss_weight", "fusion"}
     assert wanted <= set(space.names)
     assert "loss_weights.race" not in space.names  # the synthetic schema has no race task
@@ -111,6 +111,8 @@ def test_shipped_search_space_builds_a_model_for_sampled_values(model_type, swit
         config = hypermodel.trial_config(hp)
         model = hypermodel.build(hp)
         assert getattr(model.model_config, switch) == value
+        if model_type == "gated" and value != "none":
+            assert model.model_config.gate_bottleneck == hp.values["gate_bottleneck"]
         assert model.model_config.dropout == pytest.approx(hp.values["dropout"])
         assert model.model_config.loss_weights["gender"] == pytest.approx(hp.values["loss_weights.gender"])
         assert config.train.learning_rate == pytest.approx(hp.values["learning_rate"])
