@@ -80,7 +80,10 @@ def preprocess_encoded_images(images, size: int, max_side: int) -> tf.Tensor:
     The serving graph's preprocessing, image by image (a request may mix
     sizes and formats), refusing an image whose header or pixels exceed
     `max_side`. Resizing a same-size batch in one op instead measured no
-    faster: TF already runs the loop's iterations on every core.
+    faster: TF already runs the loop's iterations on every core. (Tried in
+    three landings, the last with the header checks hoisted out of the loop:
+    11.8-12.2 ms against 10.5-11.2 ms for 32 face crops; every op added to
+    the loop body costs its overhead once per image.)
     """
     limit = tf.constant(max_side, tf.int64)
 
