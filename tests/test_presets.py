@@ -73,7 +73,7 @@ def test_a_yaml_model_section_starts_from_a_preset(tmp_path):
         ExperimentConfig.from_dict(raw)
 
 
-def test_docstring_style_access_through_the_package():
+def test_docstring_style_access_through_the_package(tmp_path):
     import tfface
 
     model = tfface.models.GatedMultiTaskModel(
@@ -81,5 +81,7 @@ def test_docstring_style_access_through_the_package():
         config=tfface.config.ModelConfig(image_size=32, backbone_widths=(8, 16, 32, 64), embedding_dim=8),
     )
     assert model.image_size == 32 and "presets" in dir(tfface)
+    model.save(tmp_path / "m.keras")
+    assert tfface.models.load_model(tmp_path / "m.keras").schema == model.schema
     with pytest.raises(AttributeError, match="no attribute 'modles'"):
         tfface.modles

@@ -78,7 +78,8 @@ class ModelConfig:
     gate_hidden: int = 64
     # 0: gate the backbone's pooled channels (papers.md 6.2). N > 0: gate a
     # shared N-channel bottleneck of them instead, so the per-task work
-    # scales with N rather than the backbone's width.
+    # scales with N rather than the backbone's width (cheaper heads, lower
+    # accuracy: docs/results.md). Gated models only, like the keys above.
     gate_bottleneck: int = 0
     correlation: bool = True
     # "identity" (C = 0) or "label_correlation": C starts from the phi

@@ -8,6 +8,7 @@ from tfface.models.mask_guided_model import landmark_mask_variant
 from tfface.models.mask_predictor import build_mask_predictor
 from tfface.models.mask_predictor import pretrain_mask_predictor
 from tfface.models.multitask_model import MultiTaskFaceModel
+from tfface.models.saving import load_model
 from tfface.presets import MODEL_PRESETS
 from tfface.presets import from_preset
 from tfface.presets import list_presets
@@ -23,6 +24,7 @@ __all__ = [
     "build_mask_predictor",
     "GatedMultiTaskModel",
     "landmark_mask_variant",
+    "load_model",
     "MaskGuidedMultiTaskModel",
     "MultiTaskFaceModel",
     "pretrain_mask_predictor",
