@@ -33,7 +33,9 @@ work does not hold the server's GIL; they still share the machine's two
 cores. --in-process-clients puts them in the server's process instead.
 
 Run: python benchmarks/serving_benchmark.py [--quick] [--model PATH.keras]
-Writes benchmarks/results/serving.json and docs/serving_benchmark.md.
+Writes benchmarks/results/serving.json and docs/serving_benchmark.md
+(serving_NAME.json and serving_benchmark_NAME.md with --record-as NAME, for
+runs that should not replace the recorded default, e.g. another model).
 """
 
 import argparse
@@ -292,10 +294,13 @@ def main():
     parser.add_argument("--rounds", type=int, help="rounds (default 3; quick 1)")
     parser.add_argument("--load-requests", type=int, help="requests of the load run (default 10000; quick 500)")
     parser.add_argument("--no-write", action="store_true", help="print only; write no JSON or Markdown")
+    parser.add_argument("--record-as", help="write serving_NAME.json and docs/serving_benchmark_NAME.md instead")
     parser.add_argument(
         "--in-process-clients", action="store_true", help="run the concurrent clients in the server's process"
     )
     args = parser.parse_args()
+    if args.record_as is not None and not all(c.isalnum() or c in "_-" for c in args.record_as or "?"):
+        parser.error(f"--record-as takes a plain name (letters, digits, _ and -), got {args.record_as!r}")
     repeats = args.repeats or (5 if args.quick else 15)
     rounds = args.rounds or (1 if args.quick else 3)
     load_total = args.load_requests or (500 if args.quick else 10_000)
@@ -538,9 +543,11 @@ def main():
     if args.quick or args.no_write:
         print("results not recorded (quick mode or --no-write); run without --quick to record them")
     else:
-        write_results("serving", payload)
-        DOC.write_text(text)
-        print(f"wrote {DOC}")
+        suffix = f"_{args.record_as}" if args.record_as else ""
+        write_results(f"serving{suffix}", payload)
+        doc = DOC.with_name(f"{DOC.stem}{suffix}.md")
+        doc.write_text(text)
+        print(f"wrote {doc}")
 
 
 def evaluate_goals(ratios, load_row, load_total):
