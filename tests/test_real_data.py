@@ -63,12 +63,17 @@ def test_utkface_labels(data_dir):
     np.testing.assert_array_equal(np.bincount(source.columns["race"]), [3708, 271, 1098, 1006, 762])
 
 
-def test_identity_disjoint_split_of_celeba_sample(data_dir):
+def test_identity_disjoint_split_across_both_celeba_folders(data_dir):
     _needs(data_dir, "celeba_sample")
-    splits = split_source(open_source("celeba_sample"), val_fraction=0.15)
-    train, val = (set(splits[k].identities.tolist()) for k in ("train", "val"))
+    _needs(data_dir, "celeba_lowres")
+    sources = [open_source(name) for name in ("celeba_sample", "celeba_lowres")]
+    shared = set(sources[0].identities.tolist()) & set(sources[1].identities.tolist())
+    assert len(shared) > 500  # the same people are in both folders
+    splits = [split_source(source, val_fraction=0.15) for source in sources]
+    train, val = (set().union(*(s[k].identities.tolist() for s in splits)) for k in ("train", "val"))
     assert train and val and not train & val
-    assert 0.12 < len(splits["val"]) / 2100 < 0.18
+    for source, parts in zip(sources, splits):
+        assert 0.12 < len(parts["val"]) / len(source) < 0.18
 
 
 def test_summary_reads_headers(data_dir):

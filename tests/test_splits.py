@@ -1,10 +1,13 @@
-"""Identity-disjoint and random splits: disjoint, deterministic, near the fractions."""
+"""Identity-disjoint and random splits: disjoint (also across sources), deterministic, near the fractions."""
 
 import numpy as np
 import pytest
 
 from tfface.data.source import FaceSource
-from tfface.data.splits import partition_splits, split_indices, split_source
+from tfface.data.splits import identity_draws, partition_splits, split_indices, split_source
+
+
+PINNED_DRAWS = [0.7227087322664271, 0.5016798087842222, 0.9316881799515008]
 
 
 def make_source(n=300, identities=True, seed=0):
@@ -32,6 +35,28 @@ def test_identity_disjoint_and_sizes_near_fractions():
     # Every image lands in exactly one split.
     paths = np.concatenate([s.image_paths for s in splits.values()])
     assert sorted(paths.tolist()) == sorted(source.image_paths.tolist())
+
+
+def test_sources_sharing_people_put_each_person_on_one_side():
+    # Two folders of one dataset (the two CelebA copies) share identity
+    # numbers but are opened and split one by one.
+    first, second = make_source(n=300, seed=1), make_source(n=500, seed=2)
+    a, b = (split_source(s, val_fraction=0.2) for s in (first, second))
+    train = set(a["train"].identities.tolist()) | set(b["train"].identities.tolist())
+    val = set(a["val"].identities.tolist()) | set(b["val"].identities.tolist())
+    assert val and not train & val
+
+
+def test_identity_draws_are_fixed_and_uniform():
+    ids = np.arange(20000)
+    draws = identity_draws(ids, seed=7)
+    np.testing.assert_array_equal(draws, identity_draws(ids, seed=7))
+    np.testing.assert_array_equal(draws[[5, 17]], identity_draws(np.array([5, 17]), seed=7))  # per identity
+    assert not np.array_equal(draws, identity_draws(ids, seed=8))
+    assert draws.min() >= 0.0 and draws.max() < 1.0
+    np.testing.assert_allclose(np.histogram(draws, bins=10, range=(0, 1))[0] / len(ids), 0.1, atol=0.01)
+    # Pinned values: the split of a person must not move between versions.
+    np.testing.assert_allclose(identity_draws(np.array([0, 1, 123456]), seed=20240601), PINNED_DRAWS, rtol=0, atol=1e-15)
 
 
 def test_deterministic_and_seed_dependent():

@@ -2,8 +2,12 @@
 
 When identities are known the split is by person: the same face in train
 and validation would make validation scores look better than they are on
-new people (the shared CelebA copies hold many images per person). Without
-identities it is a fixed-seed random split by image.
+new people (the shared CelebA copies hold many images per person). A
+person's split is a hash of (seed, identity) alone, so it is the same in
+every source that shares the identity numbers: the two CelebA folders are
+split separately yet hold the same people (splitting each folder on its
+own once put 27% of the CelebA validation images' people in training).
+Without identities it is a fixed-seed random split by image.
 """
 
 from __future__ import annotations
@@ -22,6 +26,20 @@ def _target(fraction: float, total: int) -> int:
     return max(1, int(round(fraction * total))) if total > 1 else 0
 
 
+def identity_draws(identities, seed) -> np.ndarray:
+    """A uniform number in [0, 1) per identity, fixed by (seed, identity)
+    alone (a SplitMix64 hash: the same on every machine and numpy)."""
+    mask = np.uint64(0xFFFFFFFFFFFFFFFF)
+    with np.errstate(over="ignore"):
+        salt = np.uint64(int(seed) & 0xFFFFFFFF) * np.uint64(0x9E3779B97F4A7C15)
+        x = np.asarray(identities, np.int64).astype(np.uint64) ^ salt
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & mask
+        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & mask
+        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & mask
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
 def split_indices(source: FaceSource, val_fraction=0.15, test_fraction=0.0, seed=DEFAULT_SEED) -> dict:
     """Like `split_source`, but returns sorted row indices per split."""
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -31,25 +49,19 @@ def split_indices(source: FaceSource, val_fraction=0.15, test_fraction=0.0, seed
         raise ValueError(
             f"val_fraction + test_fraction must be below 1 (train needs images), got {val_fraction + test_fraction}"
         )
-    n = len(source)
     rng = np.random.default_rng(seed)
-    n_test, n_val = _target(test_fraction, n), _target(val_fraction, n)
-    assignment = np.zeros((n,), np.int8)  # 0 train, 1 val, 2 test
+    assignment = np.zeros((len(source),), np.int8)  # 0 train, 1 val, 2 test
+    by_image = np.arange(len(source))
     if source.identities is not None:
-        identities = np.asarray(source.identities, np.int64).copy()
-        # Unknown identities (-1) become their own groups, numbered below -1.
-        unknown = identities < 0
-        identities[unknown] = -2 - np.flatnonzero(unknown)
-        groups, group_of, sizes = np.unique(identities, return_inverse=True, return_counts=True)
-        order = rng.permutation(len(groups))
-        before = np.cumsum(sizes[order]) - sizes[order]  # images placed before each group
-        split_of_group = np.empty((len(groups),), np.int8)
-        split_of_group[order] = np.where(before < n_test, 2, np.where(before < n_test + n_val, 1, 0))
-        assignment = split_of_group[group_of.reshape(-1)]
-    else:
-        order = rng.permutation(n)
-        assignment[order[:n_test]] = 2
-        assignment[order[n_test : n_test + n_val]] = 1
+        identities = np.asarray(source.identities, np.int64)
+        known = identities >= 0
+        draw = identity_draws(identities[known], seed)
+        assignment[known] = np.where(draw < test_fraction, 2, np.where(draw < test_fraction + val_fraction, 1, 0))
+        by_image = np.flatnonzero(~known)  # unknown identity (-1): one person per image
+    order = by_image[rng.permutation(len(by_image))]
+    n_test, n_val = _target(test_fraction, len(order)), _target(val_fraction, len(order))
+    assignment[order[:n_test]] = 2
+    assignment[order[n_test : n_test + n_val]] = 1
     splits = {"train": np.flatnonzero(assignment == 0)}
     if val_fraction > 0:
         splits["val"] = np.flatnonzero(assignment == 1)
@@ -62,11 +74,12 @@ def split_source(source: FaceSource, val_fraction=0.15, test_fraction=0.0, seed=
     """Splits `source` into {"train", "val" (if val_fraction > 0), "test"
     (if test_fraction > 0)} -> `FaceSource`.
 
-    Identity-disjoint when `source.identities` is set (images with unknown
-    identity, -1, count as one person each); sizes then match the fractions
-    up to the size of one person's image set. Rows keep their source order
-    within each split. The same source, fractions and seed always give the
-    same split.
+    Identity-disjoint when `source.identities` is set, also across sources
+    that share identity numbers (images with unknown identity, -1, count as
+    one person each); each person lands in val with probability
+    `val_fraction`, so split sizes are near the fractions, not exact. Rows
+    keep their source order within each split. The same source, fractions
+    and seed always give the same split.
     """
     indices = split_indices(source, val_fraction, test_fraction, seed)
     return {name: source.subset(rows) for name, rows in indices.items()}
