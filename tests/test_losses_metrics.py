@@ -193,11 +193,39 @@ def test_multitask_metrics_perfect_predictions_and_one_off():
     assert result["age_group_one_off"] == pytest.approx(2 / 3)
 
 
-def test_multitask_metrics_score_a_two_class_softmax_task_as_binary():
-    metric = MultiTaskMetrics([("pair", 2, 0.5)])
+def test_multitask_metrics_score_a_two_class_multiclass_task_as_evaluate_does():
+    # Training monitors what `evaluate` reports: by the schema's kind, not
+    # by the class count (a two-class softmax task is not in the means).
+    metric = MultiTaskMetrics([("smile", 2, 0.5, "binary"), ("pair", 2, 0.5, "multiclass")])
     probs = np.array([[0.2, 0.8], [0.7, 0.3], [0.6, 0.4]], "float32")  # (B, 2) softmax
-    metric.update_state({"pair": np.array([1, 1, 0], "int32")}, {"pair": probs})
-    assert float(to_numpy(metric.result()["mean_accuracy"])) == pytest.approx(2 / 3)
+    metric.update_state(
+        {"smile": np.array([1, 0, 1], "float32"), "pair": np.array([0, 1, 1], "int32")},
+        {"smile": np.array([0.9, 0.2, 0.7], "float32"), "pair": probs},
+    )
+    result = {k: float(v) for k, v in to_numpy(metric.result()).items()}
+    assert result["mean_balanced_accuracy"] == 1.0  # smile alone
+    assert result["pair_accuracy"] == pytest.approx(0.0)
+
+
+def test_model_metrics_mean_over_the_same_tasks_as_evaluate():
+    from tfface.config import ModelConfig
+    from tfface.evaluation.evaluate import compute_metrics
+    from tfface.models import GatedMultiTaskModel
+    from tfface.schema import Schema, Task
+
+    schema = Schema([Task("a"), Task("b", kind="multiclass", classes=("x", "y"))], name="two_class")
+    model = GatedMultiTaskModel(
+        schema=schema, config=ModelConfig(image_size=32, backbone_widths=(8, 16, 32, 64), embedding_dim=8)
+    )
+    assert model.attribute_metrics.binary == [("a", 0.5)]
+    rng = np.random.default_rng(0)
+    labels = {"a": rng.integers(0, 2, 12).astype("float32"), "b": rng.integers(0, 2, 12).astype("int32")}
+    probs = {"a": rng.uniform(size=12).astype("float32"), "b": rng.dirichlet([1, 1], 12).astype("float32")}
+    model.attribute_metrics.update_state(labels, probs)
+    keras_result = {k: float(v) for k, v in to_numpy(model.attribute_metrics.result()).items()}
+    evaluated = compute_metrics(schema, labels, probs)
+    assert keras_result["mean_balanced_accuracy"] == pytest.approx(evaluated["mean_balanced_accuracy"], rel=1e-6)
+    assert keras_result["b_accuracy"] == pytest.approx(evaluated["tasks"]["b"]["accuracy"], rel=1e-6)
 
 
 def test_multitask_metrics_config_round_trip():

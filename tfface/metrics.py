@@ -15,16 +15,27 @@ from keras import ops
 class MultiTaskMetrics(keras.metrics.Metric):
     """Accumulates confusion counts per task over an epoch.
 
+    With no labelled binary task the means read 0 (a Keras metric returns
+    numbers), where `evaluate`'s metrics.json says null.
+
     Args:
-        task_specs: list of (name, num_classes, threshold) per task; binary
-            tasks have num_classes == 2 and use `threshold`.
+        task_specs: list of (name, num_classes, threshold, kind) per task,
+            kind "binary" or "multiclass" as in the schema; binary tasks use
+            `threshold`. Without a kind, num_classes == 2 means binary.
     """
 
     def __init__(self, task_specs, name="multitask_metrics", **kwargs):
         super().__init__(name=name, **kwargs)
-        self.task_specs = [(str(n), int(c), float(t)) for n, c, t in task_specs]
-        self.binary = [(n, t) for n, c, t in self.task_specs if c == 2]
-        self.multiclass = [(n, c) for n, c, _ in self.task_specs if c > 2]
+        specs = []
+        for spec in task_specs:
+            task, classes, threshold = str(spec[0]), int(spec[1]), float(spec[2])
+            kind = str(spec[3]) if len(spec) > 3 else ("binary" if classes == 2 else "multiclass")
+            specs.append((task, classes, threshold, kind))
+        self.task_specs = specs
+        # By the schema's kind, as `evaluate` counts them: a two-class
+        # multiclass task is scored by its exact accuracy, not in the means.
+        self.binary = [(n, t) for n, _, t, kind in specs if kind == "binary"]
+        self.multiclass = [(n, c) for n, c, _, kind in specs if kind != "binary"]
         nb, nm = max(len(self.binary), 1), max(len(self.multiclass), 1)
         self.counts = self.add_variable(shape=(nb, 4), initializer="zeros", name="binary_counts")
         self.class_counts = self.add_variable(shape=(nm, 3), initializer="zeros", name="multiclass_counts")
@@ -36,11 +47,7 @@ class MultiTaskMetrics(keras.metrics.Metric):
                 rows.append(ops.zeros((4,)))
                 continue
             label = ops.cast(ops.reshape(y_true[name], (-1,)), "float32")
-            prob = y_pred[name]
-            if len(prob.shape) == 2 and prob.shape[-1] == 2:
-                # A two-class multiclass task: score class 1 like a binary positive.
-                prob = prob[:, 1]
-            pred = ops.cast(ops.reshape(prob, (-1,)) >= threshold, "float32")
+            pred = ops.cast(ops.reshape(y_pred[name], (-1,)) >= threshold, "float32")
             valid = ops.cast(label >= 0, "float32")
             pos = ops.cast(label > 0.5, "float32") * valid
             neg = ops.cast(label < 0.5, "float32") * valid
@@ -94,10 +101,11 @@ class MultiTaskMetrics(keras.metrics.Metric):
         return {"task_specs": self.task_specs, "name": self.name, "dtype": self.dtype}
 
 
-def balanced_accuracy(labels, predictions):
-    """Numpy balanced accuracy of one binary task over labelled entries."""
+def balanced_accuracy(labels, predictions, threshold=0.5):
+    """Numpy balanced accuracy of one binary task over labelled entries
+    (positive where the probability is >= `threshold`, as the metric)."""
     labels, predictions = np.asarray(labels), np.asarray(predictions)
     valid = labels >= 0
-    labels, predictions = labels[valid] > 0.5, predictions[valid] > 0.5
+    labels, predictions = labels[valid] > 0.5, predictions[valid] >= threshold
     recalls = [np.mean(predictions[labels == v] == v) for v in (True, False) if np.any(labels == v)]
     return float(np.mean(recalls)) if recalls else float("nan")

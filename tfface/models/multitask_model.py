@@ -101,7 +101,7 @@ class MultiTaskFaceModel(keras.Model):
         self.image_size = config.image_size
         self.task_weights = task_loss_weights(schema, config.loss_weights)
         self.attribute_metrics = MultiTaskMetrics(
-            [(t.name, 2 if t.is_binary else t.num_classes, t.threshold) for t in schema],
+            [(t.name, 2 if t.is_binary else t.num_classes, t.threshold, t.kind) for t in schema],
             name="attribute_metrics",
         )
 
