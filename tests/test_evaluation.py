@@ -275,6 +275,25 @@ def test_calibrated_threshold_separates_the_classes():
     assert after["balanced_accuracy"] == pytest.approx(1.0) and after["accuracy"] == pytest.approx(1.0)
 
 
+def test_calibration_never_picks_a_threshold_worse_than_a_constant_decision():
+    labels = np.array([1, 1, 0, 0], np.float32)
+    probs = np.array([0.1, 0.2, 0.8, 0.9], np.float32)  # ranked backwards
+    threshold = best_threshold(labels, probs)
+    decided = compute_metrics(Schema([Task("a", threshold=threshold)]), {"a": labels}, {"a": probs})
+    assert decided["tasks"]["a"]["balanced_accuracy"] == pytest.approx(0.5)  # not 0.25
+
+
+def test_calibrated_threshold_decides_in_float32_as_evaluation_does():
+    below = np.float32(0.7) + np.float32(0)
+    above = np.nextafter(below, np.float32(1))  # neighbouring float32 values
+    labels = np.array([0, 1, 0, 1], np.float32)
+    probs = np.array([below, above, 0.1, 0.9], np.float32)
+    threshold = best_threshold(labels, probs)
+    assert threshold == float(above)  # no float32 lies between them: p >= the upper one splits them
+    decided = compute_metrics(Schema([Task("a", threshold=threshold)]), {"a": labels}, {"a": probs})
+    assert decided["tasks"]["a"]["balanced_accuracy"] == pytest.approx(1.0)
+
+
 def test_precision_objective_picks_smallest_threshold_reaching_target():
     labels = np.array([1, 1, 1, 1, 0, 0, 0, 0], np.float32)
     probs = np.array([0.6, 0.7, 0.8, 0.9, 0.1, 0.2, 0.65, 0.3], np.float32)

@@ -40,6 +40,13 @@ class MultiTaskMetrics(keras.metrics.Metric):
         self.counts = self.add_variable(shape=(nb, 4), initializer="zeros", name="binary_counts")
         self.class_counts = self.add_variable(shape=(nm, 3), initializer="zeros", name="multiclass_counts")
 
+    def set_thresholds(self, thresholds: dict):
+        """Moves the decision thresholds of binary tasks (task -> value)."""
+        self.task_specs = [
+            (n, c, float(thresholds.get(n, t)) if kind == "binary" else t, kind) for n, c, t, kind in self.task_specs
+        ]
+        self.binary = [(n, t) for n, _, t, kind in self.task_specs if kind == "binary"]
+
     def update_state(self, y_true, y_pred, sample_weight=None):
         rows = []
         for name, threshold in self.binary:

@@ -24,11 +24,22 @@ _LOWEST, _HIGHEST = 1e-4, 1.0 - 1e-4
 
 
 def _candidates(probs):
-    """Midpoints between consecutive distinct probabilities: every distinct
-    decision on these examples, each as far from the data as possible."""
-    values = np.unique(probs)
-    middles = (values[:-1] + values[1:]) / 2.0
-    return np.unique(np.clip(middles, _LOWEST, _HIGHEST))
+    """Midpoints between consecutive distinct probabilities, plus the
+    lowest and highest thresholds allowed (about "all positive" and "all
+    negative", which beat a worse-than-chance ranking): every distinct
+    decision on these examples, each as far from the data as possible.
+
+    Rounded to float32, the precision the model's outputs (and every
+    comparison with a threshold in training, evaluation and export) have,
+    so a candidate decides here exactly as it will there.
+    """
+    values = np.unique(np.asarray(probs, np.float32))
+    middles = ((values[:-1].astype(np.float64) + values[1:]) / 2.0).astype(np.float32)
+    # Two neighbouring float32 values have no float32 between them: then
+    # the upper one separates them (decisions are p >= threshold).
+    middles = np.where(middles > values[:-1], middles, values[1:])
+    candidates = np.concatenate([[_LOWEST, _HIGHEST], np.clip(middles, _LOWEST, _HIGHEST)])
+    return np.unique(candidates.astype(np.float32)).astype(np.float64)
 
 
 def _counts(pos_sorted, neg_sorted, thresholds):
@@ -47,7 +58,7 @@ def best_threshold(labels, probs, objective="balanced_accuracy", target_precisio
     `target_precision` (the most recall at that precision).
     """
     labels = np.asarray(labels, np.float32).reshape(-1)
-    probs = np.asarray(probs, np.float64).reshape(-1)
+    probs = np.asarray(probs, np.float32).astype(np.float64).reshape(-1)
     valid = labels != MISSING
     truth, probs = labels[valid] > 0.5, probs[valid]
     pos_sorted, neg_sorted = np.sort(probs[truth]), np.sort(probs[~truth])
@@ -132,13 +143,8 @@ def apply_thresholds(model, thresholds: dict):
     """
     model.schema = model.schema.with_thresholds(dict(thresholds))
     metrics = getattr(model, "attribute_metrics", None)
-    if metrics is not None and hasattr(metrics, "task_specs"):
-        specs = [
-            (name, classes, model.schema[name].threshold if classes == 2 and name in model.schema else t)
-            for name, classes, t in metrics.task_specs
-        ]
-        metrics.task_specs = specs
-        metrics.binary = [(n, t) for n, c, t in specs if c == 2]
+    if metrics is not None and hasattr(metrics, "set_thresholds"):
+        metrics.set_thresholds({task.name: task.threshold for task in model.schema.binary_tasks})
         for attribute in ("train_function", "test_function"):
             if hasattr(model, attribute):
                 setattr(model, attribute, None)
