@@ -242,3 +242,17 @@ def test_multitask_metrics_config_round_trip():
         target.assign(source)
     for key, value in to_numpy(metric.result()).items():
         assert float(to_numpy(revived.result())[key]) == pytest.approx(float(value))
+
+
+def test_family_loss_weights_reach_their_tasks_in_every_schema():
+    from tfface.models.multitask_model import task_loss_weights
+    from tfface.schema import get_schema
+
+    weights = {"attributes": 1.5, "gender": 2.0, "age_group": 0.5, "Smiling": 3.0}
+    for name, gender_task in (("fused", "gender"), ("celeba", "Male")):
+        schema = get_schema(name)
+        by_task = dict(zip(schema.task_names, task_loss_weights(schema, weights)))
+        assert by_task[gender_task] == 2.0  # CelebA's Male is the celeba schema's gender task
+        assert by_task["Smiling"] == 3.0 and by_task["Bald"] == 1.5
+        if "age_group" in by_task:
+            assert by_task["age_group"] == 0.5

@@ -29,6 +29,14 @@ BACKBONES = (
 LOSS_FAMILIES = ("attributes", "age_group", "gender", "race")
 
 
+def loss_family(task) -> str:
+    """The loss-weight family of a schema task. CelebA's `Male` column is
+    the gender task of the celeba schema, so `gender` weights it too."""
+    if task.name == "Male":
+        return "gender"
+    return task.name if task.name in LOSS_FAMILIES[1:] else "attributes"
+
+
 class ConfigError(ValueError):
     """A config value or key that cannot work; names the key."""
 

@@ -24,7 +24,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from tfface.config import ConfigError, ModelConfig, model_config_from_dict
+from tfface.config import ConfigError, ModelConfig, loss_family, model_config_from_dict
 from tfface.losses import masked_bce_dice
 from tfface.losses import masked_binary_crossentropy
 from tfface.losses import masked_sparse_categorical_crossentropy
@@ -40,12 +40,6 @@ def output_sizes(schema: Schema) -> list[int]:
 def logit_blocks(schema: Schema) -> list[tuple[int, int]]:
     starts = np.cumsum([0] + output_sizes(schema))
     return [(int(starts[i]), int(starts[i + 1])) for i in range(len(schema))]
-
-
-def loss_family(task) -> str:
-    if task.name in ("age_group", "gender", "race"):
-        return task.name
-    return "attributes"
 
 
 def task_loss_weights(schema: Schema, loss_weights: dict) -> list[float]:

@@ -204,7 +204,7 @@ class SearchSpace:
         schema does not have, so one space file serves several datasets.
         Returns the space to search.
         """
-        from tfface.models.multitask_model import loss_family
+        from tfface.config import loss_family
         from tfface.schema import get_schema
 
         schema = get_schema(config.data.schema)
