@@ -53,6 +53,15 @@ def write_results(name, payload):
     return path
 
 
+def load_run(run):
+    """(experiment config, model) of a `tfface train` output folder."""
+    from tfface.config import ExperimentConfig
+    from tfface.models.saving import load_model
+
+    run = Path(run)
+    return ExperimentConfig.load(run / "config.yaml"), load_model(run)
+
+
 def model_for_benchmark(path=None):
     """(model, description): a trained `.keras` model, or the default gated
     model untrained (speed does not depend on the weights)."""

@@ -11,9 +11,9 @@ Writes benchmarks/results/mask_quality.json and prints a table.
 """
 
 import argparse
-from pathlib import Path
 
 import numpy as np
+from common import load_run
 from common import print_table
 from common import write_results
 
@@ -23,15 +23,11 @@ def main():
     parser.add_argument("--run", required=True, help="training output dir of a mask-guided model")
     args = parser.parse_args()
 
-    from tfface.config import ExperimentConfig
     from tfface.data.pipeline import make_dataset
-    from tfface.models.saving import load_model
     from tfface.schema import GROUPS
     from tfface.training.trainer import load_sources
 
-    run = Path(args.run)
-    config = ExperimentConfig.load(run / "config.yaml")
-    model = load_model(run)
+    config, model = load_run(args.run)
     _, val_sources = load_sources(config.data)
     dataset = make_dataset(val_sources, model.schema, model.image_size, batch_size=64, with_masks=True, cache=False)
     intersection = np.zeros(len(GROUPS))
@@ -51,7 +47,7 @@ def main():
     rows.append({"group": "mean", "iou": mean})
     print(f"{faces} validation faces with landmarks; masks {model.image_size // 4}x{model.image_size // 4}")
     print_table(rows, ["group", "iou"])
-    write_results("mask_quality", {"run": str(run), "faces": faces, "rows": rows, "blank_mask_iou": 0.0})
+    write_results("mask_quality", {"run": str(args.run), "faces": faces, "rows": rows, "blank_mask_iou": 0.0})
 
 
 if __name__ == "__main__":

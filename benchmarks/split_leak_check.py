@@ -12,9 +12,9 @@ Writes benchmarks/results/split_leak_check.json.
 """
 
 import argparse
-from pathlib import Path
 
 import numpy as np
+from common import load_run
 from common import print_table
 from common import write_results
 
@@ -42,15 +42,11 @@ def main():
     parser.add_argument("--run", required=True, help="a run trained before the split change (config.yaml, model.keras)")
     args = parser.parse_args()
 
-    from tfface.config import ExperimentConfig
     from tfface.data.sources import open_source
     from tfface.evaluation.evaluate import collect_predictions
     from tfface.evaluation.evaluate import compute_metrics
-    from tfface.models.saving import load_model
 
-    run = Path(args.run)
-    config = ExperimentConfig.load(run / "config.yaml")
-    model = load_model(run / "model.keras")
+    config, model = load_run(args.run)
     train_people, vals = set(), []
     for source_config in config.data.sources:
         source = open_source(source_config.path, image_size=config.data.image_size)
