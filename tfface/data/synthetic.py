@@ -24,14 +24,12 @@ import csv
 import math
 import multiprocessing
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from tfface.atomic_files import current_umask
+from tfface.atomic_files import replaced_folder
 from tfface.data.source import LANDMARK_COLUMNS, FaceSource
 from tfface.schema import SYNTHETIC, SYNTHETIC_ATTRIBUTES
 
@@ -167,16 +165,14 @@ def write_synthetic_folder(source: FaceSource, out_dir, image_format: str = "png
             f"source.images must be uint8 of shape (N, H, W, 3), got {images.dtype} {images.shape}"
         )
     check_new_dataset_folder(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
 
     n = len(source)
     image_ids = [f"{i + 1:06d}.{key}" for i in range(n)]
     attribute_names = [a for a in SYNTHETIC_ATTRIBUTES if a in source.columns]
     extra = ["age"] if "age" in source.columns else []
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's folder is private; a dataset is not
+    # Written beside out_dir and swapped in whole (checked empty above).
+    with replaced_folder(out_dir, may_replace=lambda name: False, marker="attributes.csv") as tmp:
         (tmp / "images").mkdir()
         for image_id, image in zip(image_ids, source.images):
             Image.fromarray(image).save(tmp / "images" / image_id, IMAGE_FORMATS[key])
@@ -199,12 +195,6 @@ def write_synthetic_folder(source: FaceSource, out_dir, image_format: str = "png
                 flat = np.asarray(source.landmarks, np.float64).reshape(n, 10)
                 for image_id, row in zip(image_ids, flat.tolist()):
                     writer.writerow([image_id, *(f"{v:.2f}" for v in row)])
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
