@@ -3,7 +3,8 @@
 Reads and splits the sources, builds the fused pipeline and the model named
 by the config, and runs `model.fit` with the callbacks a long run needs:
 a backup every epoch so a killed run resumes where it stopped (model,
-optimizer and epoch restored by `keras.callbacks.BackupAndRestore`; the
+optimizer and epoch restored by `keras.callbacks.BackupAndRestore`, which
+keeps the previous backup too, for a kill during the write; the
 best score so far and early stopping's count from `history.csv`), the
 best model by validation mean balanced accuracy, TensorBoard logs, a CSV
 history, early stopping and a wall-clock budget.
@@ -18,6 +19,7 @@ refused, not overwritten.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import logging
@@ -129,10 +131,49 @@ def _monitored_history(history_file: Path) -> list:
     """The monitored validation score of every epoch logged before a resume."""
     if not history_file.is_file():
         return []
-    import csv
-
     with open(history_file, newline="") as f:
         return [float(row[MONITOR]) for row in csv.DictReader(f) if row.get(MONITOR) not in (None, "", "nan")]
+
+
+def _trim_history(history_file: Path, start_epoch: int) -> None:
+    """Drops the rows of epochs a resumed run does again.
+
+    The history is written before the backup, so a kill between the two (or
+    a backup cut short, which falls back to the one before) leaves rows for
+    epochs the restored backup had not finished; without trimming they would
+    be logged twice and counted twice by early stopping.
+    """
+    if not history_file.is_file():
+        return
+    with open(history_file, newline="") as f:
+        lines = f.read().splitlines(keepends=True)
+    if not lines:
+        return
+    kept = [lines[0]] + [line for line in lines[1:] if _epoch_of(line) < start_epoch]
+    if len(kept) < len(lines):
+        log.warning("resuming at epoch %d: dropping %d later row(s) of %s", start_epoch + 1, len(lines) - len(kept), history_file)
+        write_atomic(history_file, "".join(kept))
+
+
+def _epoch_of(csv_line: str) -> int:
+    try:
+        return int(csv_line.split(",", 1)[0])
+    except ValueError:
+        return -1  # not a row (a blank line): kept
+
+
+def _restore_backup(backup: keras.callbacks.BackupAndRestore, model) -> int:
+    """Restores the run's backup now (fit restores the same one again) and
+    returns the epoch the resumed run starts at."""
+    backup.set_model(model)
+    try:
+        backup.on_train_begin()
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(
+            f"the resume backup in {backup.backup_dir} cannot be read ({e}); remove that folder to "
+            "train this run again from the start"
+        ) from None
+    return int(getattr(model, "_initial_epoch", None) or 0)
 
 
 class ResumedEarlyStopping(keras.callbacks.EarlyStopping):
@@ -260,28 +301,36 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
 
     chief = _is_chief()
     resuming = _is_resuming(out)
+    # Two backups: a kill while the newest is written leaves the one before.
+    backup = keras.callbacks.BackupAndRestore(str(out / "backup"), double_checkpoint=True)
+    history_file = out / "history.csv"
+    if resuming and chief and config.train.strategy != "multi_worker":
+        with strategy.scope():  # the optimizer's variables are built here
+            _trim_history(history_file, _restore_backup(backup, model))
     # BackupAndRestore brings back weights, optimizer and epoch only; the
     # best score so far and early stopping's count come from the history,
     # so a resumed run neither overwrites a better model.keras nor waits
     # its whole patience again.
-    earlier = _monitored_history(out / "history.csv") if resuming else []
+    earlier = _monitored_history(history_file) if resuming else []
     best_model = out / "model.keras"
     # A model.keras cut short by the kill must be rewritten, whatever its score.
     best_so_far = max(earlier) if earlier and zipfile.is_zipfile(best_model) else None
-    callbacks = [keras.callbacks.BackupAndRestore(str(out / "backup"))]
+    callbacks = []
     if chief:
+        # Before the backup, so every epoch the backup holds is logged and saved.
         callbacks += [
-            keras.callbacks.CSVLogger(str(out / "history.csv"), append=resuming),
+            keras.callbacks.CSVLogger(str(history_file), append=resuming),
             keras.callbacks.TensorBoard(str(out / "logs"), update_freq="epoch"),
             keras.callbacks.ModelCheckpoint(str(out / "last.keras")),
         ]
         if val_ds is not None:
             callbacks.append(
                 keras.callbacks.ModelCheckpoint(
-                    str(out / "model.keras"), monitor=MONITOR, mode="max", save_best_only=True,
+                    str(best_model), monitor=MONITOR, mode="max", save_best_only=True,
                     initial_value_threshold=best_so_far,
                 )
             )
+    callbacks.append(backup)
     if config.train.early_stopping_patience > 0 and val_ds is not None:
         # Workers must stop at the same epoch, and only the chief keeps the
         # history: a multi-worker run counts patience afresh on resume.
