@@ -188,6 +188,32 @@ def test_cli_help_lists_every_command(capsys):
         assert command in text
 
 
+def _subcommand_parsers(parser, prefix=()):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield prefix + (name,), sub
+                yield from _subcommand_parsers(sub, prefix + (name,))
+
+
+def test_cli_every_option_says_what_it_is_and_its_default(monkeypatch):
+    from tfface.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", "200")  # no line wrapping in the help checked below
+    commands = dict(_subcommand_parsers(build_parser()))
+    assert ("data", "generate") in commands and ("serve",) in commands
+    for command, parser in commands.items():
+        for action in parser._actions:
+            if action.dest not in ("help", "func", "command", "data_command"):
+                assert action.help, f"tfface {' '.join(command)} {action.dest} has no help"
+    serve_help = commands[("serve",)].format_help()
+    assert "gRPC port (default: 8500)" in serve_help
+    assert "(default: None)" not in serve_help and "(default: False)" not in serve_help
+    assert "same seed, same faces (default: 0)" in commands[("data", "generate")].format_help()
+
+
 @pytest.fixture(scope="module")
 def model_files(tmp_path_factory):
     """A tiny untrained tfface model, a plain Keras model and a text file,

@@ -9,6 +9,7 @@ bad data) print one clear line and exit with status 2, never a traceback;
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -238,35 +239,50 @@ def _cmd_demo(args):
     run_demo(workdir=args.workdir, num_images=args.num_images, epochs=args.epochs)
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows an option's default after its help, unless it has none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        hidden = default is None or default is False or default == argparse.SUPPRESS
+        if hidden or not action.option_strings or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tfface",
+        formatter_class=_HelpFormatter,
         description="Multi-task face attribute recognition: data tools, training, evaluation, "
         "export to TF Serving, a local gRPC server and client, KerasTuner search, prediction on photos.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=_HelpFormatter)
 
     data = sub.add_parser("data", help="inspect, generate and annotate datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    data_sub.add_parser = functools.partial(data_sub.add_parser, formatter_class=_HelpFormatter)
     p = data_sub.add_parser(
         "summary",
         help="counts, label rates, image sizes and problems of a source",
         description="SOURCE is a folder (CelebA or UTKFace format, detected from its contents) "
         "or a named source: synthetic[:N], celeba_sample, celeba_lowres, utkface.",
     )
-    p.add_argument("source")
+    p.add_argument("source", help="folder or named source")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed label rows and report how many")
     p.set_defaults(func=_cmd_data_summary)
     p = data_sub.add_parser("generate", help="write synthetic faces as a CelebA-format folder")
-    p.add_argument("--out", required=True)
-    p.add_argument("--num-images", type=_positive_int, default=1000)
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder to create (must not hold files)")
+    p.add_argument("--num-images", type=_positive_int, default=1000, help="faces to generate")
+    p.add_argument("--image-size", type=int, default=64, help="side of the square images, pixels")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same faces")
     p.set_defaults(func=_cmd_data_generate)
     p = data_sub.add_parser("annotate", help="detect five landmarks with MTCNN once and cache them")
-    p.add_argument("source")
+    p.add_argument("source", help="folder or named source")
     p.add_argument(
         "--cache",
         help="cache file (default: landmarks_mtcnn.csv in the data folder when it is writable and not shared "
@@ -275,9 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, help="only the first N images")
     p.set_defaults(func=_cmd_data_annotate)
     p = data_sub.add_parser("masks", help="draw the eight group masks over sample faces (PNG)")
-    p.add_argument("source")
-    p.add_argument("--out", default="group_masks.png")
-    p.add_argument("--count", type=_positive_int, default=8)
+    p.add_argument("source", help="folder or named source")
+    p.add_argument("--out", default="group_masks.png", help="PNG file to write")
+    p.add_argument("--count", type=_positive_int, default=8, help="faces to draw")
     p.set_defaults(func=_cmd_data_masks)
 
     p = sub.add_parser("train", help="train a model from a config file (resumes an interrupted run)")
@@ -290,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help=".keras file or a training output dir")
     p.add_argument("--data", required=True, help="SOURCE (folder or named source)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass")
     p.add_argument(
         "--split",
         choices=["train", "val"],
@@ -305,44 +321,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("export", help="write a TF Serving SavedModel to saved_models/NAME/VERSION")
-    p.add_argument("--model", required=True)
-    p.add_argument("--name", required=True)
-    p.add_argument("--version", type=int, help="default: next free version number")
-    p.add_argument("--export-root", default="saved_models")
+    p.add_argument("--model", required=True, help=".keras file or a training output dir")
+    p.add_argument("--name", required=True, help="model name, as TF Serving's config names it")
+    p.add_argument("--version", type=int, help="version number, never an existing one (default: the next free number)")
+    p.add_argument("--export-root", default="saved_models", help="folder holding NAME/VERSION")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("serve", help="local gRPC server with TF Serving's API (development, tests)")
     p.add_argument("--model-dir", required=True, help="saved_models/NAME")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8500)
-    p.add_argument("--max-batch-size", type=_positive_int, default=32)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8500, help="gRPC port")
+    p.add_argument("--max-batch-size", type=_positive_int, default=32, help="most images the model runs at once")
     p.add_argument(
         "--batch-timeout-ms", type=float, default=0.0, help="wait for company (default 0: batch what queues while the model runs)"
     )
-    p.add_argument("--no-batching", action="store_true")
+    p.add_argument("--no-batching", action="store_true", help="run each request alone")
     p.add_argument("--versions", default="latest", help='"latest" or "all" exported versions')
     p.add_argument("--max-image-side", type=int, default=4096, help="reject larger images (INVALID_ARGUMENT)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("query", help="send images to a TF Serving (or local) server over gRPC")
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="+", help="face crops (JPEG or PNG files)")
     p.add_argument("--host", default="localhost:8500", help="HOST:PORT")
     p.add_argument("--model", required=True, help="model name on the server")
-    p.add_argument("--signature", default="serving_default")
+    p.add_argument("--signature", default="serving_default", help="signature that takes encoded images")
     p.add_argument("--timeout", type=_positive_float, default=10.0, help="seconds per call")
-    p.add_argument("--tls", action="store_true")
+    p.add_argument("--tls", action="store_true", help="connect over TLS")
     p.add_argument("--root-certificates", help="PEM file for TLS")
     p.add_argument("--version", type=int, help="model version (default: latest)")
     p.add_argument("--version-label", help="model version label, e.g. stable")
-    p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="images per request")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_query)
 
     p = sub.add_parser("predict", help="detect, align and analyse every face in photos")
     p.add_argument("inputs", nargs="+", help="image files or folders")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help=".keras file or a training output dir")
     p.add_argument("--draw", help="folder for annotated PNGs")
-    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="faces per forward pass")
     p.add_argument("--out", help="JSON lines file (default: stdout)")
     p.set_defaults(func=_cmd_predict)
 
@@ -354,9 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="the main job on synthetic data: generate, train, evaluate, export, serve, query",
     )
-    p.add_argument("--workdir", default="runs/demo")
-    p.add_argument("--num-images", type=_positive_int, default=4000)
-    p.add_argument("--epochs", type=_positive_int, default=12)
+    p.add_argument("--workdir", default="runs/demo", help="folder for the data, run and export (an earlier demo there is replaced)")
+    p.add_argument("--num-images", type=_positive_int, default=4000, help="synthetic faces to generate")
+    p.add_argument("--epochs", type=_positive_int, default=12, help="training epochs")
     p.set_defaults(func=_cmd_demo)
     return parser
 
