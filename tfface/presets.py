@@ -81,18 +81,24 @@ def preset_config(name: str, **overrides) -> ModelConfig:
     return config
 
 
-def from_preset(name: str, schema="fused", train_labels=None, **overrides):
+def from_preset(name: str, schema="fused", train_labels=None, *, model_class=None, **overrides):
     """A new (untrained) model from a preset.
 
     Args:
         schema: a `Schema` or a schema preset name ("fused", "celeba", ...).
         train_labels: training labels, only for
             `correlation_init="label_correlation"` (see `build_model`).
+        model_class: if given, a preset of another model type is refused
+            (what `GatedMultiTaskModel.from_preset` passes).
         **overrides: ModelConfig fields, e.g. `image_size=96`,
             `backbone_weights="mobilenet_v3_small.weights.h5"`.
     """
     from tfface.models.build import build_model
     from tfface.schema import get_schema
 
+    config = preset_config(name, **overrides)
+    expected_type = getattr(model_class, "model_type", None)
+    if expected_type and config.type != expected_type:
+        raise ConfigError(f"preset {name!r} is a {config.type} model, not a {model_class.__name__}")
     schema = get_schema(schema) if isinstance(schema, str) else schema
-    return build_model(schema, preset_config(name, **overrides), train_labels)
+    return build_model(schema, config, train_labels)

@@ -24,7 +24,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from tfface.config import ConfigError, ModelConfig, loss_family, model_config_from_dict
+from tfface.config import ModelConfig, loss_family, model_config_from_dict
 from tfface.losses import masked_bce_dice
 from tfface.losses import masked_binary_crossentropy
 from tfface.losses import masked_sparse_categorical_crossentropy
@@ -111,12 +111,8 @@ class MultiTaskFaceModel(keras.Model):
         `GatedMultiTaskModel.from_preset("gated_small_cnn_64", "fused")`;
         `overrides` are ModelConfig fields."""
         from tfface.presets import from_preset
-        from tfface.presets import preset_config
 
-        built_type = preset_config(name, **overrides).type
-        if cls.model_type and built_type != cls.model_type:
-            raise ConfigError(f"preset {name!r} is a {built_type} model, not a {cls.__name__}")
-        return from_preset(name, schema, train_labels, **overrides)
+        return from_preset(name, schema, train_labels, model_class=cls, **overrides)
 
     # --- training -------------------------------------------------------------
     def compile(self, optimizer="auto", learning_rate=2e-3, weight_decay=1e-4, **kwargs):
