@@ -50,6 +50,8 @@ class SourceConfig:
     """
 
     path: str
+    # Share of training examples drawn from this source, relative to the
+    # other sources' weights, whatever their sizes (a single source ignores it).
     weight: float = 1.0
     landmarks: Optional[str] = None  # landmark cache file, if not beside the data
 
