@@ -9,7 +9,6 @@ bad data) print one clear line and exit with status 2, never a traceback;
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import os
@@ -251,20 +250,26 @@ class _HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)" if text else "default: %(default)s"
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser (and, as `add_subparsers` reuses its class, every
+    subcommand's) that shows defaults in its help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tfface",
-        formatter_class=_HelpFormatter,
         description="Multi-task face attribute recognition: data tools, training, evaluation, "
         "export to TF Serving, a local gRPC server and client, KerasTuner search, prediction on photos.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser = functools.partial(sub.add_parser, formatter_class=_HelpFormatter)
 
     data = sub.add_parser("data", help="inspect, generate and annotate datasets")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
-    data_sub.add_parser = functools.partial(data_sub.add_parser, formatter_class=_HelpFormatter)
     p = data_sub.add_parser(
         "summary",
         help="counts, label rates, image sizes and problems of a source",
