@@ -406,7 +406,6 @@ def test_predict_out_is_replaced_only_by_a_complete_run(model_files, tmp_path, m
     assert "results so far are in" in capsys.readouterr().err
 
 
-
 @pytest.mark.parametrize(
     "kill, strategy", [("before_backup", "default"), ("during_backup", "default"), ("during_backup", "mirrored")]
 )
