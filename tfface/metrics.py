@@ -32,10 +32,6 @@ class MultiTaskMetrics(keras.metrics.Metric):
             kind = str(spec[3]) if len(spec) > 3 else ("binary" if classes == 2 else "multiclass")
             specs.append((task, classes, threshold, kind))
         self.task_specs = specs
-        # By the schema's kind, as `evaluate` counts them: a two-class
-        # multiclass task is scored by its exact accuracy, not in the means.
-        self.binary = [(n, t) for n, _, t, kind in specs if kind == "binary"]
-        self.multiclass = [(n, c) for n, c, _, kind in specs if kind != "binary"]
         nb, nm = max(len(self.binary), 1), max(len(self.multiclass), 1)
         self.counts = self.add_variable(shape=(nb, 4), initializer="zeros", name="binary_counts")
         self.class_counts = self.add_variable(shape=(nm, 3), initializer="zeros", name="multiclass_counts")
@@ -45,7 +41,18 @@ class MultiTaskMetrics(keras.metrics.Metric):
         self.task_specs = [
             (n, c, float(thresholds.get(n, t)) if kind == "binary" else t, kind) for n, c, t, kind in self.task_specs
         ]
-        self.binary = [(n, t) for n, _, t, kind in self.task_specs if kind == "binary"]
+
+    # By the schema's kind, as `evaluate` counts them: a two-class multiclass
+    # task is scored by its exact accuracy, not in the means.
+    @property
+    def binary(self):
+        """(name, threshold) of each binary task."""
+        return [(n, t) for n, _, t, kind in self.task_specs if kind == "binary"]
+
+    @property
+    def multiclass(self):
+        """(name, num_classes) of each multiclass task."""
+        return [(n, c) for n, c, _, kind in self.task_specs if kind != "binary"]
 
     def update_state(self, y_true, y_pred, sample_weight=None):
         rows = []
