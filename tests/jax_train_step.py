@@ -4,7 +4,7 @@ Run by tests/test_jax_backend.py in a subprocess with KERAS_BACKEND=jax (the
 backend is fixed at import time, so it cannot share the pytest process).
 Prints one JSON line with what it measured; exits non-zero on any failure.
 
-    KERAS_BACKEND=jax python tests/jax_train_step.py OUT_DIR
+    KERAS_BACKEND=jax python tests/jax_train_step.py OUT_DIR [GATE]
 """
 
 import json
@@ -22,7 +22,7 @@ from tfface.models import GatedMultiTaskModel  # noqa: E402
 from tfface.schema import Schema, Task  # noqa: E402
 
 
-def main(out_dir):
+def main(out_dir, gate="input_conditioned"):
     if keras.backend.backend() != "jax":
         raise SystemExit(f"expected the jax backend, got {keras.backend.backend()}")
     keras.utils.set_random_seed(0)
@@ -37,8 +37,9 @@ def main(out_dir):
         image_size=32,
         backbone_widths=(8, 16, 32, 64),
         embedding_dim=16,
-        gate="input_conditioned",
+        gate=gate,
         gate_hidden=8,
+        num_experts=3,
         correlation=True,
         center_loss_weight=0.1,
     )
@@ -55,7 +56,12 @@ def main(out_dir):
 
     watched = {
         "heads": model.get_layer("task_heads").kernel,
-        "gate_offsets": model.get_layer("task_gate").task_offsets,
+        # What routes the shared feature: the gates' offsets, or the router.
+        "routing": (
+            model.get_layer("expert_routing").router.kernel
+            if gate == "mixture_of_experts"
+            else model.get_layer("task_gate").task_offsets
+        ),
         "correlation": model.get_layer("correlation").correlation,
         "centers": model.center_loss.centers,
         "moving_mean": model.get_layer("correlation").moving_mean,
@@ -87,4 +93,4 @@ def main(out_dir):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else ".")
+    main(sys.argv[1] if len(sys.argv) > 1 else ".", *sys.argv[2:3])

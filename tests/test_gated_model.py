@@ -57,7 +57,7 @@ def toy_data(n, seed):
 
 
 @pytest.mark.parametrize("correlation", [True, False])
-@pytest.mark.parametrize("gate", ["none", "static", "input_conditioned"])
+@pytest.mark.parametrize("gate", ["none", "static", "input_conditioned", "mixture_of_experts"])
 def test_outputs_and_keras_round_trip(gate, correlation, tmp_path):
     model = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config(gate=gate, correlation=correlation))
     images, _ = toy_data(3, seed=0)
@@ -70,12 +70,16 @@ def test_outputs_and_keras_round_trip(gate, correlation, tmp_path):
     np.testing.assert_allclose(outputs["age_group"].sum(axis=1), 1.0, rtol=1e-5)
     assert outputs["_logits"].shape == (3, 5)
     assert outputs["_embeddings"].shape == (3, 3, 16)
-    assert isinstance(model.get_layer("task_gate"), keras.layers.Layer)
-    assert model.get_layer("task_gate").gate_type == gate
+    if gate == "mixture_of_experts":
+        routing = "expert_routing"
+        assert model.get_layer(routing).num_experts == model.model_config.num_experts
+    else:
+        routing = "task_gate"
+        assert model.get_layer(routing).gate_type == gate
     # Move the tfface layers off their (often zero) initial values, so that a
     # weight missing from the `.keras` file changes the predictions.
     rng = np.random.default_rng(0)
-    layers = [model.get_layer(n) for n in ("task_gate", "task_heads")] + [model.center_loss]
+    layers = [model.get_layer(n) for n in (routing, "task_heads")] + [model.center_loss]
     if correlation:
         layers.append(model.get_layer("correlation"))
     for layer in layers:
@@ -119,6 +123,20 @@ def test_without_gates_every_task_gets_the_same_embedding_of_the_pooled_feature(
     np.testing.assert_allclose(embeddings[:, 0], np.maximum(to_numpy(shared), 0.0), rtol=1e-5, atol=1e-6)
 
 
+def test_mixture_of_experts_routes_the_pooled_feature_without_gate_or_projection():
+    model = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config(gate="mixture_of_experts", num_experts=3))
+    names = {layer.name for layer in model.layers}
+    assert "expert_routing" in names and not names & {"task_gate", "shared_projection", "projection_bn"}
+    routing = model.get_layer("expert_routing")
+    assert routing.experts.kernel.shape == (64, 3 * 16)  # C x E*D: the experts read the pooled feature once
+    assert routing.router.kernel.shape == (64, 3 * 3)  # C x K*E
+    images, _ = toy_data(4, seed=5)
+    pooled = keras.Model(model.inputs, model.get_layer("pool").output)({"image": images}, training=False)
+    embeddings = to_numpy(model({"image": images}, training=False))["_embeddings"]
+    np.testing.assert_allclose(embeddings, to_numpy(routing(pooled, training=False)), rtol=1e-5, atol=1e-6)
+    assert embeddings.min() >= 0.0  # a mixture of ReLU experts, as the gated embeddings are ReLUs
+
+
 @pytest.mark.parametrize("gate", ["static", "input_conditioned"])
 def test_gate_bottleneck_gates_a_shared_narrow_feature_and_round_trips(gate, tmp_path):
     model = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config(gate=gate, gate_bottleneck=8))
@@ -149,8 +167,16 @@ def test_gate_bottleneck_must_not_be_negative():
         tiny_config(gate_bottleneck=8.5).validate()
 
 
-def test_fit_learns_with_missing_labels_and_metrics_survive_reload(tmp_path):
-    model = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config(gate="static"))
+def test_num_experts_must_be_at_least_two():
+    from tfface.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.num_experts must be >= 2"):
+        tiny_config(gate="mixture_of_experts", num_experts=1).validate()
+
+
+@pytest.mark.parametrize("gate", ["static", "mixture_of_experts"])
+def test_fit_learns_with_missing_labels_and_metrics_survive_reload(gate, tmp_path):
+    model = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config(gate=gate))
     model.compile(learning_rate=1e-2)
     # Built up front, the optimizer does not make `fit` trace its step twice.
     model.optimizer.build(model.trainable_variables)

@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "jax_train_step.py"
 
 
-def test_gated_model_fits_and_round_trips_under_jax(tmp_path):
+@pytest.mark.parametrize("gate", ["input_conditioned", "mixture_of_experts"])
+def test_gated_model_fits_and_round_trips_under_jax(gate, tmp_path):
     env = dict(os.environ)
     env.update(
         KERAS_BACKEND="jax",
@@ -34,7 +35,7 @@ def test_gated_model_fits_and_round_trips_under_jax(tmp_path):
         XLA_FLAGS=(env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip(),
     )
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path)],
+        [sys.executable, str(SCRIPT), str(tmp_path), gate],
         env=env,
         cwd=tmp_path,
         capture_output=True,
@@ -46,10 +47,10 @@ def test_gated_model_fits_and_round_trips_under_jax(tmp_path):
     assert report["backend"] == "jax"
     assert report["steps"] == 2
     assert len(report["loss"]) == 1 and math.isfinite(report["loss"][0]) and report["loss"][0] > 0
-    # Every kind of state moved: heads, gates, correlation C, center-loss
+    # Every kind of state moved: heads, gates or router, correlation C, center-loss
     # centers (trained through compute_loss) and the correlation moving mean.
     assert report["changed"] == {k: True for k in report["changed"]}
-    assert set(report["changed"]) == {"heads", "gate_offsets", "correlation", "centers", "moving_mean"}
+    assert set(report["changed"]) == {"heads", "routing", "correlation", "centers", "moving_mean"}
     assert report["reloaded_class"] == "GatedMultiTaskModel"
     assert report["output_keys"] == sorted(
         ["left_bright", "unlabelled", "age_group", "_logits", "_raw_logits", "_embeddings"]

@@ -7,7 +7,7 @@ from keras import ops
 
 from harness import run_layer_test
 from harness import to_numpy
-from tfface.layers import CenterLoss, CorrelationRefinement, TaskGate, TaskHeads
+from tfface.layers import CenterLoss, CorrelationRefinement, ExpertRouting, TaskGate, TaskHeads
 
 
 def sigmoid(x):
@@ -90,6 +90,74 @@ def test_input_conditioned_gate_depends_on_input():
 def test_task_gate_rejects_unknown_type():
     with pytest.raises(ValueError, match="gate_type.*'squeeze'"):
         TaskGate(2, gate_type="squeeze")
+
+
+# --- ExpertRouting ----------------------------------------------------------
+
+
+def test_expert_routing_layer(tmp_path):
+    run_layer_test(
+        ExpertRouting,
+        dict(num_tasks=3, num_experts=2, units=6),
+        FEATURES,
+        expected_output_shape=(4, 3, 6),
+        # experts C*E*D + E*D, their BN gamma and beta, router C*K*E + K*E
+        num_trainable_params=(5 * 12 + 12) + 2 * 12 + (5 * 6 + 6),
+        num_non_trainable_params=2 * 12,  # BN moving mean and variance
+        call_kwargs=dict(training=False),
+        tmp_path=tmp_path,
+    )
+
+
+def _routing_with_random_weights(seed=1):
+    routing = ExpertRouting(3, num_experts=2, units=6)
+    routing.build((None, 5))
+    rng = np.random.default_rng(seed)
+    for weight in routing.weights:
+        value = rng.normal(size=weight.shape).astype("float32")
+        weight.assign(np.abs(value) + 0.5 if "variance" in weight.path else value)
+    return routing
+
+
+def test_expert_routing_starts_as_an_even_mixture_for_every_task():
+    routing = ExpertRouting(3, num_experts=4, units=6)
+    out = to_numpy(routing(FEATURES, training=False))
+    np.testing.assert_allclose(to_numpy(routing.routing_weights(FEATURES)), np.full((4, 3, 4), 0.25), rtol=1e-6)
+    for k in range(1, 3):
+        np.testing.assert_allclose(out[:, k], out[:, 0], rtol=1e-6)
+
+
+def test_expert_routing_mixes_the_experts_per_task_and_input():
+    routing = _routing_with_random_weights()
+    weights = to_numpy(routing.routing_weights(FEATURES))
+    np.testing.assert_allclose(weights.sum(axis=-1), 1.0, rtol=1e-5)
+    assert not np.allclose(weights[:, 0], weights[:, 1]), "two tasks got the same mixture"
+    assert not np.allclose(weights[0], weights[1]), "two inputs got the same mixture"
+    # e_k = sum_e pi_ke relu(bn(W_e f)), pi_k = softmax(U_k f) (inference BN).
+    w, b = to_numpy(routing.experts.kernel), to_numpy(routing.experts.bias)
+    bn = routing.experts_bn
+    gamma, beta = to_numpy(bn.gamma), to_numpy(bn.beta)
+    mean, var = to_numpy(bn.moving_mean), to_numpy(bn.moving_variance)
+    experts = np.maximum((FEATURES @ w + b - mean) / np.sqrt(var + bn.epsilon) * gamma + beta, 0.0)
+    u, c = to_numpy(routing.router.kernel), to_numpy(routing.router.bias)
+    pi = softmax((FEATURES @ u + c).reshape(4, 3, 2))
+    expected = np.einsum("bke,bed->bkd", pi, experts.reshape(4, 2, 6))
+    np.testing.assert_allclose(to_numpy(routing(FEATURES, training=False)), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_expert_routing_passes_gradients_to_its_input_and_router():
+    routing = _routing_with_random_weights()
+    features = tf.Variable(FEATURES)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(routing(features, training=True)[:, 1] ** 2)
+    feature_grad, router_grad = tape.gradient(loss, [features, routing.router.kernel])
+    assert np.abs(feature_grad.numpy()).sum() > 0
+    assert np.abs(router_grad.numpy()).sum() > 0
+
+
+def test_expert_routing_refuses_a_single_expert():
+    with pytest.raises(ValueError, match="at least 2 experts"):
+        ExpertRouting(3, num_experts=1)
 
 
 # --- TaskHeads ------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 MODEL_TYPES = ("gated", "mask_guided")
-GATE_TYPES = ("none", "static", "input_conditioned")
+GATE_TYPES = ("none", "static", "input_conditioned", "mixture_of_experts")
 BACKBONES = (
     "small_cnn",
     "mobilenet_v3_small",
@@ -86,6 +86,9 @@ class ModelConfig:
     gate: str = "static"
     gate_init: float = 2.0
     gate_hidden: int = 64
+    # gate "mixture_of_experts": shared experts each task mixes (papers.md
+    # 6.2, ablation B); embedding_dim is each expert's width.
+    num_experts: int = 4
     # 0: gate the backbone's pooled channels (papers.md 6.2). N > 0: gate a
     # shared N-channel bottleneck of them instead, so the per-task work
     # scales with N rather than the backbone's width (cheaper heads, lower
@@ -122,6 +125,8 @@ class ModelConfig:
         for key in ("embedding_dim", "gate_hidden"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"model.{key} must be positive")
+        if self.num_experts < 2:
+            raise ConfigError(f"model.num_experts must be >= 2 (a mixture routes between experts), got {self.num_experts}")
         if self.gate_bottleneck < 0:
             raise ConfigError(f"model.gate_bottleneck must be >= 0 (0: no bottleneck), got {self.gate_bottleneck}")
         for key in ("center_loss_weight", "center_update_rate", "mask_loss_weight", "correlation_init_scale"):

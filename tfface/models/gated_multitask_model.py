@@ -1,6 +1,7 @@
 """Gated multi-task CNN (Celona, Bianco, Schettini, Sensors 2018, "MTL-CNN").
 
-One fully shared backbone; per-task gates route the pooled activations into
+One fully shared backbone; per-task gates (or a per-task mixture of shared
+experts, `gate: mixture_of_experts`) route the pooled activations into
 per-task embeddings; one linear head per task; a correlation layer refines
 all predictions from the others; a center loss clusters each task's
 embeddings by class value. See papers.md 6.2 for the choices the paper
@@ -12,6 +13,7 @@ import numpy as np
 
 from tfface.layers.center_loss import CenterLoss
 from tfface.layers.correlation_refinement import CorrelationRefinement
+from tfface.layers.expert_routing import ExpertRouting
 from tfface.layers.task_gate import TaskGate
 from tfface.layers.task_heads import TaskHeads
 from tfface.models.backbones import build_backbone
@@ -64,6 +66,13 @@ class GatedMultiTaskModel(MultiTaskFaceModel):
             pooled = keras.layers.Dense(config.gate_bottleneck, name="gate_bottleneck")(pooled)
             pooled = keras.layers.BatchNormalization(name="gate_bottleneck_bn")(pooled)
             pooled = keras.layers.ReLU(name="gate_bottleneck_relu")(pooled)
+        if config.gate == "mixture_of_experts":
+            # Experts and router replace the gate and the shared projection.
+            routing = ExpertRouting(
+                len(schema), num_experts=config.num_experts, units=config.embedding_dim, name="expert_routing"
+            )
+            embeddings = keras.layers.Identity(name="embeddings")(routing(pooled))
+            return self._heads(schema, config, embeddings, image)
         gate = TaskGate(
             len(schema),
             gate_type=config.gate,
@@ -82,6 +91,11 @@ class GatedMultiTaskModel(MultiTaskFaceModel):
             embeddings = keras.layers.Identity(name="embeddings")(gate(shared))
         else:
             embeddings = keras.layers.ReLU(name="embeddings")(normalization(projection(gate(pooled))))
+        return self._heads(schema, config, embeddings, image)
+
+    @staticmethod
+    def _heads(schema, config, embeddings, image):
+        """Per-task heads, correlation layer and outputs over embeddings (B, K, D)."""
         dropped = keras.layers.Dropout(config.dropout, name="dropout")(embeddings)
         raw_logits = TaskHeads(output_sizes(schema), name="task_heads")(dropped)
         outputs = {}
