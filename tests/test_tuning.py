@@ -105,14 +105,19 @@ def test_shipped_search_space_builds_a_model_for_sampled_values(model_type, swit
     assert wanted <= set(space.names)
     assert "loss_weights.race" not in space.names  # the synthetic schema has no race task
     hypermodel = hypermodel_for(base, space, steps_per_epoch=4, schedule_epochs=1)
-    choices = {"gated": ["none", "static", "input_conditioned"], "mask_guided": ["group_global", "group", "global"]}
+    choices = {
+        "gated": ["none", "static", "input_conditioned", "mixture_of_experts"],
+        "mask_guided": ["group_global", "group", "global"],
+    }
     for seed, value in enumerate(choices[model_type]):
         hp = _sample(space, {switch: value, "correlation_init": "identity"}, seed)
         config = hypermodel.trial_config(hp)
         model = hypermodel.build(hp)
         assert getattr(model.model_config, switch) == value
-        if model_type == "gated" and value != "none":
+        if model_type == "gated" and value in ("static", "input_conditioned"):
             assert model.model_config.gate_bottleneck == hp.values["gate_bottleneck"]
+        if value == "mixture_of_experts":
+            assert model.get_layer("expert_routing").num_experts == hp.values["num_experts"]
         assert model.model_config.dropout == pytest.approx(hp.values["dropout"])
         assert model.model_config.loss_weights["gender"] == pytest.approx(hp.values["loss_weights.gender"])
         assert config.train.learning_rate == pytest.approx(hp.values["learning_rate"])
@@ -140,6 +145,9 @@ def test_conditional_hyperparameters_follow_their_parent():
     assert on.is_active("gate_init") and on.is_active("gate_hidden")
     values = space.declare(on)
     assert values["gate_hidden"] in (32, 64, 128)
+    assert not on.is_active("num_experts")
+    experts = _sample(space, {"gate": "mixture_of_experts"}, 0)
+    assert experts.is_active("num_experts") and not experts.is_active("gate_init")
 
 
 # --- refused configs ---------------------------------------------------------------------

@@ -56,6 +56,7 @@ MODEL_FIELDS = {
     "gate_init": ("gated",),
     "gate_hidden": ("gated",),
     "gate_bottleneck": ("gated",),
+    "num_experts": ("gated",),
     "correlation": ("gated",),
     "correlation_init": ("gated",),
     "correlation_init_scale": ("gated",),
