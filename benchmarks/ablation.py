@@ -17,6 +17,7 @@ Run:
     python benchmarks/ablation.py --model mask_guided --minutes 6
     python benchmarks/ablation.py --model gated --epochs 4   # same epochs, not time
     python benchmarks/ablation.py --model gate_bottleneck --epochs 5
+    python benchmarks/ablation.py --model routing --epochs 5
 Writes benchmarks/results/ablation_<model>.json and docs/ablation_<model>.md.
 """
 
@@ -56,9 +57,22 @@ VARIANTS = {
         ("same, gates on a 128-channel bottleneck", dict(gate="static", correlation=True, gate_bottleneck=128)),
         ("same, gates on a 64-channel bottleneck", dict(gate="static", correlation=True, gate_bottleneck=64)),
     ],
+    # The full gated model's channel gates (papers.md 6.2) against routing
+    # through a mixture of shared experts (its ablation B), whose per-task
+    # work does not scale with the backbone's width.
+    "routing": [
+        ("full gated model, static channel gates", dict(gate="static", correlation=True)),
+        ("same, mixture of 4 experts", dict(gate="mixture_of_experts", num_experts=4, correlation=True)),
+        ("same, mixture of 8 experts", dict(gate="mixture_of_experts", num_experts=8, correlation=True)),
+    ],
 }
 # The shipped config each set of variants starts from.
-BASE_CONFIGS = {"gated": "gated_real.yaml", "mask_guided": "mask_guided_real.yaml", "gate_bottleneck": "gated_real.yaml"}
+BASE_CONFIGS = {
+    "gated": "gated_real.yaml",
+    "mask_guided": "mask_guided_real.yaml",
+    "gate_bottleneck": "gated_real.yaml",
+    "routing": "gated_real.yaml",
+}
 
 
 def bootstrap_balanced_accuracy(labels, probs, tasks, weights):

@@ -73,6 +73,12 @@ def main():
         "gated, static gate": dict(type="gated", gate="static", correlation=False),
         "gated, input-conditioned gate": dict(type="gated", gate="input_conditioned", correlation=False),
         "gated, static + correlation (full)": dict(type="gated", gate="static", correlation=True),
+        "gated, mixture of 4 experts + correlation (full)": dict(
+            type="gated", gate="mixture_of_experts", num_experts=4, correlation=True
+        ),
+        "gated, mixture of 8 experts + correlation (full)": dict(
+            type="gated", gate="mixture_of_experts", num_experts=8, correlation=True
+        ),
         "mask-guided, group-global (full)": dict(type="mask_guided", fusion="group_global"),
     }
     for dim in filter(None, args.extra_embedding_dims.split(",")):

@@ -4,9 +4,10 @@ papers.md 6.2, ablation B (MMoE, Ma et al. KDD 2018): E shared experts
 (Dense + BN + ReLU each) read the pooled feature once, and each task takes
 its own softmax mixture of them, e_k = sum_e pi_ke E_e(f) with
 pi_k = softmax(U_k f). It routes like a gate, but the per-task work is a
-mixture of E small vectors instead of projecting K gated copies of the
-feature (B*K*C*D multiply-adds for the channel gates), so the heads cost
-little more than the backbone whatever its width.
+mixture of E small vectors (B*K*E*D multiply-adds) instead of projecting K
+gated copies of the feature (B*K*C*D for the channel gates), so it does not
+grow with the backbone's width (docs/results.md, "Cost of the multi-task
+heads").
 """
 
 import keras
