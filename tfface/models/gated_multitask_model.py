@@ -72,7 +72,24 @@ class GatedMultiTaskModel(MultiTaskFaceModel):
                 len(schema), num_experts=config.num_experts, units=config.embedding_dim, name="expert_routing"
             )
             embeddings = keras.layers.Identity(name="embeddings")(routing(pooled))
-            return self._heads(schema, config, embeddings, image)
+        else:
+            embeddings = self._gated_embeddings(schema, config, pooled)
+        dropped = keras.layers.Dropout(config.dropout, name="dropout")(embeddings)
+        raw_logits = TaskHeads(output_sizes(schema), name="task_heads")(dropped)
+        outputs = {}
+        if config.correlation:
+            logits = CorrelationRefinement(output_sizes(schema), name="correlation")(raw_logits)
+            outputs["_raw_logits"] = raw_logits
+        else:
+            logits = raw_logits
+        outputs.update(task_outputs(schema, logits))
+        outputs["_logits"] = logits
+        outputs["_embeddings"] = embeddings
+        return {"image": image}, outputs
+
+    @staticmethod
+    def _gated_embeddings(schema, config, pooled):
+        """Per-task embeddings (B, K, D) through the channel gates (or none)."""
         gate = TaskGate(
             len(schema),
             gate_type=config.gate,
@@ -88,26 +105,8 @@ class GatedMultiTaskModel(MultiTaskFaceModel):
             # Every task sees f, so e_k is the same for all k: project once
             # and repeat (K times less work than projecting K copies of f).
             shared = keras.layers.ReLU(name="shared_embedding")(normalization(projection(pooled)))
-            embeddings = keras.layers.Identity(name="embeddings")(gate(shared))
-        else:
-            embeddings = keras.layers.ReLU(name="embeddings")(normalization(projection(gate(pooled))))
-        return self._heads(schema, config, embeddings, image)
-
-    @staticmethod
-    def _heads(schema, config, embeddings, image):
-        """Per-task heads, correlation layer and outputs over embeddings (B, K, D)."""
-        dropped = keras.layers.Dropout(config.dropout, name="dropout")(embeddings)
-        raw_logits = TaskHeads(output_sizes(schema), name="task_heads")(dropped)
-        outputs = {}
-        if config.correlation:
-            logits = CorrelationRefinement(output_sizes(schema), name="correlation")(raw_logits)
-            outputs["_raw_logits"] = raw_logits
-        else:
-            logits = raw_logits
-        outputs.update(task_outputs(schema, logits))
-        outputs["_logits"] = logits
-        outputs["_embeddings"] = embeddings
-        return {"image": image}, outputs
+            return keras.layers.Identity(name="embeddings")(gate(shared))
+        return keras.layers.ReLU(name="embeddings")(normalization(projection(gate(pooled))))
 
     def init_correlation_from_labels(self, labels, scale=None):
         """Starts the correlation layer from label co-occurrence.
