@@ -50,14 +50,14 @@ VARIANTS = {
         ("group-global fusion, landmark masks at inference", "landmark_masks"),
     ],
     # The full gated model with its gates on the backbone's 256 pooled
-    # channels (papers.md 6.2) against gates on a narrower shared bottleneck,
+    # channels (docs/design.md) against gates on a narrower shared bottleneck,
     # which makes the heads cheaper (benchmarks/model_latency.py).
     "gate_bottleneck": [
         ("full gated model, gates on the 256 backbone channels", dict(gate="static", correlation=True)),
         ("same, gates on a 128-channel bottleneck", dict(gate="static", correlation=True, gate_bottleneck=128)),
         ("same, gates on a 64-channel bottleneck", dict(gate="static", correlation=True, gate_bottleneck=64)),
     ],
-    # The full gated model's channel gates (papers.md 6.2) against routing
+    # The full gated model's channel gates (docs/design.md) against routing
     # through a mixture of shared experts (its ablation B), whose per-task
     # work does not scale with the backbone's width.
     "routing": [

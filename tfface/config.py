@@ -86,10 +86,10 @@ class ModelConfig:
     gate: str = "static"
     gate_init: float = 2.0
     gate_hidden: int = 64
-    # gate "mixture_of_experts": shared experts each task mixes (papers.md
-    # 6.2, ablation B); embedding_dim is each expert's width.
+    # gate "mixture_of_experts": shared experts each task mixes (MMoE,
+    # docs/design.md); embedding_dim is each expert's width.
     num_experts: int = 4
-    # 0: gate the backbone's pooled channels (papers.md 6.2). N > 0: gate a
+    # 0: gate the backbone's pooled channels (docs/design.md). N > 0: gate a
     # shared N-channel bottleneck of them instead, so the per-task work
     # scales with N rather than the backbone's width (cheaper heads, lower
     # accuracy: docs/results.md). Gated models only, like the keys above.

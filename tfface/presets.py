@@ -41,7 +41,7 @@ MODEL_PRESETS = {
         "config": dict(_GATED, backbone="mobilenet_v3_small", image_size=128, embedding_dim=128),
     },
     "gated_resnet50_224": {
-        "description": "gated MTL-CNN as in papers.md 6.2: ResNet-50 at 224 px, 256-d task embeddings",
+        "description": "gated MTL-CNN at the paper's scale (docs/design.md): ResNet-50 at 224 px, 256-d task embeddings",
         "config": dict(_GATED, backbone="resnet50", image_size=224, embedding_dim=256, gate_hidden=128),
     },
     "mask_guided_small_cnn_64": {

@@ -26,7 +26,7 @@ BINARY = "binary"
 MULTICLASS = "multiclass"
 KINDS = (BINARY, MULTICLASS)
 
-# The eight face-part groups of MGMTN (papers.md 4.2); "whole_face" is the
+# The eight face-part groups of MGMTN (docs/design.md); "whole_face" is the
 # paper's "Object" group.
 GROUPS = (
     "eyes",
@@ -82,7 +82,7 @@ CELEBA_ATTRIBUTES = (
     "Young",
 )
 
-# papers.md 4.2 (a proposal: the paper's own table was not retrievable).
+# docs/design.md (our assignment: the paper's own table was not retrievable).
 CELEBA_GROUPS = {
     "eyes": (
         "Arched_Eyebrows",

@@ -1,6 +1,6 @@
 """Mixture-of-experts routing of a shared feature into per-task embeddings.
 
-papers.md 6.2, ablation B (MMoE, Ma et al. KDD 2018): E shared experts
+MMoE routing (Ma et al. KDD 2018; docs/design.md): E shared experts
 (Dense + BN + ReLU each) read the pooled feature once, and each task takes
 its own softmax mixture of them, e_k = sum_e pi_ke E_e(f) with
 pi_k = softmax(U_k f). It routes like a gate, but the per-task work is a

@@ -3,7 +3,7 @@
 A group feature sees only its face region; some of its attributes still need
 context (Smiling reads the cheeks as well as the mouth, Earrings needs to
 know where the face is). So each group mixes its own feature with the global
-one through its own linear map: h_j = W_j [G_j; u] + b_j (papers.md 6.3; the
+one through its own linear map: h_j = W_j [G_j; u] + b_j (docs/design.md; the
 paper's exact operator was not retrievable). The nonlinearity, batch norm
 and dropout follow outside the layer.
 """

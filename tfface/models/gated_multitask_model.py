@@ -4,7 +4,7 @@ One fully shared backbone; per-task gates (or a per-task mixture of shared
 experts, `gate: mixture_of_experts`) route the pooled activations into
 per-task embeddings; one linear head per task; a correlation layer refines
 all predictions from the others; a center loss clusters each task's
-embeddings by class value. See papers.md 6.2 for the choices the paper
+embeddings by class value. See docs/design.md for the choices the paper
 leaves open.
 """
 

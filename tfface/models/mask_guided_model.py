@@ -4,10 +4,10 @@ Each attribute group reads only its face region: a UNet predicts one soft
 mask per group (Adaptive Mask Learning), the backbone's P3/P4/P5 maps are
 average-pooled under each mask, and each group fuses its pooled feature with
 a global one (Group-Global Feature Fusion) before its tasks' heads. See
-papers.md 6.3 for the choices the paper leaves open.
+docs/design.md for the choices the paper leaves open.
 
-Feature widths, with D = `ModelConfig.embedding_dim` (papers.md 6.3 uses
-D = 512): each scale's pooled feature is projected to D/2 (shared over
+Feature widths, with D = `ModelConfig.embedding_dim` (the paper-sized
+setting is D = 512): each scale's pooled feature is projected to D/2 (shared over
 groups), so a group feature has 3D/2; the global feature has D; the fused
 group feature has D.
 

@@ -45,7 +45,7 @@ def logit_blocks(schema: Schema) -> list[tuple[int, int]]:
 def task_loss_weights(schema: Schema, loss_weights: dict) -> list[float]:
     """Per-task weights: an explicit per-task weight, else its family's
     (every task of a family gets the family weight; default 1, as in
-    papers.md 6.2: normalising the 40 attributes by their count starved the
+    docs/design.md: normalising the 40 attributes by their count starved the
     shared backbone of attribute gradient and slowed learning)."""
     weights = []
     for task in schema:
