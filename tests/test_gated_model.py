@@ -230,6 +230,82 @@ def test_compile_refuses_a_loss_and_a_schema_is_required():
         GatedMultiTaskModel(config=tiny_config())
 
 
+def test_compile_refuses_what_the_model_would_ignore():
+    model = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config())
+    with pytest.raises(ValueError, match="do not pass `metrics`"):
+        model.compile(metrics=["accuracy"])
+    with pytest.raises(ValueError, match="ModelConfig.loss_weights"):
+        model.compile(loss_weights={"left_bright": 2.0})
+    with pytest.raises(ValueError, match="give them to your optimizer"):
+        model.compile(optimizer="sgd", learning_rate=0.5)
+    # A refused compile leaves a model that still compiles and trains.
+    model.compile(learning_rate=1e-3)
+    assert float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)) == pytest.approx(1e-3)
+    images, labels = toy_data(8, seed=4)
+    assert np.isfinite(model.train_on_batch({"image": images}, labels, return_dict=True)["loss"])
+
+
+def test_fit_names_label_mistakes():
+    model = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config())
+    model.compile()
+    images, labels = toy_data(8, seed=5)
+    with pytest.raises(ValueError, match=r"not tasks of this model's schema: \['left_brigth'\]"):
+        model.fit({"image": images}, {"left_brigth": labels["left_bright"]}, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="labels must be a dict"):
+        model.fit({"image": images}, [labels["left_bright"]], epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="training needs labels"):
+        model.fit({"image": images}, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="do not take sample_weight"):
+        model.fit({"image": images}, labels, sample_weight=np.ones(8), epochs=1, verbose=0)
+
+
+def test_wrong_image_shapes_are_named_even_after_retracing():
+    model = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config())
+    images, _ = toy_data(5, seed=6)
+    one = model.predict_tasks(images[0])  # a single image is a batch of one
+    assert one["left_bright"].shape == (1,) and one["age_group"].shape == (1, 3)
+    empty = model.predict_tasks(images[:0])
+    assert empty["left_bright"].shape == (0,) and empty["age_group"].shape == (0, 3)
+    for bad in (np.zeros((2, 64, 64, 3)), np.zeros((2, 32, 32, 1))):
+        with pytest.raises(ValueError, match=r"must have shape \(B, 32, 32, 3\)"):
+            model.predict_tasks(bad)
+    # Several batch sizes make Keras retrace with a relaxed input shape;
+    # a wrong image size must still fail instead of giving probabilities.
+    for n in (2, 3, 4, 5):
+        model.predict({"image": images[:n]}, verbose=0)
+    with pytest.raises((ValueError, tf.errors.InvalidArgumentError), match=r"\(B, 32, 32, 3\)"):
+        model.predict({"image": np.zeros((2, 64, 64, 3), np.float32)}, verbose=0)
+
+
+def test_constructor_checks_what_from_preset_checks():
+    from tfface.config import ConfigError
+
+    model = GatedMultiTaskModel(schema="synthetic", config=tiny_config())
+    assert "Smiling" in model.schema.task_names
+    with pytest.raises(ConfigError, match="builds 'gated' models"):
+        GatedMultiTaskModel(schema=SCHEMA, config=tiny_config(type="mask_guided"))
+    with pytest.raises(ConfigError, match=r"unknown keys \['left_brigth'\]"):
+        GatedMultiTaskModel(schema=SCHEMA, config=tiny_config(loss_weights={"left_brigth": 2.0}))
+    for key in ("gate_init", "center_loss_weight", "dropout"):
+        with pytest.raises(ConfigError, match=f"model.{key} must be a finite number"):
+            GatedMultiTaskModel(schema=SCHEMA, config=tiny_config(**{key: float("nan")}))
+
+
+def test_reload_does_not_need_the_backbone_weights_file(tmp_path):
+    size = 32
+    app = keras.applications.MobileNetV3Small(include_top=False, weights=None, input_shape=(size, size, 3))
+    weights = tmp_path / "mnv3.weights.h5"
+    app.save_weights(str(weights))
+    config = tiny_config(backbone="mobilenet_v3_small", backbone_weights=str(weights))
+    model = GatedMultiTaskModel(schema=SCHEMA, config=config)
+    path = tmp_path / "model.keras"
+    model.save(str(path))
+    weights.unlink()  # the file a user trained from is gone (another machine, Colab restart)
+    reloaded = keras.saving.load_model(str(path))
+    images, _ = toy_data(2, seed=7)
+    assert_allclose_tree(reloaded.predict_tasks(images), model.predict_tasks(images), atol=1e-6)
+
+
 def test_config_dict_is_accepted_and_checked():
     model = GatedMultiTaskModel(schema=SCHEMA.to_dict(), config=dataclasses.asdict(tiny_config()))
     assert model.schema == SCHEMA and model.model_config.embedding_dim == 16

@@ -10,6 +10,7 @@ model is built. A `model:` section may start from a named architecture,
 from __future__ import annotations
 
 import dataclasses
+import math
 import json
 import numbers
 import os
@@ -113,6 +114,7 @@ class ModelConfig:
 
     def validate(self):
         _check_types("model.", self)
+        _check_finite("model.", self)
         _check_choice("model.type", self.type, MODEL_TYPES)
         _check_choice("model.gate", self.gate, GATE_TYPES)
         _check_choice("model.backbone", self.backbone, BACKBONES)
@@ -133,8 +135,8 @@ class ModelConfig:
             if getattr(self, key) < 0:
                 raise ConfigError(f"model.{key} must be >= 0, got {getattr(self, key)}")
         for key, value in self.loss_weights.items():
-            if not isinstance(value, numbers.Real) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"model.loss_weights.{key} must be a number >= 0, got {value!r}")
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"model.loss_weights.{key} must be a finite number >= 0, got {value!r}")
             self.loss_weights[key] = float(value)  # plain, so the config saves as YAML
 
 
@@ -165,11 +167,14 @@ class ExperimentConfig:
         if not isinstance(self.name, str):
             raise ConfigError(f"name must be a string, got {self.name!r}")
         _check_types("data.", self.data)
+        _check_finite("data.", self.data)
         for i, source in enumerate(self.data.sources):
             if not isinstance(source, SourceConfig):
                 raise ConfigError(f"data.sources[{i}] must be a source (path, weight, landmarks), got {source!r}")
             _check_types(f"data.sources[{i}].", source)
+            _check_finite(f"data.sources[{i}].", source)
         _check_types("train.", self.train)
+        _check_finite("train.", self.train)
         self.model.validate()
         if self.data.image_size != self.model.image_size:
             raise ConfigError(
@@ -341,6 +346,14 @@ def _check_types(prefix: str, obj) -> None:
                 continue
             raise ConfigError(f"{key} must be set, got null")
         setattr(obj, field.name, _typed_value(key, kind, value))
+
+
+def _check_finite(prefix: str, obj) -> None:
+    """NaN and infinity pass every range check (`nan < 0` is false)."""
+    for field in dataclasses.fields(obj):
+        value = getattr(obj, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{prefix}{field.name} must be a finite number, got {value}")
 
 
 def _is_int(value) -> bool:

@@ -44,8 +44,12 @@ def _small_cnn(inputs, widths):
 
 def _applications_model(name, inputs, weights):
     apps = keras.applications
-    if weights not in (None, "imagenet") and not os.path.isfile(weights):
-        raise FileNotFoundError(f"backbone weights file not found: {weights}")
+    if weights is not None and weights != "imagenet":
+        if not str(weights).strip():
+            raise ValueError("model.backbone_weights is empty: give a weights file, \"imagenet\" or null")
+        weights = os.path.expanduser(weights)
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"backbone weights file not found: {weights}")
     load = "imagenet" if weights == "imagenet" else None
     common = dict(include_top=False, weights=load, input_tensor=inputs)
     if name == "mobilenet_v3_small":

@@ -19,17 +19,18 @@ Labels are a dict keyed by task name with -1 for missing (see
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import keras
 import numpy as np
 from keras import ops
 
-from tfface.config import ModelConfig, loss_family, model_config_from_dict
+from tfface.config import LOSS_FAMILIES, ConfigError, ModelConfig, loss_family, model_config_from_dict
 from tfface.losses import masked_bce_dice
 from tfface.losses import masked_binary_crossentropy
 from tfface.losses import masked_sparse_categorical_crossentropy
 from tfface.metrics import MultiTaskMetrics
-from tfface.schema import Schema
+from tfface.schema import Schema, get_schema
 
 
 def output_sizes(schema: Schema) -> list[int]:
@@ -81,13 +82,24 @@ class MultiTaskFaceModel(keras.Model):
     in `build_graph(schema, config) -> (inputs, outputs)`."""
 
     def __init__(self, schema=None, config=None, **kwargs):
-        schema = Schema.from_dict(schema) if isinstance(schema, dict) else schema
+        if isinstance(schema, dict):
+            schema = Schema.from_dict(schema)
+        elif isinstance(schema, str):
+            schema = get_schema(schema)
         if isinstance(config, dict):
             config = model_config_from_dict(config)
-        config = config or ModelConfig()
+        config = config or ModelConfig(type=self.model_type or "gated")
         if schema is None:
             raise ValueError("a model needs a schema (tfface.schema.get_schema('fused'), ...)")
         config.validate()
+        if self.model_type and config.type != self.model_type:
+            raise ConfigError(
+                f"model.type is {config.type!r} but {type(self).__name__} builds {self.model_type!r} models; "
+                "tfface.models.build_model(schema, config) picks the class from the config"
+            )
+        unknown = sorted(set(config.loss_weights) - set(LOSS_FAMILIES) - set(schema.task_names))
+        if unknown:
+            raise ConfigError(f"model.loss_weights has unknown keys {unknown}: use task names or {LOSS_FAMILIES}")
         inputs, outputs = self.build_graph(schema, config)
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
         self.schema = schema
@@ -115,12 +127,28 @@ class MultiTaskFaceModel(keras.Model):
         return from_preset(name, schema, train_labels, model_class=cls, **overrides)
 
     # --- training -------------------------------------------------------------
-    def compile(self, optimizer="auto", learning_rate=2e-3, weight_decay=1e-4, **kwargs):
-        """`compile()` with no arguments gives AdamW and the built-in losses."""
-        if kwargs.get("loss") is not None:
-            raise ValueError("tfface models compute their own masked losses; do not pass `loss`")
+    def compile(self, optimizer="auto", learning_rate=None, weight_decay=None, **kwargs):
+        """`compile()` with no arguments gives AdamW (learning rate 2e-3,
+        weight decay 1e-4) and the built-in masked losses and metrics."""
+        refused = {
+            "loss": "tfface models compute their own masked losses",
+            "loss_weights": "per-task loss weights are ModelConfig.loss_weights (by task name or family)",
+            "metrics": "tfface models report their own masked per-task metrics",
+            "weighted_metrics": "tfface models report their own masked per-task metrics",
+        }
+        for key, why in refused.items():
+            if kwargs.get(key) is not None:
+                raise ValueError(f"do not pass `{key}` to compile: {why}")
         if optimizer == "auto":
-            optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay)
+            optimizer = keras.optimizers.AdamW(
+                learning_rate=2e-3 if learning_rate is None else learning_rate,
+                weight_decay=1e-4 if weight_decay is None else weight_decay,
+            )
+        elif learning_rate is not None or weight_decay is not None:
+            raise ValueError(
+                "learning_rate and weight_decay set the default AdamW only; give them to your "
+                "optimizer instead, e.g. compile(optimizer=keras.optimizers.SGD(learning_rate=0.01))"
+            )
         super().compile(optimizer=optimizer, **kwargs)
         # Building now (the model itself is built at construction) saves a
         # second trace of the first train step.
@@ -147,7 +175,13 @@ class MultiTaskFaceModel(keras.Model):
         self.compile(optimizer=keras.saving.deserialize_keras_object(config["optimizer"]))
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        del x, sample_weight
+        del x
+        if sample_weight is not None:
+            raise ValueError(
+                "tfface models do not take sample_weight or class_weight: weight tasks with "
+                "ModelConfig.loss_weights and sources with data.sources[*].weight; missing labels are -1"
+            )
+        self._check_labels(y, training)
         total = ops.convert_to_tensor(0.0)
         logits = y_pred["_logits"]
         raw_logits = y_pred.get("_raw_logits") if self.model_config.deep_supervision else None
@@ -174,6 +208,49 @@ class MultiTaskFaceModel(keras.Model):
             total = total + ops.cast(extra, "float32")
         return total
 
+    def _check_labels(self, y, training):
+        """Fails at trace time, naming the problem, where Keras would report a
+        missing gradient or a None tensor deep inside the step."""
+        if y is None:
+            if training:
+                raise ValueError(
+                    "training needs labels: a dict task name -> (B,) labels (-1 where missing), "
+                    "e.g. model.fit(images_or_dataset, labels_dict)"
+                )
+            return
+        if not isinstance(y, Mapping):
+            raise ValueError(
+                f"labels must be a dict task name -> (B,) labels (-1 where missing), got {type(y).__name__}; "
+                f"tasks: {list(self.schema.task_names)}"
+            )
+        unknown = sorted(k for k in y if not k.startswith("_") and k not in self.schema.task_names)
+        if unknown:
+            raise ValueError(f"labels have keys that are not tasks of this model's schema: {unknown}; tasks: {list(self.schema.task_names)}")
+        if not any(k in y for k in self.schema.task_names):
+            raise ValueError(f"labels label none of this model's tasks: {list(self.schema.task_names)}")
+
+    def call(self, inputs, training=None, mask=None):
+        image = inputs["image"] if isinstance(inputs, dict) else inputs
+        expected = (self.image_size, self.image_size, 3)
+        known = tuple(image.shape[1:])
+        if len(known) != 3 or any(d is not None and d != e for d, e in zip(known, expected)):
+            raise ValueError(
+                f"image batch must have shape (B, {self.image_size}, {self.image_size}, 3), got {tuple(image.shape)}; "
+                "tfface.data.image_ops.preprocess_image crops and resizes images to the model's size"
+            )
+        if None in known and keras.backend.backend() == "tensorflow":
+            # A retraced function relaxes the static shape; check at run time.
+            import tensorflow as tf
+
+            check = tf.debugging.assert_equal(
+                tf.shape(image)[1:], tf.constant(expected, tf.int32),
+                message=f"image batch must have shape (B, {self.image_size}, {self.image_size}, 3)",
+            )
+            with tf.control_dependencies([check]):
+                image = tf.identity(image)
+            inputs = dict(inputs, image=image) if isinstance(inputs, dict) else image
+        return super().call(inputs, training=training, mask=mask)
+
     def center_labels(self, y):
         """(B, K) int labels of the tasks with embeddings, -1 where missing."""
         batch = None
@@ -195,10 +272,26 @@ class MultiTaskFaceModel(keras.Model):
 
     # --- prediction -------------------------------------------------------------
     def predict_tasks(self, images, batch_size=64):
-        """Public outputs only, as numpy: {task: probabilities}."""
-        outputs = self.predict(
-            {"image": np.asarray(images, np.float32)}, batch_size=batch_size, verbose=0
-        )
+        """Public outputs only, as numpy: {task: probabilities}.
+
+        `images`: (B, S, S, 3) at the model's size, values 0..255; a single
+        (S, S, 3) image is a batch of one.
+        """
+        images = np.asarray(images, np.float32)
+        if images.ndim == 3:
+            images = images[None]
+        expected = (self.image_size, self.image_size, 3)
+        if images.ndim != 4 or images.shape[1:] != expected:
+            raise ValueError(
+                f"images must have shape (B, {self.image_size}, {self.image_size}, 3) or "
+                f"({self.image_size}, {self.image_size}, 3), got {images.shape}; "
+                "tfface.data.image_ops.preprocess_image crops and resizes images to the model's size"
+            )
+        if len(images) == 0:
+            return {
+                t.name: np.zeros((0,) if t.is_binary else (0, t.num_classes), np.float32) for t in self.schema
+            }
+        outputs = self.predict({"image": images}, batch_size=batch_size, verbose=0)
         return {k: v for k, v in outputs.items() if not k.startswith("_")}
 
     @property
@@ -215,4 +308,9 @@ class MultiTaskFaceModel(keras.Model):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
+        # The saved weights replace the backbone's: loading must not need the
+        # original weights file (or a download) any more.
+        model_config = config.get("config")
+        if isinstance(model_config, dict) and model_config.get("backbone_weights"):
+            config = dict(config, config=dict(model_config, backbone_weights=None))
         return cls(**config)
