@@ -178,6 +178,12 @@ def test_header_sizes_match_the_decoded_sizes():
 # --- export ------------------------------------------------------------------------------
 
 
+def _umask():
+    from tfface.atomic_files import current_umask
+
+    return current_umask()
+
+
 def test_export_layout_assets_and_schema(exported, model):
     path, loaded, schema = exported
     assert path.name == "1" and path.parent.name == "stand_in"
@@ -188,6 +194,11 @@ def test_export_layout_assets_and_schema(exported, model):
     assert info["image_size"] == SIZE and info["version"] == 1 and "tfface_version" in info
     assert sorted(loaded.signatures) == ["schema", "serving_default", "serving_uint8"]
     assert [p.name for p in path.parent.iterdir()] == ["1"]  # no temp dir left
+    # Readable by a server that runs as another user (mkdtemp alone gives 0700).
+    import stat
+
+    mode = stat.S_IMODE(path.stat().st_mode)
+    assert mode & 0o055 == 0o055 & ~_umask(), oct(mode)
 
 
 def test_uint8_signature_matches_keras(exported, model):

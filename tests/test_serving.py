@@ -400,6 +400,58 @@ def test_serve_main_serves_until_stopped(deployment, capsys):
     assert "model folder not found" in capsys.readouterr().err
 
 
+def test_serve_main_takes_version_labels_and_query_picks_by_label(deployment, tmp_path, capsys):
+    from tfface.cli import build_parser
+
+    port = free_port()
+    args = build_parser().parse_args(
+        ["serve", "--model-dir", str(deployment["root"] / "faces"), "--port", str(port),
+         "--version-label", "stable=1", "--version-label", "canary=2"]
+    )
+    args.version_labels = dict(args.version_labels)
+    stop = threading.Event()
+    codes = []
+    thread = threading.Thread(target=lambda: codes.append(serve_main(args, stop_event=stop)))
+    thread.start()
+    try:
+        path = tmp_path / "a.png"
+        path.write_bytes(random_pngs(1)[0])
+        with ServingClient(f"127.0.0.1:{port}", model_name="faces", retries=10, backoff_s=0.1) as client:
+            assert sorted(s["version"] for s in client.status()) == [1, 2]  # both labelled versions load
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            labelled = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            for label, version in (("stable", 1), ("canary", 2)):
+                response = labelled.Predict(request(random_pngs(1), version_label=label), timeout=10)
+                assert response.model_spec.version.value == version
+        query = argparse.Namespace(host=f"127.0.0.1:{port}", model="faces", images=[str(path)], json=True, version_label="beta")
+        assert query_main(query) == 1
+        assert "'beta'" in capsys.readouterr().err
+    finally:
+        stop.set()
+        thread.join(20)
+    assert codes == [0]
+
+
+def test_serve_refuses_bad_ports_and_labels_and_brackets_ipv6():
+    from tfface.cli import build_parser
+
+    for bad in (["--port", "99999"], ["--port", "-1"], ["--version-label", "stable"], ["--version-label", "stable=x"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "--model-dir", "m", *bad])
+    with pytest.raises(ValueError, match="port must be in 0..65535"):
+        LocalModelServer("m", port=70000)
+    assert LocalModelServer("m", host="::1", port=8500).target == "[::1]:8500"
+    assert LocalModelServer("m", host="127.0.0.1", port=8500).target == "127.0.0.1:8500"
+
+
+def test_an_unknown_signature_is_named_by_the_client(deployment, tmp_path):
+    path = tmp_path / "a.png"
+    path.write_bytes(random_pngs(1)[0])
+    with ServingClient(deployment["target"], model_name="faces", signature="bogus") as client:
+        with pytest.raises(ServingError, match="has no signature 'bogus'"):
+            client.predict([str(path)])
+
+
 def test_a_newest_version_that_does_not_load_leaves_the_last_good_one(deployment, tmp_path, caplog):
     import shutil
 

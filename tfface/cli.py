@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -43,6 +44,25 @@ def _positive_int(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _port(text):
+    """argparse type: a TCP port (gRPC would silently wrap 99999 to 34463)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in 0..65535, got {value}")
+    return value
+
+
+def _version_label(text):
+    """argparse type: LABEL=VERSION."""
+    label, sep, version = text.partition("=")
+    if not sep or not label.strip() or not version.strip().isdigit() or int(version) < 1:
+        raise argparse.ArgumentTypeError(f"expected LABEL=VERSION with VERSION a positive integer, e.g. stable=1; got {text!r}")
+    return label.strip(), int(version)
 
 
 def _positive_float(text):
@@ -204,13 +224,28 @@ def _cmd_export(args):
     from tfface.models.saving import load_model
 
     model = load_model(args.model)
-    path = export_saved_model(model, args.export_root, args.name, version=args.version)
+    # A SIGTERM (kill, a CI timeout) unwinds like Ctrl+C, so the half-written
+    # version folder is removed instead of left behind.
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        path = export_saved_model(model, args.export_root, args.name, version=args.version)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(f"exported to {path}")
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _cmd_serve(args):
     from tfface.serving.server import serve_main
 
+    if args.version_labels:
+        labels = dict(args.version_labels)
+        if len(labels) < len(args.version_labels):
+            raise ValueError("--version-label: a label is given twice")
+        args.version_labels = labels
     return serve_main(args)
 
 
@@ -335,13 +370,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="local gRPC server with TF Serving's API (development, tests)")
     p.add_argument("--model-dir", required=True, help="saved_models/NAME")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
-    p.add_argument("--port", type=int, default=8500, help="gRPC port")
+    p.add_argument("--port", type=_port, default=8500, help="gRPC port (0: any free port)")
     p.add_argument("--max-batch-size", type=_positive_int, default=32, help="most images the model runs at once")
     p.add_argument(
         "--batch-timeout-ms", type=float, default=0.0, help="wait for company (default 0: batch what queues while the model runs)"
     )
     p.add_argument("--no-batching", action="store_true", help="run each request alone")
     p.add_argument("--versions", default="latest", help='"latest" or "all" exported versions')
+    p.add_argument(
+        "--version-label",
+        dest="version_labels",
+        type=_version_label,
+        action="append",
+        metavar="LABEL=VERSION",
+        help="serve VERSION under LABEL too, as TF Serving's version_labels (repeatable), e.g. stable=1",
+    )
     p.add_argument("--max-image-side", type=int, default=4096, help="reject larger images (INVALID_ARGUMENT)")
     p.set_defaults(func=_cmd_serve)
 

@@ -41,6 +41,7 @@ import tensorflow as tf
 
 import keras
 
+from tfface.atomic_files import current_umask
 from tfface.data.image_ops import preprocess_encoded_images
 from tfface.schema import Schema
 
@@ -182,6 +183,9 @@ def export_saved_model(
             write_warmup_requests(tmp / WARMUP_FILE, name, warmup)
         if target.exists():
             raise FileExistsError(f"{target} appeared while exporting; not overwriting it")
+        # mkdtemp makes the folder owner-only; a server running as another
+        # user (docker --user, runAsNonRoot) must be able to read the version.
+        os.chmod(tmp, 0o777 & ~current_umask())
         os.rename(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

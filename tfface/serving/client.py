@@ -250,7 +250,12 @@ class ServingClient:
     def _input_name(self) -> str:
         if self.signature in SIGNATURE_INPUTS:
             return SIGNATURE_INPUTS[self.signature]
-        inputs = self.metadata()["signatures"].get(self.signature, {}).get("inputs", {})
+        signatures = self.metadata()["signatures"]
+        if self.signature not in signatures:
+            raise ServingError(
+                f"model {self.model_name!r} has no signature {self.signature!r} (signatures: {sorted(signatures)})"
+            )
+        inputs = signatures[self.signature].get("inputs", {})
         if len(inputs) != 1:
             raise ServingError(f"signature {self.signature!r} of model {self.model_name!r} does not take exactly one input")
         return next(iter(inputs))

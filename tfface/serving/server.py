@@ -406,6 +406,8 @@ class LocalModelServer:
             raise ValueError(f"batch_timeout_ms must be >= 0, got {batch_timeout_ms}")
         if not (versions in ("latest", "all") or isinstance(versions, (list, tuple))):
             raise ValueError(f"versions must be 'latest', 'all' or a list of ints, got {versions!r}")
+        if not 0 <= int(port) <= 65535:
+            raise ValueError(f"port must be in 0..65535 (0: any free port), got {port}")
         self.model_dir = Path(model_dir)
         self.host = host
         self.port = int(port)
@@ -481,7 +483,7 @@ class LocalModelServer:
         server = grpc.server(self._executor, options=options)
         _add_prediction_service(_PredictionServicer(self), server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(_ModelServicer(self), server)
-        address = f"{self.host}:{self.port}"
+        address = self.target
         try:
             bound = server.add_insecure_port(address)
         except RuntimeError as e:
@@ -520,7 +522,11 @@ class LocalModelServer:
 
     @property
     def target(self) -> str:
-        return f"{self.host}:{self.port}"
+        """HOST:PORT as gRPC wants it (an IPv6 host in brackets)."""
+        host = self.host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"{host}:{self.port}"
 
     # --- request handling ---------------------------------------------------
     def resolve(self, model_spec) -> _Servable:
@@ -786,6 +792,7 @@ def serve_main(args, stop_event: Optional[threading.Event] = None) -> int:
             batch_timeout_ms=arg("batch_timeout_ms", 0.0),
             enable_batching=not arg("no_batching", False),
             versions=arg("versions", "latest"),
+            version_labels=arg("version_labels", None),
             max_image_side=arg("max_image_side", 4096),
         )
         port = server.start()
@@ -801,7 +808,7 @@ def serve_main(args, stop_event: Optional[threading.Event] = None) -> int:
             previous[sig] = signal.signal(sig, lambda *_: stop.set())
     try:
         for name, versions in server.models.items():
-            print(f"serving model {name!r} versions {sorted(versions)} on {server.host}:{port} (gRPC)", flush=True)
+            print(f"serving model {name!r} versions {sorted(versions)} on {server.target} (gRPC)", flush=True)
         batching = (
             f"up to {server.max_batch_size} images / {server.batch_timeout_ms:g} ms"
             if server.enable_batching
