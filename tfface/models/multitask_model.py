@@ -228,6 +228,21 @@ class MultiTaskFaceModel(keras.Model):
             raise ValueError(f"labels have keys that are not tasks of this model's schema: {unknown}; tasks: {list(self.schema.task_names)}")
         if not any(k in y for k in self.schema.task_names):
             raise ValueError(f"labels label none of this model's tasks: {list(self.schema.task_names)}")
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            # Out-of-range class ids otherwise fail deep in a gather or a
+            # segment sum ("UnsortedSegmentSum ... out of range").
+            for task in self.schema:
+                if task.name in y:
+                    top = 1 if task.is_binary else task.num_classes - 1
+                    label = tf.cast(y[task.name], tf.float32)
+                    tf.debugging.assert_greater_equal(
+                        label, -1.0, message=f"labels of task {task.name} must be -1 (missing) or 0..{top}"
+                    )
+                    tf.debugging.assert_less_equal(
+                        label, float(top), message=f"labels of task {task.name} must be -1 (missing) or 0..{top}"
+                    )
 
     def call(self, inputs, training=None, mask=None):
         image = inputs["image"] if isinstance(inputs, dict) else inputs
