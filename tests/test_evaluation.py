@@ -243,11 +243,56 @@ def test_evaluate_model_failure_leaves_previous_outputs(tiny_model, tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
 
 
+def test_an_image_that_does_not_decode_is_named_and_earlier_outputs_kept(tiny_model, tmp_path):
+    from tfface.data.synthetic import write_synthetic_folder
+
+    folder = write_synthetic_folder(synthetic_source(n=8), tmp_path / "faces")
+    victim = sorted((folder / "images").iterdir())[3]
+    data = victim.read_bytes()
+    # Header and length pass the cheap checks; the pixels do not decode.
+    victim.write_bytes(data[:40] + bytes(len(data) - 40))
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    with pytest.raises(ValueError, match=f"corrupt image file.*{victim.name}"):
+        evaluate_model(tiny_model, str(folder), out, batch_size=4)
+    assert (out / "metrics.json").read_text() == "{}"
+
+
+def test_data_without_any_label_value_is_refused_before_predicting(tiny_model, tmp_path, monkeypatch):
+    import tfface.evaluation.evaluate as evaluate_lib
+
+    source = synthetic_source(n=6)
+    source.columns = {k: np.full_like(v, -1) for k, v in source.columns.items()}
+    monkeypatch.setattr(evaluate_lib, "collect_predictions", lambda *a, **k: pytest.fail("predicted anyway"))
+    with pytest.raises(ValueError, match="has no label values"):
+        evaluate_model(tiny_model, source, tmp_path / "out", batch_size=4)
+
+
+def test_what_reading_a_source_skipped_is_recorded(tiny_model, tmp_path):
+    source = synthetic_source(n=8)
+    source.problems.append("2 image(s) skipped: file name does not parse (example)")
+    metrics = evaluate_model(tiny_model, source, tmp_path / "out", batch_size=8)
+    assert metrics["data"][0]["problems"] == ["2 image(s) skipped: file name does not parse (example)"]
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert written["data"][0]["problems"] == metrics["data"][0]["problems"]
+
+
 def test_missing_model_path_is_a_clear_error(tmp_path):
     missing = tmp_path / "no_such_model.keras"
     with pytest.raises(FileNotFoundError, match="no_such_model.keras"):
         evaluate_model(missing, synthetic_source(n=4), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_keras_file_of_another_project_is_named(tmp_path):
+    import zipfile
+
+    broken = tmp_path / "no_config.keras"
+    with zipfile.ZipFile(broken, "w") as archive:
+        archive.writestr("metadata.json", "{}")
+    with pytest.raises(ValueError, match="no_config.keras: cannot load it as a tfface model"):
+        load_model(broken)
 
 
 # --- calibration --------------------------------------------------------------------------

@@ -220,6 +220,17 @@ def test_unknown_config_keys_are_refused_by_name(raw, key):
         ({"train": {"weight_decay": -1e-4}}, "train.weight_decay"),
         ({"train": {"early_stopping_patience": -2}}, "train.early_stopping_patience"),
         ({"train": {"time_budget_minutes": 0}}, "train.time_budget_minutes"),
+        # NaN and infinity pass every `< 0` check; refused by name instead.
+        ({"train": {"learning_rate": float("nan")}}, "train.learning_rate must be a finite number"),
+        ({"train": {"warmup_epochs": float("inf")}}, "train.warmup_epochs must be a finite number"),
+        ({"train": {"time_budget_minutes": float("nan")}}, "train.time_budget_minutes must be a finite number"),
+        ({"data": {"sources": [{"path": "synthetic:10", "weight": float("inf")}]}}, r"data.sources\[0\].weight must be a finite"),
+        ({"model": {"loss_weights": {"gender": float("nan")}}}, "loss_weights.gender must be a finite number"),
+        ({"train": {"seed": -1}}, r"train.seed must be in 0..2\*\*32-1"),
+        ({"data": {"split_seed": -5}}, "data.split_seed must be in"),
+        # Shapes the network cannot be built with, refused before config.yaml is written.
+        ({"model": {"backbone_widths": [8, 16, 32]}}, "model.backbone_widths must be 4 positive stage widths"),
+        ({"model": {"type": "mask_guided", "mask_channels": [8]}}, "model.mask_channels must be >= 2"),
     ],
 )
 def test_bad_config_values_are_refused_by_name(raw, message):

@@ -93,6 +93,45 @@ def test_train_writes_model_logs_and_summary(tmp_path):
     assert (run / "config.yaml").read_text() == saved
 
 
+def test_a_run_stopped_by_its_time_budget_continues_when_run_again(tmp_path):
+    from tfface.training.trainer import train
+
+    config = ExperimentConfig.load(_write_config(tmp_path, epochs=3, time_budget_minutes=1e-6))
+    first = train(config, verbose=0)
+    run = Path(first["output_dir"])
+    assert (first["epochs_run"], first["stopped_by"]) == (1, "time_budget")
+    assert any((run / "backup").iterdir())  # kept, unlike after a finished run
+    # The budget is one of the settings a resumed run may change.
+    more_time = dataclasses.replace(config, train=dataclasses.replace(config.train, time_budget_minutes=None))
+    second = train(more_time, verbose=0)
+    assert second["stopped_by"] == "epochs"
+    assert _epochs_logged(run) == [0, 1, 2]
+    with pytest.raises(ConfigError, match="holds a finished run"):
+        train(more_time, verbose=0)
+
+
+def test_a_folder_with_outputs_but_no_run_config_is_not_trained_over(tmp_path):
+    from tfface.training.trainer import check_resumable
+
+    config = ExperimentConfig.load(_write_config(tmp_path))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model.keras").write_bytes(b"someone else's model")
+    with pytest.raises(ConfigError, match="no config.yaml"):
+        check_resumable(run, config)
+    assert (run / "model.keras").read_bytes() == b"someone else's model"
+    # A kill during the first epoch leaves a history with no row: nothing
+    # was trained, so a corrected config may start there.
+    (run / "model.keras").unlink()
+    other = dataclasses.replace(config, model=dataclasses.replace(config.model, gate="none"))
+    config.save(run / "config.yaml")
+    (run / "history.csv").write_text("epoch,loss\n")
+    check_resumable(run, other)
+    (run / "history.csv").write_text("epoch,loss\n0,1.5\n")
+    with pytest.raises(ConfigError, match="different config"):
+        check_resumable(run, other)
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_without_losing_finished_epochs(tmp_path):
     epochs = 10  # headroom so the kill lands mid-run even on a fast machine

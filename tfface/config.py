@@ -127,6 +127,19 @@ class ModelConfig:
         for key in ("embedding_dim", "gate_hidden"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"model.{key} must be positive")
+        # Checked here, not first when the network is built: a run must not
+        # save a config it cannot train.
+        widths = list(self.backbone_widths)
+        if self.backbone == "small_cnn" and (len(widths) != 4 or min(widths) < 1):
+            raise ConfigError(f"model.backbone_widths must be 4 positive stage widths for small_cnn, got {widths}")
+        channels = list(self.mask_channels)
+        if self.type == "mask_guided" and (len(channels) < 2 or min(channels) < 1):
+            raise ConfigError(f"model.mask_channels must be >= 2 positive widths, got {channels}")
+        if self.type == "mask_guided" and self.image_size % (4 * 2 ** (len(channels) - 1)):
+            raise ConfigError(
+                f"model.image_size ({self.image_size}) must be divisible by {4 * 2 ** (len(channels) - 1)} "
+                f"for {len(channels)} mask_channels levels"
+            )
         if self.num_experts < 2:
             raise ConfigError(f"model.num_experts must be >= 2 (a mixture routes between experts), got {self.num_experts}")
         if self.gate_bottleneck < 0:
@@ -201,6 +214,9 @@ class ExperimentConfig:
         for key in ("weight_decay", "warmup_epochs", "early_stopping_patience"):
             if getattr(self.train, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self.train, key)}")
+        for key, value in (("train.seed", self.train.seed), ("data.split_seed", self.data.split_seed)):
+            if not 0 <= value < 2**32:
+                raise ConfigError(f"{key} must be in 0..2**32-1, got {value}")
         if not self.train.output_dir:
             raise ConfigError("train.output_dir must not be empty")
         _check_choice("train.optimizer", self.train.optimizer, ("adamw", "adam", "sgd"))

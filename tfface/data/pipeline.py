@@ -76,6 +76,41 @@ def _checked_decode(path):
         return decode_image(data)
 
 
+# What TensorFlow's image decoders say when the bytes pass the header checks
+# above but the pixels do not decode (a garbled body, a PNG cut short).
+_DECODE_FAILURES = ("DecodeImage", "DecodeJpeg", "DecodePng", "Invalid PNG data", "jpeg::Uncompress", "Invalid JPEG data")
+
+
+def undecodable_images(sources, limit: int = 10) -> list:
+    """Paths of the first `limit` images of `sources` that TensorFlow cannot
+    decode, found by decoding each file eagerly (slow: for error reports)."""
+    bad = []
+    for source in sources:
+        for path in source.image_paths if source.image_paths is not None else ():
+            try:
+                decode_image(tf.io.read_file(str(path)))
+            except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
+                bad.append(str(path))
+                if len(bad) >= limit:
+                    return bad
+    return bad
+
+
+def named_decode_failure(error: Exception, sources):
+    """A `DataError` naming the files behind an image-decoding failure met
+    inside a `tf.data` pipeline (whose error names no file), or None when
+    `error` is something else."""
+    from tfface.data.source import DataError
+
+    if not isinstance(error, tf.errors.InvalidArgumentError) or not any(m in str(error) for m in _DECODE_FAILURES):
+        return None
+    bad = undecodable_images(sources)
+    if not bad:
+        return None
+    more = " (and maybe more)" if len(bad) >= 10 else ""
+    return DataError(f"corrupt image file(s) that cannot be decoded{more}: {', '.join(bad)}; fix or remove them")
+
+
 def _normalised_landmarks(landmarks, height, width):
     """Pixel landmarks of the original image -> fractions of the square crop."""
     height = tf.cast(height, tf.float32)

@@ -181,7 +181,8 @@ def write_synthetic_folder(source: FaceSource, out_dir, image_format: str = "png
             writer.writerow(["image_id", *attribute_names, *extra])
             values = np.stack([np.asarray(source.columns[c]) for c in attribute_names + extra], 1)
             for image_id, row in zip(image_ids, values.tolist()):
-                writer.writerow([image_id, *row])
+                # A missing label (-1) is an empty cell, as the reader wants.
+                writer.writerow([image_id, *("" if v < 0 else v for v in row)])
         if source.identities is not None:
             with open(tmp / "identities.csv", "w", newline="") as f:
                 writer = csv.writer(f)

@@ -456,7 +456,27 @@ def _evaluation(model, model_path, data_spec_or_sources, batch_size, thresholds,
             f"the data ({', '.join(f'{s.name} [{s.format}]' for s in sources)}) labels none of the "
             f"tasks of the model's schema {schema.name!r}: nothing to evaluate"
         )
-    labels, probs, extras = collect_predictions(model, sources, batch_size=batch_size)
+    has_labels = any(
+        np.any(column >= 0)
+        for s in sources
+        for column in schema.encode_labels(s.format, s.columns, len(s)).values()
+    )
+    if not has_labels:
+        raise ValueError(
+            f"the data ({', '.join(s.name for s in sources)}) has no label values for the model's tasks "
+            "(every label cell is empty or missing): nothing to evaluate"
+        )
+    import tensorflow as tf
+
+    from tfface.data.pipeline import named_decode_failure
+
+    try:
+        labels, probs, extras = collect_predictions(model, sources, batch_size=batch_size)
+    except tf.errors.InvalidArgumentError as e:
+        named = named_decode_failure(e, sources)
+        if named is None:
+            raise
+        raise named from None
     metrics = compute_metrics(schema, labels, probs, thresholds)
     subgroups = subgroup_metrics(schema, labels, probs, thresholds)
     config = getattr(model, "model_config", None)
@@ -468,7 +488,9 @@ def _evaluation(model, model_path, data_spec_or_sources, batch_size, thresholds,
         "image_size": int(model.image_size),
     }
     metrics["data"] = [
-        {"name": s.name, "format": s.format, "n_images": len(s), "root": s.root, "split": split}
+        # `problems`: what reading the source skipped (bad file names, images
+        # without label rows), so a skip is on record, not only in a log.
+        {"name": s.name, "format": s.format, "n_images": len(s), "root": s.root, "split": split, "problems": list(s.problems)}
         for s in sources
     ]
     if len(sources) > 1:

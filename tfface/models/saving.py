@@ -19,7 +19,12 @@ def load_model(path):
 
     from tfface.models.multitask_model import MultiTaskFaceModel  # also registers the custom classes
 
-    model = keras.models.load_model(path)
+    try:
+        model = keras.models.load_model(path)
+    except (TypeError, ValueError, KeyError, OSError) as e:
+        # A .keras file of another project (a custom class tfface does not
+        # know) or an archive missing config.json or the weights.
+        raise ValueError(f"{path}: cannot load it as a tfface model: {e}") from None
     if not isinstance(model, MultiTaskFaceModel):
         raise ValueError(
             f"{path}: a Keras {type(model).__name__}, not a tfface model (no task schema); "

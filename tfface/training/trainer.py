@@ -38,6 +38,7 @@ from tfface.atomic_files import write_atomic
 from tfface.config import ConfigError
 from tfface.config import ExperimentConfig
 from tfface.data.pipeline import make_dataset
+from tfface.data.pipeline import named_decode_failure
 from tfface.models.build import build_model
 from tfface.schema import get_schema
 
@@ -79,8 +80,13 @@ def check_resumable(out: Path, config: ExperimentConfig) -> None:
     not trained over either.
     """
     existing = out / "config.yaml"
-    if not existing.is_file() or not _has_run_outputs(out):
+    if not _has_run_outputs(out):
         return  # nothing trained yet (e.g. a first attempt that failed to start): the config may change
+    if not existing.is_file():
+        raise ConfigError(
+            f"{out} holds training outputs but no config.yaml, so it is no tfface run this config can "
+            "resume; choose another train.output_dir (or --output-dir) rather than overwrite them"
+        )
     try:
         previous = ExperimentConfig.load(existing).to_dict()
     except (ConfigError, OSError) as e:
@@ -118,8 +124,18 @@ def training_labels(schema, sources) -> dict:
 
 
 def _has_run_outputs(out: Path) -> bool:
-    named = ("history.csv", "last.keras", "model.keras", "train_summary.json")
-    return _is_resuming(out) or any((out / name).exists() for name in named)
+    named = ("last.keras", "model.keras", "train_summary.json")
+    if _is_resuming(out) or any((out / name).exists() for name in named):
+        return True
+    # A history with no epoch row is what a kill during the first epoch leaves.
+    return _has_history_rows(out / "history.csv")
+
+
+def _has_history_rows(history_file: Path) -> bool:
+    if not history_file.is_file():
+        return False
+    with open(history_file, newline="") as f:
+        return len([line for line in f.read().splitlines() if line.strip()]) > 1
 
 
 def _is_resuming(out: Path) -> bool:
@@ -193,20 +209,32 @@ class ResumedEarlyStopping(keras.callbacks.EarlyStopping):
 
 
 class TimeBudget(keras.callbacks.Callback):
-    """Stops training cleanly once the wall-clock budget is spent."""
+    """Stops training cleanly once the wall-clock budget is spent.
 
-    def __init__(self, minutes):
+    The run's backup is kept then (Keras deletes it at the end of training),
+    so running the same command again continues where the budget stopped.
+    """
+
+    def __init__(self, minutes, backup=None):
         super().__init__()
         self.seconds = minutes * 60.0
         self.start = None
+        self.backup = backup
+        self.stopped = False
 
     def on_train_begin(self, logs=None):
         self.start = time.monotonic()
 
     def on_epoch_end(self, epoch, logs=None):
         if time.monotonic() - self.start > self.seconds:
-            log.warning("time budget of %.1f min spent after epoch %d: stopping", self.seconds / 60, epoch + 1)
+            log.warning(
+                "time budget of %.1f min spent after epoch %d: stopping (run the same command again to continue)",
+                self.seconds / 60, epoch + 1,
+            )
             self.model.stop_training = True
+            self.stopped = True
+            if self.backup is not None:
+                self.backup.delete_checkpoint = False
 
 
 def _strategy(name):
@@ -331,25 +359,34 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
                 )
             )
     callbacks.append(backup)
+    early_stopping = budget = None
     if config.train.early_stopping_patience > 0 and val_ds is not None:
         # Workers must stop at the same epoch, and only the chief keeps the
         # history: a multi-worker run counts patience afresh on resume.
         replay = [] if config.train.strategy == "multi_worker" else earlier
-        callbacks.append(ResumedEarlyStopping(replay, patience=config.train.early_stopping_patience))
+        early_stopping = ResumedEarlyStopping(replay, patience=config.train.early_stopping_patience)
+        callbacks.append(early_stopping)
     if config.train.time_budget_minutes:
-        callbacks.append(TimeBudget(config.train.time_budget_minutes))
+        budget = TimeBudget(config.train.time_budget_minutes, backup=backup)
+        callbacks.append(budget)
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2
 
     start = time.monotonic()
-    history = model.fit(
-        train_ds,
-        validation_data=val_ds,
-        epochs=config.train.epochs,
-        callbacks=callbacks,
-        verbose=verbose,
-        shuffle=False,  # the pipeline shuffles
-    )
+    try:
+        history = model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=config.train.epochs,
+            callbacks=callbacks,
+            verbose=verbose,
+            shuffle=False,  # the pipeline shuffles
+        )
+    except tf.errors.InvalidArgumentError as e:
+        named = named_decode_failure(e, train_sources + val_sources)
+        if named is None:
+            raise
+        raise named from None
     seconds = time.monotonic() - start
     if chief and val_ds is None:
         save_model_atomic(model, out / "model.keras")
@@ -358,12 +395,20 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
         "output_dir": str(out),
         "model_path": str(out / "model.keras"),
         "epochs_run": len(history.history.get("loss", [])),
+        "stopped_by": (
+            "time_budget" if budget is not None and budget.stopped
+            else "early_stopping" if early_stopping is not None and early_stopping.stopped_epoch > 0
+            else "epochs"
+        ),
         "train_seconds": round(seconds, 1),
         "train_examples": int(sum(len(s) for s in train_sources)),
         # What each configured source was read as: the model card takes the
         # licence terms from the format, not from the folder's name.
         "sources": [
-            {"path": str(cfg.path), "name": source.name, "format": source.format, "train_examples": len(source)}
+            {
+                "path": str(cfg.path), "name": source.name, "format": source.format, "train_examples": len(source),
+                "problems": list(source.problems),  # what reading the source skipped
+            }
             for cfg, source in zip(config.data.sources, train_sources)
         ],
         "val_examples": int(sum(len(s) for s in val_sources)),
