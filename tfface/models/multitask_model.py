@@ -232,17 +232,19 @@ class MultiTaskFaceModel(keras.Model):
             import tensorflow as tf
 
             # Out-of-range class ids otherwise fail deep in a gather or a
-            # segment sum ("UnsortedSegmentSum ... out of range").
-            for task in self.schema:
-                if task.name in y:
-                    top = 1 if task.is_binary else task.num_classes - 1
-                    label = tf.cast(y[task.name], tf.float32)
-                    tf.debugging.assert_greater_equal(
-                        label, -1.0, message=f"labels of task {task.name} must be -1 (missing) or 0..{top}"
-                    )
-                    tf.debugging.assert_less_equal(
-                        label, float(top), message=f"labels of task {task.name} must be -1 (missing) or 0..{top}"
-                    )
+            # segment sum ("UnsortedSegmentSum ... out of range"). One check
+            # for all tasks: one op per task would cost every step.
+            present = [task for task in self.schema if task.name in y]
+            labels = tf.stack([tf.cast(tf.reshape(y[task.name], [-1]), tf.float32) for task in present], axis=1)
+            tops = tf.constant([1.0 if task.is_binary else task.num_classes - 1.0 for task in present])
+            wrong = tf.reduce_any((labels < -1.0) | (labels > tops), axis=0)
+            tf.debugging.Assert(
+                tf.logical_not(tf.reduce_any(wrong)),
+                [
+                    "labels out of range (-1 for missing, else 0..classes-1) for task(s):",
+                    tf.boolean_mask(tf.constant([task.name for task in present]), wrong),
+                ],
+            )
 
     def call(self, inputs, training=None, mask=None):
         image = inputs["image"] if isinstance(inputs, dict) else inputs
