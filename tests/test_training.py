@@ -248,7 +248,7 @@ def test_cli_every_option_says_what_it_is_and_its_default(monkeypatch):
             if action.dest not in ("help", "func", "command", "data_command"):
                 assert action.help, f"tfface {' '.join(command)} {action.dest} has no help"
     serve_help = commands[("serve",)].format_help()
-    assert "gRPC port (default: 8500)" in serve_help
+    assert "gRPC port (0: any free port) (default: 8500)" in serve_help
     assert "(default: None)" not in serve_help and "(default: False)" not in serve_help
     assert "same seed, same faces (default: 0)" in commands[("data", "generate")].format_help()
 
