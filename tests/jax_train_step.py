@@ -1,10 +1,10 @@
-"""Trains and round-trips the gated model under the JAX backend.
+"""Trains and round-trips a tfface model under the JAX backend.
 
 Run by tests/test_jax_backend.py in a subprocess with KERAS_BACKEND=jax (the
 backend is fixed at import time, so it cannot share the pytest process).
 Prints one JSON line with what it measured; exits non-zero on any failure.
 
-    KERAS_BACKEND=jax python tests/jax_train_step.py OUT_DIR [GATE]
+    KERAS_BACKEND=jax python tests/jax_train_step.py OUT_DIR [GATE | mask_guided]
 """
 
 import json
@@ -19,33 +19,19 @@ import numpy as np  # noqa: E402
 
 from tfface.config import ModelConfig  # noqa: E402
 from tfface.models import GatedMultiTaskModel  # noqa: E402
+from tfface.models import MaskGuidedMultiTaskModel  # noqa: E402
 from tfface.schema import Schema, Task  # noqa: E402
 
+SCHEMA = Schema(
+    [
+        Task("left_bright", group="eyes"),
+        Task("unlabelled", group="hair"),
+        Task("age_group", kind="multiclass", classes=("young", "middle", "old")),
+    ]
+)
 
-def main(out_dir, gate="input_conditioned"):
-    if keras.backend.backend() != "jax":
-        raise SystemExit(f"expected the jax backend, got {keras.backend.backend()}")
-    keras.utils.set_random_seed(0)
-    schema = Schema(
-        [
-            Task("left_bright"),
-            Task("unlabelled"),
-            Task("age_group", kind="multiclass", classes=("young", "middle", "old")),
-        ]
-    )
-    config = ModelConfig(
-        image_size=32,
-        backbone_widths=(8, 16, 32, 64),
-        embedding_dim=16,
-        gate=gate,
-        gate_hidden=8,
-        num_experts=3,
-        correlation=True,
-        center_loss_weight=0.1,
-    )
-    model = GatedMultiTaskModel(schema=schema, config=config)
-    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.05))
 
+def toy_batch():
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (8, 32, 32, 3)).astype("float32")
     labels = {
@@ -53,24 +39,23 @@ def main(out_dir, gate="input_conditioned"):
         "unlabelled": np.full((8,), -1, "float32"),
         "age_group": np.array([0, 2, 1, -1, 2, -1, 0, 1], "int32"),
     }
+    return images, labels
 
-    watched = {
-        "heads": model.get_layer("task_heads").kernel,
-        # What routes the shared feature: the gates' offsets, or the router.
-        "routing": (
-            model.get_layer("expert_routing").router.kernel
-            if gate == "mixture_of_experts"
-            else model.get_layer("task_gate").task_offsets
-        ),
-        "correlation": model.get_layer("correlation").correlation,
-        "centers": model.center_loss.centers,
-        "moving_mean": model.get_layer("correlation").moving_mean,
-    }
+
+def main(out_dir, gate="input_conditioned"):
+    if keras.backend.backend() != "jax":
+        raise SystemExit(f"expected the jax backend, got {keras.backend.backend()}")
+    keras.utils.set_random_seed(0)
+    if gate == "mask_guided":
+        model, watched, images, labels = mask_guided_case()
+    else:
+        model, watched, images, labels = gated_case(gate)
+    model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.05))
     before = {k: keras.ops.convert_to_numpy(v) for k, v in watched.items()}
     history = model.fit({"image": images}, labels, batch_size=4, epochs=1, verbose=0)
     changed = {k: bool(np.any(keras.ops.convert_to_numpy(v) != before[k])) for k, v in watched.items()}
 
-    path = os.path.join(out_dir, "gated_jax.keras")
+    path = os.path.join(out_dir, "model_jax.keras")
     model.save(path)
     reloaded = keras.saving.load_model(path)
     original = model.predict({"image": images}, verbose=0)
@@ -90,6 +75,59 @@ def main(out_dir, gate="input_conditioned"):
             }
         )
     )
+
+
+def mask_guided_case():
+    """Masks supervised from labels (the mask loss), group features pooled
+    under the predicted masks and fused with the global one."""
+    config = ModelConfig(
+        type="mask_guided",
+        image_size=32,
+        backbone_widths=(8, 16, 32, 64),
+        mask_channels=(8, 16, 32),
+        embedding_dim=16,
+        mask_loss_weight=1.0,
+    )
+    model = MaskGuidedMultiTaskModel(schema=SCHEMA, config=config)
+    images, labels = toy_batch()
+    rng = np.random.default_rng(1)
+    labels["_group_masks"] = (rng.uniform(size=(8, 8, 8, 8)) > 0.7).astype("float32")
+    labels["_has_landmarks"] = np.ones((8,), "float32")
+    watched = {
+        "heads": model.get_layer("task_heads").kernel,
+        "routing": model.get_layer("group_global_fusion").trainable_weights[0],
+        "mask_predictor": model.get_layer("mask_predictor").trainable_weights[0],
+        "moving_mean": model.get_layer("fusion_bn").moving_mean,
+    }
+    return model, watched, images, labels
+
+
+def gated_case(gate):
+    config = ModelConfig(
+        image_size=32,
+        backbone_widths=(8, 16, 32, 64),
+        embedding_dim=16,
+        gate=gate,
+        gate_hidden=8,
+        num_experts=3,
+        correlation=True,
+        center_loss_weight=0.1,
+    )
+    model = GatedMultiTaskModel(schema=SCHEMA, config=config)
+    images, labels = toy_batch()
+    watched = {
+        "heads": model.get_layer("task_heads").kernel,
+        # What routes the shared feature: the gates' offsets, or the router.
+        "routing": (
+            model.get_layer("expert_routing").router.kernel
+            if gate == "mixture_of_experts"
+            else model.get_layer("task_gate").task_offsets
+        ),
+        "correlation": model.get_layer("correlation").correlation,
+        "centers": model.center_loss.centers,
+        "moving_mean": model.get_layer("correlation").moving_mean,
+    }
+    return model, watched, images, labels
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The gated model trains and round-trips under the JAX backend.
+"""The gated and mask-guided models train and round-trip under the JAX backend.
 
 Keras fixes its backend at import, so the work runs in a subprocess
 (tests/jax_train_step.py) with KERAS_BACKEND=jax. Skipped where jax is not
@@ -23,8 +23,23 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "jax_train_step.py"
 
 
-@pytest.mark.parametrize("gate", ["input_conditioned", "mixture_of_experts"])
-def test_gated_model_fits_and_round_trips_under_jax(gate, tmp_path):
+GATED_STATE = {"heads", "routing", "correlation", "centers", "moving_mean"}
+GATED_OUTPUTS = ["left_bright", "unlabelled", "age_group", "_logits", "_raw_logits", "_embeddings"]
+
+
+@pytest.mark.parametrize(
+    "variant, state, outputs",
+    [
+        ("input_conditioned", GATED_STATE, GATED_OUTPUTS),
+        ("mixture_of_experts", GATED_STATE, GATED_OUTPUTS),
+        (
+            "mask_guided",
+            {"heads", "routing", "mask_predictor", "moving_mean"},
+            ["left_bright", "unlabelled", "age_group", "_logits", "_embeddings", "_group_masks"],
+        ),
+    ],
+)
+def test_model_fits_and_round_trips_under_jax(variant, state, outputs, tmp_path):
     env = dict(os.environ)
     env.update(
         KERAS_BACKEND="jax",
@@ -35,7 +50,7 @@ def test_gated_model_fits_and_round_trips_under_jax(gate, tmp_path):
         XLA_FLAGS=(env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip(),
     )
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path), gate],
+        [sys.executable, str(SCRIPT), str(tmp_path), variant],
         env=env,
         cwd=tmp_path,
         capture_output=True,
@@ -47,12 +62,11 @@ def test_gated_model_fits_and_round_trips_under_jax(gate, tmp_path):
     assert report["backend"] == "jax"
     assert report["steps"] == 2
     assert len(report["loss"]) == 1 and math.isfinite(report["loss"][0]) and report["loss"][0] > 0
-    # Every kind of state moved: heads, gates or router, correlation C, center-loss
-    # centers (trained through compute_loss) and the correlation moving mean.
+    # Every kind of state moved: heads; gates, router or group fusion;
+    # correlation C and center-loss centers (trained through compute_loss) or
+    # the mask predictor (through the mask loss); a moving mean.
     assert report["changed"] == {k: True for k in report["changed"]}
-    assert set(report["changed"]) == {"heads", "routing", "correlation", "centers", "moving_mean"}
-    assert report["reloaded_class"] == "GatedMultiTaskModel"
-    assert report["output_keys"] == sorted(
-        ["left_bright", "unlabelled", "age_group", "_logits", "_raw_logits", "_embeddings"]
-    )
+    assert set(report["changed"]) == state
+    assert report["reloaded_class"] == ("MaskGuidedMultiTaskModel" if variant == "mask_guided" else "GatedMultiTaskModel")
+    assert report["output_keys"] == sorted(outputs)
     assert max(report["max_diff"].values()) == 0.0, report["max_diff"]
