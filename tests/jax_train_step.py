@@ -61,6 +61,16 @@ def main(out_dir, gate="input_conditioned"):
     original = model.predict({"image": images}, verbose=0)
     restored = reloaded.predict({"image": images}, verbose=0)
     max_diff = {k: float(np.max(np.abs(original[k] - restored[k]))) for k in original}
+    extra = {}
+    if gate == "mask_guided":
+        # The mask loss is part of the step's loss: without the mask labels
+        # the same prediction costs less.
+        y_pred = model({"image": images}, training=False)
+        plain = {k: v for k, v in labels.items() if not k.startswith("_")}
+        extra["mask_loss"] = float(
+            keras.ops.convert_to_numpy(model.compute_loss(y=labels, y_pred=y_pred, training=False))
+            - keras.ops.convert_to_numpy(model.compute_loss(y=plain, y_pred=y_pred, training=False))
+        )
 
     print(
         json.dumps(
@@ -72,6 +82,7 @@ def main(out_dir, gate="input_conditioned"):
                 "max_diff": max_diff,
                 "output_keys": sorted(original),
                 "reloaded_class": type(reloaded).__name__,
+                **extra,
             }
         )
     )

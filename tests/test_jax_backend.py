@@ -69,4 +69,6 @@ def test_model_fits_and_round_trips_under_jax(variant, state, outputs, tmp_path)
     assert set(report["changed"]) == state
     assert report["reloaded_class"] == ("MaskGuidedMultiTaskModel" if variant == "mask_guided" else "GatedMultiTaskModel")
     assert report["output_keys"] == sorted(outputs)
+    if variant == "mask_guided":
+        assert report["mask_loss"] > 0  # the mask loss takes part in the step
     assert max(report["max_diff"].values()) == 0.0, report["max_diff"]

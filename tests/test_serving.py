@@ -408,7 +408,6 @@ def test_serve_main_takes_version_labels_and_query_picks_by_label(deployment, tm
         ["serve", "--model-dir", str(deployment["root"] / "faces"), "--port", str(port),
          "--version-label", "stable=1", "--version-label", "canary=2"]
     )
-    args.version_labels = dict(args.version_labels)
     stop = threading.Event()
     codes = []
     thread = threading.Thread(target=lambda: codes.append(serve_main(args, stop_event=stop)))
@@ -430,6 +429,11 @@ def test_serve_main_takes_version_labels_and_query_picks_by_label(deployment, tm
         stop.set()
         thread.join(20)
     assert codes == [0]
+    twice = build_parser().parse_args(
+        ["serve", "--model-dir", str(deployment["root"] / "faces"), "--version-label", "a=1", "--version-label", "a=2"]
+    )
+    assert serve_main(twice) == 2
+    assert "a label is given twice" in capsys.readouterr().err
 
 
 def test_serve_refuses_bad_ports_and_labels_and_brackets_ipv6():

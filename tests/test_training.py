@@ -104,10 +104,17 @@ def test_a_run_stopped_by_its_time_budget_continues_when_run_again(tmp_path):
     # The budget is one of the settings a resumed run may change.
     more_time = dataclasses.replace(config, train=dataclasses.replace(config.train, time_budget_minutes=None))
     second = train(more_time, verbose=0)
-    assert second["stopped_by"] == "epochs"
+    assert (second["stopped_by"], second["epochs_run"]) == ("epochs", 3)
+    assert len(second["history"]["loss"]) == 2  # this call's epochs
     assert _epochs_logged(run) == [0, 1, 2]
     with pytest.raises(ConfigError, match="holds a finished run"):
         train(more_time, verbose=0)
+    # A budget spent in the last epoch stopped nothing: the run is finished.
+    (tmp_path / "last").mkdir()
+    last = ExperimentConfig.load(_write_config(tmp_path / "last", epochs=1, time_budget_minutes=1e-6))
+    done = train(last, verbose=0)
+    assert (done["stopped_by"], done["epochs_run"]) == ("epochs", 1)
+    assert not (Path(done["output_dir"]) / "backup").exists() or not any((Path(done["output_dir"]) / "backup").iterdir())
 
 
 def test_a_folder_with_outputs_but_no_run_config_is_not_trained_over(tmp_path):

@@ -241,11 +241,6 @@ def _raise_keyboard_interrupt(signum, frame):
 def _cmd_serve(args):
     from tfface.serving.server import serve_main
 
-    if args.version_labels:
-        labels = dict(args.version_labels)
-        if len(labels) < len(args.version_labels):
-            raise ValueError("--version-label: a label is given twice")
-        args.version_labels = labels
     return serve_main(args)
 
 

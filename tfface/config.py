@@ -133,9 +133,10 @@ class ModelConfig:
         if self.backbone == "small_cnn" and (len(widths) != 4 or min(widths) < 1):
             raise ConfigError(f"model.backbone_widths must be 4 positive stage widths for small_cnn, got {widths}")
         channels = list(self.mask_channels)
-        if self.type == "mask_guided" and (len(channels) < 2 or min(channels) < 1):
+        predicts_masks = self.type == "mask_guided" and self.fusion != "global"
+        if predicts_masks and (len(channels) < 2 or min(channels) < 1):
             raise ConfigError(f"model.mask_channels must be >= 2 positive widths, got {channels}")
-        if self.type == "mask_guided" and self.image_size % (4 * 2 ** (len(channels) - 1)):
+        if predicts_masks and self.image_size % (4 * 2 ** (len(channels) - 1)):
             raise ConfigError(
                 f"model.image_size ({self.image_size}) must be divisible by {4 * 2 ** (len(channels) - 1)} "
                 f"for {len(channels)} mask_channels levels"

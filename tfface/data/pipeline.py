@@ -19,6 +19,8 @@ from the landmarks after augmentation).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 
 import numpy as np
@@ -96,19 +98,24 @@ def undecodable_images(sources, limit: int = 10) -> list:
     return bad
 
 
-def named_decode_failure(error: Exception, sources):
-    """A `DataError` naming the files behind an image-decoding failure met
-    inside a `tf.data` pipeline (whose error names no file), or None when
-    `error` is something else."""
+@contextlib.contextmanager
+def naming_undecodable_images(sources):
+    """Turns an image-decoding failure inside a `tf.data` pipeline (whose
+    error names no file) into a `DataError` naming the files; other errors
+    pass unchanged."""
     from tfface.data.source import DataError
 
-    if not isinstance(error, tf.errors.InvalidArgumentError) or not any(m in str(error) for m in _DECODE_FAILURES):
-        return None
-    bad = undecodable_images(sources)
-    if not bad:
-        return None
-    more = " (and maybe more)" if len(bad) >= 10 else ""
-    return DataError(f"corrupt image file(s) that cannot be decoded{more}: {', '.join(bad)}; fix or remove them")
+    try:
+        yield
+    except tf.errors.InvalidArgumentError as error:
+        if not any(marker in str(error) for marker in _DECODE_FAILURES):
+            raise
+        logging.getLogger(__name__).warning("an image does not decode: looking for it (decodes every image once)")
+        bad = undecodable_images(sources)
+        if not bad:
+            raise
+        more = " (and maybe more)" if len(bad) >= 10 else ""
+        raise DataError(f"corrupt image file(s) that cannot be decoded{more}: {', '.join(bad)}; fix or remove them") from None
 
 
 def _normalised_landmarks(landmarks, height, width):

@@ -466,17 +466,10 @@ def _evaluation(model, model_path, data_spec_or_sources, batch_size, thresholds,
             f"the data ({', '.join(s.name for s in sources)}) has no label values for the model's tasks "
             "(every label cell is empty or missing): nothing to evaluate"
         )
-    import tensorflow as tf
+    from tfface.data.pipeline import naming_undecodable_images
 
-    from tfface.data.pipeline import named_decode_failure
-
-    try:
+    with naming_undecodable_images(sources):
         labels, probs, extras = collect_predictions(model, sources, batch_size=batch_size)
-    except tf.errors.InvalidArgumentError as e:
-        named = named_decode_failure(e, sources)
-        if named is None:
-            raise
-        raise named from None
     metrics = compute_metrics(schema, labels, probs, thresholds)
     subgroups = subgroup_metrics(schema, labels, probs, thresholds)
     config = getattr(model, "model_config", None)

@@ -228,7 +228,7 @@ class MultiTaskFaceModel(keras.Model):
             raise ValueError(f"labels have keys that are not tasks of this model's schema: {unknown}; tasks: {list(self.schema.task_names)}")
         if not any(k in y for k in self.schema.task_names):
             raise ValueError(f"labels label none of this model's tasks: {list(self.schema.task_names)}")
-        if keras.backend.backend() == "tensorflow":
+        if self._runtime_checks():
             import tensorflow as tf
 
             # Out-of-range class ids otherwise fail deep in a gather or a
@@ -241,21 +241,34 @@ class MultiTaskFaceModel(keras.Model):
             tf.debugging.Assert(
                 tf.logical_not(tf.reduce_any(wrong)),
                 [
-                    "labels out of range (-1 for missing, else 0..classes-1) for task(s):",
-                    tf.boolean_mask(tf.constant([task.name for task in present]), wrong),
+                    "labels out of range (-1 for missing, else 0..classes-1); 1 marks such a task in "
+                    f"({', '.join(task.name for task in present)}):",
+                    tf.cast(wrong, tf.int32),
                 ],
+                summarize=len(present),
             )
+
+    def _runtime_checks(self) -> bool:
+        """Whether in-graph asserts run: TensorFlow without XLA (XLA drops
+        `Assert` ops; JAX has none)."""
+        if keras.backend.backend() != "tensorflow":
+            return False
+        return not (self.compiled and self.jit_compile is True)
+
+    def _shape_error(self, shape) -> ValueError:
+        return ValueError(
+            f"images must have shape (B, {self.image_size}, {self.image_size}, 3) (or one image without B "
+            f"in predict_tasks), got {tuple(shape)}; tfface.data.image_ops.preprocess_image crops and "
+            "resizes images to the model's size"
+        )
 
     def call(self, inputs, training=None, mask=None):
         image = inputs["image"] if isinstance(inputs, dict) else inputs
         expected = (self.image_size, self.image_size, 3)
         known = tuple(image.shape[1:])
         if len(known) != 3 or any(d is not None and d != e for d, e in zip(known, expected)):
-            raise ValueError(
-                f"image batch must have shape (B, {self.image_size}, {self.image_size}, 3), got {tuple(image.shape)}; "
-                "tfface.data.image_ops.preprocess_image crops and resizes images to the model's size"
-            )
-        if None in known and keras.backend.backend() == "tensorflow":
+            raise self._shape_error(image.shape)
+        if None in known and self._runtime_checks():
             # A retraced function relaxes the static shape; check at run time.
             import tensorflow as tf
 
@@ -288,6 +301,16 @@ class MultiTaskFaceModel(keras.Model):
         return self.get_metrics_result()
 
     # --- prediction -------------------------------------------------------------
+    def predict(self, x, *args, **kwargs):
+        # Checked here, on the host, for arrays: once Keras retraces with a
+        # relaxed shape, only an in-graph check sees the size, and XLA drops it.
+        image = x.get("image") if isinstance(x, Mapping) else x
+        shape = getattr(image, "shape", None)
+        if shape is not None and not hasattr(x, "element_spec"):
+            if len(shape) != 4 or tuple(shape[1:]) != (self.image_size, self.image_size, 3):
+                raise self._shape_error(shape)
+        return super().predict(x, *args, **kwargs)
+
     def predict_tasks(self, images, batch_size=64):
         """Public outputs only, as numpy: {task: probabilities}.
 
@@ -297,13 +320,8 @@ class MultiTaskFaceModel(keras.Model):
         images = np.asarray(images, np.float32)
         if images.ndim == 3:
             images = images[None]
-        expected = (self.image_size, self.image_size, 3)
-        if images.ndim != 4 or images.shape[1:] != expected:
-            raise ValueError(
-                f"images must have shape (B, {self.image_size}, {self.image_size}, 3) or "
-                f"({self.image_size}, {self.image_size}, 3), got {images.shape}; "
-                "tfface.data.image_ops.preprocess_image crops and resizes images to the model's size"
-            )
+        if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
+            raise self._shape_error(images.shape)
         if len(images) == 0:
             return {
                 t.name: np.zeros((0,) if t.is_binary else (0, t.num_classes), np.float32) for t in self.schema

@@ -773,7 +773,8 @@ def serve_main(args, stop_event: Optional[threading.Event] = None) -> int:
 
     Reads `model_dir`, and optionally `host`, `port`, `max_batch_size`,
     `batch_timeout_ms`, `no_batching`, `versions` ("latest"/"all"),
-    `max_image_side` from `args`. `stop_event` stops it too (embedding,
+    `version_labels` (a dict or (label, version) pairs), `max_image_side`
+    from `args`. `stop_event` stops it too (embedding,
     tests). Returns the exit code: 0; 2 after printing why it could not
     start for a bad folder, argument or taken port; 1 for other failures.
     """
@@ -783,6 +784,13 @@ def serve_main(args, stop_event: Optional[threading.Event] = None) -> int:
         return default if value is None else value
 
     stop = stop_event or threading.Event()
+    labels = arg("version_labels", None)
+    if labels is not None and not isinstance(labels, dict):  # (label, version) pairs from the CLI
+        pairs = list(labels)
+        labels = dict(pairs)
+        if len(labels) < len(pairs):
+            print("error: --version-label: a label is given twice", file=sys.stderr)
+            return 2
     try:
         server = LocalModelServer(
             model_dir=args.model_dir,
@@ -792,10 +800,10 @@ def serve_main(args, stop_event: Optional[threading.Event] = None) -> int:
             batch_timeout_ms=arg("batch_timeout_ms", 0.0),
             enable_batching=not arg("no_batching", False),
             versions=arg("versions", "latest"),
-            version_labels=arg("version_labels", None),
+            version_labels=labels,
             max_image_side=arg("max_image_side", 4096),
         )
-        port = server.start()
+        server.start()
     except (OSError, ValueError) as e:  # a missing or bad model folder, a taken port
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -38,7 +38,7 @@ from tfface.atomic_files import write_atomic
 from tfface.config import ConfigError
 from tfface.config import ExperimentConfig
 from tfface.data.pipeline import make_dataset
-from tfface.data.pipeline import named_decode_failure
+from tfface.data.pipeline import naming_undecodable_images
 from tfface.models.build import build_model
 from tfface.schema import get_schema
 
@@ -226,6 +226,8 @@ class TimeBudget(keras.callbacks.Callback):
         self.start = time.monotonic()
 
     def on_epoch_end(self, epoch, logs=None):
+        if self.model.stop_training or epoch + 1 >= self.params.get("epochs", float("inf")):
+            return  # early stopping (a callback before this one) or the last epoch ended the run
         if time.monotonic() - self.start > self.seconds:
             log.warning(
                 "time budget of %.1f min spent after epoch %d: stopping (run the same command again to continue)",
@@ -373,7 +375,7 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
         verbose = 1 if sys.stdout.isatty() else 2
 
     start = time.monotonic()
-    try:
+    with naming_undecodable_images(train_sources + val_sources):
         history = model.fit(
             train_ds,
             validation_data=val_ds,
@@ -382,11 +384,6 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
             verbose=verbose,
             shuffle=False,  # the pipeline shuffles
         )
-    except tf.errors.InvalidArgumentError as e:
-        named = named_decode_failure(e, train_sources + val_sources)
-        if named is None:
-            raise
-        raise named from None
     seconds = time.monotonic() - start
     if chief and val_ds is None:
         save_model_atomic(model, out / "model.keras")
@@ -394,7 +391,9 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
         "name": config.name,
         "output_dir": str(out),
         "model_path": str(out / "model.keras"),
-        "epochs_run": len(history.history.get("loss", [])),
+        # All epochs of the run, also when this call resumed or continued it
+        # (`history` and `train_seconds` cover this call only).
+        "epochs_run": int(getattr(model, "_initial_epoch", None) or 0) + len(history.history.get("loss", [])),
         "stopped_by": (
             "time_budget" if budget is not None and budget.stopped
             else "early_stopping" if early_stopping is not None and early_stopping.stopped_epoch > 0
