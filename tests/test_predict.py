@@ -252,3 +252,20 @@ def test_draw_faces_marks_boxes(model):
     drawn = np.asarray(draw_faces(image, result, model.schema))
     assert drawn.shape == image.shape
     assert (drawn[20, 40:90] != 255).any(axis=-1).all()  # the top edge of the box
+
+
+def test_wide_greyscale_images_are_scaled_not_clipped_to_white():
+    import io
+
+    from tfface.predict import load_image
+
+    ramp = np.linspace(0, 1, 64 * 64).reshape(64, 64)
+    for array, mode in (((ramp * 65535).astype(np.uint16), "I;16"), (ramp.astype(np.float32), "F")):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="TIFF" if mode == "F" else "PNG")
+        assert Image.open(io.BytesIO(buffer.getvalue())).mode == mode
+        image = load_image(buffer.getvalue(), mode)
+        assert image.dtype == np.uint8 and image.shape == (64, 64, 3)
+        # PIL's own RGB conversion would make nearly every pixel 255.
+        assert image.min() == 0 and image.max() == 255
+        assert abs(int(image[32, 32, 0]) - 128) <= 2

@@ -170,10 +170,23 @@ def test_conditional_hyperparameters_follow_their_parent():
         ({"dropout": {"type": "float", "min": 0, "max": 0.5}}, {"max_trials": 0}, r"max_trials must be"),
         ({"dropout": {"type": "float", "min": 0, "max": 0.5}}, {"trials": 3}, r"unknown tuning config key"),
         ({"dropout": {"type": "float", "min": 0, "max": 0.5}}, {"directory": 5}, r"directory must be a path, got 5"),
+        ({"learning_rate": {"type": "float", "min": 1e-4, "max": 1e-2, "sampling": "log", "step": 0.001}}, {},
+         r"step is a factor and must be in \(1, max / min\]"),
+        (
+            {
+                "gate": {"type": "choice", "values": ["static", "input_conditioned"]},
+                "gate_hidden": {"type": "choice", "values": [8, 16], "when": {"gate": "input_conditioned"}},
+                "dropout": {"type": "float", "min": 0, "max": 0.5, "when": {"gate_hidden": 8}},
+            },
+            {},
+            r"'gate_hidden' is itself conditional",
+        ),
+        ({"dropout": {"type": "float", "min": 0, "max": 0.5}}, {"time_budget_minutes": float("nan")}, r"time_budget_minutes must be"),
+        ({"dropout": {"type": "float", "min": 0, "max": 0.5}}, {"seed": -1}, r"seed must be an integer in 0..2\*\*32-1"),
     ],
 )
 def test_bad_config_is_refused_before_any_trial(tmp_path, monkeypatch, space, overrides, message):
-    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
     config = write_tuning(tmp_path, search_space="space.yaml", **overrides)
 
     def no_data(*args, **kwargs):
@@ -183,6 +196,32 @@ def test_bad_config_is_refused_before_any_trial(tmp_path, monkeypatch, space, ov
     with pytest.raises(ConfigError, match=message):
         run_search(config, verbose=0)
     assert not (tmp_path / "search").exists()
+
+
+def test_an_int_with_log_sampling_and_no_step_registers():
+    space = SearchSpace.from_dict({"embedding_dim": {"type": "int", "min": 8, "max": 64, "sampling": "log"}})
+    hp = kt.HyperParameters()
+    space.declare(hp)
+    assert 8 <= hp.get("embedding_dim") <= 64
+
+
+def test_resuming_over_another_space_or_experiment_is_refused(resumed_search, tmp_path):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(resumed_search["folder"], folder)
+    (folder / "narrow.yaml").write_text(yaml.safe_dump({"dropout": {"type": "float", "min": 0.4, "max": 0.5}}))
+    with pytest.raises(ConfigError, match="another search space"):
+        run_search(write_tuning(folder, max_trials=3, search_space="narrow.yaml"), verbose=0)
+    other = tiny_experiment()
+    other["data"]["batch_size"] = 16
+    with pytest.raises(ConfigError, match="another base experiment"):
+        run_search(write_tuning(folder, max_trials=3, experiment=other), verbose=0)
+    # The base experiment's name and output folder are no part of a trial.
+    renamed = tiny_experiment()
+    renamed["name"], renamed["train"]["output_dir"] = "renamed", "elsewhere"
+    tuning, base, space = search_module.prepare(write_tuning(folder, max_trials=2, experiment=renamed))
+    search_module._check_same_search(tuning.project_dir, tuning, base, space)
 
 
 def test_yaml_exponent_without_dot_is_a_number():
@@ -361,6 +400,20 @@ def test_search_where_every_trial_fails_raises_the_first_error(tmp_path, monkeyp
     summary = (tmp_path / "search" / "summary.md").read_text()
     assert summary.count("| failed |") == 2
     assert not (tmp_path / "search" / "best_config.yaml").exists()
+
+
+def test_a_search_keras_tuner_gives_up_on_is_reported_with_its_results(tmp_path, monkeypatch):
+    def broken_fit(self, hp, model, *args, **kwargs):
+        raise RuntimeError("fit exploded on purpose")
+
+    monkeypatch.setattr(FaceHyperModel, "fit", broken_fit)
+    # KerasTuner stops after 3 failed trials in a row, before max_trials:
+    # reported like any failed search, with the results written.
+    with pytest.raises(TuningError, match=r"all 3 trials failed") as error:
+        run_search(write_tuning(tmp_path, max_trials=5), verbose=0)
+    assert "fit exploded on purpose" in str(error.value) and "consecutive failures" in str(error.value)
+    assert (tmp_path / "search" / "summary.md").read_text().count("| failed |") == 3
+    assert (tmp_path / "search" / "results.json").is_file()
 
 
 def test_time_budget_stops_the_search(tmp_path):

@@ -113,11 +113,12 @@ class TuningConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be an integer in 0..2**32-1, got {self.seed!r}")
         if self.time_budget_minutes is not None and (
             isinstance(self.time_budget_minutes, bool)
             or not isinstance(self.time_budget_minutes, (int, float))
+            or not math.isfinite(self.time_budget_minutes)
             or self.time_budget_minutes <= 0
         ):
             raise ConfigError(f"time_budget_minutes must be a number > 0, got {self.time_budget_minutes!r}")
@@ -207,6 +208,9 @@ def _distributed_role() -> str:
     for var in ("KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER_ID"):
         if not os.environ.get(var):
             raise ConfigError(f"KERASTUNER_ORACLE_IP is set but {var} is not (distributed search needs both)")
+    port = os.environ["KERASTUNER_ORACLE_PORT"]
+    if not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ConfigError(f"KERASTUNER_ORACLE_PORT must be a port number (1-65535), got {port!r}")
     return "chief" if "chief" in os.environ["KERASTUNER_TUNER_ID"] else "worker"
 
 
@@ -438,7 +442,11 @@ def serve_oracle(oracle, deadline=None, poll_seconds=0.5) -> bool:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
     servicer = oracle_chief.OracleServicer(oracle)
     protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
-    if server.add_insecure_port(address) == 0:
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:  # newer grpc raises instead of returning 0
+        bound = 0
+    if bound == 0:
         raise ConfigError(f"the chief cannot listen on {address} (port in use?)")
     server.start()
     log.info("chief: oracle served on %s", address)
@@ -489,7 +497,7 @@ def run_search(
     role = _distributed_role()
     project_dir = tuning.project_dir
     if role != "worker":
-        _check_same_tuner(project_dir, tuning)
+        _check_same_search(project_dir, tuning, base, space)
     start = time.time()
     deadline = start + tuning.time_budget_minutes * 60.0 if tuning.time_budget_minutes else None
     if verbose == "auto":
@@ -510,13 +518,21 @@ def run_search(
     )
     tuner = make_tuner(tuning, hypermodel, deadline=deadline, on_trial_end_hook=on_trial_end)
     if role != "worker":
-        _write_meta(project_dir, tuning, space)
+        _write_meta(project_dir, tuning, base, space)
     fit_args = () if data is None else (data.train,)
     # The training stream is shuffled by the pipeline already.
     fit_kwargs = dict(epochs=tuning.epochs, verbose=verbose, shuffle=False)
     if data is not None:
         fit_kwargs["validation_data"] = data.val
-    tuner.search(*fit_args, **fit_kwargs)
+    aborted = None
+    try:
+        tuner.search(*fit_args, **fit_kwargs)
+    except RuntimeError as e:
+        # KerasTuner gives up after a few failed trials in a row; report
+        # them like any failed trial instead of with a traceback.
+        if "consecutive failures" not in str(e) or role == "worker":
+            raise
+        aborted = str(e)
     _release_memory()
 
     summary = {
@@ -531,25 +547,63 @@ def run_search(
     if role == "worker":
         return summary
     records = trial_records(tuner.oracle, space)
-    summary.update(write_results(project_dir, tuning, base, space, records))
+    try:
+        summary.update(write_results(project_dir, tuning, base, space, records))
+    except TuningError as e:
+        if aborted:
+            raise TuningError(f"{e}\n(KerasTuner stopped the search: {aborted})") from None
+        raise
+    if aborted:
+        failed = [r for r in records if r["status"] != "COMPLETED"]
+        first = failed[0] if failed else {"trial_id": "?", "message": None}
+        raise TuningError(
+            f"search {tuning.project} stopped: {aborted} ({len(failed)} of {len(records)} trials failed; see "
+            f"{summary['summary']}); first error (trial {first['trial_id']}):\n{first['message'] or '(no message)'}"
+        )
     return summary
 
 
-def _check_same_tuner(project_dir: Path, tuning: TuningConfig) -> None:
+def _check_same_search(project_dir: Path, tuning: TuningConfig, base: ExperimentConfig, space: SearchSpace) -> None:
+    """Refuses to resume a search as another tuner, over another space or
+    base experiment: KerasTuner would keep sampling the space stored in its
+    oracle and silently mix trials of two searches."""
     meta = project_dir / "search.json"
-    if meta.is_file():
-        try:
-            previous = json.loads(meta.read_text()).get("tuner")
-        except ValueError:
-            raise TuningError(f"{meta} is not valid JSON; remove {project_dir} to start the search over") from None
-        if previous and previous != tuning.tuner:
+    if not meta.is_file():
+        return
+    try:
+        previous = json.loads(meta.read_text())
+    except ValueError:
+        raise TuningError(f"{meta} is not valid JSON; remove {project_dir} to start the search over") from None
+    if previous.get("tuner") and previous["tuner"] != tuning.tuner:
+        raise ConfigError(
+            f"{project_dir} holds a {previous['tuner']} search; resuming it as {tuning.tuner} cannot work: "
+            f"use another project name or remove {project_dir}"
+        )
+    for key, now, what in (
+        ("space", _space_record(space), "search space"),
+        ("experiment", _experiment_record(base), "base experiment"),
+    ):
+        if key in previous and previous[key] != now:
             raise ConfigError(
-                f"{project_dir} holds a {previous} search; resuming it as {tuning.tuner} cannot work: "
-                f"use another project name or remove {project_dir}"
+                f"{project_dir} holds a search over another {what} ({meta} records the one it ran); "
+                f"resuming would mix trials of two searches: use another project name or remove {project_dir}"
             )
 
 
-def _write_meta(project_dir: Path, tuning: TuningConfig, space: SearchSpace) -> None:
+def _space_record(space: SearchSpace) -> list:
+    return json.loads(json.dumps([dataclasses.asdict(s) for s in space.specs], default=str))
+
+
+def _experiment_record(base: ExperimentConfig) -> dict:
+    """The base experiment's settings that shape a trial (not where its
+    runs would go, nor its name)."""
+    record = json.loads(json.dumps(base.to_dict(), default=str))
+    record.pop("name", None)
+    record.get("train", {}).pop("output_dir", None)
+    return record
+
+
+def _write_meta(project_dir: Path, tuning: TuningConfig, base: ExperimentConfig, space: SearchSpace) -> None:
     project_dir.mkdir(parents=True, exist_ok=True)
     meta = {
         "project": tuning.project,
@@ -558,6 +612,8 @@ def _write_meta(project_dir: Path, tuning: TuningConfig, space: SearchSpace) -> 
         "search_space": space.source,
         "hyperparameters": space.names,
         "objective": OBJECTIVE,
+        "space": _space_record(space),
+        "experiment": _experiment_record(base),
     }
     _write_json_atomic(project_dir / "search.json", meta, indent=2)
 

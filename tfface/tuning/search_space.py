@@ -134,7 +134,10 @@ class HyperParameterSpec:
             )
         if self.type == "int":
             return hp.Int(
-                self.name, int(self.min), int(self.max), step=int(self.step or 1), sampling=self.sampling,
+                # No step: KerasTuner's default (1 for linear; log sampling
+                # without a step samples continuously and rounds).
+                self.name, int(self.min), int(self.max), step=None if self.step is None else int(self.step),
+                sampling=self.sampling,
                 default=self.default,
             )
         if self.type == "choice":
@@ -371,8 +374,13 @@ def _parse_spec(key, raw, earlier) -> HyperParameterSpec:
         step = raw.get("step")
         if step is not None:
             step = _number(key, "step", step, integer)
-            if step <= 0 or step > high - low:
+            if sampling == "linear" and (step <= 0 or step > high - low):
                 raise ConfigError(f"hyperparameter '{key}': step must be in (0, max - min], got {step:g}")
+            if sampling != "linear" and (step <= 1 or step > high / low):
+                raise ConfigError(
+                    f"hyperparameter '{key}': with {sampling} sampling the step is a factor and must be in "
+                    f"(1, max / min], got {step:g}"
+                )
         spec.update(min=low, max=high, step=step, sampling=sampling)
         if raw.get("default") is not None:
             default = _number(key, "default", raw["default"], integer)
@@ -430,6 +438,12 @@ def _parse_when(key, when, earlier) -> tuple:
     if not parents:
         raise ConfigError(f"hyperparameter '{key}': 'when' parent '{parent_key}' must be declared above it")
     parent = parents[0]
+    if parent.when is not None:
+        raise ConfigError(
+            f"hyperparameter '{key}': 'when' parent '{parent_key}' is itself conditional (on "
+            f"'{parent.when[0]}'); nested conditions are not supported, make '{key}' depend on "
+            f"'{parent.when[0]}' instead"
+        )
     if parent.type not in ("choice", "boolean"):
         raise ConfigError(f"hyperparameter '{key}': 'when' parent '{parent_key}' must be a choice or boolean")
     values = values if isinstance(values, list) else [values]
