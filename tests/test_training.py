@@ -350,6 +350,18 @@ def test_cli_outputs_never_replace_inputs_or_models(model_files, tmp_path, capsy
 
     assert load_model(calibrated).schema.task_names == load_model(model).schema.task_names
 
+    # A config.yaml beside the model (here one that does not parse) only
+    # matters to --split and --calibrate, which take the training split from it.
+    beside = tmp_path / "beside"
+    beside.mkdir()
+    (beside / "model.keras").write_bytes(model_bytes)
+    (beside / "config.yaml").write_text("data: [unclosed")
+    assert cli_main(["evaluate", "--model", str(beside / "model.keras"), "--data", "synthetic:20",
+                     "--out", str(tmp_path / "ev2")]) == 0
+    assert cli_main(["evaluate", "--model", str(beside / "model.keras"), "--data", "synthetic:20",
+                     "--out", str(tmp_path / "ev3"), "--split", "val"]) == 2
+    assert "config.yaml" in capsys.readouterr().err
+
     # A dataset folder that is taken is refused before any faces are drawn.
     from tfface.data import synthetic
 

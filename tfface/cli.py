@@ -151,22 +151,22 @@ def _cmd_evaluate(args):
     if args.calibrate:
         _check_new_model_file(args.calibrate, args.model)
     model = load_model(args.model)
-    split = _training_split(args.model)
+    split_options = {}
     if args.split or args.calibrate:
+        # Only then does the run's config.yaml beside the model matter.
+        split = _training_split(args.model)
+        split_options = {"val_fraction": split["val_fraction"], "split_seed": split["split_seed"]}
         print(f"split: val_fraction {split['val_fraction']}, seed {split['split_seed']} ({split['from']})")
     if args.calibrate:
         from tfface.evaluation.calibration import calibrate_model
         from tfface.evaluation.evaluate import open_sources
 
-        val_sources = open_sources(
-            args.data, image_size=model.image_size, split="val",
-            val_fraction=split["val_fraction"], split_seed=split["split_seed"],
-        )
+        val_sources = open_sources(args.data, image_size=model.image_size, split="val", **split_options)
         thresholds = calibrate_model(model, val_sources)
         print(f"calibrated {len(thresholds)} thresholds on the validation split")
     metrics = evaluate_model(
         model, args.data, args.out, batch_size=args.batch_size, split=args.split, model_path=args.model,
-        val_fraction=split["val_fraction"], split_seed=split["split_seed"],
+        **split_options,
     )
     print_metrics(metrics)
     print(f"wrote {args.out}/metrics.json and report.md")

@@ -516,6 +516,12 @@ def run_search(
         schedule_epochs=tuning.trial_epochs,
         train_labels=data.train_labels if data is not None else None,
     )
+    if role == "worker":
+        # KerasTuner's client waits for the chief without a deadline: say for whom.
+        log.info(
+            "worker %s: connecting to the chief's oracle at %s:%s (start the chief if this waits)",
+            os.environ["KERASTUNER_TUNER_ID"], os.environ["KERASTUNER_ORACLE_IP"], os.environ["KERASTUNER_ORACLE_PORT"],
+        )
     tuner = make_tuner(tuning, hypermodel, deadline=deadline, on_trial_end_hook=on_trial_end)
     if role != "worker":
         _write_meta(project_dir, tuning, base, space)
