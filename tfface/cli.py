@@ -140,7 +140,9 @@ def _cmd_train(args):
     if args.epochs is not None:
         config.train.epochs = args.epochs
     summary = train(config)
-    print(f"trained {summary['epochs_run']} epochs in {summary['train_seconds']} s; model: {summary['model_path']}")
+    this_call = len(summary["history"].get("loss", []))
+    total = "" if this_call == summary["epochs_run"] else f" ({summary['epochs_run']} in the whole run)"
+    print(f"trained {this_call} epochs in {summary['train_seconds']} s{total}; model: {summary['model_path']}")
 
 
 def _cmd_evaluate(args):
