@@ -83,7 +83,10 @@ def _checked_decode(path):
 _DECODE_FAILURES = ("DecodeImage", "DecodeJpeg", "DecodePng", "Invalid PNG data", "jpeg::Uncompress", "Invalid JPEG data")
 
 
-def undecodable_images(sources, limit: int = 10) -> list:
+_UNDECODABLE_LIMIT = 10  # files named in one error
+
+
+def undecodable_images(sources, limit: int = _UNDECODABLE_LIMIT) -> list:
     """Paths of the first `limit` images of `sources` that TensorFlow cannot
     decode, found by decoding each file eagerly (slow: for error reports)."""
     bad = []
@@ -114,7 +117,7 @@ def naming_undecodable_images(sources):
         bad = undecodable_images(sources)
         if not bad:
             raise
-        more = " (and maybe more)" if len(bad) >= 10 else ""
+        more = " (and maybe more)" if len(bad) >= _UNDECODABLE_LIMIT else ""
         raise DataError(f"corrupt image file(s) that cannot be decoded{more}: {', '.join(bad)}; fix or remove them") from None
 
 

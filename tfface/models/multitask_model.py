@@ -255,6 +255,13 @@ class MultiTaskFaceModel(keras.Model):
             return False
         return not (self.compiled and self.jit_compile is True)
 
+    def _check_image_shape(self, shape) -> None:
+        """Raises unless `shape` is (B, S, S, 3); sizes not known yet (None) pass."""
+        shape = tuple(shape)
+        expected = (self.image_size, self.image_size, 3)
+        if len(shape) != 4 or any(d is not None and d != e for d, e in zip(shape[1:], expected)):
+            raise self._shape_error(shape)
+
     def _shape_error(self, shape) -> ValueError:
         return ValueError(
             f"images must have shape (B, {self.image_size}, {self.image_size}, 3) (or one image without B "
@@ -264,16 +271,13 @@ class MultiTaskFaceModel(keras.Model):
 
     def call(self, inputs, training=None, mask=None):
         image = inputs["image"] if isinstance(inputs, dict) else inputs
-        expected = (self.image_size, self.image_size, 3)
-        known = tuple(image.shape[1:])
-        if len(known) != 3 or any(d is not None and d != e for d, e in zip(known, expected)):
-            raise self._shape_error(image.shape)
-        if None in known and self._runtime_checks():
+        self._check_image_shape(image.shape)
+        if None in tuple(image.shape[1:]) and self._runtime_checks():
             # A retraced function relaxes the static shape; check at run time.
             import tensorflow as tf
 
             check = tf.debugging.assert_equal(
-                tf.shape(image)[1:], tf.constant(expected, tf.int32),
+                tf.shape(image)[1:], tf.constant((self.image_size, self.image_size, 3), tf.int32),
                 message=f"image batch must have shape (B, {self.image_size}, {self.image_size}, 3)",
             )
             with tf.control_dependencies([check]):
@@ -307,8 +311,7 @@ class MultiTaskFaceModel(keras.Model):
         image = x.get("image") if isinstance(x, Mapping) else x
         shape = getattr(image, "shape", None)
         if shape is not None and not hasattr(x, "element_spec"):
-            if len(shape) != 4 or tuple(shape[1:]) != (self.image_size, self.image_size, 3):
-                raise self._shape_error(shape)
+            self._check_image_shape(shape)
         return super().predict(x, *args, **kwargs)
 
     def predict_tasks(self, images, batch_size=64):
@@ -320,8 +323,7 @@ class MultiTaskFaceModel(keras.Model):
         images = np.asarray(images, np.float32)
         if images.ndim == 3:
             images = images[None]
-        if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
-            raise self._shape_error(images.shape)
+        self._check_image_shape(images.shape)
         if len(images) == 0:
             return {
                 t.name: np.zeros((0,) if t.is_binary else (0, t.num_classes), np.float32) for t in self.schema
