@@ -463,6 +463,14 @@ def test_predict_out_is_replaced_only_by_a_complete_run(model_files, tmp_path, m
     assert json.loads((tmp_path / "faces.jsonl.partial").read_text())["image"] == str(photo)
     assert "results so far are in" in capsys.readouterr().err
 
+    # Running again keeps the first run's partial results under another name.
+    first = (tmp_path / "faces.jsonl.partial").read_text()
+    with pytest.raises(RuntimeError, match="detector crashed"):
+        cli_main(argv)
+    assert (tmp_path / "faces.jsonl.partial.1").read_text() == first
+    assert (tmp_path / "faces.jsonl.partial").is_file()
+    assert "moved from" in capsys.readouterr().err
+
 
 @pytest.mark.parametrize(
     "kill, strategy", [("before_backup", "default"), ("during_backup", "default"), ("during_backup", "mirrored")]

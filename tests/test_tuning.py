@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import keras
@@ -183,6 +184,7 @@ def test_conditional_hyperparameters_follow_their_parent():
         ),
         ({"dropout": {"type": "float", "min": 0, "max": 0.5}}, {"time_budget_minutes": float("nan")}, r"time_budget_minutes must be"),
         ({"dropout": {"type": "float", "min": 0, "max": 0.5}}, {"seed": -1}, r"seed must be an integer in 0..2\*\*32-1"),
+        ({"dropout": {"type": "float", "min": 0, "max": 0.5}}, {"chief_wait_minutes": 0}, r"chief_wait_minutes must be"),
     ],
 )
 def test_bad_config_is_refused_before_any_trial(tmp_path, monkeypatch, space, overrides, message):
@@ -481,3 +483,17 @@ def test_distributed_search_with_chief_and_two_workers(tmp_path):
     assert [r["status"] for r in results["trials"]] == ["COMPLETED", "COMPLETED"]
     assert (tmp_path / "distributed" / "best_config.yaml").is_file()
     assert "best trial" in logs["chief"].read_text()
+
+
+def test_a_worker_without_a_chief_stops_with_the_address_it_tried(tmp_path, monkeypatch):
+    config = write_tuning(tmp_path, project="lonely", chief_wait_minutes=0.02)
+    port = _free_port()  # nothing listens there
+    monkeypatch.setenv("KERASTUNER_ORACLE_IP", "127.0.0.1")
+    monkeypatch.setenv("KERASTUNER_ORACLE_PORT", str(port))
+    monkeypatch.setenv("KERASTUNER_TUNER_ID", "tuner0")
+    fake_data = types.SimpleNamespace(steps_per_epoch=1, train_labels=None, train=None, val=None)
+    monkeypatch.setattr(search_module, "load_search_data", lambda base: fake_data)
+    started = time.monotonic()
+    with pytest.raises(TuningError, match=rf"worker tuner0: no chief answered at 127.0.0.1:{port} within 0.02 min"):
+        run_search(config, verbose=0)
+    assert time.monotonic() - started < 30

@@ -37,7 +37,7 @@ import os
 import sys
 import time
 from collections import deque
-from itertools import islice
+from itertools import count, islice
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
@@ -548,13 +548,22 @@ def expand_inputs(inputs: Sequence) -> list[Path]:
 def _results_file(out_path):
     """The --out stream: results go to OUT.partial and replace an earlier OUT
     only when the run completes; a run that stops keeps what it wrote in
-    OUT.partial (and says so). A pipe or device is written directly."""
+    OUT.partial (and says so); the next run moves such a file to
+    OUT.partial.N first. A pipe or device is written directly."""
     out = Path(os.path.realpath(out_path))
     if out.exists() and not out.is_file():
         with open(out, "w") as stream:
             yield stream
         return
     partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        kept = next(
+            candidate
+            for candidate in (partial.with_name(f"{partial.name}.{n}") for n in count(1))
+            if not candidate.exists()
+        )
+        os.rename(partial, kept)
+        print(f"predict: an earlier stopped run's results were moved from {partial} to {kept}", file=sys.stderr)
     stream = open(partial, "w")
     try:
         yield stream

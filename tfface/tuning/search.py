@@ -76,6 +76,7 @@ class TuningConfig:
     hyperband_iterations: int = 1  # hyperband
     seed: int = 0
     time_budget_minutes: Optional[float] = None  # whole search, per invocation
+    chief_wait_minutes: float = 10.0  # distributed: how long a worker waits for the chief
     directory: str = "."  # results: <directory>/<project>/
     source: Optional[Path] = dataclasses.field(default=None, repr=False)
 
@@ -122,6 +123,13 @@ class TuningConfig:
             or self.time_budget_minutes <= 0
         ):
             raise ConfigError(f"time_budget_minutes must be a number > 0, got {self.time_budget_minutes!r}")
+        if (
+            isinstance(self.chief_wait_minutes, bool)
+            or not isinstance(self.chief_wait_minutes, (int, float))
+            or not math.isfinite(self.chief_wait_minutes)
+            or self.chief_wait_minutes <= 0
+        ):
+            raise ConfigError(f"chief_wait_minutes must be a number > 0, got {self.chief_wait_minutes!r}")
         if not isinstance(self.experiment, (dict, str)):
             raise ConfigError("experiment must be a mapping (an inline experiment config) or a path to one")
         for key in ("search_space", "directory"):
@@ -212,6 +220,28 @@ def _distributed_role() -> str:
     if not port.isdigit() or not 0 < int(port) <= 65535:
         raise ConfigError(f"KERASTUNER_ORACLE_PORT must be a port number (1-65535), got {port!r}")
     return "chief" if "chief" in os.environ["KERASTUNER_TUNER_ID"] else "worker"
+
+
+def _wait_for_chief(minutes: float) -> None:
+    """Waits for the chief's oracle to accept connections, for at most
+    `minutes`. KerasTuner's own client would wait an hour on its first call
+    and then fail with a bare DEADLINE_EXCEEDED traceback."""
+    import grpc
+
+    tuner_id = os.environ["KERASTUNER_TUNER_ID"]
+    target = f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
+    log.info("worker %s: waiting up to %g min for the chief's oracle at %s", tuner_id, minutes, target)
+    channel = grpc.insecure_channel(target)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=minutes * 60.0)
+    except grpc.FutureTimeoutError:
+        raise TuningError(
+            f"worker {tuner_id}: no chief answered at {target} within {minutes:g} min (chief_wait_minutes); "
+            f"start the chief (KERASTUNER_TUNER_ID=chief, same config) or check "
+            f"KERASTUNER_ORACLE_IP and KERASTUNER_ORACLE_PORT"
+        ) from None
+    finally:
+        channel.close()
 
 
 def _stop_at_deadline_callback(deadline):
@@ -517,11 +547,7 @@ def run_search(
         train_labels=data.train_labels if data is not None else None,
     )
     if role == "worker":
-        # KerasTuner's client waits for the chief without a deadline: say for whom.
-        log.info(
-            "worker %s: connecting to the chief's oracle at %s:%s (start the chief if this waits)",
-            os.environ["KERASTUNER_TUNER_ID"], os.environ["KERASTUNER_ORACLE_IP"], os.environ["KERASTUNER_ORACLE_PORT"],
-        )
+        _wait_for_chief(tuning.chief_wait_minutes)
     tuner = make_tuner(tuning, hypermodel, deadline=deadline, on_trial_end_hook=on_trial_end)
     if role != "worker":
         _write_meta(project_dir, tuning, base, space)
