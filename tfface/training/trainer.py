@@ -128,14 +128,15 @@ def _has_run_outputs(out: Path) -> bool:
     if _is_resuming(out) or any((out / name).exists() for name in named):
         return True
     # A history with no epoch row is what a kill during the first epoch leaves.
-    return _has_history_rows(out / "history.csv")
+    return bool(_history_rows(out / "history.csv"))
 
 
-def _has_history_rows(history_file: Path) -> bool:
+def _history_rows(history_file: Path) -> list:
+    """The epoch rows of a run's history.csv (dicts; none when it is absent)."""
     if not history_file.is_file():
-        return False
+        return []
     with open(history_file, newline="") as f:
-        return len([line for line in f.read().splitlines() if line.strip()]) > 1
+        return list(csv.DictReader(f))
 
 
 def _is_resuming(out: Path) -> bool:
@@ -145,10 +146,7 @@ def _is_resuming(out: Path) -> bool:
 
 def _monitored_history(history_file: Path) -> list:
     """The monitored validation score of every epoch logged before a resume."""
-    if not history_file.is_file():
-        return []
-    with open(history_file, newline="") as f:
-        return [float(row[MONITOR]) for row in csv.DictReader(f) if row.get(MONITOR) not in (None, "", "nan")]
+    return [float(row[MONITOR]) for row in _history_rows(history_file) if row.get(MONITOR) not in (None, "", "nan")]
 
 
 def _trim_history(history_file: Path, start_epoch: int) -> None:
