@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import keras
+import numpy as np
 import pytest
 import yaml
 
@@ -520,3 +522,50 @@ def test_an_unreadable_backup_is_named_and_left_in_place(tmp_path):
     with pytest.raises(ConfigError, match="resume backup in .*backup cannot be read"):
         train(config, verbose=0)
     assert (run / "backup" / "latest.weights.h5").read_bytes() == b"not hdf5"
+
+
+def test_mask_pretraining_trains_the_predictor_first_and_keeps_it_frozen(tmp_path, monkeypatch):
+    from tfface.models import mask_predictor
+    from tfface.training.trainer import train
+
+    raw = json.loads(json.dumps(TINY))
+    raw["model"].update(type="mask_guided", mask_channels=[8, 16, 32], mask_trainable=False)
+    raw["train"].update(epochs=1, mask_pretrain_epochs=1, output_dir=str(tmp_path / "run"))
+    config = ExperimentConfig.from_dict(raw)
+    pretrained = {}
+    original = mask_predictor.pretrain_mask_predictor
+
+    def recording(model, *args, **kwargs):
+        history = original(model, *args, **kwargs)
+        pretrained["weights"] = [w.copy() for w in model.get_layer("mask_predictor").get_weights()]
+        pretrained["freeze"] = kwargs["freeze"]
+        return history
+
+    monkeypatch.setattr(mask_predictor, "pretrain_mask_predictor", recording)
+    summary = train(config, verbose=0)
+    assert pretrained["freeze"] is True
+    assert summary["mask_pretraining"]["epochs"] == 1 and summary["mask_pretraining"]["frozen"]
+    assert len(summary["mask_pretraining"]["history"]["mask_iou"]) == 1
+    saved = keras.models.load_model(Path(summary["output_dir"]) / "model.keras")
+    predictor = saved.get_layer("mask_predictor")
+    assert predictor.trainable_weights == [] and not saved.model_config.mask_trainable
+    # The attribute epoch left the pretrained predictor (BN statistics included) as it was.
+    for before, after in zip(pretrained["weights"], predictor.get_weights()):
+        np.testing.assert_array_equal(after, before)
+
+
+@pytest.mark.parametrize(
+    "model, train_keys, message",
+    [
+        ({"type": "mask_guided", "mask_trainable": False}, {}, r"mask_trainable: false freezes the mask predictor"),
+        ({"type": "gated"}, {"mask_pretrain_epochs": 2}, r"mask_pretrain_epochs trains the mask predictor"),
+        ({"type": "mask_guided", "fusion": "global"}, {"mask_pretrain_epochs": 2}, r"fusion 'global'\) has none"),
+        ({"type": "mask_guided"}, {"mask_pretrain_epochs": -1}, r"train.mask_pretrain_epochs must be >= 0"),
+    ],
+)
+def test_a_mask_schedule_that_cannot_train_the_predictor_is_refused(model, train_keys, message):
+    raw = json.loads(json.dumps(TINY))
+    raw["model"].update(model, mask_channels=[8, 16, 32])
+    raw["train"].update(train_keys)
+    with pytest.raises(ConfigError, match=message):
+        ExperimentConfig.from_dict(raw)

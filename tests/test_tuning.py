@@ -497,3 +497,29 @@ def test_a_worker_without_a_chief_stops_with_the_address_it_tried(tmp_path, monk
     with pytest.raises(TuningError, match=rf"worker tuner0: no chief answered at 127.0.0.1:{port} within 0.02 min"):
         run_search(config, verbose=0)
     assert time.monotonic() - started < 30
+
+
+def test_a_frozen_mask_predictor_is_searched_only_with_pretraining(tmp_path):
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(yaml.safe_dump({"mask_trainable": {"type": "choice", "values": [True, False]}}))
+    experiment = tiny_experiment("mask_guided", schema="synthetic")
+    base = ExperimentConfig.from_dict(experiment)
+    with pytest.raises(ConfigError, match=r"'mask_trainable': value False is refused: .*mask_pretrain_epochs > 0"):
+        SearchSpace.load(space_file).check(base)
+
+    experiment["train"]["mask_pretrain_epochs"] = 1
+    base = ExperimentConfig.from_dict(experiment)
+    space = SearchSpace.load(space_file).check(base)
+    data = open_source("synthetic:64", image_size=32)
+    from tfface.data.pipeline import make_dataset
+    from tfface.schema import get_schema
+
+    train = make_dataset([data], get_schema("synthetic"), 32, batch_size=32, training=True, with_masks=True)
+    hypermodel = hypermodel_for(base, space, steps_per_epoch=2, schedule_epochs=1)
+    hp = _sample(space, {"mask_trainable": False}, 0)
+    model = hypermodel.build(hp)
+    predictor = model.get_layer("mask_predictor")
+    untrained = [w.copy() for w in predictor.get_weights()]
+    hypermodel.fit(hp, model, train, epochs=1, verbose=0, shuffle=False)
+    assert predictor.trainable_weights == []
+    assert any(np.abs(a - b).max() > 0 for a, b in zip(predictor.get_weights(), untrained))  # it was pretrained

@@ -168,6 +168,10 @@ class TrainConfig:
     mixed_precision: str = "auto"  # "auto" (on with a GPU), "on", "off"
     seed: int = 0
     output_dir: str = "runs/default"
+    # Mask-guided model: epochs that train the mask predictor alone on the
+    # landmark masks before the attribute network (MGMTN's stage 1; the
+    # predictor is then frozen when model.mask_trainable is false).
+    mask_pretrain_epochs: int = 0
 
 
 @dataclasses.dataclass
@@ -212,7 +216,7 @@ class ExperimentConfig:
             raise ConfigError(f"train.steps_per_epoch must be >= 1 (or null for one pass), got {self.train.steps_per_epoch}")
         if self.train.time_budget_minutes is not None and self.train.time_budget_minutes <= 0:
             raise ConfigError(f"train.time_budget_minutes must be > 0 (or null), got {self.train.time_budget_minutes}")
-        for key in ("weight_decay", "warmup_epochs", "early_stopping_patience"):
+        for key in ("weight_decay", "warmup_epochs", "early_stopping_patience", "mask_pretrain_epochs"):
             if getattr(self.train, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self.train, key)}")
         for key, value in (("train.seed", self.train.seed), ("data.split_seed", self.data.split_seed)):
@@ -220,6 +224,7 @@ class ExperimentConfig:
                 raise ConfigError(f"{key} must be in 0..2**32-1, got {value}")
         if not self.train.output_dir:
             raise ConfigError("train.output_dir must not be empty")
+        self._check_mask_schedule()
         _check_choice("train.optimizer", self.train.optimizer, ("adamw", "adam", "sgd"))
         _check_choice("train.strategy", self.train.strategy, ("default", "mirrored", "multi_worker"))
         _check_choice("train.mixed_precision", self.train.mixed_precision, ("auto", "on", "off"))
@@ -234,6 +239,22 @@ class ExperimentConfig:
                 f"model.loss_weights has unknown keys {unknown}: use task names or {LOSS_FAMILIES}"
             )
         return self
+
+    def _check_mask_schedule(self) -> None:
+        """A frozen mask predictor must be pretrained first: frozen from the
+        start it would pool under the masks of an untrained network."""
+        predicts_masks = self.model.type == "mask_guided" and self.model.fusion != "global"
+        if self.train.mask_pretrain_epochs > 0 and not predicts_masks:
+            raise ConfigError(
+                "train.mask_pretrain_epochs trains the mask predictor of a mask-guided model with fusion "
+                f"'group' or 'group_global'; this model (type {self.model.type!r}, fusion {self.model.fusion!r}) has none"
+            )
+        if predicts_masks and not self.model.mask_trainable and self.train.mask_pretrain_epochs == 0:
+            raise ConfigError(
+                "model.mask_trainable: false freezes the mask predictor, which would then never be trained: "
+                "set train.mask_pretrain_epochs > 0 (pretrain it, then freeze it: the paper's schedule) "
+                "or keep mask_trainable true (trained jointly through model.mask_loss_weight)"
+            )
 
     # --- (de)serialisation --------------------------------------------------
     def to_dict(self) -> dict:

@@ -21,7 +21,8 @@ Ablations (all `ModelConfig` fields):
   `_group_masks`), so both variants have the same weights:
   `landmark_mask_variant(model)` turns a trained model into the other.
 * `mask_trainable`: False freezes the predictor (after
-  `tfface.models.mask_predictor.pretrain_mask_predictor`).
+  `tfface.models.mask_predictor.pretrain_mask_predictor`, which
+  `tfface train` runs for `train.mask_pretrain_epochs`).
 """
 
 import dataclasses

@@ -319,16 +319,20 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
     keras.utils.set_random_seed(config.train.seed)
     mixed = _mixed_precision(config.train.mixed_precision)
     train_ds, val_ds = make_datasets(config, schema, train_sources, val_sources)
+    resuming = _is_resuming(out)
+    if verbose == "auto":
+        verbose = 1 if sys.stdout.isatty() else 2
 
     with strategy.scope():
         model = build_model(schema, config.model, training_labels(schema, train_sources))
+        # A resumed run's backup holds the pretrained predictor already.
+        mask_pretraining = None if resuming else pretrain_masks(config, model, train_ds, val_ds, verbose)
         optimizer = _optimizer(config, train_ds)
         model.compile(optimizer=optimizer)
         if config.train.strategy == "multi_worker":
             _rank_one_logs(model)
 
     chief = _is_chief()
-    resuming = _is_resuming(out)
     # Two backups: a kill while the newest is written leaves the one before.
     backup = keras.callbacks.BackupAndRestore(str(out / "backup"), double_checkpoint=True)
     history_file = out / "history.csv"
@@ -369,8 +373,6 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
     if config.train.time_budget_minutes:
         budget = TimeBudget(config.train.time_budget_minutes, backup=backup)
         callbacks.append(budget)
-    if verbose == "auto":
-        verbose = 1 if sys.stdout.isatty() else 2
 
     start = time.monotonic()
     with naming_undecodable_images(train_sources + val_sources):
@@ -410,6 +412,7 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
         ],
         "val_examples": int(sum(len(s) for s in val_sources)),
         "mixed_precision": mixed,
+        "mask_pretraining": mask_pretraining,
         "parameters": int(model.count_params()),
         "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
         "config": dataclasses.asdict(config),
@@ -417,6 +420,34 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
     if chief:
         write_atomic(out / "train_summary.json", json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def pretrain_masks(config: ExperimentConfig, model, train_ds, val_ds, verbose):
+    """MGMTN's stage 1 when `train.mask_pretrain_epochs` asks for it: the mask
+    predictor alone on the landmark masks, then frozen unless
+    `model.mask_trainable`. Returns its epochs, time and history, or None."""
+    epochs = config.train.mask_pretrain_epochs
+    if not epochs:
+        return None
+    from tfface.models.mask_predictor import pretrain_mask_predictor
+
+    log.info("pretraining the mask predictor for %d epoch(s) on the landmark masks", epochs)
+    start = time.monotonic()
+    history = pretrain_mask_predictor(
+        model,
+        train_ds,
+        epochs=epochs,
+        learning_rate=config.train.learning_rate,
+        validation_data=val_ds,
+        freeze=not config.model.mask_trainable,
+        verbose=verbose,
+    )
+    return {
+        "epochs": epochs,
+        "seconds": round(time.monotonic() - start, 1),
+        "frozen": not config.model.mask_trainable,
+        "history": {k: [float(v) for v in values] for k, values in history.history.items()},
+    }
 
 
 def _optimizer(config, train_ds):

@@ -71,6 +71,13 @@ class FaceHyperModel(keras_tuner.HyperModel):
         )
 
     def fit(self, hp, model, *args, **kwargs):
+        config = self.trial_config(hp)
+        # Hyperband's later rounds start from a trial's saved weights, whose
+        # predictor is pretrained already.
+        if "tuner/trial_id" not in hp.values:
+            from tfface.training.trainer import pretrain_masks
+
+            pretrain_masks(config, model, args[0] if args else kwargs["x"], None, kwargs.get("verbose", "auto"))
         return model.fit(*args, **kwargs)
 
 
