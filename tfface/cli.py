@@ -415,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="the main job on synthetic data: generate, train, evaluate, export, serve, query",
     )
-    p.add_argument("--workdir", default="runs/demo", help="folder for the data, run and export (an earlier demo there is replaced)")
+    p.add_argument("--workdir", default="runs/demo", help="folder for the run (train/), evaluation (eval/) and SavedModels (saved_models/): an earlier demo's run and evaluation are replaced, each export adds a version")
     p.add_argument("--num-images", type=_positive_int, default=4000, help="synthetic faces to generate")
     p.add_argument("--epochs", type=_positive_int, default=12, help="training epochs")
     p.set_defaults(func=_cmd_demo)
