@@ -116,20 +116,12 @@ class TuningConfig:
                 raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
             raise ConfigError(f"seed must be an integer in 0..2**32-1, got {self.seed!r}")
-        if self.time_budget_minutes is not None and (
-            isinstance(self.time_budget_minutes, bool)
-            or not isinstance(self.time_budget_minutes, (int, float))
-            or not math.isfinite(self.time_budget_minutes)
-            or self.time_budget_minutes <= 0
-        ):
-            raise ConfigError(f"time_budget_minutes must be a number > 0, got {self.time_budget_minutes!r}")
-        if (
-            isinstance(self.chief_wait_minutes, bool)
-            or not isinstance(self.chief_wait_minutes, (int, float))
-            or not math.isfinite(self.chief_wait_minutes)
-            or self.chief_wait_minutes <= 0
-        ):
-            raise ConfigError(f"chief_wait_minutes must be a number > 0, got {self.chief_wait_minutes!r}")
+        for key in ("time_budget_minutes", "chief_wait_minutes"):
+            value = getattr(self, key)
+            if value is None and key == "time_budget_minutes":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"{key} must be a number > 0, got {value!r}")
         if not isinstance(self.experiment, (dict, str)):
             raise ConfigError("experiment must be a mapping (an inline experiment config) or a path to one")
         for key in ("search_space", "directory"):
