@@ -201,11 +201,21 @@ def test_predict_main_writes_json_lines_and_drawings(model, detector, photos, tm
     assert set(by_name) == {"bad.jpg", "none.png", "one.jpg", "two.png"}  # notes.txt skipped
     assert [len(by_name[n]["faces"]) for n in ("none.png", "one.jpg", "two.png")] == [0, 1, 2]
     assert by_name["bad.jpg"]["error"] and "bad.jpg" in capsys.readouterr().err
-    drawn = sorted(p.name for p in draw.iterdir())
+    drawn = sorted(p.name for p in draw.iterdir() if p.name != ".tfface-drawings")
     assert drawn == ["none.png", "one.png", "two.png"]
     with Image.open(draw / "two.png") as image:
         drawing = np.asarray(image.convert("RGB"))
     assert drawing.shape == photos[2].shape and not np.array_equal(drawing, photos[2])
+    # Running again replaces the earlier drawings in tfface's own folder...
+    assert main(["predict", str(folder), "--model", str(model_path), "--draw", str(draw)]) == 0
+    # ...but never a file in a folder it did not draw into (here a user's photo one.png).
+    album = tmp_path / "album"
+    album.mkdir()
+    Image.fromarray(photos[0]).save(album / "one.png")
+    before = (album / "one.png").read_bytes()
+    assert main(["predict", str(folder / "one.jpg"), "--model", str(model_path), "--draw", str(album)]) == 2
+    assert "already holds one.png, which tfface predict did not draw" in capsys.readouterr().err
+    assert (album / "one.png").read_bytes() == before
 
     assert main(["predict", str(tmp_path / "nowhere"), "--model", str(model_path)]) == 2
 

@@ -575,15 +575,28 @@ def _results_file(out_path):
     os.replace(partial, out)
 
 
+# Marks a --draw folder as tfface's own, so a later run may replace its
+# drawings; in any other folder an existing file is never overwritten.
+DRAWINGS_MARKER = ".tfface-drawings"
+
+
 def _drawing_paths(folder: Path, paths: Sequence[Path]) -> list[Path]:
     """One PNG per input, named after it; refused up front when a drawing
-    would land on an input image (e.g. --draw pointing at the photo folder)."""
+    would land on an input image (e.g. --draw pointing at the photo folder)
+    or on a file of a folder tfface did not draw into."""
     used: set = set()
     drawings = [_drawing_path(folder, str(path), used) for path in paths]
     inputs = {path.resolve() for path in paths}
     clash = next((d for d in drawings if d.resolve() in inputs), None)
     if clash is not None:
         raise FileExistsError(f"--draw {folder} would overwrite the input image {clash}; choose another folder")
+    if not (folder / DRAWINGS_MARKER).exists():
+        taken = next((d for d in drawings if d.exists()), None)
+        if taken is not None:
+            raise FileExistsError(
+                f"--draw {folder} already holds {taken.name}, which tfface predict did not draw; "
+                "choose a new or empty folder"
+            )
     return drawings
 
 
@@ -619,6 +632,7 @@ def predict_main(args) -> int:
     analyzer = FaceAnalyzer(model, batch_size=batch_size)
     if draw_dir is not None:
         draw_dir.mkdir(parents=True, exist_ok=True)
+        (draw_dir / DRAWINGS_MARKER).touch()
     counts = {"images": 0, "faces": 0, "no_face": 0, "unreadable": 0}
     with contextlib.ExitStack() as stack:
         if out_path:
