@@ -1,6 +1,7 @@
 """Tests for tfface.evaluation: metrics, subgroups, outputs, calibration."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -257,6 +258,32 @@ def test_an_image_that_does_not_decode_is_named_and_earlier_outputs_kept(tiny_mo
     with pytest.raises(ValueError, match=f"corrupt image file.*{victim.name}"):
         evaluate_model(tiny_model, str(folder), out, batch_size=4)
     assert (out / "metrics.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"", "empty image file: "), (b"hello, not pixels", r"not an image file \(JPEG, PNG.*\): ")],
+)
+def test_a_file_that_is_no_image_is_named_in_one_line(tiny_model, tmp_path, content, message):
+    from tfface.data.synthetic import write_synthetic_folder
+
+    folder = write_synthetic_folder(synthetic_source(n=8), tmp_path / "faces")
+    victim = sorted((folder / "images").iterdir())[2]
+    victim.write_bytes(content)
+    with pytest.raises(ValueError, match=f"^{message}{re.escape(str(victim))}; fix or remove it$"):
+        evaluate_model(tiny_model, str(folder), tmp_path / "eval", batch_size=4)
+
+
+def test_a_folder_named_like_an_image_is_no_image(tmp_path):
+    from tfface.data.sources import open_source
+    from tfface.data.synthetic import write_synthetic_folder
+
+    folder = write_synthetic_folder(synthetic_source(n=8), tmp_path / "faces")
+    victim = sorted((folder / "images").iterdir())[2]
+    victim.unlink()
+    victim.mkdir()
+    with pytest.raises(ValueError, match=f"attributes.csv, line 4: image file not found: {re.escape(str(victim))}$"):
+        open_source(str(folder))
 
 
 def test_data_without_any_label_value_is_refused_before_predicting(tiny_model, tmp_path, monkeypatch):

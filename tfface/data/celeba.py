@@ -22,6 +22,7 @@ from tfface.data.source import DataError, FaceSource
 from tfface.data.sources import (
     BadRows,
     csv_rows,
+    image_file_names,
     images_dir,
     is_image_name,
     note,
@@ -247,10 +248,7 @@ def _read_attribute_txt(path: Path, bad: BadRows, problems) -> _Labels:
 
 
 def _rows_with_images(labels: _Labels, image_root: Path, bad: BadRows) -> list:
-    try:
-        present = set(os.listdir(image_root))
-    except OSError as e:
-        raise DataError(f"cannot list images in {image_root}: {e}") from None
+    present = image_file_names(image_root)
     keep = []
     for i, (image_id, line) in enumerate(zip(labels.image_ids, labels.lines)):
         found = image_id in present if "/" not in image_id else (image_root / image_id).is_file()

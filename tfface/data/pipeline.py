@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 
 import numpy as np
 import tensorflow as tf
@@ -48,6 +49,15 @@ def mask_size_for(image_size: int) -> int:
 # --- per-source datasets --------------------------------------------------------
 
 
+# What _checked_decode's asserts say, each followed by the file's path.
+_FILE_PROBLEMS = (
+    "empty image file: ",
+    "not an image file (JPEG, PNG, GIF, BMP, WebP or JPEG XL): ",
+    "corrupt or truncated image file: ",
+)
+_FILE_PROBLEM = re.compile(r"\[((?:%s)[^\]]*)\]" % "|".join(re.escape(p) for p in _FILE_PROBLEMS))
+
+
 def _checked_decode(path):
     """Reads and decodes one file; a corrupt or truncated file fails naming it."""
     data = tf.io.read_file(path)
@@ -66,11 +76,7 @@ def _checked_decode(path):
     # inside the decoder without naming the file.
     is_other = has_other_decodable_header(data)
     checks = []
-    for ok, problem in (
-        (length > 0, "empty image file: "),
-        (is_jpeg | is_png | is_other, "not an image file (JPEG, PNG, GIF, BMP, WebP or JPEG XL): "),
-        (is_png | is_other | jpeg_end_ok, "corrupt or truncated image file: "),
-    ):
+    for ok, problem in zip((length > 0, is_jpeg | is_png | is_other, is_png | is_other | jpeg_end_ok), _FILE_PROBLEMS):
         # Chained, so the first check that fails is the one reported.
         with tf.control_dependencies(checks):
             checks = [tf.debugging.Assert(ok, [tf.strings.join([problem, path])], summarize=1)]
@@ -111,6 +117,9 @@ def naming_undecodable_images(sources):
     try:
         yield
     except tf.errors.InvalidArgumentError as error:
+        named = _FILE_PROBLEM.search(str(error))
+        if named:  # the file checks named it already, inside TensorFlow's error
+            raise DataError(f"{named.group(1)}; fix or remove it") from None
         if not any(marker in str(error) for marker in _DECODE_FAILURES):
             raise
         logging.getLogger(__name__).warning("an image does not decode: looking for it (decodes every image once)")

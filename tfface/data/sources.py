@@ -70,6 +70,16 @@ def _has_utkface_names(root: Path, sample: int = 50) -> bool:
     return bool(names) and sum(bool(UTKFACE_NAME.match(n)) for n in names) * 2 >= len(names)
 
 
+def image_file_names(image_root: Path) -> set:
+    """Names of the plain files in `image_root` (a folder named like an
+    image is no image: reading it would fail deep inside tf.data)."""
+    try:
+        with os.scandir(image_root) as entries:
+            return {entry.name for entry in entries if entry.is_file()}
+    except OSError as e:
+        raise DataError(f"cannot list images in {image_root}: {e}") from None
+
+
 def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 

@@ -20,6 +20,7 @@ from tfface.data.sources import (
     UTKFACE_NAME,
     BadRows,
     csv_rows,
+    image_file_names,
     images_dir,
     is_image_name,
     note,
@@ -103,10 +104,7 @@ def _read_labels_csv(path: Path, image_root: Path, bad: BadRows):
     if missing:
         raise DataError(f"{path}, line 1: header lacks columns {missing} (found {header})")
     position = {c: header.index(c) for c in header}
-    try:
-        present = set(os.listdir(image_root))
-    except OSError as e:
-        raise DataError(f"cannot list images in {image_root}: {e}") from None
+    present = image_file_names(image_root)
     image_ids, values, seen = [], [], set()
     for line, fields in rows:
         if len(fields) != len(header):
@@ -136,7 +134,7 @@ def _read_labels_csv(path: Path, image_root: Path, bad: BadRows):
 
 def _read_file_names(image_root: Path, bad: BadRows, problems: list):
     image_ids, values, malformed = [], [], []
-    for name in sorted(os.listdir(image_root)):
+    for name in sorted(image_file_names(image_root)):
         if not is_image_name(name):
             continue
         match = UTKFACE_NAME.match(name)
