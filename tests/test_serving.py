@@ -436,14 +436,23 @@ def test_serve_main_takes_version_labels_and_query_picks_by_label(deployment, tm
     assert "a label is given twice" in capsys.readouterr().err
 
 
-def test_serve_refuses_bad_ports_and_labels_and_brackets_ipv6():
+def test_serve_refuses_bad_ports_labels_timeouts_and_sides_and_brackets_ipv6():
     from tfface.cli import build_parser
 
-    for bad in (["--port", "99999"], ["--port", "-1"], ["--version-label", "stable"], ["--version-label", "stable=x"]):
+    for bad in (
+        ["--port", "99999"], ["--port", "-1"], ["--version-label", "stable"], ["--version-label", "stable=x"],
+        ["--batch-timeout-ms", "nan"], ["--batch-timeout-ms", "inf"], ["--batch-timeout-ms", "-1"],
+        ["--max-image-side", "0"],
+    ):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["serve", "--model-dir", "m", *bad])
+    assert build_parser().parse_args(["serve", "--model-dir", "m", "--batch-timeout-ms", "2.5"]).batch_timeout_ms == 2.5
     with pytest.raises(ValueError, match="port must be in 0..65535"):
         LocalModelServer("m", port=70000)
+    with pytest.raises(ValueError, match="batch_timeout_ms must be in 0..60000"):
+        LocalModelServer("m", batch_timeout_ms=float("nan"))
+    with pytest.raises(ValueError, match="max_image_side must be >= 1"):
+        LocalModelServer("m", max_image_side=-5)
     assert LocalModelServer("m", host="::1", port=8500).target == "[::1]:8500"
     assert LocalModelServer("m", host="127.0.0.1", port=8500).target == "127.0.0.1:8500"
 

@@ -46,6 +46,19 @@ def _positive_int(text):
     return value
 
 
+def _batch_timeout(text):
+    """argparse type: milliseconds a batch waits; NaN or infinity would stall every request."""
+    from tfface.serving.server import MAX_BATCH_TIMEOUT_MS
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected milliseconds, got {text!r}") from None
+    if not 0 <= value <= MAX_BATCH_TIMEOUT_MS:
+        raise argparse.ArgumentTypeError(f"must be in 0..{MAX_BATCH_TIMEOUT_MS:g} ms, got {text}")
+    return value
+
+
 def _port(text):
     """argparse type: a TCP port (gRPC would silently wrap 99999 to 34463)."""
     try:
@@ -370,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, default=8500, help="gRPC port (0: any free port)")
     p.add_argument("--max-batch-size", type=_positive_int, default=32, help="most images the model runs at once")
     p.add_argument(
-        "--batch-timeout-ms", type=float, default=0.0, help="wait for company (default 0: batch what queues while the model runs)"
+        "--batch-timeout-ms", type=_batch_timeout, default=0.0,
+        help="wait for company, 0..60000 (default 0: batch what queues while the model runs)"
     )
     p.add_argument("--no-batching", action="store_true", help="run each request alone")
     p.add_argument("--versions", default="latest", help='"latest" or "all" exported versions')
@@ -382,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LABEL=VERSION",
         help="serve VERSION under LABEL too, as TF Serving's version_labels (repeatable), e.g. stable=1",
     )
-    p.add_argument("--max-image-side", type=int, default=4096, help="reject larger images (INVALID_ARGUMENT)")
+    p.add_argument("--max-image-side", type=_positive_int, default=4096, help="reject larger images (INVALID_ARGUMENT)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("query", help="send images to a TF Serving (or local) server over gRPC")

@@ -58,6 +58,8 @@ from tfface.serving.wire import ResponseEncoder
 logger = logging.getLogger("tfface.serving")
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Waiting longer for company than a client's deadline helps no one.
+MAX_BATCH_TIMEOUT_MS = 60_000.0
 _GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
 _SERVER_IDS = itertools.count(1)
 
@@ -402,8 +404,10 @@ class LocalModelServer:
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        if batch_timeout_ms < 0:
-            raise ValueError(f"batch_timeout_ms must be >= 0, got {batch_timeout_ms}")
+        if not 0 <= batch_timeout_ms <= MAX_BATCH_TIMEOUT_MS:  # also refuses NaN
+            raise ValueError(f"batch_timeout_ms must be in 0..{MAX_BATCH_TIMEOUT_MS}, got {batch_timeout_ms}")
+        if max_image_side < 1:
+            raise ValueError(f"max_image_side must be >= 1, got {max_image_side}")
         if not (versions in ("latest", "all") or isinstance(versions, (list, tuple))):
             raise ValueError(f"versions must be 'latest', 'all' or a list of ints, got {versions!r}")
         if not 0 <= int(port) <= 65535:
