@@ -223,6 +223,7 @@ def test_unknown_config_keys_are_refused_by_name(raw, key):
         # NaN and infinity pass every `< 0` check; refused by name instead.
         ({"train": {"learning_rate": float("nan")}}, "train.learning_rate must be a finite number"),
         ({"train": {"warmup_epochs": float("inf")}}, "train.warmup_epochs must be a finite number"),
+        ({"train": {"epochs": 3, "warmup_epochs": 1e300}}, r"train.warmup_epochs \(1e\+300\) exceeds train.epochs \(3\)"),
         ({"train": {"time_budget_minutes": float("nan")}}, "train.time_budget_minutes must be a finite number"),
         ({"data": {"sources": [{"path": "synthetic:10", "weight": float("inf")}]}}, r"data.sources\[0\].weight must be a finite"),
         ({"model": {"loss_weights": {"gender": float("nan")}}}, "loss_weights.gender must be a finite number"),
@@ -273,8 +274,17 @@ def test_config_yaml_round_trip(tmp_path):
 def test_config_files_with_problems_name_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  gate: [unclosed\n")
-    with pytest.raises(ConfigError, match="bad.yaml.*cannot parse"):
+    with pytest.raises(ConfigError, match="bad.yaml.*cannot parse") as error:
         ExperimentConfig.load(bad)
+    assert "\n" not in str(error.value)  # YAML's quoted line and caret folded into one line
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ConfigError, match=r"binary.yaml: not a config file \(not UTF-8 text"):
+        ExperimentConfig.load(binary)
+    listed = tmp_path / "listed.yaml"
+    listed.write_text("data:\n  schema: [1, 2]\n")
+    with pytest.raises(ValueError, match=r"a schema is a preset name .* got \[1, 2\]"):
+        ExperimentConfig.load(listed)
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text("model:\n  gate: sometimes\n")
     with pytest.raises(ConfigError, match="wrong.yaml.*model.gate"):

@@ -219,6 +219,11 @@ class ExperimentConfig:
         for key in ("weight_decay", "warmup_epochs", "early_stopping_patience", "mask_pretrain_epochs"):
             if getattr(self.train, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self.train, key)}")
+        if self.train.warmup_epochs > self.train.epochs:
+            raise ConfigError(
+                f"train.warmup_epochs ({self.train.warmup_epochs:g}) exceeds train.epochs ({self.train.epochs}): "
+                "the learning rate would never reach train.learning_rate"
+            )
         for key, value in (("train.seed", self.train.seed), ("data.split_seed", self.data.split_seed)):
             if not 0 <= value < 2**32:
                 raise ConfigError(f"{key} must be in 0..2**32-1, got {value}")
@@ -327,7 +332,10 @@ def read_structured_file(path, what: str, error=None):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not a {what} (not UTF-8 text: byte {e.start} is {e.object[e.start:e.start + 1]!r})") from None
     kind = "JSON" if path.suffix == ".json" else "YAML"
     try:
         if kind == "JSON":
@@ -336,7 +344,9 @@ def read_structured_file(path, what: str, error=None):
 
         return yaml.safe_load(text)
     except Exception as e:
-        raise error(f"{path}: cannot parse, not valid {kind} ({e})") from None
+        # YAML's messages span lines (the line quoted, a caret under it).
+        reason = " ".join(line.strip() for line in str(e).splitlines() if line.strip() and line.strip() != "^")
+        raise error(f"{path}: cannot parse, not valid {kind} ({reason})") from None
 
 
 def _plain(value):

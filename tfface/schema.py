@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -484,6 +485,11 @@ def get_schema(name_or_path) -> Schema:
         return name_or_path
     if isinstance(name_or_path, dict):
         return Schema.from_dict(name_or_path)
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise SchemaError(
+            f"a schema is a preset name ({', '.join(sorted(SCHEMA_PRESETS))}), a .json/.yaml file or a mapping, "
+            f"got {name_or_path!r}"
+        )
     if name_or_path in SCHEMA_PRESETS:
         return SCHEMA_PRESETS[name_or_path]()
     path = Path(str(name_or_path))
