@@ -352,3 +352,28 @@ def test_saved_model_cli_runs_the_uint8_signature(exported, tmp_path):
     probabilities = np.load(tmp_path / "out" / "age_group_probabilities.npy")
     expected = loaded.signatures["serving_uint8"](images_uint8=tf.constant(images))
     np.testing.assert_allclose(probabilities, expected["age_group_probabilities"].numpy(), atol=1e-6)
+
+
+def test_an_interrupt_wrapped_by_tensorflow_ends_export_as_interrupted(monkeypatch, capsys, tmp_path):
+    import tfface.export.saved_model as saved_model_lib
+    import tfface.models.saving as saving_lib
+    from tfface.cli import main
+
+    def wrapped_interrupt(*args, **kwargs):
+        raise RuntimeError(
+            "pybind11::error_already_set: MISMATCH of original and normalized active exception types: "
+            "ORIGINAL InvalidArgumentError REPLACED BY KeyboardInterrupt"
+        )
+
+    monkeypatch.setattr(saving_lib, "load_model", lambda path: object())
+    monkeypatch.setattr(saved_model_lib, "export_saved_model", wrapped_interrupt)
+    argv = ["export", "--model", "m.keras", "--name", "faces", "--export-root", str(tmp_path)]
+    assert main(argv) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+    def other_failure(*args, **kwargs):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(saved_model_lib, "export_saved_model", other_failure)
+    with pytest.raises(RuntimeError, match="something else"):
+        main(argv)

@@ -284,3 +284,18 @@ def test_write_folder_failure_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         write_synthetic_folder(source, tmp_path / "broken")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_request_too_large_for_memory_ends_in_one_line(tmp_path, monkeypatch, capsys):
+    import tfface.data.synthetic as synthetic_lib
+    from tfface.cli import main
+
+    def too_large(*args, **kwargs):
+        raise MemoryError("Unable to allocate 140. GiB for an array")
+
+    monkeypatch.setattr(synthetic_lib, "generate_synthetic_faces", too_large)
+    code = main(["data", "generate", "--out", str(tmp_path / "faces"), "--num-images", "5", "--image-size", "100000"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "tfface data: error: out of memory (Unable to allocate 140. GiB" in err and "Traceback" not in err
+    assert not (tmp_path / "faces").exists()

@@ -244,6 +244,12 @@ def _cmd_export(args):
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         path = export_saved_model(model, args.export_root, args.name, version=args.version)
+    except RuntimeError as e:
+        # Raised inside TensorFlow's C++ code, the interrupt comes back
+        # wrapped by pybind11 ("... REPLACED BY KeyboardInterrupt").
+        if "KeyboardInterrupt" in str(e):
+            raise KeyboardInterrupt from None
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(f"exported to {path}")
@@ -450,6 +456,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except MemoryError as e:
+        if os.environ.get("TFFACE_DEBUG"):
+            raise
+        print(f"tfface {args.command}: error: out of memory ({e or 'no detail'}); ask for fewer or smaller images "
+              "or a smaller batch", file=sys.stderr)
+        return 2
     except Exception as e:
         # Data errors raised inside TensorFlow (e.g. a corrupt image met
         # during training) carry their message; show it, not a traceback.
