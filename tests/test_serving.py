@@ -355,6 +355,8 @@ def test_client_names_bad_files_before_any_rpc(tmp_path):
     missing = tmp_path / "missing.jpg"
     with pytest.raises(FileNotFoundError, match="missing.jpg"):
         client.predict([missing])
+    with pytest.raises(IsADirectoryError, match=r"is a folder, not an image file"):
+        client.predict([tmp_path])
     text = tmp_path / "notes.txt"
     text.write_text("hello")
     with pytest.raises(ValueError, match="notes.txt is not an image"):

@@ -569,3 +569,13 @@ def test_a_mask_schedule_that_cannot_train_the_predictor_is_refused(model, train
     raw["train"].update(train_keys)
     with pytest.raises(ConfigError, match=message):
         ExperimentConfig.from_dict(raw)
+
+
+def test_a_split_that_leaves_one_side_empty_is_named(tmp_path):
+    from tfface.training.trainer import load_sources
+
+    raw = json.loads(json.dumps(TINY))
+    raw["data"].update(sources=[{"path": "synthetic:20"}], val_fraction=0.99)
+    config = ExperimentConfig.from_dict(raw)
+    with pytest.raises(ConfigError, match=r"synthetic:20: the split by person \(data.val_fraction 0.99\) leaves no train images of 20"):
+        load_sources(config.data)

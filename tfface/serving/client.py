@@ -225,6 +225,8 @@ class ServingClient:
             elif isinstance(item, (str, os.PathLike)):
                 path = Path(item)
                 where = str(path)
+                if path.is_dir():
+                    raise IsADirectoryError(f"{path} is a folder, not an image file (give the image files in it)")
                 if not path.is_file():
                     raise FileNotFoundError(f"image file not found: {path}")
                 try:

@@ -60,6 +60,12 @@ def load_sources(data_config):
         source = open_source(source_config.path, **options)
         if data_config.val_fraction > 0:
             parts = split_source(source, val_fraction=data_config.val_fraction, seed=data_config.split_seed)
+            for side in ("train", "val"):
+                if len(parts[side]) == 0:
+                    raise ConfigError(
+                        f"{source_config.path}: the split by person (data.val_fraction {data_config.val_fraction:g}) "
+                        f"leaves no {side} images of {len(source)}; use more images or another data.val_fraction"
+                    )
             train.append(parts["train"])
             val.append(parts["val"])
         else:
