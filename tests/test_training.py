@@ -579,3 +579,21 @@ def test_a_split_that_leaves_one_side_empty_is_named(tmp_path):
     config = ExperimentConfig.from_dict(raw)
     with pytest.raises(ConfigError, match=r"synthetic:20: the split by person \(data.val_fraction 0.99\) leaves no train images of 20"):
         load_sources(config.data)
+
+
+def test_the_time_budget_counts_the_mask_pretraining():
+    from tfface.training.trainer import TimeBudget
+
+    class Model:
+        stop_training = False
+
+    def budget_after_one_epoch(spent_seconds):
+        budget = TimeBudget(1.0, spent_seconds=spent_seconds)
+        budget.set_model(Model())
+        budget.set_params({"epochs": 5})
+        budget.on_train_begin()
+        budget.on_epoch_end(0)
+        return budget.stopped
+
+    assert not budget_after_one_epoch(0.0)
+    assert budget_after_one_epoch(61.0)  # the pretraining alone spent the minute

@@ -163,7 +163,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     warmup_epochs: float = 0.0
     early_stopping_patience: int = 0  # 0 disables
-    time_budget_minutes: Optional[float] = None
+    time_budget_minutes: Optional[float] = None  # per invocation, mask pretraining included
     strategy: str = "default"  # "default", "mirrored", "multi_worker"
     mixed_precision: str = "auto"  # "auto" (on with a GPU), "on", "off"
     seed: int = 0

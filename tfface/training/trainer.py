@@ -219,15 +219,16 @@ class TimeBudget(keras.callbacks.Callback):
     so running the same command again continues where the budget stopped.
     """
 
-    def __init__(self, minutes, backup=None):
+    def __init__(self, minutes, backup=None, spent_seconds=0.0):
         super().__init__()
         self.seconds = minutes * 60.0
+        self.spent_seconds = spent_seconds  # before fit: the mask pretraining
         self.start = None
         self.backup = backup
         self.stopped = False
 
     def on_train_begin(self, logs=None):
-        self.start = time.monotonic()
+        self.start = time.monotonic() - self.spent_seconds
 
     def on_epoch_end(self, epoch, logs=None):
         if self.model.stop_training or epoch + 1 >= self.params.get("epochs", float("inf")):
@@ -377,7 +378,8 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
         early_stopping = ResumedEarlyStopping(replay, patience=config.train.early_stopping_patience)
         callbacks.append(early_stopping)
     if config.train.time_budget_minutes:
-        budget = TimeBudget(config.train.time_budget_minutes, backup=backup)
+        spent = mask_pretraining["seconds"] if mask_pretraining else 0.0
+        budget = TimeBudget(config.train.time_budget_minutes, backup=backup, spent_seconds=spent)
         callbacks.append(budget)
 
     start = time.monotonic()
