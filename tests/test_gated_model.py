@@ -333,7 +333,7 @@ def test_logits_match_public_outputs():
     assert_allclose_tree(out["age_group"], e / e.sum(axis=1, keepdims=True), atol=1e-6)
 
 
-def test_correlation_starts_from_training_label_phi():
+def test_correlation_starts_from_training_label_phi(tmp_path):
     from tfface.data.sources import open_source
     from tfface.models.multitask_model import logit_blocks
     from tfface.schema import get_schema
@@ -342,8 +342,9 @@ def test_correlation_starts_from_training_label_phi():
     schema = get_schema("synthetic")
     source = open_source("synthetic:300", image_size=32, seed=0)
     labels = training_labels(schema, [source])
-    model = GatedMultiTaskModel(schema=schema, config=tiny_config(correlation_init="label_correlation"))
-    model.init_correlation_from_labels(labels)
+    model = GatedMultiTaskModel(
+        schema=schema, config=tiny_config(correlation_init="label_correlation"), train_labels=labels
+    )
     c = to_numpy(model.get_layer("correlation").correlation)
     starts = {t.name: start for t, (start, _) in zip(schema, logit_blocks(schema))}
     names = [t.name for t in schema.binary_tasks]
@@ -355,3 +356,91 @@ def test_correlation_starts_from_training_label_phi():
     np.testing.assert_allclose(c[starts[a], starts[a]], 0.0)
     with pytest.raises(ValueError, match="no correlation layer"):
         GatedMultiTaskModel(schema=schema, config=tiny_config(correlation=False)).init_correlation_from_labels(labels)
+    # Without the labels the start cannot be what the config says.
+    from tfface.config import ConfigError
+
+    with pytest.raises(ConfigError, match="needs the training labels.*train_labels="):
+        GatedMultiTaskModel(schema=schema, config=tiny_config(correlation_init="label_correlation"))
+    # A saved model reloads without them, with the learned start.
+    path = tmp_path / "phi.keras"
+    model.save(path)
+    np.testing.assert_allclose(to_numpy(keras.saving.load_model(path).get_layer("correlation").correlation), c)
+
+
+def test_a_model_keeps_its_own_copy_of_the_config(tmp_path):
+    # A notebook user edits one config object between models.
+    config = tiny_config(gate="static")
+    model = GatedMultiTaskModel(schema=SCHEMA, config=config)
+    config.gate = "none"
+    config.image_size = 64
+    other = GatedMultiTaskModel(schema=SCHEMA, config=config)
+    assert model.model_config.gate == "static" and model.model_config.image_size == 32
+    assert other.model_config.gate == "none"
+    path = tmp_path / "first.keras"
+    model.save(path)
+    reloaded = keras.saving.load_model(path)
+    images, _ = toy_data(3, seed=8)
+    assert reloaded.image_size == 32
+    assert_allclose_tree(reloaded.predict_tasks(images), model.predict_tasks(images), atol=1e-6)
+    with pytest.raises(TypeError, match="ModelConfig or a dict.*from_preset"):
+        GatedMultiTaskModel(schema=SCHEMA, config="gated_small_cnn_64")
+    from tfface.schema import SchemaError
+
+    with pytest.raises(SchemaError, match="a schema is a preset name"):
+        GatedMultiTaskModel(schema=3, config=tiny_config())
+
+
+def test_images_scaled_to_unit_range_get_a_warning():
+    model = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config())
+    model.compile()
+    images, labels = toy_data(4, seed=9)
+    with pytest.warns(UserWarning, match="take pixel values 0..255"):
+        model.predict_tasks(images / 255.0)
+    with pytest.warns(UserWarning, match="take pixel values 0..255"):
+        model.predict({"image": images / 255.0}, verbose=0)
+    with pytest.warns(UserWarning, match="take pixel values 0..255"):
+        model.fit({"image": images / 255.0}, labels, epochs=1, verbose=0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 0..255 images, float or uint8, pass silently
+        model.predict_tasks(images)
+        model.predict_tasks(images.astype("uint8"))
+
+
+def test_fit_and_evaluate_name_more_label_mistakes():
+    model = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config())
+    model.compile()
+    images, labels = toy_data(8, seed=10)
+    # A multiclass id out of range is named, in fit too (it used to fail
+    # first in a gather with "indices[..] = 7 is not in [0, 3)").
+    bad = dict(labels, age_group=np.where(labels["age_group"] < 0, 0, 7).astype("int32"))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"labels out of range"):
+        model.fit({"image": images}, bad, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="evaluation needs labels"):
+        model.evaluate({"image": images}, verbose=0)
+    one_hot = dict(labels, age_group=np.eye(3, dtype="float32")[np.maximum(labels["age_group"], 0)])
+    with pytest.raises(ValueError, match=r"labels\['age_group'\] must be class ids of shape \(B,\).*one-hot"):
+        model.fit({"image": images}, one_hot, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="do not take class_weight"):
+        model.fit({"image": images}, labels, class_weight={0: 1.0}, epochs=1, verbose=0)
+    # Still trains afterwards.
+    history = model.fit({"image": images}, labels, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v3_small", "efficientnet_b0"])
+def test_applications_backbones_take_multiples_of_32_and_read_their_last_map(backbone):
+    from tfface.config import ConfigError
+    from tfface.models.backbones import build_backbone
+
+    with pytest.raises(ConfigError, match=f"multiple of 32 for the {backbone} backbone"):
+        tiny_config(backbone=backbone, image_size=48).validate()
+    config = tiny_config(backbone=backbone, image_size=32)
+    backbone_model = build_backbone(config)
+    # P5 is the network's own output, not a 1x1 squeeze-and-excite tensor.
+    app = {"mobilenet_v3_small": keras.applications.MobileNetV3Small,
+           "efficientnet_b0": keras.applications.EfficientNetB0}[backbone](
+        include_top=False, weights=None, input_shape=(32, 32, 3))
+    assert backbone_model.output["P5"].shape[-1] == app.output.shape[-1]
+    assert tuple(backbone_model.output["P3"].shape[1:3]) == (4, 4)

@@ -271,6 +271,15 @@ def test_landmark_variant_with_predicted_masks_matches(model):
     other = to_numpy(variant({"image": x, "group_masks": corner}))
     change = np.abs(other["_embeddings"] - out["_embeddings"]).max()
     assert change > 0.01 * np.abs(out["_embeddings"]).max()
+    # predict_tasks has no way to take the masks: it says what to call instead.
+    with pytest.raises(ValueError, match=r"also takes \['group_masks'\].*predict_faces"):
+        variant.predict_tasks(x)
+
+
+def test_gated_only_options_are_refused():
+    for overrides in (dict(gate="mixture_of_experts"), dict(gate_bottleneck=8)):
+        with pytest.raises(ConfigError, match="options of the gated model"):
+            MaskGuidedMultiTaskModel(schema=tiny_schema(), config=tiny_config(**overrides))
 
 
 def test_fit_with_frozen_predictor_decreases_loss():

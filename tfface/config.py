@@ -122,6 +122,18 @@ class ModelConfig:
         _check_choice("model.correlation_init", self.correlation_init, ("identity", "label_correlation"))
         if self.image_size < 32 or self.image_size % 16:
             raise ConfigError(f"model.image_size must be a multiple of 16 and >= 32, got {self.image_size}")
+        if self.backbone != "small_cnn" and self.image_size % 32:
+            # Otherwise the stride-32 map is ceil(S/32) wide and the pyramid
+            # would be read from the wrong layers.
+            raise ConfigError(
+                f"model.image_size must be a multiple of 32 for the {self.backbone} backbone "
+                f"(its last feature map has stride 32), got {self.image_size}"
+            )
+        if self.type == "mask_guided" and (self.gate == "mixture_of_experts" or self.gate_bottleneck):
+            raise ConfigError(
+                "model.gate 'mixture_of_experts' and model.gate_bottleneck are options of the gated model; "
+                "the mask-guided model routes by face-part masks (remove them or use type: gated)"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         for key in ("embedding_dim", "gate_hidden"):

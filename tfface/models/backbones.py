@@ -82,6 +82,9 @@ def _pyramid_from_model(model, image_size):
         for level, stride in PYRAMID_STRIDES.items():
             if shape[1] == image_size // stride:
                 features[level] = layer.output
+    # The model's own output is the stride-32 map; a later 1x1 squeeze-and-
+    # excite tensor must not stand in for it at small sizes.
+    features["P5"] = model.output
     missing = set(PYRAMID_STRIDES) - set(features)
     if missing:
         raise ValueError(f"backbone has no feature map for {sorted(missing)}")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from tfface.config import ConfigError
-
 
 def build_model(schema, model_config, train_labels=None):
     """The model class named by `model_config.type`.
@@ -19,9 +17,4 @@ def build_model(schema, model_config, train_labels=None):
 
     if model_config.type != "gated":
         return MaskGuidedMultiTaskModel(schema=schema, config=model_config, name="mask_guided_multitask")
-    model = GatedMultiTaskModel(schema=schema, config=model_config, name="gated_multitask")
-    if model_config.correlation and model_config.correlation_init == "label_correlation":
-        if train_labels is None:
-            raise ConfigError("model.correlation_init 'label_correlation' needs the training labels (train_labels)")
-        model.init_correlation_from_labels(train_labels)
-    return model
+    return GatedMultiTaskModel(schema=schema, config=model_config, train_labels=train_labels, name="gated_multitask")

@@ -11,6 +11,7 @@ leaves open.
 import keras
 import numpy as np
 
+from tfface.config import ConfigError
 from tfface.layers.center_loss import CenterLoss
 from tfface.layers.correlation_refinement import CorrelationRefinement
 from tfface.layers.expert_routing import ExpertRouting
@@ -42,8 +43,20 @@ class GatedMultiTaskModel(MultiTaskFaceModel):
 
     model_type = "gated"
 
-    def __init__(self, schema=None, config=None, **kwargs):
+    def __init__(self, schema=None, config=None, train_labels=None, restoring=False, **kwargs):
+        """`train_labels` (task name -> training labels, -1 where missing)
+        start the correlation layer when the config asks for
+        `correlation_init: label_correlation`."""
         super().__init__(schema=schema, config=config, **kwargs)
+        if self.model_config.correlation and self.model_config.correlation_init == "label_correlation":
+            if train_labels is not None:
+                self.init_correlation_from_labels(train_labels)
+            elif not restoring:  # a loaded model gets the layer's weights from its file
+                raise ConfigError(
+                    "model.correlation_init 'label_correlation' needs the training labels to start the correlation "
+                    "layer: pass train_labels= (task name -> labels, e.g. "
+                    "tfface.training.trainer.training_labels(schema, sources)), or use correlation_init='identity'"
+                )
         self.center_loss = CenterLoss(
             [2 if t.is_binary else t.num_classes for t in self.schema],
             weight=self.model_config.center_loss_weight,

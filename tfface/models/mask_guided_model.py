@@ -22,7 +22,13 @@ Ablations (all `ModelConfig` fields):
   `landmark_mask_variant(model)` turns a trained model into the other.
 * `mask_trainable`: False freezes the predictor (after
   `tfface.models.mask_predictor.pretrain_mask_predictor`, which
-  `tfface train` runs for `train.mask_pretrain_epochs`).
+  `tfface train` runs for `train.mask_pretrain_epochs`). A model built
+  with False keeps its untrained predictor until that call: `tfface train`
+  refuses such a config without pretraining; from Python, call it yourself.
+* `use_landmark_masks` models take the masks as a second input, so
+  `predict_tasks` and the SavedModel export (one image input) refuse them;
+  use `model.predict({"image": ..., "group_masks": ...})` or
+  `tfface.predict.predict_faces`.
 """
 
 import dataclasses

@@ -18,7 +18,9 @@ Labels are a dict keyed by task name with -1 for missing (see
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import warnings
 from collections.abc import Mapping
 
 import keras
@@ -77,17 +79,41 @@ def task_outputs(schema: Schema, logits) -> dict:
     return {name: outputs[name] for name in schema.task_names}
 
 
+def warn_if_unit_range(x) -> None:
+    """Warns when in-memory images look scaled to 0..1: the models take
+    0..255 and rescale inside, so such images would all read as near-black
+    and every prediction would be wrong without any error."""
+    image = x.get("image") if isinstance(x, Mapping) else x
+    if not isinstance(image, np.ndarray) or image.size == 0 or not np.issubdtype(image.dtype, np.floating):
+        return
+    if 0.0 < float(np.max(image)) <= 1.0 and float(np.min(image)) >= -1.0:  # not an all-black batch
+        warnings.warn(
+            "images are in [-1, 1] (or [0, 1]) but tfface models take pixel values 0..255 and rescale them "
+            "inside; multiply by 255 (tfface.data.image_ops.preprocess_image gives 0..255)",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 class MultiTaskFaceModel(keras.Model):
     """Base of the gated and mask-guided models. Subclasses build the graph
     in `build_graph(schema, config) -> (inputs, outputs)`."""
 
-    def __init__(self, schema=None, config=None, **kwargs):
-        if isinstance(schema, dict):
-            schema = Schema.from_dict(schema)
-        elif isinstance(schema, str):
-            schema = get_schema(schema)
+    def __init__(self, schema=None, config=None, restoring=False, **kwargs):
+        del restoring  # see from_config; subclasses that start weights from data read it
+        if schema is not None:
+            schema = get_schema(schema)  # a Schema, a preset name, a file or a dict; else a SchemaError
         if isinstance(config, dict):
             config = model_config_from_dict(config)
+        elif isinstance(config, ModelConfig):
+            # A copy: the model saves its config, and a caller who edits and
+            # reuses theirs for another model must not change this one's.
+            config = copy.deepcopy(config)
+        elif config is not None:
+            raise TypeError(
+                f"config must be a tfface.config.ModelConfig or a dict of its fields, got {type(config).__name__}; "
+                f"for a named architecture use {type(self).__name__}.from_preset(name, schema)"
+            )
         config = config or ModelConfig(type=self.model_type or "gated")
         if schema is None:
             raise ValueError("a model needs a schema (tfface.schema.get_schema('fused'), ...)")
@@ -181,7 +207,7 @@ class MultiTaskFaceModel(keras.Model):
                 "tfface models do not take sample_weight or class_weight: weight tasks with "
                 "ModelConfig.loss_weights and sources with data.sources[*].weight; missing labels are -1"
             )
-        self._check_labels(y, training)
+        y = self._check_labels(y, training)
         total = ops.convert_to_tensor(0.0)
         logits = y_pred["_logits"]
         raw_logits = y_pred.get("_raw_logits") if self.model_config.deep_supervision else None
@@ -210,14 +236,15 @@ class MultiTaskFaceModel(keras.Model):
 
     def _check_labels(self, y, training):
         """Fails at trace time, naming the problem, where Keras would report a
-        missing gradient or a None tensor deep inside the step."""
+        missing gradient or a None tensor deep inside the step; returns the
+        labels to compute with (on TensorFlow, behind the range check, so a
+        bad class id is named before a gather fails on it)."""
         if y is None:
-            if training:
-                raise ValueError(
-                    "training needs labels: a dict task name -> (B,) labels (-1 where missing), "
-                    "e.g. model.fit(images_or_dataset, labels_dict)"
-                )
-            return
+            raise ValueError(
+                ("training" if training else "evaluation")
+                + " needs labels: a dict task name -> (B,) labels (-1 where missing), "
+                "e.g. model.fit(images_or_dataset, labels_dict); predict() needs none"
+            )
         if not isinstance(y, Mapping):
             raise ValueError(
                 f"labels must be a dict task name -> (B,) labels (-1 where missing), got {type(y).__name__}; "
@@ -228,6 +255,13 @@ class MultiTaskFaceModel(keras.Model):
             raise ValueError(f"labels have keys that are not tasks of this model's schema: {unknown}; tasks: {list(self.schema.task_names)}")
         if not any(k in y for k in self.schema.task_names):
             raise ValueError(f"labels label none of this model's tasks: {list(self.schema.task_names)}")
+        for name in self.schema.task_names:
+            shape = tuple(getattr(y.get(name), "shape", ()))
+            if len(shape) > 2 or (len(shape) == 2 and shape[1] not in (1, None)):
+                raise ValueError(
+                    f"labels[{name!r}] must be class ids of shape (B,) (-1 where missing), got shape {shape}; "
+                    "one-hot labels: take argmax over the last axis"
+                )
         if self._runtime_checks():
             import tensorflow as tf
 
@@ -238,7 +272,7 @@ class MultiTaskFaceModel(keras.Model):
             labels = tf.stack([tf.cast(tf.reshape(y[task.name], [-1]), tf.float32) for task in present], axis=1)
             tops = tf.constant([1.0 if task.is_binary else task.num_classes - 1.0 for task in present])
             wrong = tf.reduce_any((labels < -1.0) | (labels > tops), axis=0)
-            tf.debugging.Assert(
+            check = tf.debugging.Assert(
                 tf.logical_not(tf.reduce_any(wrong)),
                 [
                     "labels out of range (-1 for missing, else 0..classes-1); 1 marks such a task in "
@@ -247,6 +281,9 @@ class MultiTaskFaceModel(keras.Model):
                 ],
                 summarize=len(present),
             )
+            with tf.control_dependencies([check]):
+                y = {key: tf.identity(value) for key, value in y.items()}
+        return y
 
     def _runtime_checks(self) -> bool:
         """Whether in-graph asserts run: TensorFlow without XLA (XLA drops
@@ -301,10 +338,24 @@ class MultiTaskFaceModel(keras.Model):
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         if y is not None:
-            self.attribute_metrics.update_state(y, y_pred)
+            # Checked again: the metrics' own gathers do not wait for the loss.
+            self.attribute_metrics.update_state(self._check_labels(y, training=False), y_pred)
         return self.get_metrics_result()
 
     # --- prediction -------------------------------------------------------------
+    def fit(self, x=None, y=None, *args, **kwargs):
+        if kwargs.get("class_weight") is not None:
+            raise ValueError(
+                "tfface models do not take class_weight: weight tasks with ModelConfig.loss_weights "
+                "(by task name or family) and sources with data.sources[*].weight"
+            )
+        warn_if_unit_range(x)
+        return super().fit(x, y, *args, **kwargs)
+
+    def evaluate(self, x=None, y=None, *args, **kwargs):
+        warn_if_unit_range(x)
+        return super().evaluate(x, y, *args, **kwargs)
+
     def predict(self, x, *args, **kwargs):
         # Checked here, on the host, for arrays: once Keras retraces with a
         # relaxed shape, only an in-graph check sees the size, and XLA drops it.
@@ -312,6 +363,7 @@ class MultiTaskFaceModel(keras.Model):
         shape = getattr(image, "shape", None)
         if shape is not None and not hasattr(x, "element_spec"):
             self._check_image_shape(shape)
+        warn_if_unit_range(x)
         return super().predict(x, *args, **kwargs)
 
     def predict_tasks(self, images, batch_size=64):
@@ -320,7 +372,16 @@ class MultiTaskFaceModel(keras.Model):
         `images`: (B, S, S, 3) at the model's size, values 0..255; a single
         (S, S, 3) image is a batch of one.
         """
-        images = np.asarray(images, np.float32)
+        others = sorted(name for name in (getattr(t, "name", "") for t in self.inputs) if name != "image")
+        if others:
+            raise ValueError(
+                f"this model also takes {others} (use_landmark_masks): call "
+                "model.predict({'image': images, 'group_masks': masks}), or tfface.predict.predict_faces, "
+                "which draws the masks from detected landmarks"
+            )
+        images = np.asarray(images)
+        warn_if_unit_range(images)
+        images = images.astype(np.float32, copy=False)
         if images.ndim == 3:
             images = images[None]
         self._check_image_shape(images.shape)
@@ -328,7 +389,7 @@ class MultiTaskFaceModel(keras.Model):
             return {
                 t.name: np.zeros((0,) if t.is_binary else (0, t.num_classes), np.float32) for t in self.schema
             }
-        outputs = self.predict({"image": images}, batch_size=batch_size, verbose=0)
+        outputs = super().predict({"image": images}, batch_size=batch_size, verbose=0)  # checked above
         return {k: v for k, v in outputs.items() if not k.startswith("_")}
 
     @property
@@ -350,4 +411,6 @@ class MultiTaskFaceModel(keras.Model):
         model_config = config.get("config")
         if isinstance(model_config, dict) and model_config.get("backbone_weights"):
             config = dict(config, config=dict(model_config, backbone_weights=None))
-        return cls(**config)
+        # `restoring`: the weights come from the file, so nothing that
+        # construction would compute from training data is needed.
+        return cls(**config, restoring=True)
