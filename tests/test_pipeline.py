@@ -194,3 +194,24 @@ def test_missing_image_file_error_names_the_file(tmp_path):
     os.remove(missing)
     with pytest.raises(tf.errors.NotFoundError, match="000001.jpg"):
         _collect(make_dataset([source], get_schema("fused"), SIZE, batch_size=4))
+
+
+def test_make_dataset_takes_names_and_names_bad_arguments():
+    from tfface.data.sources import open_source
+
+    # Source and schema names, as open_source and get_schema take them.
+    x, y = next(iter(make_dataset("synthetic:8", "synthetic", 32, batch_size=4)))
+    assert x["image"].shape == (4, 32, 32, 3) and "Smiling" in y
+    source = open_source("synthetic:8", image_size=32)
+    with pytest.raises(TypeError, match="takes FaceSources .* got int"):
+        make_dataset([source, 3], "synthetic", 32)
+    for weights in ([0, 0], [-1, 2], [float("nan"), 1]):
+        with pytest.raises(ValueError, match="source weights must be finite, >= 0 and not all 0"):
+            make_dataset([source, source], "synthetic", 32, training=True, weights=weights)
+    for key, value in (("batch_size", 0), ("image_size", 0), ("image_size", 32.5)):
+        arguments = dict(image_size=32, batch_size=4, training=True)
+        arguments[key] = value
+        with pytest.raises(ValueError, match=f"{key} must be a positive integer"):
+            make_dataset([source], "synthetic", **arguments)
+    with pytest.raises(ValueError, match="steps_per_epoch must be a positive integer"):
+        make_dataset([source], "synthetic", 32, training=True, steps_per_epoch=0)

@@ -90,6 +90,8 @@ def test_bad_fractions_raise():
         split_source(source, val_fraction=1.5)
     with pytest.raises(ValueError, match="below 1"):
         split_source(source, val_fraction=0.6, test_fraction=0.5)
+    with pytest.raises(ValueError, match="has no images to split"):
+        split_source(source.subset([]))
 
 
 def test_split_keeps_labels_aligned():

@@ -31,7 +31,9 @@ from tfface.data.image_ops import decode_image
 from tfface.data.image_ops import has_other_decodable_header
 from tfface.data.image_ops import preprocess_image
 from tfface.data.source import FaceSource
+from tfface.data.sources import open_source
 from tfface.schema import Schema
+from tfface.schema import get_schema
 
 AUTOTUNE = tf.data.AUTOTUNE
 # Landmark order: left eye, right eye, nose, left mouth, right mouth.
@@ -309,10 +311,25 @@ def make_dataset(
     `model.fit(dataset)` works. Evaluation streams visit every example once,
     in order.
     """
-    if isinstance(sources, FaceSource):
+    if isinstance(sources, (FaceSource, str)):
         sources = [sources]
     if not sources:
         raise ValueError("make_dataset needs at least one source")
+    sources = list(sources)
+    for i, source in enumerate(sources):
+        if isinstance(source, str):  # a folder or a name, as `open_source` takes
+            sources[i] = open_source(source)
+        elif not isinstance(source, FaceSource):
+            raise TypeError(
+                f"make_dataset takes FaceSources (tfface.data.sources.open_source) or source names, "
+                f"got {type(source).__name__}"
+            )
+    schema = get_schema(schema)  # also a preset name, a file or a mapping
+    for key, value, low in (("image_size", image_size, 1), ("batch_size", batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"make_dataset: {key} must be a positive integer, got {value!r}")
+    if steps_per_epoch is not None and (not isinstance(steps_per_epoch, (int, np.integer)) or steps_per_epoch < 1):
+        raise ValueError(f"make_dataset: steps_per_epoch must be a positive integer or None, got {steps_per_epoch!r}")
     empty = [s.name for s in sources if len(s) == 0]
     if empty:
         raise ValueError(f"sources with no examples: {empty}")
@@ -327,6 +344,8 @@ def make_dataset(
         if len(weights) != len(sources):
             raise ValueError(f"{len(weights)} weights for {len(sources)} sources")
         weights = np.asarray(weights, np.float64)
+        if not np.all(np.isfinite(weights)) or np.any(weights < 0) or weights.sum() <= 0:
+            raise ValueError(f"source weights must be finite, >= 0 and not all 0, got {weights.tolist()}")
         weights = (weights / weights.sum()).tolist()
         streams = [
             ds.shuffle(min(len(s), 4096), seed=seed, reshuffle_each_iteration=True).repeat()

@@ -89,6 +89,8 @@ class FaceSource:
     def subset(self, indices) -> "FaceSource":
         """The rows at `indices` (used for splits)."""
         indices = np.asarray(indices)
+        if indices.size == 0:
+            indices = indices.astype(np.intp)  # [] is float64, which numpy refuses as an index
 
         def take(value):
             return None if value is None else np.asarray(value)[indices]

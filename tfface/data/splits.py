@@ -81,6 +81,8 @@ def split_source(source: FaceSource, val_fraction=0.15, test_fraction=0.0, seed=
     keep their source order within each split. The same source, fractions
     and seed always give the same split.
     """
+    if len(source) == 0:
+        raise ValueError(f"source {source.name!r} has no images to split")
     indices = split_indices(source, val_fraction, test_fraction, seed)
     return {name: source.subset(rows) for name, rows in indices.items()}
 
