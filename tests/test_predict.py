@@ -174,6 +174,9 @@ def test_unreadable_images_are_reported_and_the_run_goes_on(model, detector, pho
     assert out[3]["error"] is None and len(out[3]["faces"]) == 1
     assert "too small" in out[4]["error"]
     assert all(r["faces"] == [] for r in out[:3] + out[4:])
+    # One array is one photo, not a sequence of rows.
+    single = predict_faces(model, photos[1], detector=detector)
+    assert len(single) == 1 and single[0]["error"] is None and len(single[0]["faces"]) == 1
 
 
 # --- the command line -------------------------------------------------------------------

@@ -134,6 +134,10 @@ def test_uint8_signature_through_the_client(deployment):
     expected = deployment["loaded"].signatures["serving_uint8"](images_uint8=tf.constant(images))
     got = np.array([[r["age_group"]["probabilities"][c] for c in AGE_GROUPS] for r in results])
     np.testing.assert_allclose(got, expected["age_group_probabilities"].numpy(), atol=1e-6)
+    # One (S, S, 3) array is one face, not SIZE faces of one row each.
+    with ServingClient(deployment["target"], model_name="faces", signature="serving_uint8") as client:
+        [single] = client.predict(images[1])
+    assert single["age_group"]["probabilities"] == pytest.approx(results[1]["age_group"]["probabilities"], abs=1e-6)
 
 
 def test_metadata_and_status(deployment):

@@ -267,6 +267,8 @@ class FaceAnalyzer:
         """Yields (result, decoded image or None) per input, in order."""
         if isinstance(images, (str, Path, bytes, bytearray)):
             images = [images]  # one image, not a sequence of characters
+        elif isinstance(images, np.ndarray) and images.ndim in (2, 3):
+            images = [images]  # one (H, W[, C]) image, not a sequence of rows
         items = iter(enumerate(images))
         names = list(names) if names is not None else None
         pending: deque[_Pending] = deque()

@@ -188,6 +188,8 @@ class ServingClient:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if isinstance(images, np.ndarray) and images.ndim == 4:
             images = list(images)
+        elif isinstance(images, np.ndarray):
+            images = [images]  # one (S, S, 3) image, not a sequence of rows
         if isinstance(images, (str, bytes, os.PathLike)):
             images = [images]
         payloads = self._read_images(images)
