@@ -319,6 +319,18 @@ def test_contract_violations_are_named(model, tmp_path):
     with pytest.raises(ExportError, match="age_group"):
         export_saved_model(model, tmp_path, "m", schema=wrong_classes)
     assert not (tmp_path / "m").exists()
+    with pytest.raises(FileNotFoundError, match="model file not found: .*missing.keras"):
+        export_saved_model(tmp_path / "missing.keras", tmp_path, "m")
+
+
+def test_a_model_path_is_loaded_and_exported(model, tmp_path, monkeypatch):
+    from tfface.models import saving
+
+    loaded = []
+    monkeypatch.setattr(saving, "load_model", lambda path: loaded.append(path) or model)
+    path = export_saved_model(tmp_path / "run" / "model.keras", tmp_path, "m", warmup_images=[])
+    assert loaded == [tmp_path / "run" / "model.keras"]
+    assert load_model_info(path)["tasks"] == ["Smiling", "age_group"]
 
 
 def test_warmup_file_holds_prediction_logs_that_run(exported):

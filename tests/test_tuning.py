@@ -200,6 +200,18 @@ def test_bad_config_is_refused_before_any_trial(tmp_path, monkeypatch, space, ov
     assert not (tmp_path / "search").exists()
 
 
+def test_a_search_takes_a_tuning_config_object_or_mapping(tmp_path, monkeypatch):
+    path = write_tuning(tmp_path)
+    from_file = search_module.prepare(path)
+    monkeypatch.chdir(tmp_path)  # a mapping's relative paths are read from here
+    for given in (TuningConfig.load(path), yaml.safe_load(path.read_text())):
+        tuning, base, space = search_module.prepare(given)
+        assert tuning.project == "search" and space.names == from_file[2].names
+        assert base.to_dict() == from_file[1].to_dict()
+    with pytest.raises(TypeError, match="a tuning config file, a TuningConfig or a mapping.*got int"):
+        run_search(3, verbose=0)
+
+
 def test_an_int_with_log_sampling_and_no_step_registers():
     space = SearchSpace.from_dict({"embedding_dim": {"type": "int", "min": 8, "max": 64, "sampling": "log"}})
     hp = kt.HyperParameters()

@@ -125,7 +125,8 @@ def export_saved_model(
     """Writes `export_root/name/version/` atomically and returns that path.
 
     Args:
-        model: a Keras model following the tfface contract (one input
+        model: a Keras model (or the path of a `.keras` file or run folder)
+            following the tfface contract (one input
             "image" float32 (B, S, S, 3) in 0..255, dict outputs keyed by task
             name, attributes `schema` and `image_size`).
         export_root: folder holding one folder per model name (TF Serving's
@@ -141,6 +142,10 @@ def export_saved_model(
             is larger (checked from the header before decoding when it can).
         verbose: let Keras print the exported endpoints.
     """
+    if isinstance(model, (str, os.PathLike)):  # a .keras file or a run folder
+        from tfface.models.saving import load_model
+
+        model = load_model(model)
     schema = schema if schema is not None else getattr(model, "schema", None)
     if not isinstance(schema, Schema):
         raise ExportError("the model has no `schema` (a tfface.schema.Schema); pass schema=...")

@@ -185,12 +185,25 @@ def load_search_data(config: ExperimentConfig) -> SearchData:
 
 def prepare(tuning_config_path):
     """Loads and checks everything a search needs, before any data or trial:
-    (tuning config, base experiment, checked search space)."""
-    tuning = TuningConfig.load(tuning_config_path)
+    (tuning config, base experiment, checked search space).
+
+    `tuning_config_path`: a YAML file, or a `TuningConfig` or its mapping
+    (their relative paths are then taken from the working directory)."""
+    if isinstance(tuning_config_path, TuningConfig):
+        tuning = tuning_config_path
+    elif isinstance(tuning_config_path, dict):
+        tuning = TuningConfig.from_dict(tuning_config_path)
+    elif isinstance(tuning_config_path, (str, os.PathLike)):
+        tuning = TuningConfig.load(tuning_config_path)
+    else:
+        raise TypeError(
+            "a search takes a tuning config file, a TuningConfig or a mapping of its fields, "
+            f"got {type(tuning_config_path).__name__}"
+        )
     base = tuning.load_experiment()
     if base.data.val_fraction <= 0:
         raise ConfigError(
-            f"{tuning.source}: experiment data.val_fraction is 0; the objective "
+            f"{tuning.source or 'tuning config'}: experiment data.val_fraction is 0; the objective "
             f"{OBJECTIVE} needs validation data"
         )
     space = tuning.load_search_space().check(base)
@@ -499,7 +512,8 @@ def run_search(
     """Runs (or resumes) the search of a tuning config; returns its summary.
 
     Args:
-        tuning_config_path: the tuning config YAML.
+        tuning_config_path: the tuning config YAML (or a `TuningConfig`, or
+            a mapping of its fields).
         data: datasets already loaded for the base experiment (read from its
             sources when None).
         verbose: Keras/KerasTuner verbosity; "auto" is 1 on a terminal, 2
@@ -632,7 +646,7 @@ def _write_meta(project_dir: Path, tuning: TuningConfig, base: ExperimentConfig,
     meta = {
         "project": tuning.project,
         "tuner": tuning.tuner,
-        "tuning_config": str(tuning.source),
+        "tuning_config": str(tuning.source) if tuning.source else None,
         "search_space": space.source,
         "hyperparameters": space.names,
         "objective": OBJECTIVE,
