@@ -342,7 +342,6 @@ class MultiTaskFaceModel(keras.Model):
             self.attribute_metrics.update_state(self._check_labels(y, training=False), y_pred)
         return self.get_metrics_result()
 
-    # --- prediction -------------------------------------------------------------
     def fit(self, x=None, y=None, *args, **kwargs):
         if kwargs.get("class_weight") is not None:
             raise ValueError(
@@ -356,6 +355,7 @@ class MultiTaskFaceModel(keras.Model):
         warn_if_unit_range(x)
         return super().evaluate(x, y, *args, **kwargs)
 
+    # --- prediction -------------------------------------------------------------
     def predict(self, x, *args, **kwargs):
         # Checked here, on the host, for arrays: once Keras retraces with a
         # relaxed shape, only an in-graph check sees the size, and XLA drops it.
