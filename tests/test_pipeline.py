@@ -163,6 +163,20 @@ def test_corrupt_image_error_names_the_file(tmp_path):
         _collect(make_dataset([source], get_schema("fused"), SIZE, batch_size=4))
 
 
+def test_undecodable_images_lists_the_bad_files_in_order_up_to_the_limit(tmp_path):
+    from tfface.data.pipeline import undecodable_images
+
+    source = _celeba_source(tmp_path, n=8)
+    for i in (5, 1, 6):  # garbled bodies behind valid headers
+        data = Path(source.image_paths[i]).read_bytes()
+        Path(source.image_paths[i]).write_bytes(data[:40] + bytes(len(data) - 40))
+    Path(source.image_paths[3]).unlink()
+    expected = [source.image_paths[i] for i in (1, 3, 5, 6)]
+    assert undecodable_images([source]) == expected
+    assert undecodable_images([source], limit=2) == expected[:2]
+    assert undecodable_images([_utk_source()]) == []  # in-memory images: no files to check
+
+
 @pytest.mark.parametrize(
     "content, message",
     [

@@ -96,17 +96,26 @@ _UNDECODABLE_LIMIT = 10  # files named in one error
 
 def undecodable_images(sources, limit: int = _UNDECODABLE_LIMIT) -> list:
     """Paths of the first `limit` images of `sources` that TensorFlow cannot
-    decode, found by decoding each file eagerly (slow: for error reports)."""
-    bad = []
-    for source in sources:
-        for path in source.image_paths if source.image_paths is not None else ():
-            try:
-                decode_image(tf.io.read_file(str(path)))
-            except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
-                bad.append(str(path))
-                if len(bad) >= limit:
-                    return bad
-    return bad
+    decode (for error reports).
+
+    Decodes every file once, in a parallel `tf.data` map that drops the files
+    that fail: one eager decode per file took minutes on a large folder.
+    """
+    paths = [str(path) for source in sources for path in (source.image_paths if source.image_paths is not None else ())]
+    if not paths:
+        return []
+
+    def decodes(path):
+        return path, tf.shape(decode_image(tf.io.read_file(path)))[0]
+
+    decoded = (
+        tf.data.Dataset.from_tensor_slices(paths)
+        .map(decodes, num_parallel_calls=tf.data.AUTOTUNE)
+        .ignore_errors()
+        .map(lambda path, height: path)
+    )
+    good = {path.decode() for path in decoded.as_numpy_iterator()}
+    return [path for path in paths if path not in good][:limit]
 
 
 @contextlib.contextmanager
