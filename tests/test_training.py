@@ -182,7 +182,8 @@ def _free_port():
 
 @pytest.mark.slow
 def test_multi_worker_training_on_two_local_workers(tmp_path):
-    config = _write_config(tmp_path, epochs=1, strategy="multi_worker")
+    # Early stopping on: its scores are shared from the chief before fit.
+    config = _write_config(tmp_path, epochs=1, strategy="multi_worker", early_stopping_patience=2)
     workers = [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]
     procs = []
     try:
@@ -209,6 +210,43 @@ def test_multi_worker_training_on_two_local_workers(tmp_path):
     # Worker 0 is the chief: it alone writes the model.
     assert (tmp_path / "run0" / "model.keras").is_file()
     assert not (tmp_path / "run1" / "model.keras").exists()
+
+
+_SHARE_SCORES = """
+import json, sys
+from tfface.training import trainer
+strategy = trainer._strategy("multi_worker")
+mine = json.loads(sys.argv[1])
+print("SHARED", json.dumps(trainer._chief_scores(strategy, mine, capacity=6)))
+"""
+
+
+@pytest.mark.slow
+def test_a_resumed_multi_worker_run_replays_the_chiefs_history_on_every_worker():
+    # Only the chief keeps history.csv; the workers must count early stopping's
+    # patience from the same scores, or they stop at different epochs.
+    workers = [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]
+    histories = [[0.5, 0.625, 0.55], []]  # the chief's, a worker's (none)
+    procs = []
+    try:
+        for index, history in enumerate(histories):
+            env = _env()
+            env["TF_CONFIG"] = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", _SHARE_SCORES, json.dumps(history)],
+                    env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                )
+            )
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, output in zip(procs, outputs):
+        assert p.returncode == 0, output[-3000:]
+        shared = [line for line in output.splitlines() if line.startswith("SHARED ")]
+        assert shared and json.loads(shared[-1][len("SHARED "):]) == [0.5, 0.625, 0.55], output[-3000:]
 
 
 def test_cli_refuses_bad_config_naming_the_key(tmp_path, capsys):

@@ -254,6 +254,27 @@ def _strategy(name):
     return tf.distribute.get_strategy()
 
 
+def _chief_scores(strategy, scores, capacity: int) -> list:
+    """The chief's `scores` (at most `capacity`) on every worker.
+
+    An all-reduce to which only the chief's replicas contribute, each an
+    equal share: workers have no history of their own to read.
+    """
+    values = np.zeros(capacity + 1, np.float64)
+    if _is_chief():
+        scores = list(scores)[-capacity:]
+        values[0] = len(scores)
+        values[1 : 1 + len(scores)] = scores
+    share = tf.constant(values / len(strategy.extended.worker_devices))
+
+    @tf.function
+    def all_reduce():
+        return strategy.run(lambda: tf.distribute.get_replica_context().all_reduce("sum", share))
+
+    shared = strategy.experimental_local_results(all_reduce())[0].numpy()
+    return [float(v) for v in shared[1 : 1 + int(round(shared[0]))]]
+
+
 def _rank_one_logs(model):
     """Keras 3 averages each step's logs across workers with `axis=0`, which
     fails on scalars (tensorflow/tensorflow#72388); shape (1,) logs average
@@ -372,10 +393,11 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
     callbacks.append(backup)
     early_stopping = budget = None
     if config.train.early_stopping_patience > 0 and val_ds is not None:
-        # Workers must stop at the same epoch, and only the chief keeps the
-        # history: a multi-worker run counts patience afresh on resume.
-        replay = [] if config.train.strategy == "multi_worker" else earlier
-        early_stopping = ResumedEarlyStopping(replay, patience=config.train.early_stopping_patience)
+        if config.train.strategy == "multi_worker":
+            # Only the chief keeps the history, and all workers must stop at
+            # the same epoch: every worker replays the chief's scores.
+            earlier = _chief_scores(strategy, earlier, capacity=config.train.epochs)
+        early_stopping = ResumedEarlyStopping(earlier, patience=config.train.early_stopping_patience)
         callbacks.append(early_stopping)
     if config.train.time_budget_minutes:
         spent = mask_pretraining["seconds"] if mask_pretraining else 0.0
