@@ -14,6 +14,7 @@ import keras
 
 from tfface.data.image_ops import (
     decode_image,
+    encoded_image_side,
     image_format,
     image_size_from_header,
     preprocess_encoded_images,
@@ -171,6 +172,8 @@ def test_header_sizes_match_the_decoded_sizes():
     for fmt, data in encoded.items():
         assert image_format(data) == fmt
         assert image_size_from_header(data) == (21, 37), fmt
+        assert encoded_image_side(tf.constant(data)).numpy() == 37, fmt  # the graph's twin
+    assert encoded_image_side(tf.constant(b"GIF8")).numpy() == 0  # a header cut short: the decoder decides
     assert image_format(b"hello") is None
     assert image_size_from_header(b"\x89PNG\r\n\x1a\n") is None
 
@@ -229,21 +232,17 @@ def test_bytes_signature_rejects_garbage_and_oversized_images(strict_export):
     serve = loaded.signatures["serving_default"]
     with pytest.raises(tf.errors.InvalidArgumentError, match="image file format"):
         serve(images=tf.constant([b"garbage"]))
-    big_png = png(np.zeros((8, 40, 3)))  # refused from the header, before decoding
-    big_jpeg = tf.io.encode_jpeg(np.zeros((40, 8, 3), np.uint8)).numpy()
-    big_gif = None  # no header check in the graph for GIF: refused after decoding
-    try:
-        from PIL import Image
+    # Every format is refused from its header, before decoding: a small
+    # file can decode to gigabytes.
+    bigs = {"png": png(np.zeros((8, 40, 3))), "jpeg": tf.io.encode_jpeg(np.zeros((40, 8, 3), np.uint8)).numpy()}
+    from PIL import Image
 
+    for fmt, options in (("GIF", {}), ("BMP", {}), ("WEBP", {"lossless": True}), ("WEBP", {"lossless": False})):
         buffer = io.BytesIO()
-        Image.fromarray(np.zeros((8, 40, 3), np.uint8)).save(buffer, format="GIF")
-        big_gif = buffer.getvalue()
-    except ImportError:
-        pass
-    for big in (big_png, big_jpeg, big_gif):
-        if big is None:
-            continue
-        with pytest.raises(tf.errors.InvalidArgumentError, match="maximum side of 32"):
+        Image.fromarray(np.zeros((8, 40, 3), np.uint8)).save(buffer, format=fmt, **options)
+        bigs[f"{fmt} {options}"] = buffer.getvalue()
+    for fmt, big in bigs.items():
+        with pytest.raises(tf.errors.InvalidArgumentError, match=r"maximum side of 32 pixels \(header\)"):
             serve(images=tf.constant([big]))
     ok = serve(images=tf.constant([png(np.zeros((32, 20, 3)))]))
     assert ok["Smiling_label"].shape == (1,)
@@ -284,6 +283,31 @@ def test_versions_increment_and_existing_versions_are_refused(model, tmp_path):
     assert list_versions(tmp_path / "m") == [3, 4]
     assert [p.name for p in (tmp_path / "m").iterdir() if not p.name.isdigit()] == []
     assert load_model_info(tmp_path / "m")["version"] == 4  # the model folder resolves to the latest
+
+
+def test_an_export_that_finishes_second_takes_the_next_version(model, tmp_path, monkeypatch):
+    # Another export of the same name completes while this one writes: this
+    # one takes the next free version instead of failing (or overwriting).
+    real_write = export_lib.write_warmup_requests
+
+    def meanwhile(path, *args, **kwargs):
+        if not list_versions(tmp_path / "m"):
+            export_saved_model(model, tmp_path, "m", warmup_images=[])  # the other export
+        return real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(export_lib, "write_warmup_requests", meanwhile)
+    path = export_saved_model(model, tmp_path, "m")
+    assert path.name == "2" and list_versions(tmp_path / "m") == [1, 2]
+    assert load_model_info(path)["version"] == 2
+    assert load_model_info(tmp_path / "m", version=1)["version"] == 1
+    # A version asked for by number is still never overwritten.
+    monkeypatch.setattr(
+        export_lib, "write_warmup_requests",
+        lambda path, *a, **k: (export_saved_model(model, tmp_path, "m", version=5, warmup_images=[]), real_write(path, *a, **k)),
+    )
+    with pytest.raises(FileExistsError, match="5 appeared while exporting"):
+        export_saved_model(model, tmp_path, "m", version=5)
+    assert list_versions(tmp_path / "m") == [1, 2, 5]
 
 
 def test_failure_mid_export_leaves_nothing_behind(model, tmp_path, monkeypatch):

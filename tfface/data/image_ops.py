@@ -111,10 +111,12 @@ def preprocess_encoded_images(images, size: int, max_side: int) -> tf.Tensor:
 
 
 def encoded_image_side(data) -> tf.Tensor:
-    """Longest side of an encoded JPEG or PNG read from its header (int64).
+    """Longest side of an encoded JPEG, PNG, GIF, BMP or WebP image, read
+    from its header (int64; the in-graph twin of `image_size_from_header`).
 
-    Returns 0 for other formats. Lets a graph refuse a huge image *before*
-    decoding it (a small file can decode to gigabytes).
+    Returns 0 for other formats and headers it cannot read. Lets a graph
+    refuse a huge image *before* decoding it (a small file can decode to
+    gigabytes).
     """
     data = tf.convert_to_tensor(data, tf.string)
 
@@ -129,12 +131,49 @@ def encoded_image_side(data) -> tf.Tensor:
         height = tf.reduce_sum(raw[4:8] * powers)
         return tf.maximum(width, height)
 
+    def gif_bmp_webp_side():
+        padded = data + b"\0" * 32  # every offset below stays inside
+
+        def little_endian(offset, size):
+            raw = tf.cast(tf.io.decode_raw(tf.strings.substr(padded, offset, size), tf.uint8), tf.int64)
+            return tf.reduce_sum(raw * tf.constant([1 << (8 * i) for i in range(size)], tf.int64))
+
+        def signed32(value):
+            return tf.abs(tf.where(value >= 1 << 31, value - (1 << 32), value))
+
+        def starts(offset, text):
+            return tf.equal(tf.strings.substr(padded, offset, len(text)), text)
+
+        gif = tf.maximum(little_endian(6, 2), little_endian(8, 2))
+        bmp_core = tf.maximum(little_endian(18, 2), little_endian(20, 2))  # 12-byte OS/2 header
+        bmp = tf.where(
+            tf.equal(little_endian(14, 4), 12),
+            bmp_core,
+            tf.maximum(signed32(little_endian(18, 4)), signed32(little_endian(22, 4))),
+        )
+        lossless_bits = little_endian(21, 4)
+        webp = tf.where(
+            starts(12, b"VP8 "),
+            tf.maximum(little_endian(26, 2), little_endian(28, 2)) & 0x3FFF,
+            tf.where(
+                starts(12, b"VP8L"),
+                tf.maximum(lossless_bits & 0x3FFF, (lossless_bits // (1 << 14)) & 0x3FFF) + 1,
+                tf.where(
+                    starts(12, b"VP8X"), tf.maximum(little_endian(24, 3), little_endian(27, 3)) + 1, tf.constant(0, tf.int64)
+                ),
+            ),
+        )
+        is_webp = starts(0, b"RIFF") & starts(8, b"WEBP")
+        return tf.where(
+            starts(0, b"GIF"), gif, tf.where(starts(0, b"BM"), bmp, tf.where(is_webp, webp, tf.constant(0, tf.int64)))
+        )
+
     def other_side():
         is_png = tf.logical_and(
             tf.equal(tf.strings.substr(data, 0, 8), _PNG_SIGNATURE),
             tf.strings.length(data) >= 24,
         )
-        return tf.cond(is_png, png_side, lambda: tf.constant(0, tf.int64))
+        return tf.cond(is_png, png_side, gif_bmp_webp_side)
 
     return tf.cond(tf.io.is_jpeg(data), jpeg_side, other_side)
 

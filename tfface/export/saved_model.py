@@ -27,6 +27,7 @@ p >= task.threshold; multiclass: argmax) and ``T_class_id`` int64 (B,).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -171,11 +172,9 @@ def export_saved_model(
     model_dir = Path(export_root) / name
     created_model_dir = not model_dir.exists()
     model_dir.mkdir(parents=True, exist_ok=True)
-    version = int(version) if version is not None else (list_versions(model_dir) or [0])[-1] + 1
-    target = model_dir / str(version)
-    if target.exists():
+    if version is not None and (model_dir / str(version)).exists():
         raise FileExistsError(
-            f"{target} already exists: versions are never overwritten; "
+            f"{model_dir / str(version)} already exists: versions are never overwritten; "
             f"pick another version (existing: {list_versions(model_dir)})"
         )
 
@@ -183,15 +182,20 @@ def export_saved_model(
     try:
         archive = build_export_archive(model, schema, image_size, max_image_side=int(max_image_side))
         archive.write_out(str(tmp), verbose=verbose)
-        _write_assets(tmp, model, schema, image_size, name, version, int(max_image_side))
         if warmup:
             write_warmup_requests(tmp / WARMUP_FILE, name, warmup)
-        if target.exists():
-            raise FileExistsError(f"{target} appeared while exporting; not overwriting it")
-        # mkdtemp makes the folder owner-only; a server running as another
-        # user (docker --user, runAsNonRoot) must be able to read the version.
-        os.chmod(tmp, 0o777 & ~current_umask())
-        os.rename(tmp, target)
+        # The version is picked when the export is complete, under a lock, so
+        # two exports of one name at once take consecutive versions.
+        with _exclusive(model_dir):
+            chosen = int(version) if version is not None else (list_versions(model_dir) or [0])[-1] + 1
+            target = model_dir / str(chosen)
+            if target.exists():
+                raise FileExistsError(f"{target} appeared while exporting; not overwriting it")
+            _write_assets(tmp, model, schema, image_size, name, chosen, int(max_image_side))
+            # mkdtemp makes the folder owner-only; a server running as another
+            # user (docker --user, runAsNonRoot) must be able to read the version.
+            os.chmod(tmp, 0o777 & ~current_umask())
+            os.rename(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if created_model_dir:
@@ -201,6 +205,23 @@ def export_saved_model(
                 pass
         raise
     return target
+
+
+@contextlib.contextmanager
+def _exclusive(folder: Path):
+    """Holds an exclusive lock on `folder` (flock on POSIX; elsewhere nothing)
+    so choosing a version and renaming into it is one step among exporters."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def build_export_archive(model, schema: Schema, image_size: int, max_image_side: int = DEFAULT_MAX_IMAGE_SIDE):
