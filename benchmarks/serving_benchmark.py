@@ -289,7 +289,9 @@ def main():
         "--quick", action="store_true", help="a fast smoke run (few repeats, 500-request load run); records nothing"
     )
     parser.add_argument("--model", help=".keras model (default: untrained gated model, fused schema, 64 px)")
-    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument(
+        "--max-batch-size", type=int, default=32, help="the server's (at least 32: it refuses larger requests)"
+    )
     parser.add_argument("--batch-timeout-ms", type=float, default=0.0, help="server batch timeout (default 0, as the server)")
     parser.add_argument("--repeats", type=int, help="timed calls per path and round (default 15; quick 5)")
     parser.add_argument("--rounds", type=int, help="rounds (default 3; quick 1)")
@@ -300,6 +302,8 @@ def main():
         "--in-process-clients", action="store_true", help="run the concurrent clients in the server's process"
     )
     args = parser.parse_args()
+    if args.max_batch_size < 32:
+        parser.error("--max-batch-size must be at least 32, the largest request batch timed")
     if args.record_as is not None and not all(c.isalnum() or c in "_-" for c in args.record_as or "?"):
         parser.error(f"--record-as takes a plain name (letters, digits, _ and -), got {args.record_as!r}")
     repeats = args.repeats or (5 if args.quick else 15)

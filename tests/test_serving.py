@@ -197,6 +197,13 @@ BAD_REQUESTS = {
         grpc.StatusCode.INVALID_ARGUMENT,
         f"largest side allowed is {MAX_SIDE}",
     ),
+    # One model call's memory grows with its images: a request may hold at
+    # most max_batch_size (8 here), as with TF Serving's batching.
+    "more images than max_batch_size": (
+        lambda: request(random_pngs(1) * 9),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "holds 9 images; this server takes at most 8 per request",
+    ),
     # make_ndarray would fill these out to the declared shape: thousands of
     # images from a request of a few bytes.
     "fewer strings than the shape": (
@@ -303,6 +310,45 @@ def test_without_a_timeout_requests_that_queue_during_a_model_call_form_the_next
     batcher.stop()
     assert calls == [1, 4]
     assert {i: results[i]["y"].tolist() for i in results} == {i: [2 * i] for i in range(5)}
+
+
+def test_stopping_the_batcher_releases_callers_of_a_running_call_and_queued_ones():
+    from tfface.serving.server import RequestError
+    from tfface.serving.server import _Batcher
+
+    running, release = threading.Event(), threading.Event()
+
+    def slow_model(arrays):  # a long call, as a huge batch on a busy CPU
+        running.set()
+        release.wait(30)
+        return {"y": arrays["x"]}
+
+    batcher = _Batcher(slow_model, max_batch_size=1, timeout_s=0.0, label="test-batcher-stop")
+    errors = {}
+
+    def submit(i):
+        try:
+            batcher.submit({"x": np.array([i])}, 1, None)  # no deadline
+        except RequestError as e:
+            errors[i] = e.code
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in range(2)]
+    threads[0].start()
+    assert running.wait(20)
+    threads[1].start()  # queued behind the running call
+    deadline = time.monotonic() + 20
+    while len(batcher._queue) < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    start = time.monotonic()
+    batcher.stop(timeout_s=0.5)
+    for t in threads:
+        t.join(5)
+    try:
+        assert not any(t.is_alive() for t in threads)
+        assert time.monotonic() - start < 5  # not held until the model call ends (30 s)
+        assert errors == {0: grpc.StatusCode.UNAVAILABLE, 1: grpc.StatusCode.UNAVAILABLE}
+    finally:
+        release.set()
 
 
 def test_unbatched_server_gives_the_same_answers_and_limits_message_size(deployment):
@@ -482,9 +528,16 @@ def test_a_newest_version_that_does_not_load_leaves_the_last_good_one(deployment
     server.load()
     assert sorted(server.models["faces"]) == [1]
     assert "skipping version 3" in caplog.text
+    # With a version label too: the label's version is loaded besides.
+    labelled = LocalModelServer(model_dir, port=0, version_labels={"stable": 1})
+    labelled.load()
+    assert sorted(labelled.models["faces"]) == [1]
     pinned = LocalModelServer(model_dir, port=0, versions=[3])
     with pytest.raises(RuntimeError, match=r"cannot load SavedModel .*3: [^\n]*$"):
         pinned.load()
+    labelled_broken = LocalModelServer(model_dir, port=0, version_labels={"canary": 3})
+    with pytest.raises(RuntimeError, match=r"cannot load SavedModel .*3"):
+        labelled_broken.load()  # a label asks for its version by number
 
 
 def test_a_certificates_file_that_is_no_pem_is_refused_up_front(tmp_path):

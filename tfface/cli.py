@@ -387,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", required=True, help="saved_models/NAME")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=_port, default=8500, help="gRPC port (0: any free port)")
-    p.add_argument("--max-batch-size", type=_positive_int, default=32, help="most images the model runs at once")
+    p.add_argument("--max-batch-size", type=_positive_int, default=32, help="most images the model runs at once; a request with more is refused")
     p.add_argument(
         "--batch-timeout-ms", type=_batch_timeout, default=0.0,
         help="wait for company, 0..60000 (default 0: batch what queues while the model runs)"

@@ -257,6 +257,7 @@ class _Batcher:
         self._queue = collections.deque()
         self._cond = threading.Condition()
         self._stopped = False
+        self._running = []  # the tasks of the model call in progress
         self.batch_sizes = []  # rows per model call, for tests and debugging
         self._thread = threading.Thread(target=self._loop, name=label, daemon=True)
         self._thread.start()
@@ -276,9 +277,18 @@ class _Batcher:
         return task.result
 
     def stop(self, timeout_s: float = 10.0) -> None:
+        """Fails what is queued or running (their RPCs are over by now) so no
+        handler thread waits for a model call, then joins the thread for at
+        most `timeout_s` (it is a daemon: a long call cannot hold the exit)."""
         with self._cond:
             self._stopped = True
+            waiting = list(self._queue) + list(self._running)
+            self._queue.clear()
             self._cond.notify_all()
+        for task in waiting:
+            if not task.event.is_set():
+                task.error = RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+                task.event.set()
         self._thread.join(timeout_s)
 
     def _next_batch(self) -> Optional[list]:
@@ -302,6 +312,7 @@ class _Batcher:
                 if remaining <= 0 or self._stopped:
                     break
                 self._cond.wait(remaining)
+            self._running = batch  # under the lock: stop() sees every task taken
             return batch
 
     def _loop(self) -> None:
@@ -366,7 +377,9 @@ class LocalModelServer:
         model_dir: `saved_models/NAME` (one model, named after the folder),
             `saved_models/NAME/VERSION`, or a base folder holding several.
         host, port: where to listen; port 0 picks a free port.
-        max_batch_size: most rows merged into one model call.
+        max_batch_size: most rows in one model call; a request with more
+            is refused (INVALID_ARGUMENT), as TF Serving's batching refuses
+            one larger than its `max_batch_size`.
         batch_timeout_ms: how long the first queued request waits for
             company before its batch runs. 0 (the default) runs whatever
             is queued as soon as the model is free, so batches still form
@@ -453,9 +466,10 @@ class LocalModelServer:
                     f"model {name!r} in {self.model_dir} has no version(s) {missing} "
                     f"(versions on disk: {available})"
                 )
-            if self.versions == "latest" and not self.version_labels:
+            if self.versions == "latest":
                 # As TF Serving: a newer version that does not load (a copy
-                # cut short) leaves the last good one served.
+                # cut short) leaves the last good one served. Labelled
+                # versions are asked for by number, so they must load.
                 loaded = {}
                 for version in reversed(available):
                     try:
@@ -465,7 +479,9 @@ class LocalModelServer:
                         logger.warning("model %r: skipping version %d: %s", name, version, e)
                 if not loaded:
                     raise RuntimeError(f"model {name!r} in {self.model_dir}: no version loads (versions on disk: {available})")
-                models[name] = loaded
+                for version in sorted(set(self.version_labels.values()) - set(loaded)):
+                    loaded[version] = _load_servable(name, version, on_disk[version])
+                models[name] = dict(sorted(loaded.items()))
             else:
                 models[name] = {v: _load_servable(name, v, on_disk[v]) for v in sorted(wanted)}
             logger.info("loaded model %r versions %s", name, sorted(models[name]))
@@ -512,7 +528,7 @@ class LocalModelServer:
         with self._batchers_lock:
             batchers, self._batchers = list(self._batchers.values()), {}
         for batcher in batchers:
-            batcher.stop()
+            batcher.stop(timeout_s=1.0)
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
@@ -599,6 +615,13 @@ class LocalModelServer:
             if batch is not None and array.shape[0] != batch:
                 raise _invalid(f"inputs disagree on batch size ({batch} vs {array.shape[0]} for {key!r})")
             batch = array.shape[0]
+            if batch > self.max_batch_size:
+                # As TF Serving's batching: one call's memory grows with its
+                # images (a 3 MB request of tiny PNGs took 1.4 GB).
+                raise _invalid(
+                    f"input {key!r} holds {batch} images; this server takes at most {self.max_batch_size} "
+                    "per request (max_batch_size): split it, e.g. ServingClient.predict(..., batch_size=N)"
+                )
             if spec.dtype == tf.string and array.ndim == 1:
                 self._check_images(key, array)
             arrays[key] = array
