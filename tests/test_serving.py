@@ -545,3 +545,68 @@ def test_a_certificates_file_that_is_no_pem_is_refused_up_front(tmp_path):
     bad.write_text("garbage")
     with pytest.raises(ValueError, match="bad.pem holds no PEM certificate"):
         ServingClient("localhost:1", model_name="faces", tls=True, root_certificates=str(bad))
+
+
+def test_a_client_reads_the_class_names_of_the_version_that_answered(tmp_path):
+    # A long-lived client read the schema of version 1; the server restarts
+    # on version 2, whose classes are named otherwise.
+    old = build_stand_in()
+    export_saved_model(old, tmp_path, "faces", warmup_images=[])
+    new = build_stand_in(seed=1)
+    renamed = [f"band{i}" for i in range(len(AGE_GROUPS))]
+    new.schema = Schema(
+        [Task("Smiling", group="mouth"), Task("age_group", kind=MULTICLASS, classes=renamed)], name="stand_in"
+    )
+    export_saved_model(new, tmp_path, "faces", warmup_images=[])
+    first = LocalModelServer(tmp_path / "faces", versions=[1])
+    port = first.start()
+    client = ServingClient(f"127.0.0.1:{port}", model_name="faces", retries=20, backoff_s=0.05)
+    try:
+        [before] = client.predict(random_pngs(1))
+        assert before["age_group"]["label"] in AGE_GROUPS
+        first.stop()
+        with LocalModelServer(tmp_path / "faces", port=port, versions=[2]):
+            [after] = client.predict(random_pngs(1))
+        assert after["age_group"]["label"] in renamed
+        assert set(after["age_group"]["probabilities"]) == set(renamed)
+    finally:
+        client.close()
+        first.stop()
+
+
+def test_query_hosts_without_a_port_get_tf_servings_port_and_exif_rotation_is_applied(tmp_path):
+    import io
+
+    from PIL import Image, ImageOps
+
+    from tfface.serving.client import upright
+    from tfface.serving.client import with_default_port
+
+    assert with_default_port("10.0.0.5") == "10.0.0.5:8500"
+    assert with_default_port("serving.internal:9000") == "serving.internal:9000"
+    assert with_default_port("[::1]") == "[::1]:8500" and with_default_port("::1") == "[::1]:8500"
+    assert with_default_port("[::1]:7000") == "[::1]:7000"
+    assert with_default_port("dns:///serving:8500") == "dns:///serving:8500"
+
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    plain = io.BytesIO()
+    Image.fromarray(pixels).save(plain, format="JPEG")
+    assert upright(plain.getvalue()) == plain.getvalue()  # no EXIF orientation: sent as it is
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view"
+    tagged = io.BytesIO()
+    Image.fromarray(pixels).save(tagged, format="JPEG", exif=exif)
+    turned = np.asarray(Image.open(io.BytesIO(upright(tagged.getvalue()))))
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(tagged.getvalue()))).convert("RGB"))
+    assert turned.shape == (50, 40, 3)
+    np.testing.assert_array_equal(turned, expected)
+    # The client sends what it turned upright.
+    path = tmp_path / "phone.jpg"
+    path.write_bytes(tagged.getvalue())
+    client = ServingClient("127.0.0.1:1", model_name="faces")
+    try:
+        [sent] = client._read_images([str(path)])
+    finally:
+        client.close()
+    assert np.asarray(Image.open(io.BytesIO(sent))).shape == (50, 40, 3)
+    assert client.target == "127.0.0.1:1"

@@ -407,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("query", help="send images to a TF Serving (or local) server over gRPC")
     p.add_argument("images", nargs="+", help="face crops (JPEG or PNG files)")
-    p.add_argument("--host", default="localhost:8500", help="HOST:PORT")
+    p.add_argument("--host", default="localhost:8500", help="HOST:PORT (HOST alone: port 8500)")
     p.add_argument("--model", required=True, help="model name on the server")
     p.add_argument("--signature", default="serving_default", help="signature that takes encoded images")
     p.add_argument("--timeout", type=_positive_float, default=10.0, help="seconds per call")

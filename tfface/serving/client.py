@@ -93,6 +93,7 @@ class ServingClient:
             raise ValueError(f"retries must be >= 0, got {retries}")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        target = with_default_port(target)
         self.target = target
         self.model_name = model_name
         self.signature = signature
@@ -124,6 +125,8 @@ class ServingClient:
         self._prediction = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
         self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
         self._schema = None
+        self._schema_version = None  # the version the schema was read from
+        self._schemas_by_version = {}
 
     # --- lifecycle ----------------------------------------------------------
     def close(self) -> None:
@@ -209,8 +212,18 @@ class ServingClient:
             # The server's "images[i]" counts from the start of this chunk.
             what = f"Predict of images #{start}..#{start + len(chunk) - 1}"
             response = self._call(self._prediction.Predict, request, what)
-            results.extend(parse_predict_response(response, schema, len(chunk)))
+            answered_by = response.model_spec.version.value if response.model_spec.HasField("version") else None
+            results.extend(parse_predict_response(response, self._schema_of(answered_by, schema), len(chunk)))
         return results
+
+    def _schema_of(self, version: Optional[int], schema: Schema) -> Schema:
+        """The schema of the version that answered: a server that loaded a
+        newer version since the schema was read may name classes otherwise."""
+        if version is None or self._schema_version is None or version == self._schema_version:
+            return schema
+        if version not in self._schemas_by_version:
+            self._schemas_by_version[version] = self._read_schema(version)
+        return self._schemas_by_version[version]
 
     def _read_images(self, images) -> list:
         payloads = []
@@ -241,7 +254,7 @@ class ServingClient:
                 raise ValueError(f"{where} is empty")
             if image_format(data) is None:
                 raise ValueError(f"{where} is not an image file (expected one of {', '.join(DECODABLE_FORMATS)})")
-            payloads.append(data)
+            payloads.append(upright(data))
         kinds = {isinstance(p, np.ndarray) for p in payloads}
         if len(kinds) > 1:
             raise ValueError("mix of arrays and encoded images: send one kind per call")
@@ -267,14 +280,23 @@ class ServingClient:
     def schema(self) -> Schema:
         """The model's Schema, read once through the `schema` signature."""
         if self._schema is None:
-            request = predict_pb2.PredictRequest(model_spec=self._model_spec(SCHEMA_SIGNATURE))
-            request.inputs[SCHEMA_INPUT].CopyFrom(tf.make_tensor_proto([0], dtype=tf.int32))
-            response = self._call(self._prediction.Predict, request, "Predict(schema)")
-            if SCHEMA_OUTPUT not in response.outputs:
-                raise ServingError(f"model {self.model_name!r} returned no {SCHEMA_OUTPUT!r}: is it a tfface export?")
-            value = tf.make_ndarray(response.outputs[SCHEMA_OUTPUT]).reshape(-1)[0]
-            self._schema = Schema.from_json(value.decode("utf-8"))
+            self._schema = self._read_schema()
         return self._schema
+
+    def _read_schema(self, version: Optional[int] = None) -> Schema:
+        spec = self._model_spec(SCHEMA_SIGNATURE)
+        if version is not None:
+            spec.ClearField("version_label")
+            spec.version.value = version
+        request = predict_pb2.PredictRequest(model_spec=spec)
+        request.inputs[SCHEMA_INPUT].CopyFrom(tf.make_tensor_proto([0], dtype=tf.int32))
+        response = self._call(self._prediction.Predict, request, "Predict(schema)")
+        if SCHEMA_OUTPUT not in response.outputs:
+            raise ServingError(f"model {self.model_name!r} returned no {SCHEMA_OUTPUT!r}: is it a tfface export?")
+        value = tf.make_ndarray(response.outputs[SCHEMA_OUTPUT]).reshape(-1)[0]
+        if version is None and response.model_spec.HasField("version"):
+            self._schema_version = response.model_spec.version.value
+        return Schema.from_json(value.decode("utf-8"))
 
     def metadata(self) -> dict:
         """{"model", "version", "signatures": {name: {inputs, outputs}}, "schema"}."""
@@ -317,6 +339,46 @@ class ServingClient:
             }
             for s in response.model_version_status
         ]
+
+
+def with_default_port(target: str, port: int = 8500) -> str:
+    """HOST -> HOST:8500 (TF Serving's gRPC port); gRPC alone would try 443."""
+    if "://" in target or target.startswith("unix:"):
+        return target
+    if target.startswith("["):  # [IPv6] or [IPv6]:PORT
+        return target if "]:" in target else f"{target}:{port}"
+    if target.count(":") > 1:  # a bare IPv6 address
+        return f"[{target}]:{port}"
+    return target if ":" in target else f"{target}:{port}"
+
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def upright(data: bytes) -> bytes:
+    """Encoded image bytes with their EXIF orientation applied (as PNG), or
+    unchanged when there is none.
+
+    The serving graph decodes pixels as stored, like TF Serving image models
+    and the training pipeline; a phone photo tagged "rotate 90" would reach
+    the model on its side, where `tfface predict` turns it upright.
+    """
+    if image_format(data) not in ("jpeg", "png", "webp"):
+        return data
+    try:
+        import io
+
+        from PIL import Image, ImageOps
+
+        with Image.open(io.BytesIO(data)) as image:
+            if image.getexif().get(_EXIF_ORIENTATION, 1) in (None, 0, 1):
+                return data
+            turned = ImageOps.exif_transpose(image).convert("RGB")
+            buffer = io.BytesIO()
+            turned.save(buffer, format="PNG")
+            return buffer.getvalue()
+    except Exception:  # unreadable: the server's checks name the problem
+        return data
 
 
 def _tensor_info(info) -> dict:
