@@ -137,6 +137,38 @@ def test_shipped_search_space_builds_a_model_for_sampled_values(model_type, swit
         assert getattr(again.model, switch) == value
 
 
+_REBUILD_FRESH = """
+import json, sys
+import numpy as np
+from tfface.config import model_config_from_dict
+from tfface.models.build import build_model
+for raw in json.loads(sys.argv[1]):
+    model = build_model("synthetic", model_config_from_dict(raw))
+    model.build_from_config({"input_shape": None})  # what build_config.json holds
+    out = model.predict(np.zeros((1, 32, 32, 3), "float32"), verbose=0)
+    print("REBUILT", raw["type"], sorted(out)[:1])
+"""
+
+
+def test_a_hyperband_continuation_rebuilds_a_fresh_trial_model_from_its_build_config():
+    # Hyperband's continuation calls build_from_config with the parent's
+    # saved build config before loading its weights. In a process that had
+    # run no model yet (a resumed search) Keras's own version raised
+    # "Undefined shapes are not supported" and the trial failed; hence a
+    # fresh process.
+    configs = [tiny_experiment(t)["model"] for t in ("gated", "mask_guided")]
+    done = subprocess.run(
+        [sys.executable, "-c", _REBUILD_FRESH, json.dumps(configs)],
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+                 PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")),
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [line.split()[1] for line in done.stdout.splitlines() if line.startswith("REBUILT")] == [
+        "gated", "mask_guided"
+    ]
+
+
 def test_conditional_hyperparameters_follow_their_parent():
     base = ExperimentConfig.from_dict(tiny_experiment())
     space = SearchSpace.load(SPACES["gated"]).check(base)

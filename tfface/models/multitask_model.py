@@ -189,6 +189,14 @@ class MultiTaskFaceModel(keras.Model):
         if self.optimizer is not None and not self.optimizer.built:
             self.optimizer.build(self.trainable_variables)
 
+    def build_from_config(self, config):
+        """Nothing to do: the graph is built at construction. Keras's own
+        version fails on the `{"input_shape": None}` a functional subclass
+        records (KerasTuner calls it before loading a parent trial's weights
+        when a resumed Hyperband search continues a trial)."""
+        if not self.built:
+            super().build_from_config(config)
+
     def get_compile_config(self):
         # Must be non-empty: Keras skips `compile_from_config` for a falsy one.
         if not self.compiled:
