@@ -549,6 +549,69 @@ def test_a_run_killed_around_its_backup_resumes_with_one_row_per_epoch(tmp_path,
     assert len(summary["history"]["loss"]) == 2  # this call: epochs 2 and 3
 
 
+def test_a_run_killed_after_its_last_epoch_writes_its_summary_without_training_again(tmp_path, monkeypatch):
+    from tfface.training import trainer
+
+    config = ExperimentConfig.load(_write_config(tmp_path, epochs=2))
+    run = Path(config.train.output_dir)
+    real_write = trainer.write_atomic
+
+    def killed_before_the_summary(path, *args, **kwargs):
+        if Path(path).name == "train_summary.json":
+            raise KeyboardInterrupt("killed")
+        return real_write(path, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "write_atomic", killed_before_the_summary)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(config, verbose=0)
+    monkeypatch.undo()
+    finished = (run / "model.keras").read_bytes()
+    summary = trainer.train(config, verbose=0)
+    assert summary["epochs_run"] == 2 and summary["history"] == {}  # nothing trained again
+    assert (run / "model.keras").read_bytes() == finished
+    assert _epochs_logged(run) == [0, 1]
+    assert (run / "train_summary.json").is_file() and not (run / "backup").exists()
+    with pytest.raises(ConfigError, match="holds a finished run"):
+        trainer.train(config, verbose=0)
+
+
+def test_a_run_early_stopping_had_ended_is_not_trained_further_on_resume(tmp_path, monkeypatch):
+    import keras
+
+    from tfface.training.trainer import MONITOR
+    from tfface.training.trainer import ResumedEarlyStopping
+    from tfface.training.trainer import train
+
+    config = ExperimentConfig.load(_write_config(tmp_path, epochs=5, early_stopping_patience=1))
+    run = Path(config.train.output_dir)
+    back_up = keras.callbacks.BackupAndRestore.on_epoch_end
+
+    def killed_after_third_epoch(self, epoch, logs=None):
+        back_up(self, epoch, logs)
+        if epoch == 2:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(keras.callbacks.BackupAndRestore, "on_epoch_end", killed_after_third_epoch)
+    # The tiny model's real scores could stop it before the kill.
+    monkeypatch.setattr(ResumedEarlyStopping, "on_epoch_end", lambda self, epoch, logs=None: None)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, verbose=0)
+    monkeypatch.undo()
+    # Scores that had spent the patience at the third epoch: Keras stopped the
+    # run there, and only the kill kept it from writing its summary.
+    with open(run / "history.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row, score in zip(rows, ("0.6", "0.5", "0.4")):
+        row[MONITOR] = score
+    with open(run / "history.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = train(config, verbose=0)
+    assert (summary["epochs_run"], summary["stopped_by"]) == (3, "early_stopping")
+    assert _epochs_logged(run) == [0, 1, 2]
+
+
 def test_an_unreadable_backup_is_named_and_left_in_place(tmp_path):
     from tfface.training.trainer import train
 
@@ -568,19 +631,34 @@ def test_mask_pretraining_trains_the_predictor_first_and_keeps_it_frozen(tmp_pat
 
     raw = json.loads(json.dumps(TINY))
     raw["model"].update(type="mask_guided", mask_channels=[8, 16, 32], mask_trainable=False)
-    raw["train"].update(epochs=1, mask_pretrain_epochs=1, output_dir=str(tmp_path / "run"))
+    raw["train"].update(epochs=2, mask_pretrain_epochs=1, output_dir=str(tmp_path / "run"))
     config = ExperimentConfig.from_dict(raw)
-    pretrained = {}
+    pretrained = {"calls": 0}
     original = mask_predictor.pretrain_mask_predictor
 
     def recording(model, *args, **kwargs):
         history = original(model, *args, **kwargs)
         pretrained["weights"] = [w.copy() for w in model.get_layer("mask_predictor").get_weights()]
         pretrained["freeze"] = kwargs["freeze"]
+        pretrained["calls"] += 1
         return history
 
     monkeypatch.setattr(mask_predictor, "pretrain_mask_predictor", recording)
+    # Killed after the first attribute epoch, then resumed: the pretraining
+    # is not done again, and the summary still records it.
+    back_up = keras.callbacks.BackupAndRestore.on_epoch_end
+
+    def killed_after_first_epoch(self, epoch, logs=None):
+        back_up(self, epoch, logs)
+        if epoch == 0:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(keras.callbacks.BackupAndRestore, "on_epoch_end", killed_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, verbose=0)
+    monkeypatch.setattr(keras.callbacks.BackupAndRestore, "on_epoch_end", back_up)
     summary = train(config, verbose=0)
+    assert pretrained["calls"] == 1 and summary["epochs_run"] == 2
     assert pretrained["freeze"] is True
     assert summary["mask_pretraining"]["epochs"] == 1 and summary["mask_pretraining"]["frozen"]
     assert len(summary["mask_pretraining"]["history"]["mask_iou"]) == 1

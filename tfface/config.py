@@ -175,7 +175,9 @@ class TrainConfig:
     optimizer: str = "adamw"
     warmup_epochs: float = 0.0
     early_stopping_patience: int = 0  # 0 disables
-    time_budget_minutes: Optional[float] = None  # per invocation, mask pretraining included
+    # Per invocation, checked after each attribute epoch (so one always runs);
+    # the mask pretraining's time counts toward it.
+    time_budget_minutes: Optional[float] = None
     strategy: str = "default"  # "default", "mirrored", "multi_worker"
     mixed_precision: str = "auto"  # "auto" (on with a GPU), "on", "off"
     seed: int = 0

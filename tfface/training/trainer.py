@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 import zipfile
@@ -206,25 +207,34 @@ class ResumedEarlyStopping(keras.callbacks.EarlyStopping):
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
+        self.best, self.wait = self._replayed()
+
+    def _replayed(self):
+        best, wait = None, 0
         for score in self.earlier:
-            self.wait += 1
-            if self.best is None or score - self.min_delta > self.best:
-                self.best, self.wait = score, 0
+            wait += 1
+            if best is None or score - self.min_delta > best:
+                best, wait = score, 0
+        return best, wait
+
+    def patience_spent(self) -> bool:
+        """Whether Keras had stopped the run at its last logged epoch (the
+        interrupted run was over, only its summary was missing)."""
+        return len(self.earlier) > 1 and self._replayed()[1] >= self.patience
 
 
 class TimeBudget(keras.callbacks.Callback):
     """Stops training cleanly once the wall-clock budget is spent.
 
-    The run's backup is kept then (Keras deletes it at the end of training),
-    so running the same command again continues where the budget stopped.
+    The run's backup is kept then, so running the same command again
+    continues where the budget stopped.
     """
 
-    def __init__(self, minutes, backup=None, spent_seconds=0.0):
+    def __init__(self, minutes, spent_seconds=0.0):
         super().__init__()
         self.seconds = minutes * 60.0
         self.spent_seconds = spent_seconds  # before fit: the mask pretraining
         self.start = None
-        self.backup = backup
         self.stopped = False
 
     def on_train_begin(self, logs=None):
@@ -240,8 +250,6 @@ class TimeBudget(keras.callbacks.Callback):
             )
             self.model.stop_training = True
             self.stopped = True
-            if self.backup is not None:
-                self.backup.delete_checkpoint = False
 
 
 def _strategy(name):
@@ -351,6 +359,8 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2
 
+    chief = _is_chief()
+    pretraining_file = out / "mask_pretraining.json"
     with strategy.scope():
         model = build_model(schema, config.model, training_labels(schema, train_sources))
         # A resumed run's backup holds the pretrained predictor already.
@@ -360,13 +370,21 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
         if config.train.strategy == "multi_worker":
             _rank_one_logs(model)
 
-    chief = _is_chief()
+    pretrained_seconds = mask_pretraining["seconds"] if mask_pretraining else 0.0
+    if chief and mask_pretraining:
+        write_atomic(pretraining_file, json.dumps(mask_pretraining, indent=2))
+    elif resuming and pretraining_file.is_file():
+        mask_pretraining = json.loads(pretraining_file.read_text())  # done by the call that was interrupted
     # Two backups: a kill while the newest is written leaves the one before.
-    backup = keras.callbacks.BackupAndRestore(str(out / "backup"), double_checkpoint=True)
+    # Kept until the summary is written: a kill after the last epoch then
+    # resumes with nothing left to train instead of training again.
+    backup = keras.callbacks.BackupAndRestore(str(out / "backup"), double_checkpoint=True, delete_checkpoint=False)
     history_file = out / "history.csv"
+    start_epoch = 0
     if resuming and chief and config.train.strategy != "multi_worker":
         with strategy.scope():  # the optimizer's variables are built here
-            _trim_history(history_file, _restore_backup(backup, model))
+            start_epoch = _restore_backup(backup, model)
+            _trim_history(history_file, start_epoch)
     # BackupAndRestore brings back weights, optimizer and epoch only; the
     # best score so far and early stopping's count come from the history,
     # so a resumed run neither overwrites a better model.keras nor waits
@@ -392,6 +410,7 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
             )
     callbacks.append(backup)
     early_stopping = budget = None
+    epochs = config.train.epochs
     if config.train.early_stopping_patience > 0 and val_ds is not None:
         if config.train.strategy == "multi_worker":
             # Only the chief keeps the history, and all workers must stop at
@@ -399,9 +418,10 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
             earlier = _chief_scores(strategy, earlier, capacity=config.train.epochs)
         early_stopping = ResumedEarlyStopping(earlier, patience=config.train.early_stopping_patience)
         callbacks.append(early_stopping)
+        if start_epoch and early_stopping.patience_spent():
+            epochs = start_epoch  # it had stopped; the kill came before the summary
     if config.train.time_budget_minutes:
-        spent = mask_pretraining["seconds"] if mask_pretraining else 0.0
-        budget = TimeBudget(config.train.time_budget_minutes, backup=backup, spent_seconds=spent)
+        budget = TimeBudget(config.train.time_budget_minutes, spent_seconds=pretrained_seconds)
         callbacks.append(budget)
 
     start = time.monotonic()
@@ -409,7 +429,7 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
         history = model.fit(
             train_ds,
             validation_data=val_ds,
-            epochs=config.train.epochs,
+            epochs=epochs,
             callbacks=callbacks,
             verbose=verbose,
             shuffle=False,  # the pipeline shuffles
@@ -426,7 +446,7 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
         "epochs_run": int(getattr(model, "_initial_epoch", None) or 0) + len(history.history.get("loss", [])),
         "stopped_by": (
             "time_budget" if budget is not None and budget.stopped
-            else "early_stopping" if early_stopping is not None and early_stopping.stopped_epoch > 0
+            else "early_stopping" if early_stopping is not None and (early_stopping.stopped_epoch > 0 or epochs < config.train.epochs)
             else "epochs"
         ),
         "train_seconds": round(seconds, 1),
@@ -449,6 +469,8 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
     }
     if chief:
         write_atomic(out / "train_summary.json", json.dumps(summary, indent=2, default=str))
+    if not (budget is not None and budget.stopped):
+        shutil.rmtree(out / "backup", ignore_errors=True)  # the run is over: the summary says so
     return summary
 
 
