@@ -60,6 +60,19 @@ def _epochs_logged(run_dir):
         return [int(row["epoch"]) for row in csv.DictReader(f)]
 
 
+def _kill_after_backup_of(epoch_to_kill, monkeypatch):
+    """Makes the next run 'killed' (KeyboardInterrupt) right after the backup
+    of epoch `epoch_to_kill` (0-based) is written."""
+    back_up = keras.callbacks.BackupAndRestore.on_epoch_end
+
+    def killed(self, epoch, logs=None):
+        back_up(self, epoch, logs)
+        if epoch == epoch_to_kill:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(keras.callbacks.BackupAndRestore, "on_epoch_end", killed)
+
+
 def test_train_writes_model_logs_and_summary(tmp_path):
     from tfface.training.trainer import train
 
@@ -180,33 +193,38 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_multi_worker_training_on_two_local_workers(tmp_path):
-    # Early stopping on: its scores are shared from the chief before fit.
-    config = _write_config(tmp_path, epochs=1, strategy="multi_worker", early_stopping_patience=2)
+def _run_two_local_workers(argv_of, timeout):
+    """Runs `argv_of(index)` as workers 0 and 1 of one TF_CONFIG cluster on
+    127.0.0.1; returns their outputs once both exited 0."""
     workers = [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]
     procs = []
     try:
         for index in range(2):
             env = _env()
             env["TF_CONFIG"] = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
-            out = tmp_path / f"run{index}"
             procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "tfface.cli", "train", "--config", str(config), "--output-dir", str(out)],
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                )
+                subprocess.Popen(argv_of(index), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             )
-        outputs = [p.communicate(timeout=400)[0] for p in procs]
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
     for p, output in zip(procs, outputs):
         assert p.returncode == 0, output[-3000:]
+    return outputs
+
+
+@pytest.mark.slow
+def test_multi_worker_training_on_two_local_workers(tmp_path):
+    # Early stopping on: its scores are shared from the chief before fit.
+    config = _write_config(tmp_path, epochs=1, strategy="multi_worker", early_stopping_patience=2)
+    _run_two_local_workers(
+        lambda index: [
+            sys.executable, "-m", "tfface.cli", "train", "--config", str(config), "--output-dir", str(tmp_path / f"run{index}")
+        ],
+        timeout=400,
+    )
     # Worker 0 is the chief: it alone writes the model.
     assert (tmp_path / "run0" / "model.keras").is_file()
     assert not (tmp_path / "run1" / "model.keras").exists()
@@ -225,26 +243,11 @@ print("SHARED", json.dumps(trainer._chief_scores(strategy, mine, capacity=6)))
 def test_a_resumed_multi_worker_run_replays_the_chiefs_history_on_every_worker():
     # Only the chief keeps history.csv; the workers must count early stopping's
     # patience from the same scores, or they stop at different epochs.
-    workers = [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]
     histories = [[0.5, 0.625, 0.55], []]  # the chief's, a worker's (none)
-    procs = []
-    try:
-        for index, history in enumerate(histories):
-            env = _env()
-            env["TF_CONFIG"] = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-c", _SHARE_SCORES, json.dumps(history)],
-                    env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                )
-            )
-        outputs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, output in zip(procs, outputs):
-        assert p.returncode == 0, output[-3000:]
+    outputs = _run_two_local_workers(
+        lambda index: [sys.executable, "-c", _SHARE_SCORES, json.dumps(histories[index])], timeout=300
+    )
+    for output in outputs:
         shared = [line for line in output.splitlines() if line.startswith("SHARED ")]
         assert shared and json.loads(shared[-1][len("SHARED "):]) == [0.5, 0.625, 0.55], output[-3000:]
 
@@ -576,22 +579,13 @@ def test_a_run_killed_after_its_last_epoch_writes_its_summary_without_training_a
 
 
 def test_a_run_early_stopping_had_ended_is_not_trained_further_on_resume(tmp_path, monkeypatch):
-    import keras
-
     from tfface.training.trainer import MONITOR
     from tfface.training.trainer import ResumedEarlyStopping
     from tfface.training.trainer import train
 
     config = ExperimentConfig.load(_write_config(tmp_path, epochs=5, early_stopping_patience=1))
     run = Path(config.train.output_dir)
-    back_up = keras.callbacks.BackupAndRestore.on_epoch_end
-
-    def killed_after_third_epoch(self, epoch, logs=None):
-        back_up(self, epoch, logs)
-        if epoch == 2:
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(keras.callbacks.BackupAndRestore, "on_epoch_end", killed_after_third_epoch)
+    _kill_after_backup_of(2, monkeypatch)
     # The tiny model's real scores could stop it before the kill.
     monkeypatch.setattr(ResumedEarlyStopping, "on_epoch_end", lambda self, epoch, logs=None: None)
     with pytest.raises(KeyboardInterrupt):
@@ -647,13 +641,7 @@ def test_mask_pretraining_trains_the_predictor_first_and_keeps_it_frozen(tmp_pat
     # Killed after the first attribute epoch, then resumed: the pretraining
     # is not done again, and the summary still records it.
     back_up = keras.callbacks.BackupAndRestore.on_epoch_end
-
-    def killed_after_first_epoch(self, epoch, logs=None):
-        back_up(self, epoch, logs)
-        if epoch == 0:
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(keras.callbacks.BackupAndRestore, "on_epoch_end", killed_after_first_epoch)
+    _kill_after_backup_of(0, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train(config, verbose=0)
     monkeypatch.setattr(keras.callbacks.BackupAndRestore, "on_epoch_end", back_up)
