@@ -587,6 +587,7 @@ def test_query_hosts_without_a_port_get_tf_servings_port_and_exif_rotation_is_ap
     assert with_default_port("[::1]") == "[::1]:8500" and with_default_port("::1") == "[::1]:8500"
     assert with_default_port("[::1]:7000") == "[::1]:7000"
     assert with_default_port("dns:///serving:8500") == "dns:///serving:8500"
+    assert with_default_port("ipv4:10.0.0.5:9000") == "ipv4:10.0.0.5:9000"
 
     pixels = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
     plain = io.BytesIO()

@@ -341,10 +341,13 @@ class ServingClient:
         ]
 
 
+_GRPC_SCHEMES = ("dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock")
+
+
 def with_default_port(target: str, port: int = 8500) -> str:
     """HOST -> HOST:8500 (TF Serving's gRPC port); gRPC alone would try 443."""
-    if "://" in target or target.startswith("unix:"):
-        return target
+    if "://" in target or target.split(":", 1)[0] in _GRPC_SCHEMES:
+        return target  # gRPC's own forms: dns:///host:port, unix:/path, ipv4:1.2.3.4:5 ...
     if target.startswith("["):  # [IPv6] or [IPv6]:PORT
         return target if "]:" in target else f"{target}:{port}"
     if target.count(":") > 1:  # a bare IPv6 address
