@@ -555,7 +555,7 @@ def test_a_run_killed_around_its_backup_resumes_with_one_row_per_epoch(tmp_path,
 def test_a_run_killed_after_its_last_epoch_writes_its_summary_without_training_again(tmp_path, monkeypatch):
     from tfface.training import trainer
 
-    config = ExperimentConfig.load(_write_config(tmp_path, epochs=2))
+    config = ExperimentConfig.load(_write_config(tmp_path, epochs=1))
     run = Path(config.train.output_dir)
     real_write = trainer.write_atomic
 
@@ -570,9 +570,9 @@ def test_a_run_killed_after_its_last_epoch_writes_its_summary_without_training_a
     monkeypatch.undo()
     finished = (run / "model.keras").read_bytes()
     summary = trainer.train(config, verbose=0)
-    assert summary["epochs_run"] == 2 and summary["history"] == {}  # nothing trained again
+    assert summary["epochs_run"] == 1 and summary["history"] == {}  # nothing trained again
     assert (run / "model.keras").read_bytes() == finished
-    assert _epochs_logged(run) == [0, 1]
+    assert _epochs_logged(run) == [0]
     assert (run / "train_summary.json").is_file() and not (run / "backup").exists()
     with pytest.raises(ConfigError, match="holds a finished run"):
         trainer.train(config, verbose=0)
@@ -583,27 +583,27 @@ def test_a_run_early_stopping_had_ended_is_not_trained_further_on_resume(tmp_pat
     from tfface.training.trainer import ResumedEarlyStopping
     from tfface.training.trainer import train
 
-    config = ExperimentConfig.load(_write_config(tmp_path, epochs=5, early_stopping_patience=1))
+    config = ExperimentConfig.load(_write_config(tmp_path, epochs=3, early_stopping_patience=1))
     run = Path(config.train.output_dir)
-    _kill_after_backup_of(2, monkeypatch)
+    _kill_after_backup_of(1, monkeypatch)
     # The tiny model's real scores could stop it before the kill.
     monkeypatch.setattr(ResumedEarlyStopping, "on_epoch_end", lambda self, epoch, logs=None: None)
     with pytest.raises(KeyboardInterrupt):
         train(config, verbose=0)
     monkeypatch.undo()
-    # Scores that had spent the patience at the third epoch: Keras stopped the
-    # run there, and only the kill kept it from writing its summary.
+    # Scores that had spent the patience at the second epoch: Keras stopped
+    # the run there, and only the kill kept it from writing its summary.
     with open(run / "history.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    for row, score in zip(rows, ("0.6", "0.5", "0.4")):
+    for row, score in zip(rows, ("0.6", "0.5")):
         row[MONITOR] = score
     with open(run / "history.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     summary = train(config, verbose=0)
-    assert (summary["epochs_run"], summary["stopped_by"]) == (3, "early_stopping")
-    assert _epochs_logged(run) == [0, 1, 2]
+    assert (summary["epochs_run"], summary["stopped_by"]) == (2, "early_stopping")
+    assert _epochs_logged(run) == [0, 1]
 
 
 def test_an_unreadable_backup_is_named_and_left_in_place(tmp_path):
