@@ -125,8 +125,7 @@ class ServingClient:
         self._prediction = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
         self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
         self._schema = None
-        self._schema_version = None  # the version the schema was read from
-        self._schemas_by_version = {}
+        self._schemas_by_version = {}  # filled once the server names the versions that answer
 
     # --- lifecycle ----------------------------------------------------------
     def close(self) -> None:
@@ -212,17 +211,17 @@ class ServingClient:
             # The server's "images[i]" counts from the start of this chunk.
             what = f"Predict of images #{start}..#{start + len(chunk) - 1}"
             response = self._call(self._prediction.Predict, request, what)
-            answered_by = response.model_spec.version.value if response.model_spec.HasField("version") else None
-            results.extend(parse_predict_response(response, self._schema_of(answered_by, schema), len(chunk)))
+            answered_with = self._schema_of(_answering_version(response), schema)
+            results.extend(parse_predict_response(response, answered_with, len(chunk)))
         return results
 
     def _schema_of(self, version: Optional[int], schema: Schema) -> Schema:
         """The schema of the version that answered: a server that loaded a
         newer version since the schema was read may name classes otherwise."""
-        if version is None or self._schema_version is None or version == self._schema_version:
-            return schema
+        if version is None or not self._schemas_by_version:
+            return schema  # the server does not say which version answers
         if version not in self._schemas_by_version:
-            self._schemas_by_version[version] = self._read_schema(version)
+            self._schemas_by_version[version] = self._read_schema(version)[0]
         return self._schemas_by_version[version]
 
     def _read_images(self, images) -> list:
@@ -280,10 +279,13 @@ class ServingClient:
     def schema(self) -> Schema:
         """The model's Schema, read once through the `schema` signature."""
         if self._schema is None:
-            self._schema = self._read_schema()
+            self._schema, version = self._read_schema()
+            if version is not None:
+                self._schemas_by_version[version] = self._schema
         return self._schema
 
-    def _read_schema(self, version: Optional[int] = None) -> Schema:
+    def _read_schema(self, version: Optional[int] = None) -> tuple[Schema, Optional[int]]:
+        """The schema of `version` (default: the spec's), and the version that answered."""
         spec = self._model_spec(SCHEMA_SIGNATURE)
         if version is not None:
             spec.ClearField("version_label")
@@ -294,9 +296,7 @@ class ServingClient:
         if SCHEMA_OUTPUT not in response.outputs:
             raise ServingError(f"model {self.model_name!r} returned no {SCHEMA_OUTPUT!r}: is it a tfface export?")
         value = tf.make_ndarray(response.outputs[SCHEMA_OUTPUT]).reshape(-1)[0]
-        if version is None and response.model_spec.HasField("version"):
-            self._schema_version = response.model_spec.version.value
-        return Schema.from_json(value.decode("utf-8"))
+        return Schema.from_json(value.decode("utf-8")), _answering_version(response)
 
     def metadata(self) -> dict:
         """{"model", "version", "signatures": {name: {inputs, outputs}}, "schema"}."""
@@ -339,6 +339,11 @@ class ServingClient:
             }
             for s in response.model_version_status
         ]
+
+
+def _answering_version(response) -> Optional[int]:
+    """The version a response says answered (None when the server does not say)."""
+    return response.model_spec.version.value if response.model_spec.HasField("version") else None
 
 
 _GRPC_SCHEMES = ("dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock")
