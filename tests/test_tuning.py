@@ -567,3 +567,29 @@ def test_a_frozen_mask_predictor_is_searched_only_with_pretraining(tmp_path):
     hypermodel.fit(hp, model, train, epochs=1, verbose=0, shuffle=False)
     assert predictor.trainable_weights == []
     assert any(np.abs(a - b).max() > 0 for a, b in zip(predictor.get_weights(), untrained))  # it was pretrained
+
+
+def test_the_search_deadline_stops_a_trials_mask_pretraining(tmp_path, monkeypatch):
+    experiment = tiny_experiment("mask_guided", schema="synthetic")
+    experiment["train"]["mask_pretrain_epochs"] = 20
+    base = ExperimentConfig.from_dict(experiment)
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(yaml.safe_dump({"dropout": {"type": "choice", "values": [0.1]}}))
+    space = SearchSpace.load(space_file).check(base)
+    from tfface.data.pipeline import make_dataset
+    from tfface.schema import get_schema
+    from tfface.training import trainer
+
+    train = make_dataset(
+        [open_source("synthetic:64", image_size=32)], get_schema("synthetic"), 32, batch_size=32, training=True,
+        with_masks=True,
+    )
+    records = []
+    pretrain = trainer.pretrain_masks
+    monkeypatch.setattr(trainer, "pretrain_masks", lambda *a, **k: records.append(pretrain(*a, **k)))
+    hypermodel = hypermodel_for(base, space, steps_per_epoch=2, schedule_epochs=1)
+    hp = _sample(space, {}, 0)
+    spent = search_module._stop_at_deadline_callback(time.time() - 1.0)
+    history = hypermodel.fit(hp, hypermodel.build(hp), train, epochs=1, verbose=0, callbacks=[spent])
+    assert len(records[0]["history"]["loss"]) == 1  # of 20 pretraining epochs
+    assert len(history.history["loss"]) == 1

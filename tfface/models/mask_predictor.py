@@ -146,6 +146,7 @@ def pretrain_mask_predictor(
     validation_data=None,
     freeze=True,
     verbose="auto",
+    callbacks=None,
 ):
     """Stage 1 of MGMTN: trains the mask predictor alone, then freezes it.
 
@@ -174,6 +175,7 @@ def pretrain_mask_predictor(
         validation_data=validation_data,
         shuffle=False,  # a dataset shuffles itself
         verbose=verbose,
+        callbacks=callbacks,
     )
     predictor.trainable = was_trainable and not freeze
     if freeze and hasattr(model, "model_config"):

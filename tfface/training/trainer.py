@@ -474,7 +474,7 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
     return summary
 
 
-def pretrain_masks(config: ExperimentConfig, model, train_ds, val_ds, verbose):
+def pretrain_masks(config: ExperimentConfig, model, train_ds, val_ds, verbose, callbacks=()):
     """MGMTN's stage 1 when `train.mask_pretrain_epochs` asks for it: the mask
     predictor alone on the landmark masks, then frozen unless
     `model.mask_trainable`. Returns its epochs, time and history, or None."""
@@ -493,6 +493,7 @@ def pretrain_masks(config: ExperimentConfig, model, train_ds, val_ds, verbose):
         validation_data=val_ds,
         freeze=not config.model.mask_trainable,
         verbose=verbose,
+        callbacks=list(callbacks),
     )
     return {
         "epochs": epochs,

@@ -77,7 +77,12 @@ class FaceHyperModel(keras_tuner.HyperModel):
         if "tuner/trial_id" not in hp.values:
             from tfface.training.trainer import pretrain_masks
 
-            pretrain_masks(config, model, args[0] if args else kwargs["x"], None, kwargs.get("verbose", "auto"))
+            # The search's deadline stops the pretraining too; the other
+            # callbacks watch the attribute objective, which it has not.
+            deadline = [c for c in kwargs.get("callbacks") or [] if getattr(c, "applies_to_pretraining", False)]
+            pretrain_masks(
+                config, model, args[0] if args else kwargs["x"], None, kwargs.get("verbose", "auto"), callbacks=deadline
+            )
         return model.fit(*args, **kwargs)
 
 

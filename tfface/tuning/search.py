@@ -255,6 +255,9 @@ def _stop_at_deadline_callback(deadline):
     class StopAtDeadline(keras.callbacks.Callback):
         """Ends the running trial when the search's time budget is spent."""
 
+        # The hypermodel passes it to a trial's mask pretraining as well.
+        applies_to_pretraining = True
+
         def on_train_batch_end(self, batch, logs=None):
             if time.time() > deadline:
                 self.model.stop_training = True
