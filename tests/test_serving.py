@@ -485,7 +485,45 @@ def test_serve_main_takes_version_labels_and_query_picks_by_label(deployment, tm
         ["serve", "--model-dir", str(deployment["root"] / "faces"), "--version-label", "a=1", "--version-label", "a=2"]
     )
     assert serve_main(twice) == 2
-    assert "a label is given twice" in capsys.readouterr().err
+    assert "label 'a' is given twice" in capsys.readouterr().err
+
+
+def test_version_labels_can_be_given_per_model(deployment, tmp_path, capsys):
+    import shutil
+
+    from tfface.cli import build_parser
+
+    base = tmp_path / "saved_models"
+    for model, versions in (("faces", (1, 2)), ("other", (1,))):
+        for version in versions:
+            shutil.copytree(deployment["root"] / "faces" / str(version), base / model / str(version))
+    server = LocalModelServer(base, port=0, version_labels={"stable": 1, "faces": {"canary": 2, "stable": 2}})
+    assert server.labels_of("faces") == {"stable": 2, "canary": 2}  # its own mapping wins
+    assert server.labels_of("other") == {"stable": 1}
+    server.load()
+    assert sorted(server.models["faces"]) == [2] and sorted(server.models["other"]) == [1]
+    spec = model_pb2.ModelSpec(name="other", version_label="canary")
+    with pytest.raises(Exception, match=r"model 'other' has no version label 'canary' \(labels: \['stable'\]\)"):
+        server.resolve(spec)
+    assert server.resolve(model_pb2.ModelSpec(name="faces", version_label="canary")).version == 2
+
+    with pytest.raises(ValueError, match=r"version labels name model\(s\) \['fcaes'\], which .* does not hold"):
+        LocalModelServer(base, port=0, version_labels={"fcaes": {"stable": 1}}).load()
+    with pytest.raises(ValueError, match="version label faces:stable: the version must be a positive integer, got 0"):
+        LocalModelServer(base, port=0, version_labels={"faces": {"stable": 0}})
+
+    parse = build_parser().parse_args
+    args = parse(["serve", "--model-dir", "m", "--version-label", "faces:canary=2", "--version-label", "stable=1"])
+    assert args.version_labels == [("faces", "canary", 2), (None, "stable", 1)]
+    for bad in (":canary=2", "faces:=2", "faces:canary"):
+        with pytest.raises(SystemExit):
+            parse(["serve", "--model-dir", "m", "--version-label", bad])
+    twice = parse(["serve", "--model-dir", str(base), "--version-label", "faces:a=1", "--version-label", "faces:a=2"])
+    assert serve_main(twice) == 2
+    assert "label 'a' is given twice for model 'faces'" in capsys.readouterr().err
+    wrong_model = parse(["serve", "--model-dir", str(base), "--port", "0", "--version-label", "nope:a=1"])
+    assert serve_main(wrong_model) == 2
+    assert "version labels name model(s) ['nope']" in capsys.readouterr().err
 
 
 def test_serve_refuses_bad_ports_labels_timeouts_and_sides_and_brackets_ipv6():

@@ -71,11 +71,14 @@ def _port(text):
 
 
 def _version_label(text):
-    """argparse type: LABEL=VERSION."""
+    """argparse type: [MODEL:]LABEL=VERSION, as (model or None, label, version)."""
     label, sep, version = text.partition("=")
-    if not sep or not label.strip() or not version.strip().isdigit() or int(version) < 1:
-        raise argparse.ArgumentTypeError(f"expected LABEL=VERSION with VERSION a positive integer, e.g. stable=1; got {text!r}")
-    return label.strip(), int(version)
+    model, colon, label = label.rpartition(":")
+    if not sep or not label.strip() or not version.strip().isdigit() or int(version) < 1 or (colon and not model.strip()):
+        raise argparse.ArgumentTypeError(
+            f"expected [MODEL:]LABEL=VERSION with VERSION a positive integer, e.g. stable=1 or faces:stable=1; got {text!r}"
+        )
+    return model.strip() or None, label.strip(), int(version)
 
 
 def _positive_float(text):
@@ -399,8 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="version_labels",
         type=_version_label,
         action="append",
-        metavar="LABEL=VERSION",
-        help="serve VERSION under LABEL too, as TF Serving's version_labels (repeatable), e.g. stable=1",
+        metavar="[MODEL:]LABEL=VERSION",
+        help="serve VERSION under LABEL too, as TF Serving's version_labels (repeatable); stable=1 labels every "
+        "model served, faces:stable=1 only the model 'faces'",
     )
     p.add_argument("--max-image-side", type=_positive_int, default=4096, help="reject larger images (INVALID_ARGUMENT)")
     p.set_defaults(func=_cmd_serve)

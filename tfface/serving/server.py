@@ -232,6 +232,23 @@ def discover_models(model_dir) -> dict:
     return models
 
 
+def _checked_version_labels(version_labels) -> dict:
+    """`version_labels` with every version a positive int, or ValueError."""
+
+    def version(where, value):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"version label {where}: the version must be a positive integer, got {value!r}")
+        return value
+
+    checked = {}
+    for key, value in (version_labels or {}).items():
+        if isinstance(value, dict):
+            checked[str(key)] = {str(label): version(f"{key}:{label}", v) for label, v in value.items()}
+        else:
+            checked[str(key)] = version(str(key), value)
+    return checked
+
+
 # --- batching ----------------------------------------------------------------------
 
 
@@ -395,8 +412,11 @@ class LocalModelServer:
             version that fails to load is skipped for the one before), "all",
             or a list of version numbers to load. Versions are read at start:
             restart the server to serve a new export (TF Serving polls).
-        version_labels: label -> version, e.g. {"stable": 1, "canary": 2};
-            one mapping for every model served.
+        version_labels: label -> version for every model served, e.g.
+            {"stable": 1, "canary": 2}, and/or model name -> its own
+            {label: version}, e.g. {"faces": {"stable": 3}}, as TF
+            Serving's `version_labels` per model; a model's own mapping
+            wins over the shared one for the same label.
         max_workers: gRPC handler threads (each waiting request holds one,
             so keep it above the concurrency you expect).
     """
@@ -434,7 +454,7 @@ class LocalModelServer:
         self.max_message_bytes = int(max_message_bytes)
         self.max_image_side = int(max_image_side)
         self.versions = versions
-        self.version_labels = {str(k): int(v) for k, v in (version_labels or {}).items()}
+        self.version_labels = _checked_version_labels(version_labels)
         self.max_workers = max_workers or max(16, 2 * self.max_batch_size + 4)
         self.models = {}  # name -> {version: _Servable}
         self._batchers = {}
@@ -451,7 +471,13 @@ class LocalModelServer:
         if self.models:
             return
         models = {}
-        for name, on_disk in discover_models(self.model_dir).items():
+        found = discover_models(self.model_dir)
+        unknown = sorted(name for name, value in self.version_labels.items() if isinstance(value, dict) and name not in found)
+        if unknown:
+            raise ValueError(
+                f"version labels name model(s) {unknown}, which {self.model_dir} does not hold (models: {sorted(found)})"
+            )
+        for name, on_disk in found.items():
             available = sorted(on_disk)
             if self.versions == "latest":
                 wanted = {available[-1]}
@@ -459,7 +485,8 @@ class LocalModelServer:
                 wanted = set(available)
             else:
                 wanted = {int(v) for v in self.versions}
-            wanted |= set(self.version_labels.values())
+            labels = self.labels_of(name)
+            wanted |= set(labels.values())
             missing = sorted(wanted - set(available))
             if missing:
                 raise FileNotFoundError(
@@ -479,7 +506,7 @@ class LocalModelServer:
                         logger.warning("model %r: skipping version %d: %s", name, version, e)
                 if not loaded:
                     raise RuntimeError(f"model {name!r} in {self.model_dir}: no version loads (versions on disk: {available})")
-                for version in sorted(set(self.version_labels.values()) - set(loaded)):
+                for version in sorted(set(labels.values()) - set(loaded)):
                     loaded[version] = _load_servable(name, version, on_disk[version])
                 models[name] = dict(sorted(loaded.items()))
             else:
@@ -548,6 +575,14 @@ class LocalModelServer:
             host = f"[{host}]"
         return f"{host}:{self.port}"
 
+    def labels_of(self, name: str) -> dict:
+        """{label: version} of model `name`: the shared labels, then its own."""
+        labels = {k: v for k, v in self.version_labels.items() if not isinstance(v, dict)}
+        own = self.version_labels.get(name)
+        if isinstance(own, dict):
+            labels.update(own)
+        return labels
+
     # --- request handling ---------------------------------------------------
     def resolve(self, model_spec) -> _Servable:
         """The loaded version a ModelSpec asks for, or NOT_FOUND."""
@@ -562,11 +597,10 @@ class LocalModelServer:
             raise _invalid("model_spec sets both version and version_label; set one")
         if model_spec.version_label:
             label = model_spec.version_label
-            if label not in self.version_labels:
-                raise _not_found(
-                    f"model {name!r} has no version label {label!r} (labels: {sorted(self.version_labels)})"
-                )
-            version = self.version_labels[label]
+            labels = self.labels_of(name)
+            if label not in labels:
+                raise _not_found(f"model {name!r} has no version label {label!r} (labels: {sorted(labels)})")
+            version = labels[label]
         elif has_version:
             version = model_spec.version.value
         else:
@@ -800,7 +834,8 @@ def serve_main(args, stop_event: Optional[threading.Event] = None) -> int:
 
     Reads `model_dir`, and optionally `host`, `port`, `max_batch_size`,
     `batch_timeout_ms`, `no_batching`, `versions` ("latest"/"all"),
-    `version_labels` (a dict or (label, version) pairs), `max_image_side`
+    `version_labels` (a dict, or (model or None, label, version) triples),
+    `max_image_side`
     from `args`. `stop_event` stops it too (embedding,
     tests). Returns the exit code: 0; 2 after printing why it could not
     start for a bad folder, argument or taken port; 1 for other failures.
@@ -812,12 +847,15 @@ def serve_main(args, stop_event: Optional[threading.Event] = None) -> int:
 
     stop = stop_event or threading.Event()
     labels = arg("version_labels", None)
-    if labels is not None and not isinstance(labels, dict):  # (label, version) pairs from the CLI
-        pairs = list(labels)
-        labels = dict(pairs)
-        if len(labels) < len(pairs):
-            print("error: --version-label: a label is given twice", file=sys.stderr)
-            return 2
+    if labels is not None and not isinstance(labels, dict):  # (model or None, label, version) from the CLI
+        labels, given = {}, list(labels)
+        for model, label, version in given:
+            into = labels.setdefault(model, {}) if model else labels
+            if label in into:
+                scope = f" for model {model!r}" if model else ""
+                print(f"error: --version-label: label {label!r} is given twice{scope}", file=sys.stderr)
+                return 2
+            into[label] = version
     try:
         server = LocalModelServer(
             model_dir=args.model_dir,
