@@ -7,10 +7,17 @@ person's split is a hash of (seed, identity) alone, so it is the same in
 every source that shares the identity numbers: the two CelebA folders are
 split separately yet hold the same people (splitting each folder on its
 own once put 27% of the CelebA validation images' people in training).
-Without identities it is a fixed-seed random split by image.
+Without identities it is a split by image, each image ranked by a hash of
+(seed, file name), or of its pixels for images held in memory: removing or
+adding an image moves no other image to the other side (a random
+permutation of the rows reshuffled nearly every image, so a folder cleaned
+of one bad file was validated partly on the images it had trained on).
 """
 
 from __future__ import annotations
+
+import hashlib
+import os
 
 import numpy as np
 
@@ -40,6 +47,22 @@ def identity_draws(identities, seed) -> np.ndarray:
     return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
+def image_draws(source: FaceSource, rows, seed) -> np.ndarray:
+    """A number in [0, 1) per row, fixed by (seed, the image's file name) or,
+    for images in memory, (seed, its pixels); not by the other rows."""
+    salt = int(seed).to_bytes(8, "little", signed=True)
+
+    def draw(key: bytes) -> float:
+        digest = hashlib.blake2b(key, digest_size=8, key=salt).digest()
+        return (int.from_bytes(digest, "little") >> 11) / float(1 << 53)
+
+    if source.image_paths is not None:
+        keys = (os.path.basename(str(source.image_paths[i])).encode("utf-8", "surrogateescape") for i in rows)
+    else:
+        keys = (np.ascontiguousarray(source.images[i]).tobytes() for i in rows)
+    return np.fromiter((draw(key) for key in keys), np.float64, count=len(rows))
+
+
 def split_indices(source: FaceSource, val_fraction=0.15, test_fraction=0.0, seed=DEFAULT_SEED) -> dict:
     """Like `split_source`, but returns sorted row indices per split."""
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -49,7 +72,6 @@ def split_indices(source: FaceSource, val_fraction=0.15, test_fraction=0.0, seed
         raise ValueError(
             f"val_fraction + test_fraction must be below 1 (train needs images), got {val_fraction + test_fraction}"
         )
-    rng = np.random.default_rng(seed)
     assignment = np.zeros((len(source),), np.int8)  # 0 train, 1 val, 2 test
     by_image = np.arange(len(source))
     if source.identities is not None:
@@ -58,7 +80,7 @@ def split_indices(source: FaceSource, val_fraction=0.15, test_fraction=0.0, seed
         draw = identity_draws(identities[known], seed)
         assignment[known] = np.where(draw < test_fraction, 2, np.where(draw < test_fraction + val_fraction, 1, 0))
         by_image = np.flatnonzero(~known)  # unknown identity (-1): one person per image
-    order = by_image[rng.permutation(len(by_image))]
+    order = by_image[np.argsort(image_draws(source, by_image, seed), kind="stable")]
     n_test, n_val = _target(test_fraction, len(order)), _target(val_fraction, len(order))
     assignment[order[:n_test]] = 2
     assignment[order[n_test : n_test + n_val]] = 1

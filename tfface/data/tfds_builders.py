@@ -139,10 +139,11 @@ def synthetic_config(num_images=2000, image_size=64, generator_seed=0, val_fract
 class _FaceSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Shared body: features, splits and examples from a `FaceSource`."""
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES = {
         "1.0.0": "First version.",
         "1.1.0": "Identity splits by a hash of (seed, identity): the same person is on one side in every source.",
+        "1.2.0": "Images without an identity are split by a hash of (seed, file name): removing one moves no other.",
     }
 
     def _read_source(self) -> FaceSource:
