@@ -282,8 +282,41 @@ def test_a_folder_named_like_an_image_is_no_image(tmp_path):
     victim = sorted((folder / "images").iterdir())[2]
     victim.unlink()
     victim.mkdir()
-    with pytest.raises(ValueError, match=f"attributes.csv, line 4: image file not found: {re.escape(str(victim))}$"):
+    with pytest.raises(ValueError, match=f"attributes.csv, line 4: image file not found: {re.escape(str(victim))} "):
         open_source(str(folder))
+
+
+def test_bad_rows_stop_evaluate_and_train_unless_they_are_told_to_skip_them(tiny_model, tmp_path, capsys):
+    from tfface.cli import main as cli_main
+    from tfface.config import ExperimentConfig
+    from tfface.data.synthetic import write_synthetic_folder
+    from tfface.training.trainer import load_sources
+
+    folder = write_synthetic_folder(synthetic_source(n=12), tmp_path / "faces")
+    victim = sorted((folder / "images").iterdir())[2]
+    victim.unlink()
+    model_file = tmp_path / "m.keras"
+    tiny_model.save(model_file)
+    evaluate = ["evaluate", "--model", str(model_file), "--data", str(folder), "--out", str(tmp_path / "eval")]
+    assert cli_main(evaluate) == 2
+    err = capsys.readouterr().err
+    assert f"image file not found: {victim}" in err and "--skip-bad-rows" in err
+    assert not (tmp_path / "eval").exists()
+    assert cli_main(evaluate + ["--skip-bad-rows"]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["n_images"] == 11
+    assert any("skipped 1 bad row(s)" in p and victim.name in p for p in metrics["data"][0]["problems"])
+
+    experiment = {"data": {"sources": [{"path": str(folder)}], "schema": "synthetic", "image_size": SIZE},
+                  "model": {"image_size": SIZE}}
+    with pytest.raises(ValueError, match="image file not found"):
+        load_sources(ExperimentConfig.from_dict(experiment).data)
+    experiment["data"]["sources"][0]["skip_bad_rows"] = True
+    train, val = load_sources(ExperimentConfig.from_dict(experiment).data)
+    assert len(train[0]) + len(val[0]) == 11 and train[0].problems
+    experiment["data"]["sources"][0]["skip_bad_rows"] = "yes"
+    with pytest.raises(ValueError, match=r"data.sources\[0\].skip_bad_rows must be true or false"):
+        ExperimentConfig.from_dict(experiment)
 
 
 def test_data_without_any_label_value_is_refused_before_predicting(tiny_model, tmp_path, monkeypatch):

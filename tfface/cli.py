@@ -166,9 +166,12 @@ def _cmd_evaluate(args):
     from tfface.evaluation.evaluate import print_metrics
     from tfface.models.saving import load_model
 
+    from tfface.data.sources import open_source
+
     if args.calibrate:
         _check_new_model_file(args.calibrate, args.model)
     model = load_model(args.model)
+    data = open_source(args.data, image_size=model.image_size, skip_bad_rows=args.skip_bad_rows)
     split_options = {}
     if args.split or args.calibrate:
         # Only then does the run's config.yaml beside the model matter.
@@ -179,11 +182,11 @@ def _cmd_evaluate(args):
         from tfface.evaluation.calibration import calibrate_model
         from tfface.evaluation.evaluate import open_sources
 
-        val_sources = open_sources(args.data, image_size=model.image_size, split="val", **split_options)
+        val_sources = open_sources(data, split="val", **split_options)
         thresholds = calibrate_model(model, val_sources)
         print(f"calibrated {len(thresholds)} thresholds on the validation split")
     metrics = evaluate_model(
-        model, args.data, args.out, batch_size=args.batch_size, split=args.split, model_path=args.model,
+        model, data, args.out, batch_size=args.batch_size, split=args.split, model_path=args.model,
         **split_options,
     )
     print_metrics(metrics)
@@ -376,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibrate",
         metavar="OUT.keras",
         help="first calibrate per-attribute thresholds on the val split (max balanced accuracy); the calibrated model is saved to this .keras file (not the evaluated one) after the evaluation",
+    )
+    p.add_argument(
+        "--skip-bad-rows", action="store_true",
+        help="skip malformed label rows and missing images instead of stopping; metrics.json lists what was skipped",
     )
     p.set_defaults(func=_cmd_evaluate)
 

@@ -55,6 +55,9 @@ class SourceConfig:
     # other sources' weights, whatever their sizes (a single source ignores it).
     weight: float = 1.0
     landmarks: Optional[str] = None  # landmark cache file, if not beside the data
+    # Skip malformed label rows and missing images of a folder (each skip is
+    # logged and listed in train_summary.json) instead of stopping at the first.
+    skip_bad_rows: bool = False
 
 
 @dataclasses.dataclass

@@ -265,7 +265,10 @@ class BadRows:
     def bad(self, path, line: Optional[int], message: str) -> None:
         where = f"{path}, line {line}" if line is not None else f"{path}"
         if not self.skip:
-            raise DataError(f"{where}: {message}")
+            raise DataError(
+                f"{where}: {message} (to skip such rows and list them: `--skip-bad-rows`, "
+                "`skip_bad_rows: true` on a config's source, or `open_source(..., skip_bad_rows=True)`)"
+            )
         self.skipped.setdefault(str(path), []).append(
             f"line {line}: {message}" if line is not None else message
         )

@@ -55,7 +55,7 @@ def load_sources(data_config):
 
     train, val = [], []
     for source_config in data_config.sources:
-        options = {"image_size": data_config.image_size}
+        options = {"image_size": data_config.image_size, "skip_bad_rows": source_config.skip_bad_rows}
         if source_config.landmarks:
             options["landmarks_file"] = source_config.landmarks
         source = open_source(source_config.path, **options)
