@@ -356,6 +356,30 @@ def test_summary_counts_rates_and_table(celeba_csv):
     assert "Male" in text and "0.600" in text and "10x12 x3" in text and "3 people" in text
 
 
+def test_summary_lists_files_training_cannot_read_instead_of_stopping(celeba_csv, capsys):
+    from tfface.cli import main as cli_main
+
+    images = celeba_csv / "images"
+    (images / "000002.jpg").write_bytes(b"")  # empty
+    Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(images / "000003.jpg", "TIFF")  # TIFF named .jpg
+    noise = np.random.default_rng(0).integers(0, 256, (100, 130, 3)).astype(np.uint8)
+    Image.fromarray(noise).save(images / "000004.jpg", "JPEG")  # much scan data: cut it, keep the header
+    (images / "000004.jpg").write_bytes((images / "000004.jpg").read_bytes()[:-2000])
+    summary = summarize_source(read_celeba_folder(celeba_csv))
+    assert summary["image_sizes"] == {"10x12": 2, "100x130": 1}  # the truncated one has its header
+    [line] = [p for p in summary["problems"] if "cannot be read" in p]
+    assert line.startswith("2 image file(s) cannot be read, e.g. ")
+    assert "000002.jpg: empty image file" in line
+    assert "000003.jpg: not an image format the pipeline decodes" in line
+    with pytest.raises(DataError, match="000002.jpg: empty image file"):
+        read_image_sizes(read_celeba_folder(celeba_csv))
+
+    assert cli_main(["data", "summary", str(celeba_csv), "--check-images"]) == 0
+    out = capsys.readouterr().out
+    assert "3 image(s) do not decode (train and evaluate stop at them)" in out
+    assert "000004.jpg" in out
+
+
 # --- TFDS -------------------------------------------------------------------------------
 
 

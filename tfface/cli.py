@@ -97,6 +97,13 @@ def _cmd_data_summary(args):
     from tfface.data.summary import summarize_source
 
     source = open_source(args.source, skip_bad_rows=args.skip_bad_rows)
+    if args.check_images:
+        from tfface.data.pipeline import undecodable_images
+        from tfface.data.sources import note
+
+        bad = undecodable_images([source], limit=len(source))
+        if bad:
+            note(source.problems, f"{len(bad)} image(s) do not decode (train and evaluate stop at them): {'; '.join(bad[:3])}")
     summary = summarize_source(source)
     print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
 
@@ -336,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="folder or named source")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed label rows and report how many")
+    p.add_argument(
+        "--check-images", action="store_true",
+        help="decode every image (slow) and list those that do not decode, e.g. truncated files",
+    )
     p.set_defaults(func=_cmd_data_summary)
     p = data_sub.add_parser("generate", help="write synthetic faces as a CelebA-format folder")
     p.add_argument("--out", required=True, help="folder to create (must not hold files)")

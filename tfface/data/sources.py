@@ -394,7 +394,15 @@ def read_identities(path: Path, image_ids, skip_bad_rows=False, problems=None):
 def _image_size(path) -> tuple[int, int]:
     from PIL import Image
 
-    with Image.open(path) as image:
+    from tfface.data.image_ops import image_format
+
+    with open(path, "rb") as file:
+        head = file.read(16)
+        if not head:
+            raise DataError(f"{path}: empty image file")
+        if image_format(head) is None:
+            raise DataError(f"{path}: not an image format the pipeline decodes (JPEG, PNG, GIF, BMP, WebP)")
+    with Image.open(str(path)) as image:
         width, height = image.size
     return height, width
 
@@ -417,21 +425,37 @@ def _map(fn, items, max_workers=None):
         return list(pool.map(fn, items, chunksize=64))
 
 
-def read_image_sizes(source: FaceSource, max_workers=None) -> np.ndarray:
-    """(N, 2) int (height, width), from the image headers only (fast)."""
+def read_image_sizes(source: FaceSource, max_workers=None, problems=None) -> np.ndarray:
+    """(N, 2) int (height, width), from the image headers only (fast).
+
+    A file whose header does not read, or is of a format the pipeline does
+    not decode, raises `DataError`; or, given a `problems` list, is
+    listed there (one line for all of them) and gets (-1, -1).
+    """
     if source.image_sizes is not None:
         return np.asarray(source.image_sizes)
     if source.images is not None:
         shape = np.asarray(source.images).shape
         return np.tile(np.array(shape[1:3], np.int64), (len(source), 1))
 
+    failures = []
+
     def size(path):
         try:
             return _image_size(path)
+        except DataError as e:
+            failure = str(e)
         except Exception as e:
-            raise DataError(f"{path}: cannot read image header ({type(e).__name__}: {e})") from None
+            failure = f"{path}: cannot read image header ({type(e).__name__}: {e})"
+        if problems is None:
+            raise DataError(failure)
+        failures.append(failure)
+        return (-1, -1)
 
-    return np.array(_map(size, list(source.image_paths), max_workers), np.int64).reshape(-1, 2)
+    sizes = np.array(_map(size, [str(p) for p in source.image_paths], max_workers), np.int64).reshape(-1, 2)
+    if failures:
+        note(problems, f"{len(failures)} image file(s) cannot be read, e.g. {'; '.join(sorted(failures)[:3])}")
+    return sizes
 
 
 def validate_images(source: FaceSource, drop_bad=False, max_workers=None) -> FaceSource:

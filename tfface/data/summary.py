@@ -80,9 +80,10 @@ def summarize_source(source: FaceSource, schema=None, read_sizes=True) -> dict:
         schema = get_schema(schema)
         summary["schema"] = schema.name
         summary["tasks"] = _task_summary(source, schema)
+    unreadable = []
     if read_sizes and len(source):
-        sizes = read_image_sizes(source)
-        counts = collections.Counter(f"{h}x{w}" for h, w in sizes.tolist())
+        sizes = read_image_sizes(source, problems=unreadable)
+        counts = collections.Counter(f"{h}x{w}" for h, w in sizes.tolist() if h >= 0)
         summary["image_sizes"] = dict(counts.most_common())
     if source.identities is None:
         summary["identities"] = None
@@ -102,7 +103,7 @@ def summarize_source(source: FaceSource, schema=None, read_sizes=True) -> dict:
         if source.partition is None
         else dict(collections.Counter(str(p) or "(none)" for p in source.partition))
     )
-    summary["problems"] = list(source.problems)
+    summary["problems"] = list(source.problems) + unreadable
     return summary
 
 
