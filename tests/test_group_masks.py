@@ -181,3 +181,27 @@ def test_overlay_png_is_written(tmp_path):
     assert width == 8 * 32 and height > 2 * 40
     with pytest.raises(ValueError, match="landmarks"):
         overlay_masks_png(images, landmarks[:1], tmp_path / "bad.png")
+
+
+def test_data_masks_draws_one_image_size_and_names_what_it_cannot_use(tmp_path, capsys):
+    from PIL import Image
+
+    from tfface.cli import main as cli_main
+
+    folder = tmp_path / "faces"
+    assert cli_main(["data", "generate", "--out", str(folder), "--num-images", "6", "--image-size", "32"]) == 0
+    images = sorted((folder / "images").iterdir())
+    Image.open(images[1]).resize((48, 48)).save(images[1])  # another size: left out, not a numpy error
+    out = tmp_path / "masks.png"
+    assert cli_main(["data", "masks", str(folder), "--out", str(out), "--count", "8"]) == 0
+    assert "(5 faces of 32x32 pixels)" in capsys.readouterr().out and out.is_file()
+
+    images[0].write_bytes(images[0].read_bytes()[:60])  # cut short
+    assert cli_main(["data", "masks", str(folder), "--out", str(tmp_path / "m2.png")]) == 2
+    assert f"{images[0]}: cannot read image" in capsys.readouterr().err
+
+    landmarks = folder / "landmarks.csv"
+    header = landmarks.read_text().splitlines()[0]
+    landmarks.write_text(header + "\n" + "".join(f"{p.name}{',' * 10}\n" for p in images))
+    assert cli_main(["data", "masks", str(folder), "--out", str(tmp_path / "m3.png")]) == 2
+    assert "none of its 6 images has landmarks" in capsys.readouterr().err

@@ -142,15 +142,32 @@ def _cmd_data_masks(args):
     source = open_source(args.source)
     if source.landmarks is None:
         raise ValueError(f"{args.source} has no landmarks: run `tfface data annotate {args.source}` first")
-    keep = np.flatnonzero(np.isfinite(source.landmarks).all(axis=(1, 2)))[: args.count]
-    if source.images is not None:
-        images = source.images[keep]
-    else:
-        from PIL import Image
+    known = np.flatnonzero(np.isfinite(source.landmarks).all(axis=(1, 2)))
+    if not known.size:
+        raise ValueError(
+            f"{args.source}: none of its {len(source)} images has landmarks: run `tfface data annotate {args.source}`"
+        )
+    images = {}
+    for i in known:
+        if source.images is not None:
+            image = source.images[i]
+        else:
+            from PIL import Image
 
-        images = np.stack([np.asarray(Image.open(source.image_paths[i]).convert("RGB")) for i in keep])
-    overlay_masks_png(images, source.landmarks[keep], args.out)
-    print(f"wrote {args.out}")
+            try:
+                with Image.open(str(source.image_paths[i])) as file:
+                    image = np.asarray(file.convert("RGB"))
+            except Exception as e:
+                raise ValueError(f"{source.image_paths[i]}: cannot read image ({type(e).__name__}: {e})") from None
+        if images and image.shape != next(iter(images.values())).shape:
+            continue  # one picture holds faces of one size: the first landmarked image's
+        images[i] = image
+        if len(images) == args.count:
+            break
+    keep = list(images)
+    overlay_masks_png(np.stack(list(images.values())), source.landmarks[keep], args.out)
+    shape = next(iter(images.values())).shape
+    print(f"wrote {args.out} ({len(keep)} faces of {shape[1]}x{shape[0]} pixels)")
 
 
 def _cmd_train(args):
