@@ -462,13 +462,36 @@ def test_a_search_keras_tuner_gives_up_on_is_reported_with_its_results(tmp_path,
     assert (tmp_path / "search" / "results.json").is_file()
 
 
-def test_time_budget_stops_the_search(tmp_path):
+def test_time_budget_stops_the_search_and_a_cut_trial_is_never_the_best(tmp_path):
     # The budget runs out during the first trial: it ends early and no
     # second trial starts, although max_trials is 3.
-    result = run_search(write_tuning(tmp_path, max_trials=3, time_budget_minutes=0.001), verbose=0)
-    assert result["stopped_by_budget"]
-    assert [r["trial_id"] for r in result["trials"]] == ["0"]
-    assert result["trials"][0]["status"] == "COMPLETED"
+    project = tmp_path / "search"
+    with pytest.raises(TuningError, match=r"the time budget ended all 1 completed trial\(s\) before their last epoch"):
+        run_search(write_tuning(tmp_path, max_trials=3, time_budget_minutes=0.001), verbose=0)
+    results = json.loads((project / "results.json").read_text())
+    assert results["stopped_by_budget"] and results["best"] is None
+    [cut] = results["trials"]
+    assert cut["status"] == "COMPLETED" and cut["cut_by_budget_after_epochs"] == 1
+    summary = (project / "summary.md").read_text()
+    assert "the time budget (0.001 min) stopped this run" in summary and "| 0 | completed, cut after 1 epoch(s) |" in summary
+    assert not (project / "best_config.yaml").exists()
+
+    # Resumed with time to spare: the cut trial stays cut, a full one is the best.
+    result = run_search(write_tuning(tmp_path, max_trials=2), verbose=0)
+    assert result["trials_run"] == ["1"] and result["best"]["trial_id"] == "1"
+    assert result["trials"][0]["cut_by_budget_after_epochs"] == 1 and not result["stopped_by_budget"]
+
+    # A best_config.yaml the user edited is kept; the search writes beside it.
+    best = project / "best_config.yaml"
+    best.write_text(best.read_text() + "# my note\n")
+    again = run_search(write_tuning(tmp_path, max_trials=2), verbose=0)
+    assert best.read_text().endswith("# my note\n")
+    assert again["best_config"] == str(project / "best_config.new.yaml")
+    assert ExperimentConfig.load(project / "best_config.new.yaml").model.gate == result["best"]["values"]["gate"]
+
+    # Trials of another length are not ranked with these.
+    with pytest.raises(ConfigError, match=r"another trial budget \(epochs per trial, Hyperband settings, seed\)"):
+        run_search(write_tuning(tmp_path, max_trials=3, epochs=2), verbose=0)
 
 
 # --- distributed: KerasTuner chief + two workers -------------------------------------------

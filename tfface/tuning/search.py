@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import json
 import logging
 import math
@@ -249,20 +250,35 @@ def _wait_for_chief(minutes: float) -> None:
         channel.close()
 
 
-def _stop_at_deadline_callback(deadline):
+def _stop_at_deadline_callback(deadline, on_stop: Optional[Callable] = None):
+    """A callback ending the running trial when the search's time budget is
+    spent, calling `on_stop()` then (KerasTuner runs deep copies of a
+    trial's callbacks; a function survives the copy as itself)."""
     import keras
 
     class StopAtDeadline(keras.callbacks.Callback):
-        """Ends the running trial when the search's time budget is spent."""
-
         # The hypermodel passes it to a trial's mask pretraining as well.
         applies_to_pretraining = True
 
         def on_train_batch_end(self, batch, logs=None):
             if time.time() > deadline:
                 self.model.stop_training = True
+                if on_stop is not None:
+                    on_stop()
 
     return StopAtDeadline()
+
+
+CUT_TRIALS_FILE = "cut_by_budget.json"
+
+
+def _cut_trials(project_dir: Path) -> dict:
+    """{trial id: epochs it trained} of the trials the time budget cut short."""
+    path = Path(project_dir) / CUT_TRIALS_FILE
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        raise TuningError(f"{path} is not valid JSON; remove {Path(project_dir)} to start the search over") from None
 
 
 def _gradient_registry() -> dict:
@@ -343,11 +359,19 @@ class _FaceTunerMixin:
     def run_trial(self, trial, *args, **kwargs):
         import keras
 
+        stopped = []
         if self.deadline:
-            kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [_stop_at_deadline_callback(self.deadline)]
+            stop = _stop_at_deadline_callback(self.deadline, on_stop=lambda: stopped.append(True))
+            kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [stop]
         histories = super().run_trial(trial, *args, **kwargs)
         if not isinstance(histories, list):
             histories = [histories]
+        if stopped:
+            # Scored on fewer epochs than the others: never the best trial.
+            epochs = max((len(h.epoch) for h in histories if isinstance(h, keras.callbacks.History)), default=0)
+            cut = _cut_trials(self.project_dir)
+            cut[str(trial.trial_id)] = epochs
+            _write_json_atomic(Path(self.project_dir) / CUT_TRIALS_FILE, cut)
         detached = []
         for history in histories:
             if isinstance(history, keras.callbacks.History):
@@ -587,9 +611,9 @@ def run_search(
     }
     if role == "worker":
         return summary
-    records = trial_records(tuner.oracle, space)
+    records = trial_records(tuner.oracle, space, _cut_trials(project_dir))
     try:
-        summary.update(write_results(project_dir, tuning, base, space, records))
+        summary.update(write_results(project_dir, tuning, base, space, records, tuner.stopped_by_budget))
     except TuningError as e:
         if aborted:
             raise TuningError(f"{e}\n(KerasTuner stopped the search: {aborted})") from None
@@ -623,12 +647,22 @@ def _check_same_search(project_dir: Path, tuning: TuningConfig, base: Experiment
     for key, now, what in (
         ("space", _space_record(space), "search space"),
         ("experiment", _experiment_record(base), "base experiment"),
+        ("trial_budget", _trial_budget_record(tuning), "trial budget (epochs per trial, Hyperband settings, seed)"),
     ):
         if key in previous and previous[key] != now:
             raise ConfigError(
                 f"{project_dir} holds a search over another {what} ({meta} records the one it ran); "
                 f"resuming would mix trials of two searches: use another project name or remove {project_dir}"
             )
+
+
+def _trial_budget_record(tuning: TuningConfig) -> dict:
+    """What each trial trains and how trials are drawn: trials run with other
+    values would be ranked against these on unequal terms. (`max_trials`
+    and the time budget may change between runs.)"""
+    keys = ["executions_per_trial", "seed"]
+    keys += ["max_epochs", "factor", "hyperband_iterations"] if tuning.tuner == "hyperband" else ["epochs"]
+    return {key: getattr(tuning, key) for key in keys}
 
 
 def _space_record(space: SearchSpace) -> list:
@@ -655,6 +689,7 @@ def _write_meta(project_dir: Path, tuning: TuningConfig, base: ExperimentConfig,
         "objective": OBJECTIVE,
         "space": _space_record(space),
         "experiment": _experiment_record(base),
+        "trial_budget": _trial_budget_record(tuning),
     }
     _write_json_atomic(project_dir / "search.json", meta, indent=2)
 
@@ -662,8 +697,10 @@ def _write_meta(project_dir: Path, tuning: TuningConfig, base: ExperimentConfig,
 # --- results ------------------------------------------------------------------------
 
 
-def trial_records(oracle, space: SearchSpace) -> list[dict]:
-    """One plain dict per trial, in trial order."""
+def trial_records(oracle, space: SearchSpace, cut_by_budget: Optional[dict] = None) -> list[dict]:
+    """One plain dict per trial, in trial order; `cut_by_budget` ({trial id:
+    epochs trained}) marks the trials the time budget ended early."""
+    cut_by_budget = cut_by_budget or {}
     records = []
     for trial_id, trial in sorted(oracle.trials.items(), key=lambda kv: int(kv[0])):
         hp = trial.hyperparameters
@@ -683,6 +720,8 @@ def trial_records(oracle, space: SearchSpace) -> list[dict]:
         }
         if "tuner/epochs" in hp.values:
             record["epochs"] = int(hp.values["tuner/epochs"])
+        if str(trial_id) in cut_by_budget:
+            record["cut_by_budget_after_epochs"] = int(cut_by_budget[str(trial_id)])
         records.append(record)
     return records
 
@@ -699,37 +738,50 @@ def _first_error(message: str) -> str:
 
 
 def write_results(project_dir: Path, tuning: TuningConfig, base: ExperimentConfig, space: SearchSpace,
-                  records: list[dict]) -> dict:
+                  records: list[dict], stopped_by_budget: bool = False) -> dict:
     """Writes summary.md, objective.png, results.json and best_config.yaml;
-    raises TuningError when no trial completed."""
+    raises TuningError when no trial completed. A best_config.yaml edited
+    since the search wrote it is kept: the new one goes beside it."""
     project_dir.mkdir(parents=True, exist_ok=True)
     completed = [r for r in records if r["status"] == "COMPLETED" and r["score"] is not None]
-    best = max(completed, key=lambda r: r["score"]) if completed else None
+    full = [r for r in completed if "cut_by_budget_after_epochs" not in r]
+    best = max(full, key=lambda r: r["score"]) if full else None
     paths = {
         "summary": str(project_dir / "summary.md"),
         "plot": str(project_dir / "objective.png"),
         "results": str(project_dir / "results.json"),
-        "best_config": str(project_dir / "best_config.yaml") if best else None,
+        "best_config": None,
     }
-    write_atomic(paths["summary"], summary_markdown(tuning, space, records, best))
-    plot_objective(records, paths["plot"], title=f"{tuning.project}: {OBJECTIVE} per trial")
+    written_hash = None
     if best is not None:
         best_config = space.apply(base, best["values"])
         best_config.name = f"{base.name}_tuned"
         best_config.train.output_dir = f"runs/{tuning.project}_best"
-        write_best_config(best_config, paths["best_config"], tuning, best, len(records))
+        paths["best_config"] = str(_best_config_path(project_dir, Path(paths["results"])))
+        written_hash = write_best_config(best_config, paths["best_config"], tuning, best, len(records))
+    best_file = Path(paths["best_config"]).name if paths["best_config"] else None
+    write_atomic(paths["summary"], summary_markdown(tuning, space, records, best, stopped_by_budget, best_file))
+    plot_objective(records, paths["plot"], title=f"{tuning.project}: {OBJECTIVE} per trial")
     results = {
         "project": tuning.project,
         "tuner": tuning.tuner,
         "objective": {"name": OBJECTIVE, "direction": "max"},
         "search_space": space.source,
+        "stopped_by_budget": bool(stopped_by_budget),
         "trials": records,
         "best": best,
         **paths,
+        "best_config_sha256": written_hash,
     }
     write_atomic(paths["results"], json.dumps(results, indent=2, default=str))
     if not records:
         raise TuningError(f"search {tuning.project}: no trial ran (see {project_dir})")
+    if best is None and completed:
+        raise TuningError(
+            f"search {tuning.project}: the time budget ended all {len(completed)} completed trial(s) before their "
+            f"last epoch, so none is comparable enough to call best; run it again with a larger "
+            f"time_budget_minutes (see {paths['summary']})"
+        )
     if best is None:
         first = records[0]
         raise TuningError(
@@ -742,7 +794,25 @@ def write_results(project_dir: Path, tuning: TuningConfig, base: ExperimentConfi
     return {"trials": records, "best": best, **paths}
 
 
-def write_best_config(config: ExperimentConfig, path, tuning: TuningConfig, best: dict, num_trials: int) -> None:
+def _best_config_path(project_dir: Path, results_file: Path) -> Path:
+    """best_config.yaml, unless the user edited it since the search wrote it
+    (its hash differs from the one results.json recorded): then the new one
+    goes to best_config.new.yaml and the edited file is kept."""
+    path = project_dir / "best_config.yaml"
+    if not path.is_file():
+        return path
+    try:
+        recorded = json.loads(results_file.read_text()).get("best_config_sha256")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded is None or hashlib.sha256(path.read_bytes()).hexdigest() == recorded:
+        return path
+    log.warning("%s was changed since the search wrote it: kept it; the best config goes to best_config.new.yaml", path)
+    return project_dir / "best_config.new.yaml"
+
+
+def write_best_config(config: ExperimentConfig, path, tuning: TuningConfig, best: dict, num_trials: int) -> str:
+    """Writes the config; returns the SHA-256 of what it wrote."""
     import yaml
 
     from tfface.config import _plain as plain_config
@@ -753,7 +823,9 @@ def write_best_config(config: ExperimentConfig, path, tuning: TuningConfig, best
         f"# Train it: tfface train --config {path}\n"
     )
     body = yaml.safe_dump(plain_config(config.to_dict()), sort_keys=False)
-    write_atomic(path, header + body)
+    text = header + body
+    write_atomic(path, text)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _format(value) -> str:
@@ -766,7 +838,10 @@ def _format(value) -> str:
     return str(value)
 
 
-def summary_markdown(tuning: TuningConfig, space: SearchSpace, records: list[dict], best: Optional[dict]) -> str:
+def summary_markdown(
+    tuning: TuningConfig, space: SearchSpace, records: list[dict], best: Optional[dict], stopped_by_budget=False,
+    best_file="best_config.yaml",
+) -> str:
     """Markdown: the search, its best trial, and a table of every trial."""
     statuses = {}
     for r in records:
@@ -777,8 +852,16 @@ def summary_markdown(tuning: TuningConfig, space: SearchSpace, records: list[dic
         f"- tuner: {tuning.tuner}; objective: {OBJECTIVE} (max)",
         f"- trials: {len(records)} ({', '.join(f'{n} {s.lower()}' for s, n in sorted(statuses.items())) or 'none'})",
     ]
+    if stopped_by_budget:
+        lines.append(f"- the time budget ({tuning.time_budget_minutes:g} min) stopped this run of the search")
+    cut = [r for r in records if "cut_by_budget_after_epochs" in r]
+    if cut:
+        lines.append(
+            f"- {len(cut)} trial(s) cut short by the time budget (status `completed, cut`): "
+            "scored on fewer epochs, so never the best"
+        )
     if best is not None:
-        lines.append(f"- best: trial {best['trial_id']}, {OBJECTIVE} = {best['score']:.4f} -> best_config.yaml")
+        lines.append(f"- best: trial {best['trial_id']}, {OBJECTIVE} = {best['score']:.4f} -> {best_file}")
     lines += ["", "## Trials", ""]
     names = space.names
     with_epochs = any("epochs" in r for r in records)
@@ -786,7 +869,10 @@ def summary_markdown(tuning: TuningConfig, space: SearchSpace, records: list[dic
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---:" if h in (OBJECTIVE, "epochs") else "---" for h in header) + "|")
     for r in records:
-        row = [r["trial_id"], r["status"].lower(), _format(r["score"])]
+        status = r["status"].lower()
+        if "cut_by_budget_after_epochs" in r:
+            status += f", cut after {r['cut_by_budget_after_epochs']} epoch(s)"
+        row = [r["trial_id"], status, _format(r["score"])]
         if with_epochs:
             row.append(_format(r.get("epochs")))
         row += [_format(r["values"].get(n)) for n in names]
