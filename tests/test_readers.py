@@ -112,6 +112,32 @@ def utk_csv(tmp_path):
     return root
 
 
+def test_skips_and_unlisted_images_are_reported_once_and_in_one_line(celeba_csv, utk_csv, tmp_path):
+    # A row skipped for a bad value is reported with its row, not again as an
+    # image without a label row.
+    attributes = celeba_csv / "attributes.csv"
+    attributes.write_text(attributes.read_text().replace("000002.jpg,0,1,,3,train", "000002.jpg,0,7,,3,train"))
+    source = read_celeba_folder(celeba_csv, skip_bad_rows=True)
+    assert len(source) == 4
+    assert [p for p in source.problems if "no label row" in p] == []
+    assert any("skipped 1 bad row(s)" in p for p in source.problems)
+
+    # UTKFace labels.csv: an image it does not list is named, as in CelebA folders.
+    write_jpeg(utk_csv / "images" / "c.jpg")
+    assert "1 image(s) have no row in labels.csv (ignored)" in " ".join(read_utkface_folder(utk_csv).problems)
+
+    # UTKFace file names: out-of-range names make one line, not one per file;
+    # a WebP face is read like the others.
+    root = tmp_path / "utk_bad_names"
+    for name in ["200_0_0_1.jpg", "30_2_0_2.jpg", "31_1_5_3.jpg", "25_0_0_4.jpg"]:
+        write_jpeg(root / "images" / name)
+    Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(root / "images" / "40_1_2_5.webp", "WEBP")
+    source = read_utkface_folder(root, skip_bad_rows=True)
+    assert sorted(Path(p).name for p in source.image_paths) == ["25_0_0_4.jpg", "40_1_2_5.webp"]
+    [line] = [p for p in source.problems if "bad row" in p]
+    assert line.startswith(f"{root / 'images'}: skipped 3 bad row(s), e.g. 200_0_0_1.jpg: file name label out of range")
+
+
 # --- CelebA format ------------------------------------------------------------------
 
 

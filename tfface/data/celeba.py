@@ -61,6 +61,9 @@ class _Labels:
     columns: dict
     partition: Optional[list] = None
     identities: Optional[list] = None
+    # Every image a row names, skipped rows included: their images are
+    # reported with the row, not again as "no label row".
+    listed: set = dataclasses.field(default_factory=set)
 
 
 def read_celeba_folder(root, skip_bad_rows=False, check_images=False, landmarks_file=None) -> FaceSource:
@@ -96,7 +99,7 @@ def read_celeba_folder(root, skip_bad_rows=False, check_images=False, landmarks_
     bad.report(problems)
     if not keep:
         raise DataError(f"{labels.path}: no usable label rows")
-    unlabelled = _count_unlabelled_images(image_root, labels.image_ids)
+    unlabelled = _count_unlabelled_images(image_root, labels.listed | set(labels.image_ids))
     if unlabelled:
         note(problems, f"{image_root}: {unlabelled} image(s) have no label row in {labels.path.name} (ignored)")
 
@@ -190,6 +193,7 @@ def _read_attribute_csv(path: Path, bad: BadRows, problems) -> _Labels:
             if identity is None:
                 error = f"identity is {cell!r}; expected a non-negative integer"
         image_id = fields[position["image_id"]]
+        labels.listed.add(image_id)
         if error is None and not image_id:
             error = "empty image_id"
         if error is None and image_id in seen:
@@ -226,6 +230,7 @@ def _read_attribute_txt(path: Path, bad: BadRows, problems) -> _Labels:
     read = 0
     for line, fields in rows:
         read += 1
+        labels.listed.add(fields[0])
         if len(fields) != len(names) + 1:
             bad.bad(path, line, f"expected an image name and {len(names)} values, found {len(fields)} fields")
             continue

@@ -26,13 +26,13 @@ logger = logging.getLogger(__name__)
 
 NAMED_FOLDERS = ("celeba_sample", "celeba_lowres", "utkface")
 DEFAULT_SYNTHETIC_IMAGES = 2000
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")  # what the pipeline decodes
 
 # What format detection looks for, for the error message.
 CELEBA_LABEL_FILES = ("attributes.csv", "list_attr_celeba.txt")
 UTKFACE_LABEL_FILE = "labels.csv"
 UTKFACE_NAME = re.compile(
-    r"^(\d+)_(\d+)_(\d+)_(\d+)\.(jpg|jpeg|png)(\.chip\.jpg)?$", re.IGNORECASE
+    r"^(\d+)_(\d+)_(\d+)_(\d+)\.(jpg|jpeg|png|bmp|gif|webp)(\.chip\.jpg)?$", re.IGNORECASE
 )
 
 MTCNN_CACHE_FILE = "landmarks_mtcnn.csv"

@@ -57,7 +57,7 @@ def read_utkface_folder(root, skip_bad_rows=False, check_images=False, landmarks
     problems: list = []
     bad = BadRows(skip_bad_rows)
     if (root / LABELS_CSV).is_file():
-        image_ids, values = _read_labels_csv(root / LABELS_CSV, image_root, bad)
+        image_ids, values = _read_labels_csv(root / LABELS_CSV, image_root, bad, problems)
     else:
         image_ids, values = _read_file_names(image_root, bad, problems)
     bad.report(problems)
@@ -97,7 +97,7 @@ def _parse_values(age: str, gender: str, race: str):
     )
 
 
-def _read_labels_csv(path: Path, image_root: Path, bad: BadRows):
+def _read_labels_csv(path: Path, image_root: Path, bad: BadRows, problems: list):
     rows = csv_rows(path)
     _, header = next(rows, (None, []))
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
@@ -105,12 +105,13 @@ def _read_labels_csv(path: Path, image_root: Path, bad: BadRows):
         raise DataError(f"{path}, line 1: header lacks columns {missing} (found {header})")
     position = {c: header.index(c) for c in header}
     present = image_file_names(image_root)
-    image_ids, values, seen = [], [], set()
+    image_ids, values, seen, listed = [], [], set(), set()
     for line, fields in rows:
         if len(fields) != len(header):
             bad.bad(path, line, f"expected {len(header)} columns, found {len(fields)}")
             continue
         image_id = fields[position["image_id"]]
+        listed.add(image_id)  # a skipped row's image is reported with the row only
         cells = [fields[position[c]] for c in ("age", "gender", "race")]
         parsed = _parse_values(*cells)
         error = _range_error(*parsed)
@@ -129,6 +130,9 @@ def _read_labels_csv(path: Path, image_root: Path, bad: BadRows):
         seen.add(image_id)
         image_ids.append(image_id)
         values.append(parsed)
+    unlisted = sum(1 for name in present if is_image_name(name) and name not in listed)
+    if unlisted:
+        note(problems, f"{image_root}: {unlisted} image(s) have no row in {path.name} (ignored)")
     return image_ids, values
 
 
@@ -144,7 +148,7 @@ def _read_file_names(image_root: Path, bad: BadRows, problems: list):
         parsed = _parse_values(*match.groups()[:3])
         error = _range_error(*parsed)
         if error is not None:
-            bad.bad(image_root / name, None, f"file name label out of range: {error}")
+            bad.bad(image_root, None, f"{name}: file name label out of range: {error}")
             continue
         image_ids.append(name)
         values.append(parsed)
