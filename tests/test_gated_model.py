@@ -427,6 +427,21 @@ def test_fit_and_evaluate_name_more_label_mistakes():
     # Still trains afterwards.
     history = model.fit({"image": images}, labels, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
+    # One-hot labels are named on the host as well, from arrays and from a
+    # dataset: a step Keras retraced with relaxed shapes may see labels of
+    # unknown rank, which the trace-time check skips (it failed on them
+    # with "Cannot iterate over a shape with unknown rank").
+    model._check_label_shapes({"age_group": tf.TensorSpec(None)})
+    with pytest.raises(ValueError, match=r"labels\['age_group'\] must be class ids of shape \(B,\).*one-hot"):
+        model.fit({"image": images}, one_hot, epochs=1, verbose=0)
+    dataset = tf.data.Dataset.from_tensor_slices(({"image": images}, one_hot)).batch(4)
+    with pytest.raises(ValueError, match=r"labels\['age_group'\] must be class ids of shape \(B,\).*one-hot"):
+        model.fit(dataset, epochs=1, verbose=0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "shuffle=True ... will be ignored" for a dataset
+        model.fit(tf.data.Dataset.from_tensor_slices(({"image": images}, labels)).batch(4), epochs=1, verbose=0)
 
 
 @pytest.mark.parametrize("backbone", ["mobilenet_v3_small", "efficientnet_b0"])

@@ -263,13 +263,7 @@ class MultiTaskFaceModel(keras.Model):
             raise ValueError(f"labels have keys that are not tasks of this model's schema: {unknown}; tasks: {list(self.schema.task_names)}")
         if not any(k in y for k in self.schema.task_names):
             raise ValueError(f"labels label none of this model's tasks: {list(self.schema.task_names)}")
-        for name in self.schema.task_names:
-            shape = tuple(getattr(y.get(name), "shape", ()))
-            if len(shape) > 2 or (len(shape) == 2 and shape[1] not in (1, None)):
-                raise ValueError(
-                    f"labels[{name!r}] must be class ids of shape (B,) (-1 where missing), got shape {shape}; "
-                    "one-hot labels: take argmax over the last axis"
-                )
+        self._check_label_shapes(y)
         if self._runtime_checks():
             import tensorflow as tf
 
@@ -350,12 +344,36 @@ class MultiTaskFaceModel(keras.Model):
             self.attribute_metrics.update_state(self._check_labels(y, training=False), y_pred)
         return self.get_metrics_result()
 
+    def _check_label_shapes(self, labels) -> None:
+        """One-hot or other (B, K) labels, named. A shape of unknown rank (a
+        step Keras retraced with relaxed shapes) is checked by `fit` on the
+        host instead."""
+        for name in self.schema.task_names:
+            shape = getattr(labels.get(name), "shape", None)
+            if shape is None or getattr(shape, "rank", 0) is None:
+                continue
+            shape = tuple(shape)
+            if len(shape) > 2 or (len(shape) == 2 and shape[1] not in (1, None)):
+                raise ValueError(
+                    f"labels[{name!r}] must be class ids of shape (B,) (-1 where missing), got shape {shape}; "
+                    "one-hot labels: take argmax over the last axis"
+                )
+
     def fit(self, x=None, y=None, *args, **kwargs):
         if kwargs.get("class_weight") is not None:
             raise ValueError(
                 "tfface models do not take class_weight: weight tasks with ModelConfig.loss_weights "
                 "(by task name or family) and sources with data.sources[*].weight"
             )
+        # On the host too: after a first fit, Keras may retrace with shapes
+        # of unknown rank, which the trace-time check cannot read.
+        spec = getattr(x, "element_spec", None)
+        labels = y if y is not None else (spec[1] if isinstance(spec, tuple) and len(spec) > 1 else None)
+        if isinstance(labels, Mapping):
+            self._check_label_shapes(labels)
+        if spec is not None and len(args) < 7:
+            # A dataset shuffles itself; Keras warns about its default True.
+            kwargs.setdefault("shuffle", False)
         warn_if_unit_range(x)
         return super().fit(x, y, *args, **kwargs)
 
