@@ -187,10 +187,9 @@ def _cmd_train(args):
 
 def _cmd_evaluate(args):
     from tfface.evaluation.evaluate import evaluate_model
+    from tfface.data.sources import open_source
     from tfface.evaluation.evaluate import print_metrics
     from tfface.models.saving import load_model
-
-    from tfface.data.sources import open_source
 
     if args.calibrate:
         _check_new_model_file(args.calibrate, args.model)

@@ -23,6 +23,7 @@ import concurrent.futures
 import dataclasses
 import itertools
 import logging
+import numbers
 import signal
 import sys
 import threading
@@ -236,9 +237,9 @@ def _checked_version_labels(version_labels) -> dict:
     """`version_labels` with every version a positive int, or ValueError."""
 
     def version(where, value):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"version label {where}: the version must be a positive integer, got {value!r}")
-        return value
+        return int(value)
 
     checked = {}
     for key, value in (version_labels or {}).items():
