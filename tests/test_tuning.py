@@ -616,3 +616,21 @@ def test_the_search_deadline_stops_a_trials_mask_pretraining(tmp_path, monkeypat
     history = hypermodel.fit(hp, hypermodel.build(hp), train, epochs=1, verbose=0, callbacks=[spent])
     assert len(records[0]["history"]["loss"]) == 1  # of 20 pretraining epochs
     assert len(history.history["loss"]) == 1
+
+
+def test_a_trial_killed_before_the_oracle_recorded_it_is_drawn_again(tmp_path):
+    # KerasTuner writes a new trial's trial.json, then oracle.json: a kill in
+    # between left trial 1 RUNNING but unknown to the oracle, never rerun and
+    # yet counted toward max_trials.
+    config = write_tuning(tmp_path, project="unrecorded", max_trials=1)
+    run_search(config, verbose=0)
+    project = tmp_path / "unrecorded"
+    state = json.loads((project / "trial_0" / "trial.json").read_text())
+    state.update(trial_id="1", status="RUNNING", score=None, best_step=0, message=None)
+    state["metrics"] = {"metrics": {}}
+    (project / "trial_1").mkdir()
+    (project / "trial_1" / "trial.json").write_text(json.dumps(state))
+
+    result = run_search(write_tuning(tmp_path, project="unrecorded", max_trials=2), verbose=0)
+    assert result["trials_run"] == ["1"]
+    assert [r["status"] for r in result["trials"]] == ["COMPLETED", "COMPLETED"]

@@ -344,6 +344,11 @@ class _FaceTunerMixin:
             return
         super().search(*fit_args, **fit_kwargs)
 
+    def reload(self):
+        super().reload()
+        if not self._is_worker():
+            _forget_unrecorded_trials(self.oracle)
+
     def on_search_begin(self):
         # Saved at once, so a search killed in its first trial reloads the
         # oracle state instead of starting over.
@@ -435,6 +440,29 @@ def _make_keras_tuner_state_writes_atomic() -> None:
 
     save_json.atomic = True
     kt_utils.save_json = save_json
+
+
+def _forget_unrecorded_trials(oracle) -> None:
+    """KerasTuner writes a new trial's trial.json, then oracle.json. A kill
+    between the two left a RUNNING trial the reloaded oracle had never
+    recorded: it was not rerun, yet counted toward max_trials (a resumed
+    search ended with it "not completed"). Such a trial has trained nothing
+    (oracle.json is written right after), so it is dropped and its id is
+    drawn again; one whose folder holds more is retried instead."""
+    import keras_tuner
+
+    retried = set(oracle._retry_queue) | {t.trial_id for t in oracle.ongoing_trials.values()}
+    for trial_id, trial in list(oracle.trials.items()):
+        if trial.status != keras_tuner.engine.trial.TrialStatus.RUNNING or trial_id in retried:
+            continue
+        folder = Path(oracle._project_dir) / f"trial_{trial_id}"
+        if sorted(p.name for p in folder.iterdir()) == ["trial.json"]:
+            log.warning("trial %s was created but never recorded by a search that was killed: drawing it again", trial_id)
+            del oracle.trials[trial_id]
+            (folder / "trial.json").unlink()
+            folder.rmdir()
+        else:
+            oracle._retry_queue.append(trial_id)
 
 
 def _check_state_files(project_dir: Path) -> None:
