@@ -30,7 +30,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import parse_args
+from common import positive_int
 from common import print_table
+from common import report_path
+from common import run
 from common import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,12 +124,12 @@ def main():
     parser.add_argument("--model", choices=sorted(VARIANTS), default="gated")
     parser.add_argument("--minutes", type=float, default=6.0, help="training budget per variant")
     parser.add_argument(
-        "--epochs", type=int, help="train every variant exactly this many epochs instead (no time budget)"
+        "--epochs", type=positive_int, help="train every variant exactly this many epochs instead (no time budget)"
     )
     parser.add_argument("--config", help="base experiment config (default: the shipped one, BASE_CONFIGS)")
     parser.add_argument("--only", nargs="*", help="run only these variant indices")
-    parser.add_argument("--bootstrap", type=int, default=1000)
-    args = parser.parse_args()
+    parser.add_argument("--bootstrap", type=positive_int, default=1000)
+    args = parse_args(parser)
 
     import keras
 
@@ -141,6 +145,8 @@ def main():
     celeba_val = [s for s in val_sources if s.format == "celeba"]
     utk_val = [s for s in val_sources if s.format == "utkface"]
     n_celeba = sum(len(s) for s in celeba_val)
+    if n_celeba == 0:
+        raise ValueError(f"{config_path} has no CelebA validation images to compare the variants on")
     rng = np.random.default_rng(0)
     weights = rng.multinomial(n_celeba, np.full(n_celeba, 1.0 / n_celeba), size=args.bootstrap).astype(np.float64)
 
@@ -184,9 +190,13 @@ def main():
         binary = [t for t in model.schema.binary_tasks if (labels[t.name] >= 0).any()]
         celeba = compute_metrics(model.schema, labels, probs)
         utk = compute_metrics(model.schema, *collect_predictions(model, utk_val)[:2]) if utk_val else {}
+        unit = np.ones((1, n_celeba))  # the measured value, the bootstrap's centre
         samples[label] = (
-            bootstrap_accuracy(labels, probs, binary, weights),
-            bootstrap_balanced_accuracy(labels, probs, binary, weights),
+            (bootstrap_accuracy(labels, probs, binary, weights), bootstrap_accuracy(labels, probs, binary, unit)[0]),
+            (
+                bootstrap_balanced_accuracy(labels, probs, binary, weights),
+                bootstrap_balanced_accuracy(labels, probs, binary, unit)[0],
+            ),
         )
         rows.append(
             {
@@ -210,9 +220,9 @@ def main():
     for row in rows:
         if row["variant"] in samples and row["variant"] != baseline and baseline in samples:
             for i, metric in enumerate(("mean_accuracy", "mean_balanced_accuracy")):
-                diff = samples[row["variant"]][i] - samples[baseline][i]
-                low, high = np.percentile(diff, [2.5, 97.5])
-                row[f"d_{metric}"] = float(np.mean(diff))
+                (resampled, measured), (base_resampled, base_measured) = samples[row["variant"]][i], samples[baseline][i]
+                low, high = np.percentile(resampled - base_resampled, [2.5, 97.5])
+                row[f"d_{metric}"] = float(measured - base_measured)
                 row[f"d_{metric}_ci95"] = [float(low), float(high)]
 
     columns = ["variant", "epochs", "celeba_mean_accuracy", "celeba_mean_balanced_accuracy", "d_mean_balanced_accuracy",
@@ -223,7 +233,7 @@ def main():
                "celeba_val_images": n_celeba, "utk_val_images": sum(len(s) for s in utk_val),
                "bootstrap": args.bootstrap, "rows": rows}
     write_results(f"ablation_{args.model}", payload)
-    write_markdown(payload, ROOT / "docs" / f"ablation_{args.model}.md")
+    write_markdown(payload, report_path(ROOT / "docs" / f"ablation_{args.model}.md"))
 
 
 def write_markdown(payload, path):
@@ -262,4 +272,4 @@ def write_markdown(payload, path):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -1,6 +1,7 @@
 """Shared bits of the benchmark scripts: timing, tables, JSON results."""
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -10,6 +11,60 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# Where this run writes: the recorded results, unless --results-dir says otherwise.
+_output_dir = None
+
+
+def parse_args(parser, argv=None):
+    """`parser.parse_args()` plus `--results-dir`, which every benchmark takes."""
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        help="write the JSON (and any Markdown report) into this folder instead of over the recorded "
+        "results in benchmarks/results/ and docs/ (for trial runs)",
+    )
+    args = parser.parse_args(argv)
+    global _output_dir
+    _output_dir = args.results_dir
+    return args
+
+
+def report_path(default: Path) -> Path:
+    """A Markdown report's path: `default` (under docs/), or the same name
+    in --results-dir."""
+    return _output_dir / Path(default).name if _output_dir else Path(default)
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive_ints(text):
+    """argparse type: a comma list of integers >= 1 ("" is none)."""
+    return [positive_int(part) for part in text.split(",") if part.strip()]
+
+
+def run(main):
+    """Runs a benchmark's `main`, turning a missing file or a bad value into
+    one line on stderr and exit status 2 instead of a traceback."""
+    import sys
+
+    from tfface.config import ConfigError
+
+    try:
+        main()
+    except (FileNotFoundError, ValueError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def time_call(fn, repeats=10, warmup=2):
@@ -43,12 +98,25 @@ def _fmt(value):
     return "" if value is None else str(value)
 
 
+def _without_nan(value):
+    """NaN and infinity as null: JSON has no NaN (json.dumps writes an
+    invalid `NaN` token)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _without_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_nan(v) for v in value]
+    return value
+
+
 def write_results(name, payload):
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    folder = _output_dir or RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
     payload = dict(payload)
     payload["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2, default=str))
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(_without_nan(json.loads(json.dumps(payload, default=str))), indent=2, allow_nan=False))
     print(f"wrote {path}")
     return path
 
@@ -59,6 +127,8 @@ def load_run(run):
     from tfface.models.saving import load_model
 
     run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run} is no `tfface train` output folder (no config.yaml there)")
     return ExperimentConfig.load(run / "config.yaml"), load_model(run)
 
 

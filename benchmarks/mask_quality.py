@@ -14,20 +14,24 @@ import argparse
 
 import numpy as np
 from common import load_run
+from common import parse_args
 from common import print_table
+from common import run
 from common import write_results
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="training output dir of a mask-guided model")
-    args = parser.parse_args()
+    args = parse_args(parser)
 
     from tfface.data.pipeline import make_dataset
     from tfface.schema import GROUPS
     from tfface.training.trainer import load_sources
 
     config, model = load_run(args.run)
+    if config.model.type != "mask_guided":
+        raise ValueError(f"{args.run} holds a {config.model.type} model: mask quality needs a mask-guided run")
     _, val_sources = load_sources(config.data)
     dataset = make_dataset(val_sources, model.schema, model.image_size, batch_size=64, with_masks=True, cache=False)
     intersection = np.zeros(len(GROUPS))
@@ -42,6 +46,10 @@ def main():
         intersection += (predicted & truth).sum(axis=(0, 1, 2))
         union += (predicted | truth).sum(axis=(0, 1, 2))
         faces += int(valid.sum())
+    if not faces:
+        raise ValueError(
+            f"no validation face of {args.run} has landmarks: run `tfface data annotate` on its sources first"
+        )
     rows = [{"group": g, "iou": float(i / u) if u else None} for g, i, u in zip(GROUPS, intersection, union)]
     mean = float(np.mean([r["iou"] for r in rows if r["iou"] is not None]))
     rows.append({"group": "mean", "iou": mean})
@@ -51,4 +59,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -13,7 +13,11 @@ Runs under any Keras backend (KERAS_BACKEND=jax for the GPU machine).
 import argparse
 
 import numpy as np
+from common import parse_args
+from common import positive_int
+from common import positive_ints
 from common import print_table
+from common import run
 from common import time_call
 from common import write_results
 
@@ -41,22 +45,22 @@ def _block(outputs):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=30, help="interleaved rounds; every variant runs once per round")
-    parser.add_argument("--bootstrap", type=int, default=2000, help="resamples of the rounds for the ratios' 95%% intervals")
+    parser.add_argument("--image-size", type=positive_int, default=64)
+    parser.add_argument("--batch", type=positive_int, default=32)
+    parser.add_argument("--repeats", type=positive_int, default=30, help="interleaved rounds; every variant runs once per round")
+    parser.add_argument("--bootstrap", type=positive_int, default=2000, help="resamples of the rounds for the ratios' 95%% intervals")
     parser.add_argument("--backbone", default="small_cnn")
     parser.add_argument("--schema", default="fused")
     parser.add_argument(
-        "--embedding-dim", type=int, default=64, help="per-task embedding of the gated variants (64 in configs/)"
+        "--embedding-dim", type=positive_int, default=64, help="per-task embedding of the gated variants (64 in configs/)"
     )
     parser.add_argument(
-        "--extra-embedding-dims", default="", help="comma list: full gated model again at these embedding sizes"
+        "--extra-embedding-dims", type=positive_ints, default=[], help="comma list: full gated model again at these embedding sizes"
     )
     parser.add_argument(
-        "--gate-bottlenecks", default="", help="comma list: full gated model again, gating a bottleneck of this width"
+        "--gate-bottlenecks", type=positive_ints, default=[], help="comma list: full gated model again, gating a bottleneck of this width"
     )
-    args = parser.parse_args()
+    args = parse_args(parser)
 
     import keras
 
@@ -81,13 +85,11 @@ def main():
         ),
         "mask-guided, group-global (full)": dict(type="mask_guided", fusion="group_global"),
     }
-    for dim in filter(None, args.extra_embedding_dims.split(",")):
-        variants[f"gated, full, embedding {int(dim)}"] = dict(
-            type="gated", gate="static", correlation=True, embedding_dim=int(dim)
-        )
-    for width in filter(None, args.gate_bottlenecks.split(",")):
-        variants[f"gated, full, gate bottleneck {int(width)}"] = dict(
-            type="gated", gate="static", correlation=True, gate_bottleneck=int(width)
+    for dim in args.extra_embedding_dims:
+        variants[f"gated, full, embedding {dim}"] = dict(type="gated", gate="static", correlation=True, embedding_dim=dim)
+    for width in args.gate_bottlenecks:
+        variants[f"gated, full, gate bottleneck {width}"] = dict(
+            type="gated", gate="static", correlation=True, gate_bottleneck=width
         )
     # Build every variant first, then time them in interleaved rounds so a
     # change in machine load hits all variants alike.
@@ -143,4 +145,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -12,17 +12,20 @@ Without the real data it falls back to synthetic faces (and says so).
 import argparse
 import time
 
+from common import parse_args
+from common import positive_int
 from common import print_table
+from common import run
 from common import write_results
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--batches", type=int, default=60)
-    parser.add_argument("--train-steps", type=int, default=15)
-    args = parser.parse_args()
+    parser.add_argument("--image-size", type=positive_int, default=128)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--batches", type=positive_int, default=60)
+    parser.add_argument("--train-steps", type=positive_int, default=15)
+    args = parse_args(parser)
 
     import keras
 
@@ -85,4 +88,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

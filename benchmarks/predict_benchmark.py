@@ -29,9 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import print_table
-from common import time_call
 from common import model_for_benchmark
+from common import parse_args
+from common import positive_int
+from common import print_table
+from common import run
+from common import time_call
 from common import write_results
 
 import numpy as np
@@ -142,13 +145,13 @@ def detection_rate(sample: int, seed: int = 0):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--photos", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--photos", type=positive_int, default=200)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--model", help=".keras model (default: untrained gated model, fused schema, 64 px)")
     parser.add_argument("--detection-sample", type=int, default=500, help="UTKFace images to try; 0 = all")
     parser.add_argument("--photos-dir", help="keep the generated photos here (default: a temp folder)")
     parser.add_argument("--skip-detection-rate", action="store_true")
-    args = parser.parse_args()
+    args = parse_args(parser)
 
     from tfface.landmarks import FaceDetector
     from tfface.predict import FaceAnalyzer
@@ -265,4 +268,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -18,6 +18,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+from common import parse_args
+from common import positive_int
+from common import report_path
+from common import run
 from common import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,8 +37,8 @@ def _history_epochs(history_file):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="training output dir (holds config.yaml, model.keras)")
-    parser.add_argument("--calibration-images", type=int, default=3000, help="training images used to calibrate")
-    args = parser.parse_args()
+    parser.add_argument("--calibration-images", type=positive_int, default=3000, help="training images used to calibrate")
+    args = parse_args(parser)
 
     from tfface.config import ExperimentConfig
     from tfface.evaluation.calibration import calibrate_thresholds
@@ -105,7 +109,7 @@ def main():
         print(f"{key:45s} {value:.4f}" if isinstance(value, float) else f"{key:45s} {value}")
     name = run.name
     write_results(f"accuracy_{name}", result)
-    write_markdown(result, ROOT / "docs" / f"accuracy_{name}.md")
+    write_markdown(result, report_path(ROOT / "docs" / f"accuracy_{name}.md"))
 
 
 def write_markdown(result, path):
@@ -146,4 +150,4 @@ def _f(value):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

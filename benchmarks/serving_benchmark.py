@@ -51,9 +51,13 @@ import threading
 import time
 from pathlib import Path
 
-from common import print_table
-from common import time_call
 from common import model_for_benchmark
+from common import parse_args
+from common import positive_int
+from common import print_table
+from common import report_path
+from common import run
+from common import time_call
 from common import write_results
 
 import numpy as np
@@ -293,15 +297,15 @@ def main():
         "--max-batch-size", type=int, default=32, help="the server's (at least 32: it refuses larger requests)"
     )
     parser.add_argument("--batch-timeout-ms", type=float, default=0.0, help="server batch timeout (default 0, as the server)")
-    parser.add_argument("--repeats", type=int, help="timed calls per path and round (default 15; quick 5)")
-    parser.add_argument("--rounds", type=int, help="rounds (default 3; quick 1)")
-    parser.add_argument("--load-requests", type=int, help="requests of the load run (default 10000; quick 500)")
+    parser.add_argument("--repeats", type=positive_int, help="timed calls per path and round (default 15; quick 5)")
+    parser.add_argument("--rounds", type=positive_int, help="rounds (default 3; quick 1)")
+    parser.add_argument("--load-requests", type=positive_int, help="requests of the load run (default 10000; quick 500)")
     parser.add_argument("--no-write", action="store_true", help="print only; write no JSON or Markdown")
     parser.add_argument("--record-as", help="write serving_NAME.json and docs/serving_benchmark_NAME.md instead")
     parser.add_argument(
         "--in-process-clients", action="store_true", help="run the concurrent clients in the server's process"
     )
-    args = parser.parse_args()
+    args = parse_args(parser)
     if args.max_batch_size < 32:
         parser.error("--max-batch-size must be at least 32, the largest request batch timed")
     if args.record_as is not None and not all(c.isalnum() or c in "_-" for c in args.record_as or "?"):
@@ -551,7 +555,7 @@ def main():
     else:
         suffix = f"_{args.record_as}" if args.record_as else ""
         write_results(f"serving{suffix}", payload)
-        doc = DOC.with_name(f"{DOC.stem}{suffix}.md")
+        doc = report_path(DOC.with_name(f"{DOC.stem}{suffix}.md"))
         doc.write_text(text)
         print(f"wrote {doc}")
 
@@ -774,4 +778,4 @@ def explanations(p):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -15,7 +15,9 @@ import argparse
 
 import numpy as np
 from common import load_run
+from common import parse_args
 from common import print_table
+from common import run
 from common import write_results
 
 
@@ -40,7 +42,7 @@ def old_split(identities, val_fraction, seed):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a run trained before the split change (config.yaml, model.keras)")
-    args = parser.parse_args()
+    args = parse_args(parser)
 
     from tfface.data.sources import open_source
     from tfface.evaluation.evaluate import collect_predictions
@@ -52,11 +54,15 @@ def main():
         source = open_source(source_config.path, image_size=config.data.image_size)
         if source.format != "celeba":
             continue
+        if source.identities is None:
+            raise ValueError(f"{source_config.path} has no identities.csv: no person can be checked for a leak")
         train_rows, val_rows = old_split(source.identities, config.data.val_fraction, config.data.split_seed)
-        train_people |= set(source.identities[train_rows].tolist())
+        people = source.identities[train_rows]
+        train_people |= set(people[people >= 0].tolist())  # an unknown identity (-1) is no person
         vals.append(source.subset(val_rows))
     labels, probs, _ = collect_predictions(model, vals)
-    leaked = np.isin(np.concatenate([v.identities for v in vals]), list(train_people))
+    identities = np.concatenate([v.identities for v in vals])
+    leaked = (identities >= 0) & np.isin(identities, list(train_people))
     rows = []
     for name, mask in (("all old validation images", np.ones_like(leaked)), ("leaked", leaked), ("clean", ~leaked)):
         metrics = compute_metrics(
@@ -69,4 +75,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

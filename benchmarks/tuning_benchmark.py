@@ -20,12 +20,17 @@ Run: python benchmarks/tuning_benchmark.py --memory [--trials 10]
 """
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from common import parse_args
+from common import positive_int
 from common import print_table
+from common import report_path
+from common import run
 from common import write_results
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,7 +89,10 @@ def memory(args):
     import tensorflow  # noqa: F401  (so the baseline includes it)
 
     before = rss_mb()
-    result = run_search(path, verbose=0, on_trial_end=after_trial)
+    try:
+        result = run_search(path, verbose=0, on_trial_end=after_trial)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     for i, row in enumerate(rows):
         row["delta_mb"] = round(row["rss_mb"] - rows[i - 1]["rss_mb"], 1) if i else None
         row["since_first_mb"] = round(row["rss_mb"] - rows[0]["rss_mb"], 1)
@@ -180,7 +188,7 @@ def real(args):
         "summary": _relative(result["summary"]),
     }
     write_results(args.results_name, payload)
-    out = Path(args.report)
+    out = report_path(Path(args.report))
     out.write_text(results_markdown(payload, base, best_config, space, Path(result["summary"]).read_text()))
     print(f"wrote {out}")
     print_table(
@@ -258,13 +266,13 @@ def main():
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--memory", action="store_true", help="RSS after each of --trials trials (synthetic data)")
     mode.add_argument("--real", action="store_true", help="the real-data search and the default's score")
-    parser.add_argument("--trials", type=int, default=10)
-    parser.add_argument("--images", type=int, default=400)
+    parser.add_argument("--trials", type=positive_int, default=10)
+    parser.add_argument("--images", type=positive_int, default=400)
     parser.add_argument("--max-slope-mb", type=float, default=15.0, help="--memory: allowed RSS growth per trial")
     parser.add_argument("--config", default=str(REPO / "tuning" / "gated_real.yaml"), help="--real: tuning config")
     parser.add_argument("--report", default=str(REPO / "docs" / "tuning_results.md"), help="--real: Markdown report")
     parser.add_argument("--results-name", default="tuning", help="--real: benchmarks/results/NAME.json")
-    args = parser.parse_args()
+    args = parse_args(parser)
     if args.memory:
         memory(args)
     else:
@@ -272,4 +280,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
