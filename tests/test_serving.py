@@ -3,6 +3,7 @@
 import argparse
 import concurrent.futures
 import json
+import re
 import socket
 import threading
 import time
@@ -649,3 +650,13 @@ def test_query_hosts_without_a_port_get_tf_servings_port_and_exif_rotation_is_ap
         client.close()
     assert np.asarray(Image.open(io.BytesIO(sent))).shape == (50, 40, 3)
     assert client.target == "127.0.0.1:1"
+
+
+def test_the_image_a_refused_batch_holds_is_named(deployment, tmp_path):
+    good = random_pngs(2)
+    broken = tmp_path / "cut.png"
+    broken.write_bytes(good[0][: len(good[0]) // 2])  # a PNG header, then nothing decodable
+    with ServingClient(deployment["target"], model_name="faces") as client:
+        with pytest.raises(ServingError, match=rf"^{re.escape(str(broken))}: image #1 .*INVALID_ARGUMENT"):
+            client.predict([good[0], str(broken), good[1]])
+        assert len(client.predict(good)) == 2  # the server serves on

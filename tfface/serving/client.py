@@ -202,18 +202,41 @@ class ServingClient:
         results = []
         for start in range(0, len(payloads), batch_size):
             chunk = payloads[start : start + batch_size]
-            request = predict_pb2.PredictRequest(model_spec=self._model_spec(self.signature))
-            if isinstance(chunk[0], np.ndarray):
-                tensor = tf.make_tensor_proto(np.stack(chunk), dtype=tf.uint8)
-            else:
-                tensor = tf.make_tensor_proto(chunk, dtype=tf.string, shape=[len(chunk)])
-            request.inputs[input_name].CopyFrom(tensor)
             # The server's "images[i]" counts from the start of this chunk.
             what = f"Predict of images #{start}..#{start + len(chunk) - 1}"
-            response = self._call(self._prediction.Predict, request, what)
+            try:
+                response = self._call(self._prediction.Predict, self._predict_request(chunk, input_name), what)
+            except ServingError as e:
+                if e.code != grpc.StatusCode.INVALID_ARGUMENT or len(chunk) == 1:
+                    raise
+                self._name_refused_image(chunk, start, images, input_name)
+                raise
             answered_with = self._schema_of(_answering_version(response), schema)
             results.extend(parse_predict_response(response, answered_with, len(chunk)))
         return results
+
+    def _predict_request(self, chunk, input_name):
+        request = predict_pb2.PredictRequest(model_spec=self._model_spec(self.signature))
+        if isinstance(chunk[0], np.ndarray):
+            tensor = tf.make_tensor_proto(np.stack(chunk), dtype=tf.uint8)
+        else:
+            tensor = tf.make_tensor_proto(chunk, dtype=tf.string, shape=[len(chunk)])
+        request.inputs[input_name].CopyFrom(tensor)
+        return request
+
+    def _name_refused_image(self, chunk, start, images, input_name) -> None:
+        """A refused request of several images does not say which one the
+        model refused: sent one by one, the first refused one is named."""
+        for offset, payload in enumerate(chunk):
+            index = start + offset
+            try:
+                self._call(self._prediction.Predict, self._predict_request([payload], input_name), f"image #{index}")
+            except ServingError as e:
+                if e.code != grpc.StatusCode.INVALID_ARGUMENT:
+                    return
+                item = images[index]
+                where = str(item) if isinstance(item, (str, os.PathLike)) else f"image #{index}"
+                raise ServingError(f"{where}: {e}", e.code) from None
 
     def _schema_of(self, version: Optional[int], schema: Schema) -> Schema:
         """The schema of the version that answered: a server that loaded a
