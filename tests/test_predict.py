@@ -223,6 +223,16 @@ def test_predict_main_writes_json_lines_and_drawings(model, detector, photos, tm
     assert main(["predict", str(tmp_path / "nowhere"), "--model", str(model_path)]) == 2
 
 
+def test_a_names_list_of_another_length_is_refused_before_any_work(model, detector, photos, monkeypatch):
+    analyzer = FaceAnalyzer(model, detector=detector)
+    monkeypatch.setattr(analyzer, "_detect_chunk", lambda *a: pytest.fail("detected first"))
+    for names in (["a"], ["a", "b", "c"]):
+        with pytest.raises(ValueError, match=f"names has {len(names)} entries for 2 images"):
+            analyzer.analyze(photos[:2], names=names)
+        with pytest.raises(ValueError, match=f"names has {len(names)} entries for 2 images"):
+            next(analyzer.analyze_iter(photos[:2], names=names))
+
+
 def test_expand_inputs(tmp_path):
     (tmp_path / "a.JPG").write_bytes(b"x")
     (tmp_path / ".hidden.png").write_bytes(b"x")

@@ -269,8 +269,10 @@ class FaceAnalyzer:
             images = [images]  # one image, not a sequence of characters
         elif isinstance(images, np.ndarray) and images.ndim in (2, 3):
             images = [images]  # one (H, W[, C]) image, not a sequence of rows
-        items = iter(enumerate(images))
         names = list(names) if names is not None else None
+        if names is not None and hasattr(images, "__len__") and len(names) != len(images):
+            raise ValueError(f"names has {len(names)} entries for {len(images)} images; give one name per image")
+        items = iter(enumerate(images))
         pending: deque[_Pending] = deque()
         queue: list = []  # (pending, face index, aligned uint8, aligned landmarks)
         while True:
@@ -300,8 +302,8 @@ class FaceAnalyzer:
         records, decoded = [], []
         for index, item in chunk:
             if names is not None:
-                if index >= len(names):
-                    raise ValueError(f"got {len(names)} names for more images than that")
+                if index >= len(names):  # images from a generator: known only now
+                    raise ValueError(f"names has {len(names)} entries for more images than that")
                 name = str(names[index])
             else:
                 name = _default_name(item, index)
