@@ -36,16 +36,10 @@ def report_path(default: Path) -> Path:
 
 
 def positive_int(text):
-    """argparse type: an integer >= 1."""
-    import argparse
+    """argparse type: an integer >= 1 (the `tfface` CLI's own check)."""
+    from tfface.cli import _positive_int
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+    return _positive_int(text)
 
 
 def positive_ints(text):
