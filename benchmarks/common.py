@@ -110,7 +110,7 @@ def write_results(name, payload):
     payload = dict(payload)
     payload["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
     path = folder / f"{name}.json"
-    path.write_text(json.dumps(_without_nan(json.loads(json.dumps(payload, default=str))), indent=2, allow_nan=False))
+    path.write_text(json.dumps(_without_nan(payload), indent=2, default=str, allow_nan=False))
     print(f"wrote {path}")
     return path
 

@@ -99,7 +99,7 @@ def read_celeba_folder(root, skip_bad_rows=False, check_images=False, landmarks_
     bad.report(problems)
     if not keep:
         raise DataError(f"{labels.path}: no usable label rows")
-    unlabelled = _count_unlabelled_images(image_root, labels.listed | set(labels.image_ids))
+    unlabelled = _count_unlabelled_images(image_root, labels.listed)
     if unlabelled:
         note(problems, f"{image_root}: {unlabelled} image(s) have no label row in {labels.path.name} (ignored)")
 

@@ -371,7 +371,7 @@ class MultiTaskFaceModel(keras.Model):
         labels = y if y is not None else (spec[1] if isinstance(spec, tuple) and len(spec) > 1 else None)
         if isinstance(labels, Mapping):
             self._check_label_shapes(labels)
-        if spec is not None and len(args) < 7:
+        if spec is not None and len(args) < 7:  # shuffle is fit's 7th argument after x and y
             # A dataset shuffles itself; Keras warns about its default True.
             kwargs.setdefault("shuffle", False)
         warn_if_unit_range(x)
