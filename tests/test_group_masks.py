@@ -183,7 +183,7 @@ def test_overlay_png_is_written(tmp_path):
         overlay_masks_png(images, landmarks[:1], tmp_path / "bad.png")
 
 
-def test_data_masks_draws_one_image_size_and_names_what_it_cannot_use(tmp_path, capsys):
+def test_data_masks_scales_other_sizes_and_names_what_it_cannot_use(tmp_path, capsys):
     from PIL import Image
 
     from tfface.cli import main as cli_main
@@ -191,10 +191,10 @@ def test_data_masks_draws_one_image_size_and_names_what_it_cannot_use(tmp_path, 
     folder = tmp_path / "faces"
     assert cli_main(["data", "generate", "--out", str(folder), "--num-images", "6", "--image-size", "32"]) == 0
     images = sorted((folder / "images").iterdir())
-    Image.open(images[1]).resize((48, 48)).save(images[1])  # another size: left out, not a numpy error
+    Image.open(images[1]).resize((48, 48)).save(images[1])  # another size: scaled, not left out
     out = tmp_path / "masks.png"
     assert cli_main(["data", "masks", str(folder), "--out", str(out), "--count", "8"]) == 0
-    assert "(5 faces of 32x32 pixels)" in capsys.readouterr().out and out.is_file()
+    assert "(6 faces at 32x32 pixels)" in capsys.readouterr().out and out.is_file()
 
     images[0].write_bytes(images[0].read_bytes()[:60])  # cut short
     assert cli_main(["data", "masks", str(folder), "--out", str(tmp_path / "m2.png")]) == 2

@@ -315,3 +315,92 @@ def test_default_landmark_cache_location(tmp_path, monkeypatch):
     # Same name, other folder: another cache.
     (tmp_path / "b" / "my_faces").mkdir(parents=True)
     assert default_landmark_cache(tmp_path / "b" / "my_faces") != path
+
+
+def test_changed_and_unreadable_images_are_detected_again(tmp_path):
+    paths = _write_images(tmp_path, [200, 150, 210, 220])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"")  # empty for now
+    cache = tmp_path / "c.csv"
+    annotate_folder(paths + [broken], cache, detector=FakeDetector(), verbose=False)
+    ids = [p.name for p in paths]
+
+    Image.fromarray(np.full((32, 32, 3), 120, np.uint8)).save(paths[0])  # another face, same name and size
+    Image.fromarray(np.full((48, 32, 3), 150, np.uint8)).save(paths[1])  # resized
+    os.utime(paths[2], ns=(1, 1))  # a copy that changed only the time: same bytes
+    Image.fromarray(np.full((32, 32, 3), 230, np.uint8)).save(broken)  # fixed
+    for path in (paths[0], paths[1]):  # a filesystem with coarse times: only size or hash can tell
+        os.utime(path, ns=(1, 1))
+
+    # Until annotated again, changed images have no landmarks and are named.
+    changed = []
+    landmarks = load_landmark_cache(cache, ids, paths, changed)
+    assert changed == ["000.png", "001.png"]
+    assert np.isnan(landmarks[:2]).all() and np.isfinite(landmarks[2:]).all()
+
+    fake = FakeDetector()
+    report = annotate_folder(paths + [broken], cache, detector=fake, verbose=False)
+    assert fake.seen == 3 and report.num_new == 3 and report.unreadable == []
+    landmarks = load_landmark_cache(cache, ids + ["broken.png"], paths + [broken])
+    np.testing.assert_allclose(landmarks[0], _expected(120), atol=0.01)
+    np.testing.assert_allclose(landmarks[4], _expected(230), atol=0.01)
+    assert read_landmark_cache(cache)["001.png"]["height"] == "48"
+    assert cache.read_text().count("000.png") == 1  # the stale row is gone, not shadowed
+
+
+def test_an_older_cache_without_file_stamps_is_read_and_upgraded(tmp_path):
+    paths = _write_images(tmp_path, [200, 210])
+    cache = tmp_path / "c.csv"
+    annotate_folder(paths, cache, detector=FakeDetector(), verbose=False)
+    legacy = len(detector_module.LEGACY_CACHE_COLUMNS)
+    lines = [",".join(line.split(",")[:legacy]) for line in cache.read_text().splitlines()]
+    cache.write_text("\n".join(lines) + "\n")  # as written before the stamp columns
+    np.testing.assert_allclose(load_landmark_cache(cache, ["000.png"], paths[:1])[0], _expected(200), atol=0.01)
+
+    Image.fromarray(np.full((40, 32, 3), 170, np.uint8)).save(paths[1])  # resized since
+    fake = FakeDetector()
+    annotate_folder(paths, cache, detector=fake, verbose=False)
+    assert fake.seen == 1  # only the image whose size no longer matches its row
+    assert cache.read_text().splitlines()[0] == ",".join(detector_module.CACHE_COLUMNS)
+    rows = read_landmark_cache(cache)
+    assert rows["000.png"]["file_size"] == str(paths[0].stat().st_size)  # stamped in the upgrade
+    np.testing.assert_allclose(load_landmark_cache(cache, ["001.png"], paths[1:])[0], _expected(170), atol=0.01)
+
+
+def test_a_folder_cache_wins_over_the_cache_dir(tmp_path, monkeypatch):
+    data = tmp_path / "faces"
+    data.mkdir()
+    (data / "landmarks_mtcnn.csv").write_text(",".join(detector_module.CACHE_COLUMNS) + "\n")
+    monkeypatch.setenv("TFFACE_CACHE_DIR", str(tmp_path / "cache"))
+    # The readers take the folder's own cache first, so annotate extends that one.
+    assert default_landmark_cache(data) == data / "landmarks_mtcnn.csv"
+
+
+def test_cli_annotate_keys_images_in_subfolders_by_their_path(tmp_path, monkeypatch, capsys):
+    from tfface.cli import main as cli_main
+    from tfface.data.sources import open_source
+
+    root = tmp_path / "faces"
+    ids = ["a/0.png", "b/0.png"]  # the same file name in two subfolders
+    for image_id, level in zip(ids, (200, 240)):
+        (root / "images" / image_id).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((32, 32, 3), level, np.uint8)).save(root / "images" / image_id)
+    (root / "attributes.csv").write_text("image_id,Smiling\n" + "".join(f"{i},1\n" for i in ids))
+    monkeypatch.delenv("TFFACE_CACHE_DIR", raising=False)
+    monkeypatch.setattr(detector_module, "FaceDetector", FakeDetector)
+
+    assert cli_main(["data", "annotate", str(root)]) == 0
+    landmarks = open_source(root).landmarks
+    np.testing.assert_allclose(landmarks[0], _expected(200), atol=0.01)
+    np.testing.assert_allclose(landmarks[1], _expected(240), atol=0.01)
+
+    # A folder with its own landmarks file: training reads that one, so
+    # detecting into another file is refused unless asked for by --cache.
+    from tfface.data.source import LANDMARK_COLUMNS
+
+    (root / "landmarks.csv").write_text(",".join(["image_id", *LANDMARK_COLUMNS]) + "\n")
+    capsys.readouterr()
+    assert cli_main(["data", "annotate", str(root)]) == 2
+    assert "has its own landmarks in landmarks.csv" in capsys.readouterr().err
+    assert cli_main(["data", "annotate", str(root), "--cache", str(tmp_path / "elsewhere.csv")]) == 0
+    assert "landmarks: " + str(tmp_path / "elsewhere.csv") in capsys.readouterr().out

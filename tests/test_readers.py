@@ -540,3 +540,13 @@ def test_folder_sources_pick_up_the_annotation_cache(utk_csv, tmp_path, monkeypa
     # The same cache named as a source's landmarks file reads the same.
     named = open_source(utk_csv, landmarks_file=str(cache))
     np.testing.assert_array_equal(named.landmarks, after.landmarks)
+    # So does the TFDS builder of the folder, wherever the cache lives.
+    from tfface.data.tfds_builders import prepare_builder
+
+    builder = prepare_builder(str(utk_csv), data_dir=str(tmp_path / "tfds"), val_fraction=0.5)
+    assert np.isfinite(builder.source.landmarks).all()
+    # An image replaced since has no landmarks until annotated again, and is named.
+    write_jpeg(Path(after.image_paths[0]), value=7, size=(40, 40))
+    changed = open_source(utk_csv)
+    assert np.isnan(changed.landmarks[0]).all() and np.isfinite(changed.landmarks[1]).all()
+    assert any("1 image(s) changed since their landmarks were detected (first: a.jpg)" in p for p in changed.problems)

@@ -120,16 +120,28 @@ def _cmd_data_generate(args):
 
 
 def _cmd_data_annotate(args):
+    from pathlib import Path
+
+    from tfface.data.sources import LANDMARK_FILES
     from tfface.data.sources import open_source
+    from tfface.data.sources import source_image_ids
     from tfface.landmarks.detector import annotate_folder
     from tfface.landmarks.detector import default_landmark_cache
 
     source = open_source(args.source)
     if source.image_paths is None:
         raise ValueError(f"{args.source} is generated in memory and already has landmarks")
-    cache = args.cache or default_landmark_cache(source.root)
-    result = annotate_folder(list(source.image_paths), cache, limit=args.limit)
+    own = next((Path(source.root) / n for n in LANDMARK_FILES[:-1] if (Path(source.root) / n).is_file()), None)
+    if own is not None and not args.cache:
+        raise ValueError(
+            f"{source.root} has its own landmarks in {own.name}, which training and evaluation read instead of "
+            "detected ones; pass --cache FILE to detect anyway (a config source then reads it with landmarks: FILE)"
+        )
+    cache = Path(args.cache) if args.cache else default_landmark_cache(source.root)
+    result = annotate_folder(list(source.image_paths), cache, image_ids=source_image_ids(source), limit=args.limit)
     print(f"landmarks cached in {cache}")
+    if args.cache and cache.resolve() != default_landmark_cache(source.root).resolve():
+        print(f"(not where {args.source} is read from: a config source reads it with landmarks: {cache})")
     return result
 
 
@@ -147,27 +159,29 @@ def _cmd_data_masks(args):
         raise ValueError(
             f"{args.source}: none of its {len(source)} images has landmarks: run `tfface data annotate {args.source}`"
         )
-    images = {}
-    for i in known:
+    from PIL import Image
+
+    images, landmarks = [], []
+    for i in known[: args.count]:
         if source.images is not None:
             image = source.images[i]
         else:
-            from PIL import Image
-
             try:
                 with Image.open(str(source.image_paths[i])) as file:
                     image = np.asarray(file.convert("RGB"))
             except Exception as e:
                 raise ValueError(f"{source.image_paths[i]}: cannot read image ({type(e).__name__}: {e})") from None
-        if images and image.shape != next(iter(images.values())).shape:
-            continue  # one picture holds faces of one size: the first landmarked image's
-        images[i] = image
-        if len(images) == args.count:
-            break
-    keep = list(images)
-    overlay_masks_png(np.stack(list(images.values())), source.landmarks[keep], args.out)
-    shape = next(iter(images.values())).shape
-    print(f"wrote {args.out} ({len(keep)} faces of {shape[1]}x{shape[0]} pixels)")
+        points = source.landmarks[i]
+        if images and image.shape != images[0].shape:
+            # One picture holds faces of one size, the first's: the others are scaled to it.
+            height, width = images[0].shape[:2]
+            points = points * np.array([width / image.shape[1], height / image.shape[0]], np.float32)
+            image = np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
+        images.append(image)
+        landmarks.append(points)
+    overlay_masks_png(np.stack(images), np.stack(landmarks), args.out)
+    shape = images[0].shape
+    print(f"wrote {args.out} ({len(images)} faces at {shape[1]}x{shape[0]} pixels)")
 
 
 def _cmd_train(args):

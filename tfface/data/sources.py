@@ -184,17 +184,39 @@ def read_folder(root, **kwargs) -> FaceSource:
     return source
 
 
+def source_image_ids(source: FaceSource) -> list:
+    """The image ids of a folder source, as its label files name them: the
+    path under the images folder (`a/1.jpg`), which landmark caches key on."""
+    image_root = images_dir(Path(source.root))
+    return [Path(os.path.relpath(p, image_root)).as_posix() for p in source.image_paths]
+
+
 def attach_cached_landmarks(source: FaceSource) -> None:
     """Uses landmarks from an earlier `tfface data annotate` run, if any."""
     from tfface.landmarks.detector import default_landmark_cache
-    from tfface.landmarks.detector import load_landmark_cache
 
     cache = default_landmark_cache(source.root)
     if cache.is_file():
-        ids = [Path(p).name for p in source.image_paths]
-        source.landmarks = load_landmark_cache(cache, ids)
+        source.landmarks = read_annotate_cache(cache, source.root, source_image_ids(source), source.problems)
         found = int(np.isfinite(source.landmarks).all(axis=(1, 2)).sum())
         logger.info("%s: landmarks for %d of %d images from %s", source.name, found, len(source), cache)
+
+
+def read_annotate_cache(cache: Path, root, image_ids, problems: list) -> np.ndarray:
+    """Landmarks from a `tfface data annotate` cache, leaving out (with a
+    problem naming them) images changed since their row was detected."""
+    from tfface.landmarks.detector import load_landmark_cache
+
+    image_root = images_dir(Path(root))
+    changed: list = []
+    landmarks = load_landmark_cache(cache, image_ids, [image_root / i for i in image_ids], changed)
+    if changed:
+        note(
+            problems,
+            f"{cache}: {len(changed)} image(s) changed since their landmarks were detected (first: {changed[0]}); "
+            f"they have no landmarks (no mask supervision) until `tfface data annotate {root}` runs again",
+        )
+    return landmarks
 
 
 # Options that only mean something for one kind of source; callers (the CLI,
@@ -323,11 +345,10 @@ def read_landmarks(root: Path, image_ids, landmarks_file=None, skip_bad_rows=Fal
     else:
         rows = csv_rows(path)
         _, columns = next(rows, (None, []))
-        from tfface.landmarks.detector import CACHE_COLUMNS
-        from tfface.landmarks.detector import load_landmark_cache
+        from tfface.landmarks.detector import is_landmark_cache_header
 
-        if tuple(columns) == CACHE_COLUMNS:  # written by `tfface data annotate`
-            return load_landmark_cache(path, image_ids)
+        if is_landmark_cache_header(columns):  # written by `tfface data annotate`
+            return read_annotate_cache(path, root, image_ids, problems)
     missing = [c for c in ("image_id", *LANDMARK_COLUMNS) if c not in columns]
     if missing:
         raise DataError(f"{path}: landmark file lacks columns {missing}")

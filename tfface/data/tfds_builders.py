@@ -86,8 +86,11 @@ def _slug(text: str) -> str:
 def folder_config(root, val_fraction=0.15, test_fraction=0.0, seed=DEFAULT_SEED, skip_bad_rows=False) -> FolderConfig:
     """A `FolderConfig` named after the folder and a fingerprint of its
     path, every file under it (relative path, size, time: label files and
-    images alike) and the split settings, so a changed label file, image or
-    split gives a new, separately prepared config."""
+    images alike), the landmark cache of `tfface data annotate` when it lives
+    outside the folder, and the split settings, so a changed label file,
+    image, landmark or split gives a new, separately prepared config."""
+    from tfface.landmarks.detector import default_landmark_cache
+
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"data folder not found: {root}")
@@ -107,6 +110,10 @@ def folder_config(root, val_fraction=0.15, test_fraction=0.0, seed=DEFAULT_SEED,
                 continue
             relative = os.path.relpath(os.path.join(folder, name), root)
             digest.update(f"{relative}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    cache = default_landmark_cache(root)  # may live outside the folder
+    if cache.is_file() and root not in cache.resolve().parents:
+        stat = cache.stat()
+        digest.update(f"{cache}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     digest.update(f"{val_fraction}:{test_fraction}:{seed}:{skip_bad_rows}".encode())
     return FolderConfig(
         name=f"{_slug(root.name)}_{digest.hexdigest()[:10]}",
@@ -226,13 +233,23 @@ class _FolderBuilder(_FaceSourceBuilder, skip_registration=True):
         super().__init__(config=config, **kwargs)
 
 
+def _with_cached_landmarks(source: FaceSource) -> FaceSource:
+    """As `read_folder` does: landmarks from `tfface data annotate` when the
+    folder has none of its own (the cache may live outside the folder)."""
+    from tfface.data.sources import attach_cached_landmarks
+
+    if source.landmarks is None:
+        attach_cached_landmarks(source)
+    return source
+
+
 class CelebaFolder(_FolderBuilder):
     """A CelebA-format folder (see `tfface.data.celeba`) as a TFDS dataset."""
 
     def _read_source(self):
         from tfface.data.celeba import read_celeba_folder
 
-        return read_celeba_folder(self.builder_config.root, skip_bad_rows=self.builder_config.skip_bad_rows)
+        return _with_cached_landmarks(read_celeba_folder(self.builder_config.root, skip_bad_rows=self.builder_config.skip_bad_rows))
 
 
 class UtkfaceFolder(_FolderBuilder):
@@ -241,7 +258,7 @@ class UtkfaceFolder(_FolderBuilder):
     def _read_source(self):
         from tfface.data.utkface import read_utkface_folder
 
-        return read_utkface_folder(self.builder_config.root, skip_bad_rows=self.builder_config.skip_bad_rows)
+        return _with_cached_landmarks(read_utkface_folder(self.builder_config.root, skip_bad_rows=self.builder_config.skip_bad_rows))
 
 
 class SyntheticFaces(_FaceSourceBuilder):

@@ -35,11 +35,17 @@ LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 # Flipping an image horizontally swaps these landmark indices.
 FLIP_PERMUTATION = (1, 0, 2, 4, 3)
 
-CACHE_COLUMNS = (
+# Caches written before the file stamp columns lack the last three; they
+# are still read (their rows cannot be checked against the files).
+LEGACY_CACHE_COLUMNS = (
     ("image_id", "status", "num_faces", "height", "width")
     + ("box_x", "box_y", "box_w", "box_h", "confidence")
     + tuple(f"{name}_{axis}" for name in LANDMARK_NAMES for axis in ("x", "y"))
 )
+# Which file a row was detected on: an image replaced, resized or rotated
+# under the same name gets new landmarks instead of its old ones.
+STAMP_COLUMNS = ("file_size", "file_mtime_ns", "file_blake2b")
+CACHE_COLUMNS = LEGACY_CACHE_COLUMNS + STAMP_COLUMNS
 STATUS_OK = "ok"
 STATUS_NO_FACE = "no_face"
 STATUS_UNREADABLE = "unreadable"
@@ -226,20 +232,24 @@ def primary_face(faces: Sequence[Detection]) -> Optional[Detection]:
 def default_landmark_cache(root) -> Path:
     """Where the landmark cache of the dataset folder `root` lives.
 
-    `root/landmarks_mtcnn.csv` when `root` is writable and is not one of the
-    shared third-party data folders (those are never written to), else
+    `root/landmarks_mtcnn.csv` when it exists (the readers take it first),
+    or when `root` is writable and is not one of the shared third-party data
+    folders (those are never written to), else
     `~/.cache/tfface/landmarks/<folder-name>-<hash of the absolute path>.csv`
     ($XDG_CACHE_HOME replaces ~/.cache when set). Setting $TFFACE_CACHE_DIR
-    always uses `$TFFACE_CACHE_DIR/landmarks/...`.
+    uses `$TFFACE_CACHE_DIR/landmarks/...` unless the folder has its own.
     """
+    from tfface.data.sources import MTCNN_CACHE_FILE
     from tfface.data.sources import shared_data_dir
 
     root = Path(root).expanduser().resolve()
+    if (root / MTCNN_CACHE_FILE).is_file():
+        return root / MTCNN_CACHE_FILE
     forced = os.environ.get("TFFACE_CACHE_DIR")
     shared = shared_data_dir()
     is_shared = shared is not None and Path(shared).resolve() in (root, *root.parents)
     if not forced and not is_shared and root.is_dir() and os.access(root, os.W_OK):
-        return root / "landmarks_mtcnn.csv"
+        return root / MTCNN_CACHE_FILE
     digest = hashlib.sha1(str(root).encode()).hexdigest()[:10]
     if forced:
         cache_dir = Path(forced).expanduser()
@@ -277,22 +287,71 @@ def _format(value: float) -> str:
     return f"{value:.2f}"
 
 
-def _cache_row(image_id: str, status: str, size, faces: Sequence[Detection]) -> list[str]:
+def _cache_row(image_id: str, status: str, size, faces: Sequence[Detection], stamp=("", "", "")) -> list[str]:
     face = primary_face(faces)
     height, width = size if size is not None else ("", "")
     row = [image_id, status, str(len(faces)), str(height), str(width)]
     if face is None:
-        return row + [""] * (len(CACHE_COLUMNS) - len(row))
-    row += [_format(v) for v in face.box] + [f"{face.confidence:.4f}"]
-    row += [_format(v) for v in face.landmarks.reshape(-1)]
-    return row
+        row += [""] * (len(LEGACY_CACHE_COLUMNS) - len(row))
+    else:
+        row += [_format(v) for v in face.box] + [f"{face.confidence:.4f}"]
+        row += [_format(v) for v in face.landmarks.reshape(-1)]
+    return row + list(stamp)
 
 
-def _read_cache_rows(cache_file: Path) -> tuple[dict, bool]:
-    """image_id -> row dict, and whether a torn (partial) last line was seen."""
+def _file_digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def file_stamp(path, data: Optional[bytes] = None) -> tuple[str, str, str]:
+    """(size, mtime in ns, BLAKE2b of the bytes) of an image file, as the
+    cache's stamp columns hold them."""
+    stat = os.stat(path)
+    if data is None:
+        data = Path(path).read_bytes()
+    return str(stat.st_size), str(stat.st_mtime_ns), _file_digest(data)
+
+
+def row_matches_file(row: dict, path) -> bool:
+    """Whether a cache row was detected on the file now at `path`: same size,
+    and same modification time or, after a copy that changed the time, the
+    same bytes. A row without a stamp (an older cache) cannot be checked and
+    counts as matching."""
+    if not row.get("file_size"):
+        return True
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return False
+    if row["file_size"] != str(stat.st_size):
+        return False
+    if row["file_mtime_ns"] == str(stat.st_mtime_ns):
+        return True
+    try:
+        return row["file_blake2b"] == _file_digest(Path(path).read_bytes())
+    except OSError:
+        return False
+
+
+def _legacy_row_matches_file(row: dict, path) -> bool:
+    """For an unstamped row: the image still has the size it was detected at
+    (a resized or rotated image does not)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (OSError, ValueError):
+        return False
+    return row["height"] == str(height) and row["width"] == str(width)
+
+
+def _read_cache_rows(cache_file: Path) -> tuple[dict, bool, bool]:
+    """image_id -> row dict, whether a torn (partial) last line was seen, and
+    whether the file is in an older format (no stamp columns)."""
     text = cache_file.read_text()
     if not text:
-        return {}, True
+        return {}, True, False
     lines = text.splitlines(keepends=True)
     torn = not lines[-1].endswith("\n")
     if torn:  # a run killed mid-write: drop the partial line
@@ -303,19 +362,24 @@ def _read_cache_rows(cache_file: Path) -> tuple[dict, bool]:
     reader = csv.reader(lines)
     header = next(reader, None)
     if header is None:
-        return {}, True
-    if tuple(header) != CACHE_COLUMNS:
+        return {}, True, False
+    if tuple(header) not in (CACHE_COLUMNS, LEGACY_CACHE_COLUMNS):
         raise LandmarkError(
             f"{cache_file}:1: not a tfface landmark cache (header {header[:6]}...; expected {list(CACHE_COLUMNS[:6])}...)"
         )
     rows = {}
     for line_number, values in enumerate(reader, start=2):
-        if len(values) != len(CACHE_COLUMNS):
-            raise LandmarkError(
-                f"{cache_file}:{line_number}: expected {len(CACHE_COLUMNS)} fields, got {len(values)}"
-            )
-        rows[values[0]] = dict(zip(CACHE_COLUMNS, values))
-    return rows, torn
+        if len(values) != len(header):
+            raise LandmarkError(f"{cache_file}:{line_number}: expected {len(header)} fields, got {len(values)}")
+        row = dict.fromkeys(STAMP_COLUMNS, "")
+        row.update(zip(header, values))
+        rows[values[0]] = row  # a later row for the same image replaces an earlier one
+    return rows, torn, tuple(header) == LEGACY_CACHE_COLUMNS
+
+
+def is_landmark_cache_header(columns) -> bool:
+    """Whether a CSV header is that of a `tfface data annotate` cache."""
+    return tuple(columns) in (CACHE_COLUMNS, LEGACY_CACHE_COLUMNS)
 
 
 def read_landmark_cache(cache_file) -> dict:
@@ -358,6 +422,9 @@ def annotate_folder(
     flushed and fsynced write); a line torn by a kill is dropped on resume.
     Images with no face, or that cannot be decoded, are written with empty
     landmark fields and a status, and listed in the report: never dropped.
+    Each row records the file's size, time and hash: an image changed since
+    (replaced, resized, rotated) is detected again, and so is an image that
+    could not be read before.
 
     Args:
         image_paths: image files.
@@ -383,15 +450,11 @@ def annotate_folder(
     cache_file = Path(cache_file)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
 
-    done = {}
-    if cache_file.exists():
-        done, torn = _read_cache_rows(cache_file)
-        if torn:
-            _write_atomic(cache_file, ([r[c] for c in CACHE_COLUMNS] for r in done.values()))
-    else:
-        _write_atomic(cache_file, [])
+    done, changed = _current_rows(cache_file, dict(zip(image_ids, image_paths)))
     todo = [i for i, image_id in enumerate(image_ids) if image_id not in done]
-    if verbose and done:
+    if verbose and changed:
+        print(f"landmarks: {len(changed)} image(s) changed or unreadable since they were cached (first: {changed[0]}): detecting again")
+    if verbose and len(todo) < len(image_ids):
         print(f"landmarks: {len(image_ids) - len(todo)} of {len(image_ids)} images already in {cache_file}")
 
     detector = detector if detector is not None else FaceDetector()
@@ -399,9 +462,12 @@ def annotate_folder(
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
         images, rows, readable = [], {}, []
+        stamps = {}
         for i in chunk:
             try:
-                image = _load_rgb(image_paths[i])
+                data = image_paths[i].read_bytes()
+                stamps[i] = file_stamp(image_paths[i], data)
+                image = _load_rgb(io.BytesIO(data))
                 check_rgb_image(image, str(image_paths[i]))
             except (OSError, ValueError) as e:
                 rows[i] = _cache_row(image_ids[i], STATUS_UNREADABLE, None, [])
@@ -413,7 +479,7 @@ def annotate_folder(
         if images:
             for i, image, faces in zip(readable, images, detector.detect_batch(images)):
                 status = STATUS_OK if faces else STATUS_NO_FACE
-                rows[i] = _cache_row(image_ids[i], status, image.shape[:2], faces)
+                rows[i] = _cache_row(image_ids[i], status, image.shape[:2], faces, stamps[i])
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerows(rows[i] for i in chunk)
         with open(cache_file, "a", newline="") as f:
@@ -444,17 +510,59 @@ def annotate_folder(
     return report
 
 
-def load_landmark_cache(cache_file, image_ids: Sequence[str]) -> np.ndarray:
+def _current_rows(cache_file: Path, paths: dict) -> tuple[dict, list]:
+    """The cache's rows less those to detect again (an image in `paths`,
+    id -> file, that changed since, or was unreadable), and those ids. The
+    file is rewritten without them (and in the current format, with older
+    rows stamped when their image still has its size) before anything is
+    appended, so a kill leaves no stale row behind."""
+    if not cache_file.exists():
+        _write_atomic(cache_file, [])
+        return {}, []
+    rows, torn, legacy = _read_cache_rows(cache_file)
+    changed = []
+    for image_id, row in list(rows.items()):
+        path = paths.get(image_id)
+        if path is None:
+            continue  # not asked for this time: kept as it is
+        if row["status"] == STATUS_UNREADABLE:
+            current = False
+        elif row["file_size"]:
+            current = row_matches_file(row, path)
+        else:
+            current = _legacy_row_matches_file(row, path)
+            if current:
+                try:
+                    row.update(zip(STAMP_COLUMNS, file_stamp(path)))
+                except OSError:
+                    current = False
+        if not current:
+            changed.append(image_id)
+            del rows[image_id]
+    if torn or legacy or changed:
+        _write_atomic(cache_file, ([r[c] for c in CACHE_COLUMNS] for r in rows.values()))
+    return rows, changed
+
+
+def load_landmark_cache(cache_file, image_ids: Sequence[str], image_paths=None, changed=None) -> np.ndarray:
     """(N, 5, 2) float32 landmarks for `image_ids`; NaN rows where missing.
 
-    Missing means: no face found, unreadable image, or not in the cache.
+    Missing means: no face found, unreadable image, not in the cache, or,
+    when `image_paths` (one per id) are given, a file that changed since its
+    row was detected; the ids of those are appended to `changed`.
     """
     rows = read_landmark_cache(cache_file)
     columns = [f"{name}_{axis}" for name in LANDMARK_NAMES for axis in ("x", "y")]
     landmarks = np.full((len(image_ids), 10), np.nan, np.float32)
+    if image_paths is not None and len(image_paths) != len(image_ids):
+        raise ValueError(f"got {len(image_paths)} image_paths for {len(image_ids)} image_ids")
     for n, image_id in enumerate(image_ids):
         row = rows.get(str(image_id))
         if row is None or row["status"] != STATUS_OK:
+            continue
+        if image_paths is not None and not row_matches_file(row, image_paths[n]):
+            if changed is not None:
+                changed.append(str(image_id))
             continue
         try:
             landmarks[n] = [float(row[c]) for c in columns]
