@@ -256,3 +256,18 @@ def test_family_loss_weights_reach_their_tasks_in_every_schema():
         assert by_task["Smiling"] == 3.0 and by_task["Bald"] == 1.5
         if "age_group" in by_task:
             assert by_task["age_group"] == 0.5
+
+
+def test_a_multiclass_task_no_example_labels_reads_nan_not_zero():
+    from tfface.metrics import MultiTaskMetrics
+
+    metric = MultiTaskMetrics([("Smiling", 2, 0.5, "binary"), ("age_group", 3, 0.5, "multiclass")])
+    metric.update_state(
+        {"Smiling": np.array([1.0, 0.0]), "age_group": np.array([-1, -1])},
+        {"Smiling": np.array([0.9, 0.2]), "age_group": np.full((2, 3), 1 / 3)},
+    )
+    result = {k: float(v) for k, v in metric.result().items()}
+    assert result["mean_accuracy"] == 1.0
+    assert np.isnan(result["age_group_accuracy"]) and np.isnan(result["age_group_one_off"])
+    metric.update_state({"age_group": np.array([2])}, {"age_group": np.array([[0.1, 0.2, 0.7]])})
+    assert float(metric.result()["age_group_accuracy"]) == 1.0

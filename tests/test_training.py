@@ -701,3 +701,31 @@ def test_the_time_budget_counts_the_mask_pretraining():
 
     assert not budget_after_one_epoch(0.0)
     assert budget_after_one_epoch(61.0)  # the pretraining alone spent the minute
+
+
+def test_a_mask_guided_run_needs_landmarks_to_supervise_its_masks(tmp_path, caplog):
+    from tfface.training.trainer import train
+
+    folder = tmp_path / "faces"
+    assert cli_main(["data", "generate", "--out", str(folder), "--num-images", "40", "--image-size", "32"]) == 0
+    landmarks = folder / "landmarks.csv"
+    lines = landmarks.read_text().splitlines()
+    raw = json.loads(json.dumps(TINY))
+    raw["data"]["sources"] = [{"path": str(folder)}]
+    raw["model"].update(type="mask_guided", mask_channels=[8, 16, 32])
+    raw["train"].update(epochs=1, output_dir=str(tmp_path / "run"))
+    config = ExperimentConfig.from_dict(raw)
+
+    landmarks.unlink()  # moved away from its landmarks: the masks would learn nothing
+    with pytest.raises(ConfigError, match=r"none of the \d+ training images has any .*tfface data annotate"):
+        train(config, verbose=0)
+    assert not (tmp_path / "run").exists()
+
+    # Half without: trained, with a warning and the counts in the summary.
+    rows = [row if n % 2 else row.split(",")[0] + "," * 10 for n, row in enumerate(lines[1:])]
+    landmarks.write_text("\n".join([lines[0], *rows]) + "\n")
+    with caplog.at_level("WARNING", logger="tfface.training.trainer"):
+        summary = train(config, verbose=0)
+    coverage = summary["landmark_coverage"][0]
+    assert 0 < coverage["with_landmarks"] < coverage["train_examples"] == summary["train_examples"]
+    assert f"{coverage['with_landmarks']} of {coverage['train_examples']} training images have landmarks" in caplog.text

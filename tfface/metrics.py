@@ -15,8 +15,10 @@ from keras import ops
 class MultiTaskMetrics(keras.metrics.Metric):
     """Accumulates confusion counts per task over an epoch.
 
-    With no labelled binary task the means read 0 (a Keras metric returns
-    numbers), where `evaluate`'s metrics.json says null.
+    With no labelled binary task the means read 0 (a checkpoint monitoring
+    them needs a number), where `evaluate`'s metrics.json says null. A
+    multiclass task no example labels reads NaN, not 0: it was not scored
+    (a CelebA-only source labels no age group), not always wrong.
 
     Args:
         task_specs: list of (name, num_classes, threshold, kind) per task,
@@ -101,9 +103,10 @@ class MultiTaskMetrics(keras.metrics.Metric):
             results["mean_balanced_accuracy"] = ops.sum(balanced * labelled) / n_tasks
         for i, (name, _) in enumerate(self.multiclass):
             exact, near, total = (self.class_counts[i, j] for j in range(3))
-            results[f"{name}_accuracy"] = exact / ops.maximum(total, 1.0)
+            scored = total > 0
+            results[f"{name}_accuracy"] = ops.where(scored, exact / ops.maximum(total, 1.0), float("nan"))
             if name == "age_group":
-                results["age_group_one_off"] = near / ops.maximum(total, 1.0)
+                results["age_group_one_off"] = ops.where(scored, near / ops.maximum(total, 1.0), float("nan"))
         return results
 
     def reset_state(self):

@@ -29,6 +29,7 @@ import sys
 import time
 import zipfile
 from pathlib import Path
+from typing import Optional
 
 import keras
 import numpy as np
@@ -72,6 +73,41 @@ def load_sources(data_config):
         else:
             train.append(source)
     return train, val
+
+
+def check_mask_supervision(config: ExperimentConfig, train_sources) -> Optional[list]:
+    """How many training images of each source have landmarks, when the
+    model learns its masks from them (None otherwise).
+
+    The mask predictor of a mask-guided model is supervised by masks drawn
+    from landmarks; without any it would stay untrained and still be used
+    (or frozen after a pretraining on nothing). No landmarks at all is an
+    error; some images without them is a warning naming the counts.
+    """
+    model = config.model
+    if model.type != "mask_guided" or model.fusion == "global":
+        return None
+    if model.mask_loss_weight <= 0 and config.train.mask_pretrain_epochs <= 0:
+        return None
+    coverage = []
+    for cfg, source in zip(config.data.sources, train_sources):
+        with_landmarks = 0 if source.landmarks is None else int(np.isfinite(source.landmarks).all(axis=(1, 2)).sum())
+        coverage.append({"path": str(cfg.path), "train_examples": len(source), "with_landmarks": with_landmarks})
+    total = sum(c["train_examples"] for c in coverage)
+    found = sum(c["with_landmarks"] for c in coverage)
+    counts = "; ".join(f"{c['path']}: {c['with_landmarks']} of {c['train_examples']}" for c in coverage)
+    if found == 0:
+        raise ConfigError(
+            f"the mask-guided model learns its face-part masks from landmarks, and none of the {total} training "
+            f"images has any ({counts}): run `tfface data annotate FOLDER` for each source first, or give a "
+            "source's landmarks file with landmarks: FILE"
+        )
+    if found < total:
+        log.warning(
+            "mask supervision: %d of %d training images have landmarks (%s); the others train without the mask loss",
+            found, total, counts,
+        )
+    return coverage
 
 
 # Settings a resumed run may change: where it lives, its name, its budget.
@@ -349,6 +385,7 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
     # existing run folder as it was.
     schema = get_schema(config.data.schema)
     train_sources, val_sources = load_sources(config.data)
+    landmark_coverage = check_mask_supervision(config, train_sources)
     check_resumable(out, config)
     out.mkdir(parents=True, exist_ok=True)
     config.save(out / "config.yaml")
@@ -463,8 +500,10 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
         "val_examples": int(sum(len(s) for s in val_sources)),
         "mixed_precision": mixed,
         "mask_pretraining": mask_pretraining,
+        # Training images per source with landmarks (mask supervision).
+        "landmark_coverage": landmark_coverage,
         "parameters": int(model.count_params()),
-        "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
+        "history": _history_json(history),
         "config": dataclasses.asdict(config),
     }
     if chief:
@@ -499,8 +538,13 @@ def pretrain_masks(config: ExperimentConfig, model, train_ds, val_ds, verbose, c
         "epochs": epochs,
         "seconds": round(time.monotonic() - start, 1),
         "frozen": not config.model.mask_trainable,
-        "history": {k: [float(v) for v in values] for k, values in history.history.items()},
+        "history": _history_json(history),
     }
+
+
+def _history_json(history) -> dict:
+    """Keras history as JSON values: null for NaN (a task no example labels)."""
+    return {k: [float(v) if np.isfinite(v) else None for v in vals] for k, vals in history.history.items()}
 
 
 def _optimizer(config, train_ds):

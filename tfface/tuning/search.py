@@ -171,12 +171,14 @@ class SearchData:
 def load_search_data(config: ExperimentConfig) -> SearchData:
     """Reads and splits the sources and builds the fused train/val datasets."""
     from tfface.schema import get_schema
+    from tfface.training.trainer import check_mask_supervision
     from tfface.training.trainer import load_sources
     from tfface.training.trainer import make_datasets
     from tfface.training.trainer import training_labels
 
     schema = get_schema(config.data.schema)
     train_sources, val_sources = load_sources(config.data)
+    check_mask_supervision(config, train_sources)
     train_ds, val_ds = make_datasets(config, schema, train_sources, val_sources)
     steps = int(train_ds.cardinality().numpy())
     if steps < 1:
