@@ -398,3 +398,44 @@ def test_short_training_on_synthetic_faces_learns_masks_and_attributes():
     assert np.mean(predicted) > 0.2 > 10 * np.mean(blank)
     # Seen: 0.60; chance is 0.5.
     assert model.evaluate(val, return_dict=True, verbose=0)["mean_balanced_accuracy"] > 0.54
+
+
+def test_a_frozen_backbone_stays_frozen_through_a_keras_round_trip(tmp_path):
+    # The model is rebuilt from its ModelConfig on loading: the layers a user
+    # froze are recorded by path (the mask predictor and the backbone share
+    # layer names), and the optimizer state saved with it still loads.
+    import warnings
+
+    model = MaskGuidedMultiTaskModel(schema=tiny_schema(), config=tiny_config())
+    backbone = next(layer for layer in model.layers if "backbone" in layer.name)
+    backbone.trainable = False
+    model.compile()
+    model.fit(labelled_batches(), epochs=1, verbose=0)
+    assert model.get_config()["frozen_layers"] == [backbone.name]
+    path = tmp_path / "frozen.keras"
+    model.save(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = keras.saving.load_model(path)
+    assert not loaded.get_layer(backbone.name).trainable
+    assert len(loaded.trainable_weights) == len(model.trainable_weights)
+    assert not [w for w in caught if "Skipping variable loading for optimizer" in str(w.message)]
+    assert int(loaded.optimizer.iterations) == int(model.optimizer.iterations)
+    np.testing.assert_allclose(
+        loaded.predict_tasks(images(2))["Smiling"], model.predict_tasks(images(2))["Smiling"], rtol=1e-5, atol=1e-6
+    )
+    # An unfrozen model records nothing: its config is as before.
+    assert "frozen_layers" not in MaskGuidedMultiTaskModel(schema=tiny_schema(), config=tiny_config()).get_config()
+
+
+def test_a_dataset_of_another_image_size_is_named_before_tracing():
+    model = MaskGuidedMultiTaskModel(schema=tiny_schema(), config=tiny_config())
+    wrong = tf.data.Dataset.from_tensor_slices(images(4, size=48)).batch(2)
+    with pytest.raises(ValueError, match=r"must have shape \(B, 32, 32, 3\) .*got \(None, 48, 48, 3\)"):
+        model.predict(wrong, verbose=0)
+    model.compile()
+    with pytest.raises(ValueError, match=r"must have shape \(B, 32, 32, 3\)"):
+        model.evaluate(tf.data.Dataset.from_tensor_slices(({"image": images(4, size=48)}, {"Smiling": np.ones(4)})).batch(2), verbose=0)
+    unbatched = tf.data.Dataset.from_tensor_slices(images(4))
+    with pytest.raises(ValueError, match=r"single images of shape \(32, 32, 3\): batch it first"):
+        model.predict(unbatched, verbose=0)

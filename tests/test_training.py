@@ -703,6 +703,25 @@ def test_the_time_budget_counts_the_mask_pretraining():
     assert budget_after_one_epoch(61.0)  # the pretraining alone spent the minute
 
 
+def test_mixed_precision_trains_the_gated_model_with_all_its_layers(tmp_path):
+    # train.mixed_precision: on is what a GPU gets by default (auto): the
+    # correlation layer's running mean and the center loss stay float32.
+    from tfface.training.trainer import train
+
+    raw = json.loads(json.dumps(TINY))
+    raw["model"].update(center_loss_weight=0.01, correlation=True)
+    raw["train"].update(epochs=1, mixed_precision="on", output_dir=str(tmp_path / "run"))
+    try:
+        summary = train(ExperimentConfig.from_dict(raw), verbose=0)
+        assert summary["mixed_precision"] is True and np.isfinite(summary["history"]["loss"]).all()
+        model = keras.models.load_model(Path(summary["output_dir"]) / "model.keras")
+        assert model.get_layer("correlation").moving_mean.dtype == "float32"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    outputs = model.predict_tasks(np.full((2, 32, 32, 3), 128, np.uint8))
+    assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in outputs.values())
+
+
 def test_a_mask_guided_run_needs_landmarks_to_supervise_its_masks(tmp_path, caplog):
     from tfface.training.trainer import train
 

@@ -384,12 +384,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=64, help="side of the square images, pixels")
     p.add_argument("--seed", type=int, default=0, help="same seed, same faces")
     p.set_defaults(func=_cmd_data_generate)
-    p = data_sub.add_parser("annotate", help="detect five landmarks with MTCNN once and cache them")
+    p = data_sub.add_parser(
+        "annotate",
+        help="detect five landmarks with MTCNN once and cache them",
+        description="Detect five landmarks with MTCNN and cache them. Run it again after changing the folder: "
+        "only new images, images whose file changed (size, time and hash are recorded) and images that could "
+        "not be read are detected; training leaves out the landmarks of a changed image until then.",
+    )
     p.add_argument("source", help="folder or named source")
     p.add_argument(
         "--cache",
-        help="cache file (default: landmarks_mtcnn.csv in the data folder when it is writable and not shared "
-        "data, else under ~/.cache/tfface, or $TFFACE_CACHE_DIR when set)",
+        help="cache file (default: landmarks_mtcnn.csv in the data folder when it exists, or when the folder "
+        "is writable and not shared data, else under ~/.cache/tfface, or $TFFACE_CACHE_DIR when set)",
     )
     p.add_argument("--limit", type=_positive_int, help="only the first N images")
     p.set_defaults(func=_cmd_data_annotate)

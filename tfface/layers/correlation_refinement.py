@@ -59,6 +59,7 @@ class CorrelationRefinement(keras.layers.Layer):
             shape=(size,),
             initializer=keras.initializers.Constant(0.5),
             trainable=False,
+            autocast=False,  # a float32 running mean, also under mixed precision
         )
 
     def probabilities(self, logits):

@@ -62,6 +62,7 @@ class GatedMultiTaskModel(MultiTaskFaceModel):
             weight=self.model_config.center_loss_weight,
             update_rate=self.model_config.center_update_rate,
             name="center_loss",
+            dtype="float32",  # a loss: float32 also under mixed precision
         )
         self.center_loss.build((None, len(self.schema), self.model_config.embedding_dim))
         # Without the loss the centers get no gradient; freeze them rather

@@ -95,11 +95,20 @@ def warn_if_unit_range(x) -> None:
         )
 
 
+def _layer_paths(layer, prefix="", frozen=False):
+    """(path, layer, whether a parent is frozen) of every nested layer; paths
+    ("mask_predictor/stem_conv") because nested models reuse layer names."""
+    for sub in layer._layers:
+        path = f"{prefix}{sub.name}"
+        yield path, sub, frozen
+        yield from _layer_paths(sub, path + "/", frozen or not sub.trainable)
+
+
 class MultiTaskFaceModel(keras.Model):
     """Base of the gated and mask-guided models. Subclasses build the graph
     in `build_graph(schema, config) -> (inputs, outputs)`."""
 
-    def __init__(self, schema=None, config=None, restoring=False, **kwargs):
+    def __init__(self, schema=None, config=None, restoring=False, frozen_layers=(), **kwargs):
         del restoring  # see from_config; subclasses that start weights from data read it
         if schema is not None:
             schema = get_schema(schema)  # a Schema, a preset name, a file or a dict; else a SchemaError
@@ -136,6 +145,7 @@ class MultiTaskFaceModel(keras.Model):
             [(t.name, 2 if t.is_binary else t.num_classes, t.threshold, t.kind) for t in schema],
             name="attribute_metrics",
         )
+        self._freeze_layers(frozen_layers)
 
     # The `ModelConfig.type` this class builds (set by subclasses).
     model_type: str = ""
@@ -374,21 +384,37 @@ class MultiTaskFaceModel(keras.Model):
         if spec is not None and len(args) < 7:  # shuffle is fit's 7th argument after x and y
             # A dataset shuffles itself; Keras warns about its default True.
             kwargs.setdefault("shuffle", False)
+        self._check_input_images(x)
         warn_if_unit_range(x)
         return super().fit(x, y, *args, **kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
+        self._check_input_images(x)
         warn_if_unit_range(x)
         return super().evaluate(x, y, *args, **kwargs)
 
+    def _check_input_images(self, x) -> None:
+        """The image size of arrays, and of datasets by their element spec,
+        checked on the host: once Keras retraces with a relaxed shape only an
+        in-graph check sees it (XLA drops it), and the mask predictor's
+        upsampling fails to trace on the wrong size before that check runs."""
+        spec = getattr(x, "element_spec", None)
+        images = (spec[0] if isinstance(spec, tuple) else spec) if spec is not None else x
+        if isinstance(images, Mapping):
+            images = images.get("image")
+        shape = getattr(images, "shape", None)
+        if shape is None or getattr(shape, "rank", 0) is None:
+            return
+        shape = tuple(shape)
+        if spec is not None and shape[-3:] == (self.image_size, self.image_size, 3) and len(shape) == 3:
+            raise ValueError(
+                f"the dataset yields single images of shape {shape}: batch it first, e.g. dataset.batch(32)"
+            )
+        self._check_image_shape(shape)
+
     # --- prediction -------------------------------------------------------------
     def predict(self, x, *args, **kwargs):
-        # Checked here, on the host, for arrays: once Keras retraces with a
-        # relaxed shape, only an in-graph check sees the size, and XLA drops it.
-        image = x.get("image") if isinstance(x, Mapping) else x
-        shape = getattr(image, "shape", None)
-        if shape is not None and not hasattr(x, "element_spec"):
-            self._check_image_shape(shape)
+        self._check_input_images(x)
         warn_if_unit_range(x)
         return super().predict(x, *args, **kwargs)
 
@@ -424,11 +450,29 @@ class MultiTaskFaceModel(keras.Model):
 
     # --- serialisation ------------------------------------------------------------
     def get_config(self):
-        return {
+        config = {
             "name": self.name,
             "schema": self.schema.to_dict(),
             "config": dataclasses.asdict(self.model_config),
         }
+        # The graph is rebuilt from the ModelConfig on loading, so layers a
+        # user froze (a backbone for fine-tuning) are named to stay frozen,
+        # and the saved optimizer state still matches the trainable weights.
+        frozen = [path for path, layer, parent_frozen in _layer_paths(self) if not layer.trainable and not parent_frozen]
+        if frozen:
+            config["frozen_layers"] = frozen
+        return config
+
+    def _freeze_layers(self, paths) -> None:
+        if not paths:
+            return
+        by_path = {path: layer for path, layer, _ in _layer_paths(self)}
+        unknown = [p for p in paths if p not in by_path]
+        if unknown:
+            warnings.warn(f"frozen layers {unknown} are not in this {type(self).__name__}; left as built")
+        for path in paths:
+            if path in by_path:
+                by_path[path].trainable = False
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
