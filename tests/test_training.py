@@ -16,10 +16,13 @@ import numpy as np
 import pytest
 import yaml
 
+import tfface
+
 from tfface.cli import main as cli_main
 from tfface.config import ConfigError
 from tfface.config import ExperimentConfig
 from tfface.config import SourceConfig
+from tfface.data.splits import split_record
 
 TINY = {
     "name": "tiny",
@@ -440,11 +443,20 @@ def test_cli_evaluate_split_follows_the_run_that_trained_the_model(model_files, 
     raw["data"]["val_fraction"] = 0.5
     raw["data"]["split_seed"] = 7
     (run / "config.yaml").write_text(yaml.safe_dump(raw))
-    assert cli_main(["evaluate", "--model", str(run), "--data", "synthetic:40", "--split", "val",
-                     "--out", str(tmp_path / "ev")]) == 0
+    argv = ["evaluate", "--model", str(run), "--data", "synthetic:40", "--split", "val", "--out", str(tmp_path / "ev")]
+    # A run of a tfface before 0.2.0 records no split method: its split may
+    # differ from today's, so its "validation" images may be training ones.
+    assert cli_main(argv) == 2
+    assert "records no split method" in capsys.readouterr().err
+    (run / "split.json").write_text(json.dumps(split_record(0.5, 7)))
+    assert cli_main(argv) == 0
     assert f"val_fraction 0.5, seed 7 ({run / 'config.yaml'})" in capsys.readouterr().out
     expected = split_source(open_source("synthetic:40", image_size=32), val_fraction=0.5, seed=7)["val"]
-    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n_images"] == len(expected)
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["n_images"] == len(expected) and metrics["tfface_version"] == tfface.__version__
+    (run / "split.json").write_text(json.dumps(dict(split_record(0.5, 7), split_method=2, tfface_version="0.1.0")))
+    assert cli_main(argv) == 2
+    assert "was split by method 2 (tfface 0.1.0), this tfface splits by method 3" in capsys.readouterr().err
 
 
 def test_a_resumed_run_keeps_counting_from_its_history(tmp_path):
@@ -475,10 +487,28 @@ def test_a_run_folder_with_only_a_config_takes_a_corrected_config(tmp_path):
         check_resumable(run, fixed)
 
 
+def test_a_run_started_with_another_split_method_is_not_resumed(tmp_path):
+    from tfface.training.trainer import check_resumable
+
+    config = ExperimentConfig.load(_write_config(tmp_path))
+    run = Path(config.train.output_dir)
+    run.mkdir()
+    config.save(run / "config.yaml")
+    (run / "history.csv").write_text("epoch,loss\n0,1.0\n")  # a run of an older tfface, half done
+    with pytest.raises(ConfigError, match=r"records no split method.*train into another train.output_dir"):
+        check_resumable(run, config)
+    (run / "split.json").write_text(json.dumps(dict(split_record(0.2, config.data.split_seed), split_method=1)))
+    with pytest.raises(ConfigError, match=r"was split by method 1 .* other validation images"):
+        check_resumable(run, config)
+    (run / "split.json").write_text(json.dumps(split_record(0.2, config.data.split_seed)))
+    check_resumable(run, config)  # the split it started with: resumed
+
+
 def test_evaluate_reads_the_split_keys_even_when_the_run_config_does_not_load(tmp_path):
     from tfface.cli import _training_split
 
     (tmp_path / "config.yaml").write_text("data:\n  schema: schemas/elsewhere.yaml\n  val_fraction: 0.3\n  split_seed: 5\n")
+    (tmp_path / "split.json").write_text(json.dumps(split_record(0.3, 5)))
     split = _training_split(tmp_path / "model.keras")
     assert (split["val_fraction"], split["split_seed"]) == (0.3, 5)
     assert _training_split(tmp_path / "nowhere" / "model.keras")["from"] == "defaults"
@@ -613,6 +643,7 @@ def test_an_unreadable_backup_is_named_and_left_in_place(tmp_path):
     run = Path(config.train.output_dir)
     (run / "backup").mkdir(parents=True)
     config.save(run / "config.yaml")
+    (run / "split.json").write_text(json.dumps(split_record(config.data.val_fraction, config.data.split_seed)))
     (run / "backup" / "latest.weights.h5").write_bytes(b"not hdf5")
     with pytest.raises(ConfigError, match="resume backup in .*backup cannot be read"):
         train(config, verbose=0)
@@ -748,3 +779,17 @@ def test_a_mask_guided_run_needs_landmarks_to_supervise_its_masks(tmp_path, capl
     coverage = summary["landmark_coverage"][0]
     assert 0 < coverage["with_landmarks"] < coverage["train_examples"] == summary["train_examples"]
     assert f"{coverage['with_landmarks']} of {coverage['train_examples']} training images have landmarks" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_deterministic_run_repeats_bit_for_bit(tmp_path):
+    # In subprocesses: op determinism is process-wide and cannot be undone.
+    histories = []
+    for run in ("a", "b"):
+        config = _write_config(tmp_path, epochs=1, deterministic=True, output_dir=str(tmp_path / run))
+        subprocess.run(
+            [sys.executable, "-m", "tfface.cli", "train", "--config", str(config)],
+            check=True, env=_env(), capture_output=True, timeout=600,
+        )
+        histories.append((tmp_path / run / "history.csv").read_text())
+    assert histories[0] == histories[1] and "val_mean_balanced_accuracy" in histories[0]

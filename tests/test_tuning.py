@@ -268,6 +268,15 @@ def test_resuming_over_another_space_or_experiment_is_refused(resumed_search, tm
     renamed["name"], renamed["train"]["output_dir"] = "renamed", "elsewhere"
     tuning, base, space = search_module.prepare(write_tuning(folder, max_trials=2, experiment=renamed))
     search_module._check_same_search(tuning.project_dir, tuning, base, space)
+    # A search of a tfface that split the data otherwise (or before 0.2.0,
+    # which recorded no split method) ranks trials on other validation images.
+    meta = tuning.project_dir / "search.json"
+    recorded = json.loads(meta.read_text())
+    assert recorded["split"]["split_method"] == search_module.split_record(0.2, 0)["split_method"]
+    for split, message in ((None, "records no split method"), (dict(recorded["split"], split_method=2), "split by method 2")):
+        meta.write_text(json.dumps({k: v for k, v in dict(recorded, split=split).items() if v is not None}))
+        with pytest.raises(ConfigError, match=f"{message}.*would rank trials validated on different images"):
+            search_module._check_same_search(tuning.project_dir, tuning, base, space)
 
 
 def test_yaml_exponent_without_dot_is_a_number():

@@ -260,6 +260,16 @@ def _training_split(model_path) -> dict:
              "split_seed": data.get("split_seed", defaults.split_seed), "from": str(config_file)}
     if not isinstance(split["val_fraction"], (int, float)) or not isinstance(split["split_seed"], int):
         raise ConfigError(f"{config_file}: data.val_fraction and data.split_seed must be numbers")
+    from tfface.data.splits import split_method_problem
+    from tfface.training.trainer import read_split_record
+
+    problem = split_method_problem(read_split_record(config_file.parent), f"the run in {config_file.parent}")
+    if problem:
+        # The validation images taken now may be images the model trained on.
+        raise ConfigError(
+            f"{problem}; its validation images would include images the model trained on: evaluate on "
+            "held-out data without --split (or retrain with this tfface)"
+        )
     return split
 
 

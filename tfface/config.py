@@ -184,6 +184,10 @@ class TrainConfig:
     strategy: str = "default"  # "default", "mirrored", "multi_worker"
     mixed_precision: str = "auto"  # "auto" (on with a GPU), "on", "off"
     seed: int = 0
+    # The same seed gives the same split, initial weights, data order and
+    # augmentation, but TensorFlow's parallel kernels still sum in varying
+    # orders; true makes every op deterministic (slower, process-wide).
+    deterministic: bool = False
     output_dir: str = "runs/default"
     # Mask-guided model: epochs that train the mask predictor alone on the
     # landmark masks before the attribute network (MGMTN's stage 1; the

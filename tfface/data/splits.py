@@ -25,6 +25,36 @@ from tfface.data.source import FaceSource
 
 DEFAULT_SEED = 20240601
 SPLIT_NAMES = ("train", "val", "test")
+# Raised whenever the same data, fractions and seed would split otherwise, so
+# runs, searches and evaluations can tell a split of another method apart:
+# 1: a seeded permutation of the rows;
+# 2 (2026-11-23): people by a hash of (seed, identity), others by permutation;
+# 3 (2026-11-23): images without an identity by a hash of (seed, file name).
+# Runs record it in split.json, searches in search.json (`split_record`).
+SPLIT_METHOD = 3
+
+
+def split_record(val_fraction, split_seed) -> dict:
+    """What a run or search records of its split, beside its config."""
+    from tfface import __version__
+
+    return {"split_method": SPLIT_METHOD, "val_fraction": val_fraction, "split_seed": split_seed, "tfface_version": __version__}
+
+
+def split_method_problem(recorded: dict | None, what: str) -> str | None:
+    """Why `what` (a run, a search) may not have the split this tfface
+    makes, or None when it does."""
+    if recorded is None:
+        return (
+            f"{what} records no split method: it was started by a tfface before 0.2.0, whose split of the same "
+            f"data may differ (split method {SPLIT_METHOD} dates from 2026-11-23)"
+        )
+    if recorded.get("split_method") != SPLIT_METHOD:
+        return (
+            f"{what} was split by method {recorded.get('split_method')} (tfface {recorded.get('tfface_version')}), "
+            f"this tfface splits by method {SPLIT_METHOD}: the same data and seed give other validation images"
+        )
+    return None
 
 
 def _target(fraction: float, total: int) -> int:

@@ -473,6 +473,9 @@ def _evaluation(model, model_path, data_spec_or_sources, batch_size, thresholds,
     metrics = compute_metrics(schema, labels, probs, thresholds)
     subgroups = subgroup_metrics(schema, labels, probs, thresholds)
     config = getattr(model, "model_config", None)
+    from tfface import __version__
+
+    metrics["tfface_version"] = __version__
     metrics["model"] = {
         "path": model_path,
         "type": getattr(config, "type", type(model).__name__),

@@ -35,12 +35,16 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import tfface
+
 from tfface.atomic_files import save_model_atomic
 from tfface.atomic_files import write_atomic
 from tfface.config import ConfigError
 from tfface.config import ExperimentConfig
 from tfface.data.pipeline import make_dataset
 from tfface.data.pipeline import naming_undecodable_images
+from tfface.data.splits import split_method_problem
+from tfface.data.splits import split_record
 from tfface.models.build import build_model
 from tfface.schema import get_schema
 
@@ -147,6 +151,31 @@ def check_resumable(out: Path, config: ExperimentConfig) -> None:
             f"{out} holds a finished run (train_summary.json); choose another train.output_dir "
             "(or --output-dir), or remove it to train again"
         )
+    if config.data.val_fraction > 0:
+        # Its first epochs validated on the split it started with: the rest
+        # must not validate on others (or train on images it validated on).
+        problem = split_method_problem(read_split_record(out), f"the run in {out}")
+        if problem:
+            raise ConfigError(
+                f"{problem}; resuming would validate the rest of it on other images: train into another "
+                "train.output_dir (or --output-dir)"
+            )
+
+
+SPLIT_FILE = "split.json"
+
+
+def read_split_record(run_dir: Path) -> Optional[dict]:
+    """The split record a run wrote when it started, or None (a run of a
+    tfface before 0.2.0)."""
+    path = Path(run_dir) / SPLIT_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} cannot be read ({e}); it records how the run split its data") from None
+    return record if isinstance(record, dict) else {}
 
 
 def _differing_keys(old, new, prefix=""):
@@ -389,7 +418,10 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
     check_resumable(out, config)
     out.mkdir(parents=True, exist_ok=True)
     config.save(out / "config.yaml")
+    write_atomic(out / SPLIT_FILE, json.dumps(split_record(config.data.val_fraction, config.data.split_seed), indent=2))
     keras.utils.set_random_seed(config.train.seed)
+    if config.train.deterministic:
+        tf.config.experimental.enable_op_determinism()
     mixed = _mixed_precision(config.train.mixed_precision)
     train_ds, val_ds = make_datasets(config, schema, train_sources, val_sources)
     resuming = _is_resuming(out)
@@ -476,6 +508,7 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
         save_model_atomic(model, out / "model.keras")
     summary = {
         "name": config.name,
+        "tfface_version": tfface.__version__,
         "output_dir": str(out),
         "model_path": str(out / "model.keras"),
         # All epochs of the run, also when this call resumed or continued it

@@ -45,6 +45,8 @@ from tfface.atomic_files import write_atomic
 from tfface.config import ConfigError
 from tfface.config import ExperimentConfig
 from tfface.config import read_structured_file
+from tfface.data.splits import split_method_problem
+from tfface.data.splits import split_record
 from tfface.tuning.search_space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -669,6 +671,12 @@ def _check_same_search(project_dir: Path, tuning: TuningConfig, base: Experiment
         previous = json.loads(meta.read_text())
     except ValueError:
         raise TuningError(f"{meta} is not valid JSON; remove {project_dir} to start the search over") from None
+    problem = split_method_problem(previous.get("split"), f"the search in {project_dir}")
+    if problem:
+        raise ConfigError(
+            f"{problem}; resuming would rank trials validated on different images: use another project "
+            f"name or remove {project_dir}"
+        )
     if previous.get("tuner") and previous["tuner"] != tuning.tuner:
         raise ConfigError(
             f"{project_dir} holds a {previous['tuner']} search; resuming it as {tuning.tuner} cannot work: "
@@ -720,6 +728,7 @@ def _write_meta(project_dir: Path, tuning: TuningConfig, base: ExperimentConfig,
         "space": _space_record(space),
         "experiment": _experiment_record(base),
         "trial_budget": _trial_budget_record(tuning),
+        "split": split_record(base.data.val_fraction, base.data.split_seed),
     }
     _write_json_atomic(project_dir / "search.json", meta, indent=2)
 
