@@ -48,7 +48,7 @@ def main():
     from tfface.evaluation.evaluate import collect_predictions
     from tfface.evaluation.evaluate import compute_metrics
 
-    config, model = load_run(args.run)
+    config, model = load_run(args.run, check_split=False)  # it rebuilds the old split itself
     train_people, vals = set(), []
     for source_config in config.data.sources:
         source = open_source(source_config.path, image_size=config.data.image_size)

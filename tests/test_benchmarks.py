@@ -44,6 +44,11 @@ def test_bad_sizes_and_missing_inputs_are_one_line_errors(common, tmp_path):
     assert common.positive_ints("64, 128") == [64, 128] and common.positive_ints("") == []
     with pytest.raises(FileNotFoundError, match="no `tfface train` output folder"):
         common.load_run(tmp_path / "nope")
+    old_run = tmp_path / "old_run"  # a run of a tfface before 0.2.0: its split is not re-created
+    old_run.mkdir()
+    (old_run / "config.yaml").write_text("name: old\n")
+    with pytest.raises(ValueError, match="records no split method.*cannot be re-created here"):
+        common.load_run(old_run)
 
     def refuse(*args):
         return subprocess.run([sys.executable, *args], cwd=BENCHMARKS, capture_output=True, text=True, timeout=120)
