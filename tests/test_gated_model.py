@@ -459,3 +459,21 @@ def test_applications_backbones_take_multiples_of_32_and_read_their_last_map(bac
         include_top=False, weights=None, input_shape=(32, 32, 3))
     assert backbone_model.output["P5"].shape[-1] == app.output.shape[-1]
     assert tuple(backbone_model.output["P3"].shape[1:3]) == (4, 4)
+
+
+def test_mixed_precision_trains_with_correlation_and_center_loss(tmp_path):
+    # What train.mixed_precision: on (and auto on a GPU) sets: the correlation
+    # layer's running mean and the center loss must stay float32.
+    try:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        images, labels = toy_data(32, seed=3)
+        model = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config(center_loss_weight=0.01, correlation=True))
+        model.compile()
+        history = model.fit({"image": images}, labels, batch_size=16, epochs=1, verbose=0).history
+        assert np.isfinite(history["loss"]).all()
+        assert model.get_layer("correlation").moving_mean.dtype == "float32"
+        model.save(tmp_path / "mixed.keras")
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    outputs = keras.saving.load_model(tmp_path / "mixed.keras").predict_tasks(images[:2])
+    assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in outputs.values())

@@ -734,26 +734,9 @@ def test_the_time_budget_counts_the_mask_pretraining():
     assert budget_after_one_epoch(61.0)  # the pretraining alone spent the minute
 
 
-def test_mixed_precision_trains_the_gated_model_with_all_its_layers(tmp_path):
-    # train.mixed_precision: on is what a GPU gets by default (auto): the
-    # correlation layer's running mean and the center loss stay float32.
-    from tfface.training.trainer import train
-
-    raw = json.loads(json.dumps(TINY))
-    raw["model"].update(center_loss_weight=0.01, correlation=True)
-    raw["train"].update(epochs=1, mixed_precision="on", output_dir=str(tmp_path / "run"))
-    try:
-        summary = train(ExperimentConfig.from_dict(raw), verbose=0)
-        assert summary["mixed_precision"] is True and np.isfinite(summary["history"]["loss"]).all()
-        model = keras.models.load_model(Path(summary["output_dir"]) / "model.keras")
-        assert model.get_layer("correlation").moving_mean.dtype == "float32"
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-    outputs = model.predict_tasks(np.full((2, 32, 32, 3), 128, np.uint8))
-    assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in outputs.values())
-
-
 def test_a_mask_guided_run_needs_landmarks_to_supervise_its_masks(tmp_path, caplog):
+    from tfface.training.trainer import check_mask_supervision
+    from tfface.training.trainer import load_sources
     from tfface.training.trainer import train
 
     folder = tmp_path / "faces"
@@ -763,7 +746,7 @@ def test_a_mask_guided_run_needs_landmarks_to_supervise_its_masks(tmp_path, capl
     raw = json.loads(json.dumps(TINY))
     raw["data"]["sources"] = [{"path": str(folder)}]
     raw["model"].update(type="mask_guided", mask_channels=[8, 16, 32])
-    raw["train"].update(epochs=1, output_dir=str(tmp_path / "run"))
+    raw["train"].update(epochs=1, steps_per_epoch=2, output_dir=str(tmp_path / "run"))
     config = ExperimentConfig.from_dict(raw)
 
     landmarks.unlink()  # moved away from its landmarks: the masks would learn nothing
@@ -771,25 +754,35 @@ def test_a_mask_guided_run_needs_landmarks_to_supervise_its_masks(tmp_path, capl
         train(config, verbose=0)
     assert not (tmp_path / "run").exists()
 
-    # Half without: trained, with a warning and the counts in the summary.
+    # Half without: a warning with the counts, which the summary records.
     rows = [row if n % 2 else row.split(",")[0] + "," * 10 for n, row in enumerate(lines[1:])]
     landmarks.write_text("\n".join([lines[0], *rows]) + "\n")
+    train_sources, _ = load_sources(config.data)
     with caplog.at_level("WARNING", logger="tfface.training.trainer"):
-        summary = train(config, verbose=0)
-    coverage = summary["landmark_coverage"][0]
-    assert 0 < coverage["with_landmarks"] < coverage["train_examples"] == summary["train_examples"]
+        coverage = check_mask_supervision(config, train_sources)[0]
+    assert 0 < coverage["with_landmarks"] < coverage["train_examples"] == len(train_sources[0])
     assert f"{coverage['with_landmarks']} of {coverage['train_examples']} training images have landmarks" in caplog.text
+    gated = dataclasses.replace(config, model=dataclasses.replace(config.model, type="gated"))
+    assert check_mask_supervision(gated, train_sources) is None  # no masks to supervise
 
 
 @pytest.mark.slow
 def test_a_deterministic_run_repeats_bit_for_bit(tmp_path):
     # In subprocesses: op determinism is process-wide and cannot be undone.
-    histories = []
-    for run in ("a", "b"):
-        config = _write_config(tmp_path, epochs=1, deterministic=True, output_dir=str(tmp_path / run))
-        subprocess.run(
-            [sys.executable, "-m", "tfface.cli", "train", "--config", str(config)],
-            check=True, env=_env(), capture_output=True, timeout=600,
-        )
-        histories.append((tmp_path / run / "history.csv").read_text())
+    config = _write_config(tmp_path, epochs=1, steps_per_epoch=4, deterministic=True)
+    script = (
+        "import sys\n"
+        "from tfface.config import ExperimentConfig\n"
+        "from tfface.training.trainer import train\n"
+        "for run in sys.argv[2:]:\n"
+        "    config = ExperimentConfig.load(sys.argv[1])\n"
+        "    config.train.output_dir = run\n"
+        "    train(config, verbose=0)\n"
+    )
+    runs = [tmp_path / "a", tmp_path / "b"]
+    subprocess.run(
+        [sys.executable, "-c", script, str(config), *map(str, runs)],
+        check=True, env=_env(), capture_output=True, timeout=600,
+    )
+    histories = [(run / "history.csv").read_text() for run in runs]
     assert histories[0] == histories[1] and "val_mean_balanced_accuracy" in histories[0]
