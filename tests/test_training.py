@@ -17,7 +17,6 @@ import pytest
 import yaml
 
 import tfface
-
 from tfface.cli import main as cli_main
 from tfface.config import ConfigError
 from tfface.config import ExperimentConfig
