@@ -36,7 +36,6 @@ import numpy as np
 import tensorflow as tf
 
 import tfface
-
 from tfface.atomic_files import save_model_atomic
 from tfface.atomic_files import write_atomic
 from tfface.config import ConfigError
