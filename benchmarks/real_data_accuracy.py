@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from common import load_run
 from common import parse_args
 from common import positive_int
 from common import report_path
@@ -40,17 +41,14 @@ def main():
     parser.add_argument("--calibration-images", type=positive_int, default=3000, help="training images used to calibrate")
     args = parse_args(parser)
 
-    from tfface.config import ExperimentConfig
     from tfface.evaluation.calibration import calibrate_thresholds
     from tfface.evaluation.evaluate import collect_predictions
     from tfface.evaluation.evaluate import compute_metrics
-    from tfface.models.saving import load_model
     from tfface.training.trainer import load_sources
 
     run = Path(args.run)
-    config = ExperimentConfig.load(run / "config.yaml")
+    config, model = load_run(run)  # refused when its split cannot be re-created
     summary = json.loads((run / "train_summary.json").read_text()) if (run / "train_summary.json").is_file() else {}
-    model = load_model(run)
     train_sources, val_sources = load_sources(config.data)
     celeba_val = [s for s in val_sources if s.format == "celeba"]
     utk_val = [s for s in val_sources if s.format == "utkface"]

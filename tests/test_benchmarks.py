@@ -58,3 +58,5 @@ def test_bad_sizes_and_missing_inputs_are_one_line_errors(common, tmp_path):
     missing = refuse(str(BENCHMARKS / "mask_quality.py"), "--run", str(tmp_path / "nope"))
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert f"error: {tmp_path / 'nope'} is no `tfface train` output folder" in missing.stderr
+    old = refuse(str(BENCHMARKS / "real_data_accuracy.py"), "--run", str(old_run))
+    assert old.returncode == 2 and "records no split method" in old.stderr
