@@ -119,18 +119,15 @@ def load_run(run, check_split=True):
     """(experiment config, model) of a `tfface train` output folder; with
     `check_split`, refused when the run's split is not the one this tfface
     re-creates from its config (its validation images would not be its)."""
-    from tfface.config import ConfigError
     from tfface.config import ExperimentConfig
-    from tfface.data.splits import split_method_problem
     from tfface.models.saving import load_model
-    from tfface.training.trainer import read_split_record
+    from tfface.training.trainer import check_run_split
 
     run = Path(run)
     if not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"{run} is no `tfface train` output folder (no config.yaml there)")
-    problem = split_method_problem(read_split_record(run), f"the run in {run}") if check_split else None
-    if problem:
-        raise ConfigError(f"{problem}; its validation split cannot be re-created here")
+    if check_split:
+        check_run_split(run, "its validation split cannot be re-created here")
     return ExperimentConfig.load(run / "config.yaml"), load_model(run)
 
 

@@ -122,7 +122,8 @@ def _cmd_data_generate(args):
 def _cmd_data_annotate(args):
     from pathlib import Path
 
-    from tfface.data.sources import LANDMARK_FILES
+    from tfface.data.sources import MTCNN_CACHE_FILE
+    from tfface.data.sources import folder_landmark_file
     from tfface.data.sources import open_source
     from tfface.data.sources import source_image_ids
     from tfface.landmarks.detector import annotate_folder
@@ -131,16 +132,17 @@ def _cmd_data_annotate(args):
     source = open_source(args.source)
     if source.image_paths is None:
         raise ValueError(f"{args.source} is generated in memory and already has landmarks")
-    own = next((Path(source.root) / n for n in LANDMARK_FILES[:-1] if (Path(source.root) / n).is_file()), None)
-    if own is not None and not args.cache:
+    own = folder_landmark_file(Path(source.root))
+    if own is not None and own.name != MTCNN_CACHE_FILE and not args.cache:
         raise ValueError(
             f"{source.root} has its own landmarks in {own.name}, which training and evaluation read instead of "
             "detected ones; pass --cache FILE to detect anyway (a config source then reads it with landmarks: FILE)"
         )
-    cache = Path(args.cache) if args.cache else default_landmark_cache(source.root)
+    default = default_landmark_cache(source.root)
+    cache = Path(args.cache) if args.cache else default
     result = annotate_folder(list(source.image_paths), cache, image_ids=source_image_ids(source), limit=args.limit)
     print(f"landmarks cached in {cache}")
-    if args.cache and cache.resolve() != default_landmark_cache(source.root).resolve():
+    if cache.resolve() != default.resolve():
         print(f"(not where {args.source} is read from: a config source reads it with landmarks: {cache})")
     return result
 
@@ -200,8 +202,8 @@ def _cmd_train(args):
 
 
 def _cmd_evaluate(args):
-    from tfface.evaluation.evaluate import evaluate_model
     from tfface.data.sources import open_source
+    from tfface.evaluation.evaluate import evaluate_model
     from tfface.evaluation.evaluate import print_metrics
     from tfface.models.saving import load_model
 
@@ -260,16 +262,12 @@ def _training_split(model_path) -> dict:
              "split_seed": data.get("split_seed", defaults.split_seed), "from": str(config_file)}
     if not isinstance(split["val_fraction"], (int, float)) or not isinstance(split["split_seed"], int):
         raise ConfigError(f"{config_file}: data.val_fraction and data.split_seed must be numbers")
-    from tfface.data.splits import split_method_problem
-    from tfface.training.trainer import read_split_record
+    from tfface.training.trainer import check_run_split
 
-    problem = split_method_problem(read_split_record(config_file.parent), f"the run in {config_file.parent}")
-    if problem:
-        # The validation images taken now may be images the model trained on.
-        raise ConfigError(
-            f"{problem}; its validation images would include images the model trained on: evaluate on "
-            "held-out data without --split (or retrain with this tfface)"
-        )
+    check_run_split(
+        config_file.parent, "its validation images would include images the model trained on: evaluate on "
+        "held-out data without --split (or retrain with this tfface)"
+    )
     return split
 
 

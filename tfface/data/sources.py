@@ -179,9 +179,7 @@ def read_folder(root, **kwargs) -> FaceSource:
         from tfface.data.utkface import read_utkface_folder
 
         source = read_utkface_folder(root, **kwargs)
-    if source.landmarks is None:
-        attach_cached_landmarks(source)
-    return source
+    return attach_cached_landmarks(source)
 
 
 def source_image_ids(source: FaceSource) -> list:
@@ -191,15 +189,19 @@ def source_image_ids(source: FaceSource) -> list:
     return [Path(os.path.relpath(p, image_root)).as_posix() for p in source.image_paths]
 
 
-def attach_cached_landmarks(source: FaceSource) -> None:
-    """Uses landmarks from an earlier `tfface data annotate` run, if any."""
+def attach_cached_landmarks(source: FaceSource) -> FaceSource:
+    """`source`, with the landmarks of an earlier `tfface data annotate` run
+    (the cache may live outside the folder) when it has none of its own."""
     from tfface.landmarks.detector import default_landmark_cache
 
+    if source.landmarks is not None:
+        return source
     cache = default_landmark_cache(source.root)
     if cache.is_file():
         source.landmarks = read_annotate_cache(cache, source.root, source_image_ids(source), source.problems)
         found = int(np.isfinite(source.landmarks).all(axis=(1, 2)).sum())
         logger.info("%s: landmarks for %d of %d images from %s", source.name, found, len(source), cache)
+    return source
 
 
 def read_annotate_cache(cache: Path, root, image_ids, problems: list) -> np.ndarray:
@@ -317,6 +319,12 @@ def note(problems: list, message: str) -> None:
     logger.warning(message)
 
 
+def folder_landmark_file(root: Path) -> Optional[Path]:
+    """The landmark file in `root` the readers take: the first of
+    `LANDMARK_FILES` there, or None."""
+    return next((root / n for n in LANDMARK_FILES if (root / n).is_file()), None)
+
+
 def read_landmarks(root: Path, image_ids, landmarks_file=None, skip_bad_rows=False, problems=None):
     """(N, 5, 2) float32 landmarks for `image_ids` (NaN where unknown), or None.
 
@@ -331,7 +339,7 @@ def read_landmarks(root: Path, image_ids, landmarks_file=None, skip_bad_rows=Fal
         if not path.is_file():
             raise FileNotFoundError(f"landmarks file not found: {path}")
     else:
-        path = next((root / n for n in LANDMARK_FILES if (root / n).is_file()), None)
+        path = folder_landmark_file(root)
         if path is None:
             return None
     index = {image_id: i for i, image_id in enumerate(image_ids)}

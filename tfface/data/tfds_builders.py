@@ -233,23 +233,15 @@ class _FolderBuilder(_FaceSourceBuilder, skip_registration=True):
         super().__init__(config=config, **kwargs)
 
 
-def _with_cached_landmarks(source: FaceSource) -> FaceSource:
-    """As `read_folder` does: landmarks from `tfface data annotate` when the
-    folder has none of its own (the cache may live outside the folder)."""
-    from tfface.data.sources import attach_cached_landmarks
-
-    if source.landmarks is None:
-        attach_cached_landmarks(source)
-    return source
-
-
 class CelebaFolder(_FolderBuilder):
     """A CelebA-format folder (see `tfface.data.celeba`) as a TFDS dataset."""
 
     def _read_source(self):
         from tfface.data.celeba import read_celeba_folder
+        from tfface.data.sources import attach_cached_landmarks
 
-        return _with_cached_landmarks(read_celeba_folder(self.builder_config.root, skip_bad_rows=self.builder_config.skip_bad_rows))
+        # As `read_folder`: landmarks of `tfface data annotate` when the folder has none.
+        return attach_cached_landmarks(read_celeba_folder(self.builder_config.root, skip_bad_rows=self.builder_config.skip_bad_rows))
 
 
 class UtkfaceFolder(_FolderBuilder):
@@ -257,8 +249,10 @@ class UtkfaceFolder(_FolderBuilder):
 
     def _read_source(self):
         from tfface.data.utkface import read_utkface_folder
+        from tfface.data.sources import attach_cached_landmarks
 
-        return _with_cached_landmarks(read_utkface_folder(self.builder_config.root, skip_bad_rows=self.builder_config.skip_bad_rows))
+        # As `read_folder`: landmarks of `tfface data annotate` when the folder has none.
+        return attach_cached_landmarks(read_utkface_folder(self.builder_config.root, skip_bad_rows=self.builder_config.skip_bad_rows))
 
 
 class SyntheticFaces(_FaceSourceBuilder):

@@ -153,15 +153,22 @@ def check_resumable(out: Path, config: ExperimentConfig) -> None:
     if config.data.val_fraction > 0:
         # Its first epochs validated on the split it started with: the rest
         # must not validate on others (or train on images it validated on).
-        problem = split_method_problem(read_split_record(out), f"the run in {out}")
-        if problem:
-            raise ConfigError(
-                f"{problem}; resuming would validate the rest of it on other images: train into another "
-                "train.output_dir (or --output-dir)"
-            )
+        check_run_split(
+            out, "resuming would validate the rest of it on other images: train into another train.output_dir "
+            "(or --output-dir)"
+        )
 
 
 SPLIT_FILE = "split.json"
+
+
+def check_run_split(run_dir: Path, consequence: str) -> None:
+    """Raises ConfigError (saying `consequence`) unless the run in `run_dir`
+    was split by this tfface's split method, so re-creating its split from
+    its config gives the images it validated on."""
+    problem = split_method_problem(read_split_record(run_dir), f"the run in {run_dir}")
+    if problem:
+        raise ConfigError(f"{problem}; {consequence}")
 
 
 def read_split_record(run_dir: Path) -> Optional[dict]:
