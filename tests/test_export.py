@@ -413,3 +413,58 @@ def test_an_interrupt_wrapped_by_tensorflow_ends_export_as_interrupted(monkeypat
     monkeypatch.setattr(saved_model_lib, "export_saved_model", other_failure)
     with pytest.raises(RuntimeError, match="something else"):
         main(argv)
+
+
+def _with_exif(pixels, orientation, fmt, byte_order=">"):
+    """Encoded `pixels` whose EXIF first directory holds two other tags and
+    then `orientation`, in either TIFF byte order."""
+    import struct
+
+    from PIL import Image
+
+    entries = [(0x010F, 2, 4, b"Can\0"), (0x0110, 2, 4, b"X10\0"), (0x0112, 3, 1, struct.pack(byte_order + "HH", orientation, 0))]
+    directory = struct.pack(byte_order + "H", len(entries))
+    directory += b"".join(struct.pack(byte_order + "HHI", tag, kind, count) + value for tag, kind, count, value in entries)
+    tiff = (b"MM\0*" if byte_order == ">" else b"II*\0") + struct.pack(byte_order + "I", 8) + directory + b"\0" * 4
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt, exif=(b"Exif\0\0" if fmt == "JPEG" else b"") + tiff)
+    return buffer.getvalue()
+
+
+def test_exif_orientation_reads_what_pil_reads():
+    from tfface.data.image_ops import exif_orientation, file_exif_orientation
+
+    pixels = np.zeros((8, 8, 3), np.uint8)
+    encoded = [
+        _with_exif(pixels, orientation, fmt, order)
+        for fmt in ("JPEG", "PNG") for orientation in range(10) for order in "<>"
+    ]
+    encoded += [b"", b"\xff\xd8", png(pixels), b"not an image", encoded[13][:30]]  # none, or cut short
+    expected = [file_exif_orientation(data) for data in encoded]
+    assert expected.count(1) == 2 * 2 * 3 + 5 and set(expected) == set(range(1, 9))  # 0 and 9 are no rotation
+    assert exif_orientation(tf.constant(encoded)).numpy().tolist() == expected  # a batch
+    assert int(exif_orientation(tf.constant(encoded[12]))) == expected[12]  # one image
+    grid = exif_orientation(tf.constant([encoded[12:14], encoded[-2:]])).numpy()
+    assert grid.tolist() == [expected[12:14], expected[-2:]]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_the_serving_preprocessing_turns_images_upright(orientation):
+    from PIL import Image, ImageOps
+
+    from tfface.data.image_ops import decode_upright
+
+    upright = np.random.default_rng(4).integers(0, 256, (23, 31, 3), dtype=np.uint8)
+    stored = np.asarray(Image.fromarray(upright).transpose(
+        {1: Image.Transpose.ROTATE_180, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+         4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90,
+         7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270}[orientation]))
+    tagged = _with_exif(stored, orientation, "PNG")
+    shown = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(tagged))).convert("RGB"))
+    if orientation > 1:
+        np.testing.assert_array_equal(shown, upright)  # the fixture is what a viewer shows
+    np.testing.assert_array_equal(decode_upright(tf.constant(tagged)).numpy(), shown)
+    # In a request with an image without EXIF, each is turned as its own tag says.
+    out = preprocess_encoded_images(tf.constant([tagged, png(upright)]), 8, max_side=64).numpy()
+    np.testing.assert_array_equal(out[0], preprocess_image(shown, 8).numpy())
+    np.testing.assert_array_equal(out[1], preprocess_image(upright, 8).numpy())

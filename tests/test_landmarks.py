@@ -23,6 +23,7 @@ from tfface.landmarks import (
     transform_points,
 )
 from tfface.landmarks import detector as detector_module
+from tfface.data.source import FaceSource
 
 # --- pure helpers --------------------------------------------------------------
 
@@ -404,3 +405,59 @@ def test_cli_annotate_keys_images_in_subfolders_by_their_path(tmp_path, monkeypa
     assert "has its own landmarks in landmarks.csv" in capsys.readouterr().err
     assert cli_main(["data", "annotate", str(root), "--cache", str(tmp_path / "elsewhere.csv")]) == 0
     assert "landmarks: " + str(tmp_path / "elsewhere.csv") in capsys.readouterr().out
+
+
+class ShapeRecordingDetector(FakeDetector):
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def detect_batch(self, images):
+        self.shapes += [image.shape for image in images]
+        return super().detect_batch(images)
+
+
+def test_landmarks_are_detected_upright_and_older_rows_of_rotated_images_are_redone(tmp_path):
+    """Landmarks live in the image as shown (EXIF rotation applied), where the
+    pipeline puts them; a 0.2.0 cache detected a rotated image on its side."""
+    plain = tmp_path / "000.png"
+    Image.fromarray(np.full((32, 48, 3), 200, np.uint8)).save(plain)
+    rotated = tmp_path / "001.png"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 48 high and 32 wide, shown 32 high and 48 wide
+    Image.fromarray(np.full((48, 32, 3), 210, np.uint8)).save(rotated, exif=exif)
+    paths, ids = [plain, rotated], ["000.png", "001.png"]
+    cache = tmp_path / "c.csv"
+    fake = ShapeRecordingDetector()
+    annotate_folder(paths, cache, detector=fake, verbose=False)
+    assert fake.shapes == [(32, 48, 3), (32, 48, 3)]
+    rows = read_landmark_cache(cache)
+    assert (rows["001.png"]["exif_orientation"], rows["001.png"]["height"], rows["001.png"]["width"]) == ("6", "32", "48")
+    assert rows["000.png"]["exif_orientation"] == "1"
+    assert np.isfinite(load_landmark_cache(cache, ids, paths)).all()
+
+    # The same cache as tfface 0.2.0 wrote it: no orientation column.
+    stamped = len(detector_module.STAMPED_CACHE_COLUMNS)
+    cache.write_text("\n".join(",".join(line.split(",")[:stamped]) for line in cache.read_text().splitlines()) + "\n")
+    changed = []
+    landmarks = load_landmark_cache(cache, ids, paths, changed)
+    assert changed == ["001.png"]  # may have been detected on its side: left out and named
+    assert np.isfinite(landmarks[0]).all() and np.isnan(landmarks[1]).all()
+
+    fake = ShapeRecordingDetector()
+    annotate_folder(paths, cache, detector=fake, verbose=False)
+    assert fake.shapes == [(32, 48, 3)]  # only the rotated image is detected again
+    assert cache.read_text().splitlines()[0] == ",".join(detector_module.CACHE_COLUMNS)
+    rows = read_landmark_cache(cache)
+    assert rows["000.png"]["exif_orientation"] == "1" and rows["001.png"]["exif_orientation"] == "6"
+
+
+def test_image_sizes_are_those_of_the_upright_image(tmp_path):
+    from tfface.data.sources import read_image_sizes
+
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    Image.fromarray(np.zeros((48, 32, 3), np.uint8)).save(tmp_path / "a.jpg", exif=exif)
+    Image.fromarray(np.zeros((48, 32, 3), np.uint8)).save(tmp_path / "b.jpg")
+    source = FaceSource(name="s", format="celeba", columns={}, image_paths=np.array([str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")]))
+    assert read_image_sizes(source).tolist() == [[32, 48], [48, 32]]

@@ -229,3 +229,34 @@ def test_make_dataset_takes_names_and_names_bad_arguments():
             make_dataset([source], "synthetic", **arguments)
     with pytest.raises(ValueError, match="steps_per_epoch must be a positive integer"):
         make_dataset([source], "synthetic", 32, training=True, steps_per_epoch=0)
+
+
+def _stored_for_exif(upright, orientation):
+    """Pixels to store so that an EXIF `orientation` shows `upright`."""
+    inverse = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+               5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+               8: Image.Transpose.ROTATE_270}
+    return Image.fromarray(upright).transpose(inverse[orientation])
+
+
+def test_training_images_are_upright_as_exif_shows_them(tmp_path):
+    """A phone photo stored on its side with an EXIF rotation trains as it is
+    shown (and as `predict` and the serving graph see it), with its
+    landmarks, given in the upright image, on the face."""
+    upright = np.random.default_rng(3).integers(0, 255, (44, 36, 3), dtype=np.uint8)
+    paths = [tmp_path / "upright.png"]
+    Image.fromarray(upright).save(paths[0])
+    for orientation in (3, 6, 8):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        paths.append(tmp_path / f"rotated_{orientation}.png")
+        _stored_for_exif(upright, orientation).save(paths[-1], exif=exif)
+    n = len(paths)
+    landmarks = np.tile(np.array([[12, 20], [24, 20], [18, 26], [13, 32], [23, 32]], np.float32), (n, 1, 1))
+    source = FaceSource(name="celeba", format="celeba", columns={"Smiling": np.ones(n, int)},
+                        image_paths=np.array([str(p) for p in paths]), landmarks=landmarks)
+    images, y = _collect(make_dataset([source], get_schema("fused"), SIZE, batch_size=n))
+    for i in range(1, n):
+        np.testing.assert_array_equal(images[i], images[0], err_msg=paths[i].name)
+        np.testing.assert_allclose(y["_landmarks"][i], y["_landmarks"][0], err_msg=paths[i].name)
+    assert not np.array_equal(images[0], images[0][:, ::-1])  # the check above could tell a mirror

@@ -161,7 +161,7 @@ def _cmd_data_masks(args):
         raise ValueError(
             f"{args.source}: none of its {len(source)} images has landmarks: run `tfface data annotate {args.source}`"
         )
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     images, landmarks = [], []
     for i in known[: args.count]:
@@ -170,7 +170,7 @@ def _cmd_data_masks(args):
         else:
             try:
                 with Image.open(str(source.image_paths[i])) as file:
-                    image = np.asarray(file.convert("RGB"))
+                    image = np.asarray(ImageOps.exif_transpose(file).convert("RGB"))  # landmarks are upright
             except Exception as e:
                 raise ValueError(f"{source.image_paths[i]}: cannot read image ({type(e).__name__}: {e})") from None
         points = source.landmarks[i]

@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfface.data.image_ops import decode_image
+from tfface.data.image_ops import decode_upright
 from tfface.data.image_ops import has_other_decodable_header
 from tfface.data.image_ops import preprocess_image
 from tfface.data.source import FaceSource
@@ -61,7 +62,9 @@ _FILE_PROBLEM = re.compile(r"\[((?:%s)[^\]]*)\]" % "|".join(re.escape(p) for p i
 
 
 def _checked_decode(path):
-    """Reads and decodes one file; a corrupt or truncated file fails naming it."""
+    """Reads and decodes one file, upright (EXIF orientation applied, as
+    `tfface predict` and the serving graph do); a corrupt or truncated file
+    fails naming it."""
     data = tf.io.read_file(path)
     # Header checks read a padded copy: substr past the end of a file of a
     # few bytes would fail without naming it.
@@ -83,7 +86,7 @@ def _checked_decode(path):
         with tf.control_dependencies(checks):
             checks = [tf.debugging.Assert(ok, [tf.strings.join([problem, path])], summarize=1)]
     with tf.control_dependencies(checks):
-        return decode_image(data)
+        return decode_upright(data)
 
 
 # What TensorFlow's image decoders say when the bytes pass the header checks

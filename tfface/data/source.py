@@ -47,7 +47,8 @@ class FaceSource:
         image_paths: (N,) file paths, or None when `images` is given.
         images: (N, H, W, 3) uint8, or None when `image_paths` is given.
         identities: (N,) int person ids, or None when unknown.
-        landmarks: (N, 5, 2) float32 pixel (x, y) in the *original image*,
+        landmarks: (N, 5, 2) float32 pixel (x, y) in the *original image*
+            as shown (its EXIF orientation applied, as the pipeline decodes it),
             order: left eye, right eye, nose, left mouth corner, right mouth
             corner (subject's left/right as MTCNN reports them, i.e. image
             left first); NaN rows where no face was found. None if unknown.

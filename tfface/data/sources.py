@@ -423,6 +423,7 @@ def read_identities(path: Path, image_ids, skip_bad_rows=False, problems=None):
 def _image_size(path) -> tuple[int, int]:
     from PIL import Image
 
+    from tfface.data.image_ops import file_exif_orientation
     from tfface.data.image_ops import image_format
 
     with open(path, "rb") as file:
@@ -433,6 +434,8 @@ def _image_size(path) -> tuple[int, int]:
             raise DataError(f"{path}: not an image format the pipeline decodes (JPEG, PNG, GIF, BMP, WebP)")
     with Image.open(str(path)) as image:
         width, height = image.size
+        if file_exif_orientation(image) >= 5:  # turned a quarter: shown (and trained) the other way round
+            width, height = height, width
     return height, width
 
 
@@ -455,7 +458,8 @@ def _map(fn, items, max_workers=None):
 
 
 def read_image_sizes(source: FaceSource, max_workers=None, problems=None) -> np.ndarray:
-    """(N, 2) int (height, width), from the image headers only (fast).
+    """(N, 2) int (height, width) of the upright images, from the image
+    headers only (fast).
 
     A file whose header does not read, or is of a format the pipeline does
     not decode, raises `DataError`; or, given a `problems` list, is

@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from tfface.data.image_ops import encode_png
+from tfface.data.image_ops import file_exif_orientation
 from tfface.data.source import LANDMARK_COLUMNS, DataError, FaceSource
 from tfface.data.splits import DEFAULT_SEED, partition_indices, split_indices
 
@@ -146,11 +147,12 @@ def synthetic_config(num_images=2000, image_size=64, generator_seed=0, val_fract
 class _FaceSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Shared body: features, splits and examples from a `FaceSource`."""
 
-    VERSION = tfds.core.Version("1.2.0")
+    VERSION = tfds.core.Version("1.3.0")
     RELEASE_NOTES = {
         "1.0.0": "First version.",
         "1.1.0": "Identity splits by a hash of (seed, identity): the same person is on one side in every source.",
         "1.2.0": "Images without an identity are split by a hash of (seed, file name): removing one moves no other.",
+        "1.3.0": "Images with an EXIF rotation are stored upright, as the pipeline and predict decode them.",
     }
 
     def _read_source(self) -> FaceSource:
@@ -212,7 +214,7 @@ class _FaceSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
             i = int(i)
             # In-memory images go in as PNG bytes encoded with PIL: TFDS would
             # otherwise start a TensorFlow session per builder to encode them.
-            image = encode_png(source.images[i]) if source.images is not None else str(source.image_paths[i])
+            image = encode_png(source.images[i]) if source.images is not None else _upright_file(source.image_paths[i])
             yield image_ids[i], {
                 "image": image,
                 "image_id": image_ids[i],
@@ -220,6 +222,18 @@ class _FaceSourceBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
                 "landmarks": nan if source.landmarks is None else np.asarray(source.landmarks[i], np.float32),
                 "identity": -1 if source.identities is None else int(source.identities[i]),
             }
+
+
+def _upright_file(path):
+    """The file's path, or, for an image with an EXIF rotation, its upright
+    pixels as PNG bytes: TFDS decodes images as stored, the pipeline and
+    `predict` upright."""
+    if file_exif_orientation(path) == 1:
+        return str(path)
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        return encode_png(np.asarray(ImageOps.exif_transpose(image).convert("RGB")))
 
 
 class _FolderBuilder(_FaceSourceBuilder, skip_registration=True):

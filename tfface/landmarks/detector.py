@@ -30,6 +30,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from tfface.atomic_files import atomic_path
+from tfface.data.image_ops import file_exif_orientation
 
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 # Flipping an image horizontally swaps these landmark indices.
@@ -45,7 +46,14 @@ LEGACY_CACHE_COLUMNS = (
 # Which file a row was detected on: an image replaced, resized or rotated
 # under the same name gets new landmarks instead of its old ones.
 STAMP_COLUMNS = ("file_size", "file_mtime_ns", "file_blake2b")
-CACHE_COLUMNS = LEGACY_CACHE_COLUMNS + STAMP_COLUMNS
+# The EXIF orientation applied before detection: landmarks are in the
+# upright image (as the pipeline and `predict` show it). Caches of tfface
+# 0.2.0 lack it and detected on the stored pixels; their rows stand only for
+# images without a rotation.
+ORIENTATION_COLUMN = "exif_orientation"
+STAMPED_CACHE_COLUMNS = LEGACY_CACHE_COLUMNS + STAMP_COLUMNS
+CACHE_COLUMNS = STAMPED_CACHE_COLUMNS + (ORIENTATION_COLUMN,)
+_CACHE_HEADERS = (CACHE_COLUMNS, STAMPED_CACHE_COLUMNS, LEGACY_CACHE_COLUMNS)
 STATUS_OK = "ok"
 STATUS_NO_FACE = "no_face"
 STATUS_UNREADABLE = "unreadable"
@@ -287,7 +295,7 @@ def _format(value: float) -> str:
     return f"{value:.2f}"
 
 
-def _cache_row(image_id: str, status: str, size, faces: Sequence[Detection], stamp=("", "", "")) -> list[str]:
+def _cache_row(image_id: str, status: str, size, faces: Sequence[Detection], stamp=("", "", ""), orientation="") -> list[str]:
     face = primary_face(faces)
     height, width = size if size is not None else ("", "")
     row = [image_id, status, str(len(faces)), str(height), str(width)]
@@ -296,7 +304,7 @@ def _cache_row(image_id: str, status: str, size, faces: Sequence[Detection], sta
     else:
         row += [_format(v) for v in face.box] + [f"{face.confidence:.4f}"]
         row += [_format(v) for v in face.landmarks.reshape(-1)]
-    return row + list(stamp)
+    return row + list(stamp) + [str(orientation)]
 
 
 def _file_digest(data: bytes) -> str:
@@ -313,10 +321,17 @@ def file_stamp(path, data: Optional[bytes] = None) -> tuple[str, str, str]:
 
 
 def row_matches_file(row: dict, path) -> bool:
-    """Whether a cache row was detected on the file now at `path`: same size,
-    and same modification time or, after a copy that changed the time, the
-    same bytes. A row without a stamp (an older cache) cannot be checked and
-    counts as matching."""
+    """Whether a cache row was detected on the file now at `path`, upright:
+    same size, and same modification time or, after a copy that changed the
+    time, the same bytes. A row without a stamp (an older cache) cannot be
+    checked and counts as matching; a row of a cache that predates the
+    orientation column matches only an image without an EXIF rotation."""
+    if not _stamp_matches_file(row, path):
+        return False
+    return bool(row.get(ORIENTATION_COLUMN)) or file_exif_orientation(path) == 1
+
+
+def _stamp_matches_file(row: dict, path) -> bool:
     if not row.get("file_size"):
         return True
     try:
@@ -343,19 +358,19 @@ def _legacy_row_matches_file(row: dict, path) -> bool:
             width, height = image.size
     except (OSError, ValueError):
         return False
-    return row["height"] == str(height) and row["width"] == str(width)
+    return row["height"] == str(height) and row["width"] == str(width) and file_exif_orientation(path) == 1
 
 
 def _read_cache_rows(cache_file: Path) -> tuple[dict, bool, bool]:
     """image_id -> row dict, whether a torn (partial) last line was seen, and
-    whether the file is in an older format (no stamp columns)."""
+    whether the file is in an older format (no stamp or orientation columns)."""
     text = cache_file.read_text()
     if not text:
         return {}, True, False
     lines = text.splitlines(keepends=True)
     torn = not lines[-1].endswith("\n")
     if torn:  # a run killed mid-write: drop the partial line
-        if len(lines) == 1 and not ",".join(CACHE_COLUMNS).startswith(lines[0]):
+        if len(lines) == 1 and not any(",".join(columns).startswith(lines[0]) for columns in _CACHE_HEADERS):
             # Not even a partial header: some other file, never rewritten.
             raise LandmarkError(f"{cache_file}:1: not a tfface landmark cache (no header line)")
         lines = lines[:-1]
@@ -363,7 +378,7 @@ def _read_cache_rows(cache_file: Path) -> tuple[dict, bool, bool]:
     header = next(reader, None)
     if header is None:
         return {}, True, False
-    if tuple(header) not in (CACHE_COLUMNS, LEGACY_CACHE_COLUMNS):
+    if tuple(header) not in _CACHE_HEADERS:
         raise LandmarkError(
             f"{cache_file}:1: not a tfface landmark cache (header {header[:6]}...; expected {list(CACHE_COLUMNS[:6])}...)"
         )
@@ -371,15 +386,15 @@ def _read_cache_rows(cache_file: Path) -> tuple[dict, bool, bool]:
     for line_number, values in enumerate(reader, start=2):
         if len(values) != len(header):
             raise LandmarkError(f"{cache_file}:{line_number}: expected {len(header)} fields, got {len(values)}")
-        row = dict.fromkeys(STAMP_COLUMNS, "")
+        row = dict.fromkeys(CACHE_COLUMNS, "")
         row.update(zip(header, values))
         rows[values[0]] = row  # a later row for the same image replaces an earlier one
-    return rows, torn, tuple(header) == LEGACY_CACHE_COLUMNS
+    return rows, torn, tuple(header) != CACHE_COLUMNS
 
 
 def is_landmark_cache_header(columns) -> bool:
     """Whether a CSV header is that of a `tfface data annotate` cache."""
-    return tuple(columns) in (CACHE_COLUMNS, LEGACY_CACHE_COLUMNS)
+    return tuple(columns) in _CACHE_HEADERS
 
 
 def read_landmark_cache(cache_file) -> dict:
@@ -399,11 +414,14 @@ def _write_atomic(path: Path, rows: Iterable[list[str]]) -> None:
         os.fsync(f.fileno())
 
 
-def _load_rgb(path) -> np.ndarray:
-    from PIL import Image
+def _load_upright_rgb(path) -> tuple[np.ndarray, int]:
+    """The image as shown (EXIF orientation applied, as the pipeline decodes
+    it), and that orientation."""
+    from PIL import Image, ImageOps
 
     with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"))
+        orientation = file_exif_orientation(image)
+        return np.asarray(ImageOps.exif_transpose(image).convert("RGB")), orientation
 
 
 def annotate_folder(
@@ -462,12 +480,12 @@ def annotate_folder(
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
         images, rows, readable = [], {}, []
-        stamps = {}
+        stamps, orientations = {}, {}
         for i in chunk:
             try:
                 data = image_paths[i].read_bytes()
                 stamps[i] = file_stamp(image_paths[i], data)
-                image = _load_rgb(io.BytesIO(data))
+                image, orientations[i] = _load_upright_rgb(io.BytesIO(data))
                 check_rgb_image(image, str(image_paths[i]))
             except (OSError, ValueError) as e:
                 rows[i] = _cache_row(image_ids[i], STATUS_UNREADABLE, None, [])
@@ -479,7 +497,7 @@ def annotate_folder(
         if images:
             for i, image, faces in zip(readable, images, detector.detect_batch(images)):
                 status = STATUS_OK if faces else STATUS_NO_FACE
-                rows[i] = _cache_row(image_ids[i], status, image.shape[:2], faces, stamps[i])
+                rows[i] = _cache_row(image_ids[i], status, image.shape[:2], faces, stamps[i], orientations[i])
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerows(rows[i] for i in chunk)
         with open(cache_file, "a", newline="") as f:
@@ -536,6 +554,8 @@ def _current_rows(cache_file: Path, paths: dict) -> tuple[dict, list]:
                     row.update(zip(STAMP_COLUMNS, file_stamp(path)))
                 except OSError:
                     current = False
+        if current and not row[ORIENTATION_COLUMN]:
+            row[ORIENTATION_COLUMN] = "1"  # an older row kept: its image has no rotation
         if not current:
             changed.append(image_id)
             del rows[image_id]
