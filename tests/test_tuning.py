@@ -279,6 +279,149 @@ def test_resuming_over_another_space_or_experiment_is_refused(resumed_search, tm
             search_module._check_same_search(tuning.project_dir, tuning, base, space)
 
 
+def write_utkface_folder(root: Path, first: int, count: int) -> list:
+    """`count` tiny UTKFace-named images (age_gender_race_date.jpg) in root/images."""
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(first, first + count):
+        path = root / "images" / f"{20 + i}_{i % 2}_{i % 5}_2017011617{i:05d}.jpg.chip.jpg"
+        Image.fromarray(np.full((8, 8, 3), 40 + 5 * i, np.uint8)).save(path, "JPEG")
+        paths.append(path)
+    return paths
+
+
+def utkface_search(folder: Path, **overrides) -> Path:
+    """A one-trial search of the UTKFace folder `utk_data`, named relative
+    to the working directory (so a copy of `folder` searches its own copy)."""
+    experiment = tiny_experiment(schema="utkface")
+    experiment["data"].update(sources=["utk_data"], batch_size=8)
+    (folder / "space.yaml").write_text(yaml.safe_dump({"dropout": {"type": "choice", "values": [0.1]}}))
+    settings = dict(project="utk", max_trials=1, search_space="space.yaml", experiment=experiment)
+    return write_tuning(folder, **dict(settings, **overrides))
+
+
+@pytest.fixture(scope="module")
+def utk_search(tmp_path_factory):
+    """A one-trial search of 20 UTKFace images; copy its folder to resume it."""
+    folder = tmp_path_factory.mktemp("utk_search")
+    write_utkface_folder(folder / "utk_data", 0, 20)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        first = run_search(utkface_search(folder), verbose=0)
+    assert first["trials_run"] == ["0"]
+    return folder
+
+
+def _copy_of(folder: Path, tmp_path: Path, monkeypatch) -> Path:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    monkeypatch.chdir(copy)
+    return copy
+
+
+def test_resuming_after_the_data_folder_changed_is_refused(utk_search, tmp_path, monkeypatch):
+    folder = _copy_of(utk_search, tmp_path, monkeypatch)
+    project, data = folder / "utk", folder / "utk_data"
+    meta = project / "search.json"
+    [recorded] = json.loads(meta.read_text())["data"]["sources"]
+    assert recorded["source"] == "utk_data"  # as the config names it
+    assert (recorded["train_images"], recorded["val_images"]) == (16, 4)
+    assert re.fullmatch(r"[0-9a-f]{32}", recorded["val_ids"]) and recorded["val_ids"] != recorded["train_ids"]
+    state = {path: path.read_bytes() for path in [meta, project / "oracle.json", project / "trial_0" / "trial.json"]}
+
+    # Three more images: 5 validation images where the trials so far had 4.
+    added = write_utkface_folder(data, 20, 3)
+    with pytest.raises(ConfigError) as refused:
+        run_search(utkface_search(folder, max_trials=2), verbose=0)
+    message = str(refused.value)
+    assert "validation images of source utk_data: 4 before, 5 now" in message
+    assert "training images of source utk_data: 16 before, 18 now" in message
+    assert "would rank trials validated on different images" in message and f"remove {project}" in message
+    assert {path: path.read_bytes() for path in state} == state  # nothing was rewritten
+    assert not (project / "trial_1").exists()  # no trial ran
+
+    # A distributed chief refuses as well (it reads no dataset, only the
+    # split); a worker never writes search.json.
+    monkeypatch.setenv("KERASTUNER_ORACLE_IP", "127.0.0.1")
+    monkeypatch.setenv("KERASTUNER_ORACLE_PORT", str(_free_port()))
+    monkeypatch.setenv("KERASTUNER_TUNER_ID", "chief")
+    with pytest.raises(ConfigError, match="validation images of source utk_data: 4 before, 5 now"):
+        run_search(utkface_search(folder, max_trials=2), verbose=0)
+    monkeypatch.setenv("KERASTUNER_TUNER_ID", "tuner0")
+    with pytest.raises(TuningError, match="no chief answered"):
+        run_search(utkface_search(folder, max_trials=2, chief_wait_minutes=0.01), verbose=0)
+    assert {path: path.read_bytes() for path in state} == state
+    for name in ("KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER_ID"):
+        monkeypatch.delenv(name)
+
+    # As many images as before, but one of them another.
+    for path in added:
+        path.unlink()
+    min(data.glob("images/*.jpg")).unlink()
+    write_utkface_folder(data, 30, 1)
+    with pytest.raises(ConfigError, match=r"images of source utk_data: \d+ before and now, but not the same images"):
+        run_search(utkface_search(folder), verbose=0)
+    assert meta.read_bytes() == state[meta]
+
+
+def test_resuming_with_the_same_data_or_an_older_record_works(utk_search, tmp_path, monkeypatch):
+    folder = _copy_of(utk_search, tmp_path, monkeypatch)
+    meta = folder / "utk" / "search.json"
+    recorded = json.loads(meta.read_text())
+    assert recorded["data"]["sources"][0]["val_images"] == 4
+    # The same data: resumed (nothing left to run at max_trials 1).
+    again = run_search(utkface_search(folder), verbose=0)
+    assert again["trials_run"] == [] and [r["status"] for r in again["trials"]] == ["COMPLETED"]
+    assert json.loads(meta.read_text())["data"] == recorded["data"]
+    # A search.json of a tfface that recorded no data is accepted, and the
+    # record is added when it is rewritten.
+    meta.write_text(json.dumps({k: v for k, v in recorded.items() if k != "data"}, indent=2))
+    again = run_search(utkface_search(folder), verbose=0)
+    assert again["trials_run"] == [] and again["trials"][0]["status"] == "COMPLETED"
+    assert json.loads(meta.read_text())["data"] == recorded["data"]
+
+
+def test_the_data_record_names_each_changed_side(tmp_path):
+    before = {"image_ids": search_module.IMAGE_IDS, "sources": [
+        {"source": "a", "train_images": 10, "val_images": 2, "train_ids": "t", "val_ids": "v"},
+        {"source": "b", "train_images": 5, "val_images": 1, "train_ids": "t", "val_ids": "v"},
+    ]}
+    project = tmp_path / "p"
+    project.mkdir()
+    (project / "search.json").write_text(json.dumps({"data": before}))
+    search_module._check_same_data(project, before)  # unchanged
+    now = json.loads(json.dumps(before))
+    now["sources"][1]["train_ids"] = "other"
+    with pytest.raises(ConfigError, match=r"training images of source b: 5 before and now, but not the same images"):
+        search_module._check_same_data(project, now)
+    now = json.loads(json.dumps(before))
+    now["sources"][0]["val_images"] = 3
+    with pytest.raises(ConfigError, match=r"validation images of source a: 2 before, 3 now;"):
+        search_module._check_same_data(project, now)
+    now["sources"] = now["sources"][:1]
+    with pytest.raises(ConfigError, match=r"sources \['a', 'b'\] before, \['a'\] now"):
+        search_module._check_same_data(project, now)
+
+
+def test_search_json_records_the_images_the_search_read(resumed_search):
+    [recorded] = json.loads((resumed_search["folder"] / "search" / "search.json").read_text())["data"]["sources"]
+    assert recorded["source"] == "synthetic:200"
+    assert recorded["train_images"] + recorded["val_images"] == 200 and recorded["val_images"] > 0
+    # The record comes from the data the search read, not from a second read.
+    assert resumed_search["loads"] == (1, 1)
+    # Images held in memory are told apart by their pixels, files by their path.
+    source = open_source("synthetic:4", image_size=32)
+    ids = search_module.image_ids(source)
+    assert len(set(ids)) == 4 and ids == search_module.image_ids(source.subset([0, 1, 2, 3]))
+    utk = resumed_search["folder"] / "ids_utk"
+    write_utkface_folder(utk, 0, 3)
+    assert sorted(search_module.image_ids(open_source(str(utk)))) == sorted(os.listdir(utk / "images"))
+
+
 def test_yaml_exponent_without_dot_is_a_number():
     # PyYAML reads 1e-4 as a string; the space accepts it as a number.
     space = SearchSpace.from_dict(yaml.safe_load("learning_rate: {type: float, min: 1e-4, max: 1e-2, sampling: log}"))

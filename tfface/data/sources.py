@@ -185,8 +185,13 @@ def read_folder(root, **kwargs) -> FaceSource:
 def source_image_ids(source: FaceSource) -> list:
     """The image ids of a folder source, as its label files name them: the
     path under the images folder (`a/1.jpg`), which landmark caches key on."""
-    image_root = images_dir(Path(source.root))
-    return [Path(os.path.relpath(p, image_root)).as_posix() for p in source.image_paths]
+    image_root = str(images_dir(Path(source.root)))
+    prefix = os.path.join(image_root, "")
+    # A prefix cut, not os.path.relpath per file: that took 12 s for 200,000 images.
+    return [
+        path[len(prefix) :].replace(os.sep, "/") if path.startswith(prefix) else Path(os.path.relpath(path, image_root)).as_posix()
+        for path in map(str, source.image_paths)
+    ]
 
 
 def attach_cached_landmarks(source: FaceSource) -> FaceSource:

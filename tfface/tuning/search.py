@@ -168,6 +168,9 @@ class SearchData:
     # Task name -> training labels, for models that start from label
     # statistics (model.correlation_init: label_correlation).
     train_labels: Optional[dict] = None
+    # Which images each source gave to training and validation
+    # (`data_record`); search.json keeps it so a resume can tell.
+    data_record: Optional[dict] = None
 
 
 def load_search_data(config: ExperimentConfig) -> SearchData:
@@ -185,7 +188,67 @@ def load_search_data(config: ExperimentConfig) -> SearchData:
     steps = int(train_ds.cardinality().numpy())
     if steps < 1:
         steps = config.train.steps_per_epoch or 1
-    return SearchData(train_ds, val_ds, steps, training_labels(schema, train_sources))
+    return SearchData(
+        train_ds, val_ds, steps, training_labels(schema, train_sources),
+        data_record=data_record(config, train_sources, val_sources),
+    )
+
+
+# What image ids `data_record` digests, recorded beside the digests.
+IMAGE_IDS = (
+    "blake2b-16 of the sorted image ids, one per line: a file's path under its source's images folder, "
+    "or the blake2b-16 of the pixels of an image held in memory"
+)
+
+
+def image_ids(source) -> list[str]:
+    """An id per image of a `FaceSource` (split or not), without decoding
+    any: a file's path under the source's images folder (as its label
+    files name it), or a digest of the pixels of an image held in memory."""
+    import numpy as np
+
+    if source.image_paths is None:
+        return [hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).hexdigest()
+                for image in source.images]
+    if source.root:
+        from tfface.data.sources import source_image_ids
+
+        return source_image_ids(source)
+    return [os.path.basename(str(p)) for p in source.image_paths]
+
+
+def _ids_digest(ids) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for image_id in sorted(ids):
+        digest.update(image_id.encode("utf-8", "surrogateescape") + b"\n")
+    return digest.hexdigest()
+
+
+def data_record(config: ExperimentConfig, train_sources, val_sources) -> dict:
+    """What a search trains and validates on, per source in the config's
+    order: its path as the config gives it, its training and validation
+    image counts and a digest of each side's sorted image ids."""
+    sources = []
+    for i, source_config in enumerate(config.data.sources):
+        val = val_sources[i] if i < len(val_sources) else None
+        sources.append({
+            "source": str(source_config.path),
+            "train_images": len(train_sources[i]),
+            "val_images": 0 if val is None else len(val),
+            "train_ids": _ids_digest(image_ids(train_sources[i])),
+            "val_ids": _ids_digest([] if val is None else image_ids(val)),
+        })
+    return {"image_ids": IMAGE_IDS, "sources": sources}
+
+
+def read_data_record(config: ExperimentConfig) -> dict:
+    """`data_record` of the base experiment's sources, opened and split as
+    a trial's data is, but without building any dataset (the chief trains
+    nothing)."""
+    from tfface.training.trainer import load_sources
+
+    train_sources, val_sources = load_sources(config.data)
+    return data_record(config, train_sources, val_sources)
 
 
 def prepare(tuning_config_path):
@@ -591,7 +654,7 @@ def run_search(
     tuning, base, space = prepare(tuning_config_path)
     role = _distributed_role()
     project_dir = tuning.project_dir
-    if role != "worker":
+    if role != "worker":  # before any data is read
         _check_same_search(project_dir, tuning, base, space)
     start = time.time()
     deadline = start + tuning.time_budget_minutes * 60.0 if tuning.time_budget_minutes else None
@@ -603,6 +666,10 @@ def run_search(
         if data is None:
             data = load_search_data(base)
         steps = data.steps_per_epoch
+    record = None
+    if role != "worker":  # before any trial runs and search.json is rewritten
+        record = getattr(data, "data_record", None) or read_data_record(base)
+        _check_same_data(project_dir, record)
     keras.utils.set_random_seed(tuning.seed)
     hypermodel = hypermodel_for(
         base,
@@ -615,7 +682,7 @@ def run_search(
         _wait_for_chief(tuning.chief_wait_minutes)
     tuner = make_tuner(tuning, hypermodel, deadline=deadline, on_trial_end_hook=on_trial_end)
     if role != "worker":
-        _write_meta(project_dir, tuning, base, space)
+        _write_meta(project_dir, tuning, base, space, record)
     fit_args = () if data is None else (data.train,)
     # The training stream is shuffled by the pipeline already.
     fit_kwargs = dict(epochs=tuning.epochs, verbose=verbose, shuffle=False)
@@ -660,17 +727,29 @@ def run_search(
     return summary
 
 
-def _check_same_search(project_dir: Path, tuning: TuningConfig, base: ExperimentConfig, space: SearchSpace) -> None:
-    """Refuses to resume a search as another tuner, over another space or
-    base experiment: KerasTuner would keep sampling the space stored in its
-    oracle and silently mix trials of two searches."""
+def _previous_meta(project_dir: Path) -> Optional[dict]:
+    """The search.json of an earlier run in `project_dir`, or None."""
     meta = project_dir / "search.json"
     if not meta.is_file():
-        return
+        return None
     try:
         previous = json.loads(meta.read_text())
     except ValueError:
+        previous = None
+    if not isinstance(previous, dict):
         raise TuningError(f"{meta} is not valid JSON; remove {project_dir} to start the search over") from None
+    return previous
+
+
+def _check_same_search(project_dir: Path, tuning: TuningConfig, base: ExperimentConfig, space: SearchSpace) -> None:
+    """Refuses to resume a search as another tuner, over another space or
+    base experiment: KerasTuner would keep sampling the space stored in its
+    oracle and silently mix trials of two searches. (The data itself is
+    checked by `_check_same_data`, once it is read.)"""
+    meta = project_dir / "search.json"
+    previous = _previous_meta(project_dir)
+    if previous is None:
+        return
     problem = split_method_problem(previous.get("split"), f"the search in {project_dir}")
     if problem:
         raise ConfigError(
@@ -692,6 +771,46 @@ def _check_same_search(project_dir: Path, tuning: TuningConfig, base: Experiment
                 f"{project_dir} holds a search over another {what} ({meta} records the one it ran); "
                 f"resuming would mix trials of two searches: use another project name or remove {project_dir}"
             )
+
+
+def _data_changes(before: dict, now: dict) -> list[str]:
+    """What differs between two `data_record`s, in words."""
+    old = before.get("sources") if isinstance(before, dict) else None
+    if not isinstance(old, list) or not all(isinstance(s, dict) for s in old):
+        return ["the recorded data cannot be read"]
+    new = now["sources"]
+    names_before, names_now = [s.get("source") for s in old], [s["source"] for s in new]
+    if names_before != names_now:
+        return [f"sources {names_before} before, {names_now} now"]
+    changes = []
+    for was, is_ in zip(old, new):
+        for side, what in (("val", "validation"), ("train", "training")):
+            count_before, count_now = was.get(f"{side}_images"), is_[f"{side}_images"]
+            if count_before != count_now:
+                changes.append(f"{what} images of source {is_['source']}: {count_before} before, {count_now} now")
+            elif was.get(f"{side}_ids") != is_[f"{side}_ids"]:
+                changes.append(
+                    f"{what} images of source {is_['source']}: {count_now} before and now, but not the same images"
+                )
+    return changes
+
+
+def _check_same_data(project_dir: Path, record: dict) -> None:
+    """Refuses to resume a search whose sources now hold other images (files
+    added or removed, label rows that changed which images exist): its new
+    trials would be validated on other images than its earlier ones and yet
+    ranked with them. A search.json written before the data was recorded
+    passes (the record is added when it is rewritten)."""
+    previous = _previous_meta(project_dir)
+    if previous is None or "data" not in previous:
+        return
+    changes = _data_changes(previous["data"], record)
+    if changes:
+        raise ConfigError(
+            f"{project_dir} holds a search run on other data ({project_dir / 'search.json'} records what it "
+            f"trained and validated on): {'; '.join(changes)}; resuming would rank trials validated on "
+            f"different images: use another project name or remove {project_dir}"
+        )
 
 
 def _trial_budget_record(tuning: TuningConfig) -> dict:
@@ -716,7 +835,9 @@ def _experiment_record(base: ExperimentConfig) -> dict:
     return record
 
 
-def _write_meta(project_dir: Path, tuning: TuningConfig, base: ExperimentConfig, space: SearchSpace) -> None:
+def _write_meta(
+    project_dir: Path, tuning: TuningConfig, base: ExperimentConfig, space: SearchSpace, data: Optional[dict] = None
+) -> None:
     project_dir.mkdir(parents=True, exist_ok=True)
     meta = {
         "project": tuning.project,
@@ -730,6 +851,8 @@ def _write_meta(project_dir: Path, tuning: TuningConfig, base: ExperimentConfig,
         "trial_budget": _trial_budget_record(tuning),
         "split": split_record(base.data.val_fraction, base.data.split_seed),
     }
+    if data is not None:
+        meta["data"] = data
     _write_json_atomic(project_dir / "search.json", meta, indent=2)
 
 
