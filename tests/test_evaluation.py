@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -353,6 +354,67 @@ def test_a_keras_file_of_another_project_is_named(tmp_path):
         archive.writestr("metadata.json", "{}")
     with pytest.raises(ValueError, match="no_config.keras: cannot load it as a tfface model"):
         load_model(broken)
+
+
+def test_evaluate_limit_scores_a_fixed_hashed_subset_and_records_it(tiny_model, tmp_path, capsys):
+    from tfface.cli import main as cli_main
+    from tfface.data.sources import open_source
+    from tfface.data.synthetic import write_synthetic_folder
+    from tfface.evaluation.evaluate import limit_sources
+
+    folder = write_synthetic_folder(synthetic_source(n=12), tmp_path / "faces")
+    model_file = tmp_path / "m.keras"
+    tiny_model.save(model_file)
+    base = ["evaluate", "--model", str(model_file), "--data", str(folder), "--batch-size", "4"]
+    saved = []
+    for run in ("a", "b"):
+        assert cli_main(base + ["--out", str(tmp_path / run), "--limit", "5"]) == 0
+        saved.append(json.loads((tmp_path / run / "metrics.json").read_text()))
+    assert "limit: 5 of 12 images scored (limit 5), a fixed subset" in capsys.readouterr().out
+    first, second = saved
+    assert first["n_images"] == 5 and first["tasks"]["gender"]["n_labelled"] == 5
+    assert first["limit"]["requested"] == 5 and first["limit"]["applied"] is True
+    assert first["limit"]["n_images_scored"] == 5 and first["limit"]["n_images_available"] == 12
+    assert first["data"][0]["n_images"] == 5 and first["data"][0]["n_images_available"] == 12
+    assert first["tasks"] == second["tasks"]  # the same images, so the same scores
+    assert "- **Limit:** 5 of 12 images scored (limit 5)" in (tmp_path / "a" / "report.md").read_text()
+
+    # The same rows every time, by hash: not the first five in file order,
+    # and unmoved when an image that was not chosen leaves the folder.
+    source = open_source(str(folder))
+    [chosen], _, _ = limit_sources([source], 5)
+    [again], _, _ = limit_sources([source], 5)
+    names = [Path(p).name for p in chosen.image_paths]
+    assert names == [Path(p).name for p in again.image_paths]
+    assert names != [Path(p).name for p in source.image_paths[:5]]
+    kept = [i for i, p in enumerate(source.image_paths) if Path(p).name not in names][1:]
+    kept = sorted(kept + [i for i, p in enumerate(source.image_paths) if Path(p).name in names])
+    [fewer], _, _ = limit_sources([source.subset(kept)], 5)
+    assert [Path(p).name for p in fewer.image_paths] == names
+
+    # A limit of all the images or more scores all of them and says so.
+    assert cli_main(base + ["--out", str(tmp_path / "all"), "--limit", "50"]) == 0
+    every = json.loads((tmp_path / "all" / "metrics.json").read_text())
+    assert every["n_images"] == 12 and every["limit"]["applied"] is False
+    assert every["limit"]["n_images_available"] == 12
+    assert "- **Limit:** all 12 images scored (limit 50 is not below that)" in (tmp_path / "all" / "report.md").read_text()
+    # Without --limit the record says no limit.
+    metrics = evaluate_model(tiny_model, synthetic_source(n=6), tmp_path / "none", batch_size=8)
+    assert metrics["limit"] is None and metrics["n_images"] == 6
+
+
+def test_evaluate_limit_below_one_is_refused(tiny_model, tmp_path, capsys):
+    from tfface.cli import main as cli_main
+
+    for bad in ("0", "-3"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["evaluate", "--model", "m.keras", "--data", "synthetic:8", "--out", str(tmp_path / "ev"),
+                      "--limit", bad])
+        assert exit_info.value.code == 2
+        assert f"argument --limit: must be >= 1, got {int(bad)}" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="limit must be a whole number >= 1, got 0"):
+        evaluate_model(tiny_model, synthetic_source(n=4), tmp_path / "ev", limit=0)
+    assert not (tmp_path / "ev").exists()
 
 
 # --- calibration --------------------------------------------------------------------------

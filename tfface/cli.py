@@ -104,7 +104,7 @@ def _cmd_data_summary(args):
         bad = undecodable_images([source], limit=len(source))
         if bad:
             note(source.problems, f"{len(bad)} image(s) do not decode (train and evaluate stop at them): {'; '.join(bad[:3])}")
-    summary = summarize_source(source)
+    summary = summarize_source(source, all_sizes=args.all_sizes)
     print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
 
 
@@ -226,7 +226,7 @@ def _cmd_evaluate(args):
         print(f"calibrated {len(thresholds)} thresholds on the validation split")
     metrics = evaluate_model(
         model, data, args.out, batch_size=args.batch_size, split=args.split, model_path=args.model,
-        **split_options,
+        limit=args.limit, **split_options,
     )
     print_metrics(metrics)
     print(f"wrote {args.out}/metrics.json and report.md")
@@ -385,6 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--check-images", action="store_true",
         help="decode every image (slow) and list those that do not decode, e.g. truncated files",
     )
+    p.add_argument(
+        "--all-sizes", action="store_true",
+        help="read every image's header for the image-size counts (by default a folder of more than "
+        "2000 images has a fixed random sample of 2000 read, and the summary says so)",
+    )
     p.set_defaults(func=_cmd_data_summary)
     p = data_sub.add_parser("generate", help="write synthetic faces as a CelebA-format folder")
     p.add_argument("--out", required=True, help="folder to create (must not hold files)")
@@ -438,6 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--skip-bad-rows", action="store_true",
         help="skip malformed label rows and missing images instead of stopping; metrics.json lists what was skipped",
+    )
+    p.add_argument(
+        "--limit", type=_positive_int, metavar="N",
+        help="score only N images of the data (of the --split part when given): the same N on every run, chosen "
+        "by a seeded hash of the image file names, not the first N; metrics.json and report.md record the limit "
+        "(default: every image)",
     )
     p.set_defaults(func=_cmd_evaluate)
 

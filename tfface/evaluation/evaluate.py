@@ -40,6 +40,11 @@ SUBGROUPINGS = {
     "race": ("race",),
 }
 GENDER_NAMES = ("female", "male")
+# Seed of the hash that picks the images of a limited evaluation (`limit`).
+# Not the split seed: with it, the images without an identity that rank
+# first would be the very ones a split puts in validation, so "--limit" on
+# all of the data would score mostly held-out images.
+LIMIT_SEED = 20240602
 
 
 # --- loading --------------------------------------------------------------------
@@ -89,6 +94,54 @@ def _split(source, split, val_fraction, split_seed):
     if len(part) == 0:
         raise ValueError(f"source {source.name!r} ({len(source)} images) has no {split!r} images")
     return part
+
+
+def _check_limit(limit) -> None:
+    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
+        raise ValueError(f"limit must be a whole number >= 1, got {limit!r}")
+
+
+def limit_sources(sources, limit: int, seed: int = LIMIT_SEED):
+    """A fixed subset of `limit` images of the sources, together.
+
+    Each image is ranked by `tfface.data.splits.image_draws`: a seeded hash
+    of its file name (of its pixels for images in memory), so the same data
+    gives the same images on every run and machine, none is chosen for its
+    place in the file (CelebA's rows are in id order), and adding or
+    removing other images does not swap the chosen ones for others. Rows
+    keep their order within each source.
+
+    Returns:
+        (sources, available, record): the sources cut to their chosen rows
+        (a source with none chosen is left out), the number of images each
+        of those had before the cut, and what `metrics.json` records under
+        "limit".
+    """
+    from tfface.data.splits import image_draws
+
+    _check_limit(limit)
+    total = sum(len(s) for s in sources)
+    record = {
+        "requested": int(limit),
+        "applied": bool(limit < total),
+        "n_images_scored": int(min(limit, total)),
+        "n_images_available": int(total),
+        "seed": int(seed),
+        "chosen_by": "the lowest seeded hashes of the image file names (of the pixels for images in memory)",
+    }
+    if limit >= total:
+        return list(sources), [len(s) for s in sources], record
+    draws = np.concatenate([image_draws(s, np.arange(len(s)), seed) for s in sources])
+    owner = np.concatenate([np.full(len(s), i) for i, s in enumerate(sources)])
+    rows = np.concatenate([np.arange(len(s)) for s in sources])
+    chosen = np.argsort(draws, kind="stable")[: int(limit)]
+    limited, available = [], []
+    for i, source in enumerate(sources):
+        mine = np.sort(rows[chosen[owner[chosen] == i]])
+        if mine.size:
+            limited.append(source.subset(mine))
+            available.append(len(source))
+    return limited, available, record
 
 
 # --- predictions ------------------------------------------------------------------
@@ -393,6 +446,7 @@ def evaluate_model(
     val_fraction: float = 0.15,
     split_seed: int | None = None,
     model_path: str | None = None,
+    limit: int | None = None,
 ) -> dict:
     """Evaluates a model and writes `metrics.json`, PNG plots and `report.md`.
 
@@ -410,6 +464,11 @@ def evaluate_model(
         split: None, "train" or "val" (see `open_sources`).
         model_path: where a loaded model came from (recorded in
             `metrics.json` and read by the model card).
+        limit: score only this many images of the (split) data, a fixed
+            subset chosen by a hash of each image's file name (see
+            `limit_sources`); all of them when there are no more. `n_images`
+            stays the number scored; "limit" in `metrics.json` records the
+            request and how many images there were (None: no limit).
 
     Returns:
         The metrics dict also saved as `metrics.json`.
@@ -423,9 +482,11 @@ def evaluate_model(
         raise TypeError(f"expected a tfface model (with a task schema), got {type(model).__name__}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if limit is not None:
+        _check_limit(limit)  # before anything is written
     with replaced_folder(out_dir, is_evaluation_file, marker=METRICS_FILE) as staging:
         metrics, files = _evaluation(
-            model, model_path, data_spec_or_sources, batch_size, thresholds, split, val_fraction, split_seed
+            model, model_path, data_spec_or_sources, batch_size, thresholds, split, val_fraction, split_seed, limit
         )
         for name, data in files.items():
             (staging / name).write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
@@ -440,7 +501,8 @@ def is_evaluation_file(name: str) -> bool:
     return name.endswith(".png") and name.startswith(("confusion_", "subgroups_"))
 
 
-def _evaluation(model, model_path, data_spec_or_sources, batch_size, thresholds, split, val_fraction, split_seed):
+def _evaluation(model, model_path, data_spec_or_sources, batch_size, thresholds, split, val_fraction, split_seed,
+                limit=None):
     """(metrics, file name -> contents) of one evaluation."""
     from tfface.evaluation import plots
     from tfface.evaluation.model_card import model_card
@@ -450,6 +512,10 @@ def _evaluation(model, model_path, data_spec_or_sources, batch_size, thresholds,
     sources = open_sources(
         data_spec_or_sources, model.image_size, split=split, val_fraction=val_fraction, split_seed=split_seed
     )
+    limit_record = None
+    available = [len(s) for s in sources]
+    if limit is not None:
+        sources, available, limit_record = limit_sources(sources, limit)
     labelled = {t.name for s in sources for t in schema.labelled_by(s.format)}
     if not labelled:
         raise ValueError(
@@ -486,9 +552,12 @@ def _evaluation(model, model_path, data_spec_or_sources, batch_size, thresholds,
     metrics["data"] = [
         # `problems`: what reading the source skipped (bad file names, images
         # without label rows), so a skip is on record, not only in a log.
+        # `n_images`: images scored; `n_images_available`: before a limit.
         {"name": s.name, "format": s.format, "n_images": len(s), "root": s.root, "split": split, "problems": list(s.problems)}
-        for s in sources
+        | ({} if limit_record is None else {"n_images_available": n})
+        for s, n in zip(sources, available)
     ]
+    metrics["limit"] = limit_record
     if len(sources) > 1:
         source_ids = extras["_source"]
         metrics["per_source"] = {}
@@ -529,6 +598,11 @@ def format_metrics(metrics: dict, worst: int = 5) -> str:
         return "n/a" if value is None else f"{value:.4f}"
 
     lines = [f"images: {metrics.get('n_images', 0)}"]
+    from tfface.evaluation.report import limit_line
+
+    limit = limit_line(metrics.get("limit"))
+    if limit:
+        lines.append(f"limit: {limit}")
     if metrics.get("n_binary_tasks"):
         lines.append(
             f"mean accuracy {fmt(metrics.get('mean_accuracy'))}, mean balanced accuracy "

@@ -56,6 +56,9 @@ def markdown_report(metrics: dict) -> str:
         )
         lines.append(f"- **Data:** {described}")
     lines.append(f"- **Images evaluated:** {metrics.get('n_images', 0)}")
+    limit = limit_line(metrics.get("limit"))
+    if limit:
+        lines.append(f"- **Limit:** {limit}")
     lines += ["", "## Headline", ""]
     headline = [
         ("mean accuracy (binary tasks)", metrics.get("mean_accuracy")),
@@ -132,3 +135,15 @@ def markdown_report(metrics: dict) -> str:
         for name in plots:
             lines += [f"![{_plot_title(name)}]({name})", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def limit_line(limit) -> str | None:
+    """What an evaluation with `--limit` scored, in words; None without one."""
+    if not limit:
+        return None
+    if not limit["applied"]:
+        return f"all {limit['n_images_available']} images scored (limit {limit['requested']} is not below that)"
+    return (
+        f"{limit['n_images_scored']} of {limit['n_images_available']} images scored (limit {limit['requested']}), "
+        f"a fixed subset: {limit['chosen_by']}, seed {limit['seed']}"
+    )
