@@ -260,3 +260,128 @@ def test_training_images_are_upright_as_exif_shows_them(tmp_path):
         np.testing.assert_array_equal(images[i], images[0], err_msg=paths[i].name)
         np.testing.assert_allclose(y["_landmarks"][i], y["_landmarks"][0], err_msg=paths[i].name)
     assert not np.array_equal(images[0], images[0][:, ::-1])  # the check above could tell a mirror
+
+
+# --- where the decoded images are cached (data.cache) -------------------------------------
+
+
+def _cached_sources(dataset) -> int:
+    """How many cache ops (memory or files) the dataset's graph holds."""
+    graph = tf.compat.v1.GraphDef.FromString(dataset._as_serialized_graph().numpy())
+    return sum(node.op.startswith("CacheDataset") for node in graph.node)
+
+
+def test_auto_cache_is_memory_while_the_images_fit_then_files_then_none(tmp_path, monkeypatch, caplog):
+    from tfface.data import pipeline
+
+    monkeypatch.setenv("TFFACE_CACHE_DIR", str(tmp_path / "cache"))
+    sources = [_utk_source(), _utk_source()]  # 10 images: 10 x 32 x 32 x 3 bytes
+    needed = 10 * SIZE * SIZE * 3
+    assert pipeline.cache_bytes(sources, SIZE) == needed
+    monkeypatch.setattr(pipeline, "cache_memory_limit", lambda: needed)
+    monkeypatch.setattr(pipeline, "_free_bytes", lambda folder: 100 * needed)
+    for cache in ("auto", True):
+        assert pipeline.choose_cache(cache, sources, SIZE) == "memory"
+    assert not caplog.records  # memory: nothing to say
+    # Explicit choices are taken as they are, whatever the size.
+    assert [pipeline.choose_cache(c, sources, SIZE * 4) for c in ("memory", "disk", False)] == ["memory", "disk", "none"]
+    # Over the limit: files while the disk has room, with one line saying why.
+    monkeypatch.setattr(pipeline, "cache_memory_limit", lambda: needed - 1)
+    assert pipeline.choose_cache("auto", sources, SIZE) == "disk"
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    assert "0.0 GB" in message and "memory limit" in message and "in files under" in message and "cache" in message
+    # ... and a training stream then caches to a fresh folder under $TFFACE_CACHE_DIR.
+    dataset = make_dataset(sources, get_schema("fused"), SIZE, batch_size=4, training=True, steps_per_epoch=3)
+    assert _cached_sources(dataset) == 2
+    folders = list((tmp_path / "cache" / "images").iterdir())
+    assert len(folders) == 1 and folders[0].name.startswith("run-")
+    assert len(_collect(dataset)[0]) == 12
+    assert sorted(p.name for p in folders[0].iterdir()) == [
+        "source0.data-00000-of-00001", "source0.index", "source1.data-00000-of-00001", "source1.index",
+    ]
+    # No room on the disk either: not cached at all.
+    caplog.clear()
+    monkeypatch.setattr(pipeline, "_free_bytes", lambda folder: needed)
+    assert pipeline.choose_cache("auto", sources, SIZE) == "none"
+    assert "not caching them" in caplog.records[0].getMessage()
+    assert _cached_sources(make_dataset(sources, get_schema("fused"), SIZE, batch_size=4)) == 0
+    # The limit is a quarter of the memory unless set.
+    monkeypatch.undo()
+    monkeypatch.setenv(pipeline.CACHE_MEMORY_ENV, "1.5")
+    assert pipeline.cache_memory_limit() == 1.5e9
+    monkeypatch.setenv(pipeline.CACHE_MEMORY_ENV, "lots")
+    with pytest.raises(ValueError, match="TFFACE_CACHE_MEMORY_GB must be a number of GB"):
+        pipeline.cache_memory_limit()
+    monkeypatch.delenv(pipeline.CACHE_MEMORY_ENV)
+    memory = pipeline.physical_memory_bytes()
+    assert memory and pipeline.cache_memory_limit() == int(memory * pipeline.CACHE_MEMORY_FRACTION)
+
+
+def test_a_file_cache_yields_what_memory_does_from_its_own_fresh_files(tmp_path, monkeypatch):
+    import gc
+
+    monkeypatch.setenv("TFFACE_CACHE_DIR", str(tmp_path / "cache"))
+    schema = get_schema("fused")
+    sources = [_celeba_source(tmp_path), _utk_source()]
+    in_memory = _collect(make_dataset(sources, schema, SIZE, batch_size=4, cache="memory"))
+    on_disk = make_dataset(sources, schema, SIZE, batch_size=4, cache="disk")
+    other = make_dataset(sources, schema, SIZE, batch_size=4, cache="disk")  # as train and val would be
+    folders = sorted((tmp_path / "cache" / "images").iterdir())
+    assert len(folders) == 2  # one folder per dataset: no two share a file prefix
+    for _ in range(2):  # the first pass writes the files, the second reads them
+        images, y = _collect(on_disk)
+        np.testing.assert_array_equal(images, in_memory[0])
+        for key in in_memory[1]:
+            np.testing.assert_array_equal(y[key], in_memory[1][key], err_msg=key)
+        assert len(images) == 11
+        # The second pass is served from the files: the images are gone.
+        for path in sources[0].image_paths:
+            Path(path).unlink(missing_ok=True)
+    # A dataset made later never reads those files: it starts afresh.
+    with pytest.raises(tf.errors.NotFoundError, match="000000.jpg"):
+        _collect(other)
+    del on_disk, other
+    gc.collect()
+    assert not any(folder.exists() for folder in folders)  # removed with their datasets
+
+
+def test_short_epochs_do_not_cache_a_source_they_never_read_whole(caplog):
+    """Every epoch restarts the training stream (Keras iterates the dataset
+    afresh), so a source an epoch reads less than once would fill its cache
+    partly and discard it every epoch ("the calling iterator did not fully
+    read the dataset being cached")."""
+    n = 5000  # more than the shuffle buffer (4096), which reads ahead
+    rng = np.random.default_rng(0)
+    big = FaceSource(name="big", format="utkface", images=rng.integers(0, 255, (n, 8, 8, 3), dtype=np.uint8),
+                     columns={"age": np.full(n, 30), "male": np.arange(n) % 2, "race": np.arange(n) % 5})
+    schema = get_schema("fused")
+    small = _utk_source()
+    short = make_dataset([big, small], schema, 8, batch_size=4, training=True, steps_per_epoch=10, seed=1)
+    assert _cached_sources(short) == 1  # the small source only
+    assert "not caching the images of big (5000 examples, about 40 drawn per epoch)" in caplog.text
+    caplog.clear()
+    # An epoch of one pass (the default) fills the cache: cached.
+    whole = make_dataset([big, small], schema, 8, batch_size=4, training=True, seed=1)
+    assert _cached_sources(whole) == 2 and not caplog.text
+    assert _cached_sources(make_dataset([big], schema, 8, batch_size=4, cache=False)) == 0
+
+
+@pytest.mark.parametrize("value", ["ram", "Memory", 1, None, ["disk"]])
+def test_a_bad_data_cache_value_is_refused_naming_the_choices(value):
+    from tfface.config import ConfigError
+    from tfface.config import ExperimentConfig
+
+    with pytest.raises(ConfigError, match=r"data.cache must be one of \[true, false, 'auto', 'memory', 'disk'\]"):
+        ExperimentConfig.from_dict({"data": {"cache": value}})
+    if value is not None:  # None is False to make_dataset, as before
+        with pytest.raises(ValueError, match=r"cache must be one of \[true, false, 'auto', 'memory', 'disk'\]"):
+            make_dataset([_utk_source()], "fused", SIZE, cache=value)
+
+
+def test_data_cache_defaults_to_auto_and_takes_every_choice():
+    from tfface.config import ExperimentConfig
+
+    assert ExperimentConfig.from_dict({}).data.cache == "auto"
+    for value in (True, False, "auto", "memory", "disk"):
+        assert ExperimentConfig.from_dict({"data": {"cache": value}}).data.cache == value

@@ -26,6 +26,8 @@ BACKBONES = (
     "efficientnet_b0",
     "resnet50",
 )
+# data.cache, besides true (= "auto") and false (see tfface.data.pipeline).
+CACHE_CHOICES = ("auto", "memory", "disk")
 # Loss-weight families: every binary attribute except gender shares one.
 LOSS_FAMILIES = ("attributes", "age_group", "gender", "race")
 
@@ -69,7 +71,10 @@ class DataConfig:
     val_fraction: float = 0.15
     split_seed: int = 20240601
     augment: bool = True
-    cache: bool = True
+    # Decoded images kept after the first pass: "auto" (in memory while they
+    # take at most a quarter of it, else in files of a folder of the run,
+    # else not at all; logged), "memory", "disk", or false. true is "auto".
+    cache: Any = "auto"
     # Images with landmarks also yield group masks at image_size // 4
     # (needed by the mask-guided model).
     with_masks: bool = False
@@ -229,6 +234,11 @@ class ExperimentConfig:
             raise ConfigError("data.batch_size must be >= 1")
         if not 0.0 <= self.data.val_fraction < 1.0:
             raise ConfigError("data.val_fraction must be in [0, 1)")
+        cache = self.data.cache
+        if not (isinstance(cache, bool) or (isinstance(cache, str) and cache in CACHE_CHOICES)):
+            raise ConfigError(
+                f"data.cache must be one of [true, false, {', '.join(repr(c) for c in CACHE_CHOICES)}], got {cache!r}"
+            )
         if self.train.epochs < 1:
             raise ConfigError("train.epochs must be >= 1")
         if self.train.learning_rate <= 0:

@@ -15,6 +15,10 @@ the SavedModel uses (`tfface.data.image_ops`), cached, then augmented with
 transforms that keep labels, landmarks and masks consistent (a horizontal
 flip mirrors the landmarks and swaps left and right points; masks are drawn
 from the landmarks after augmentation).
+
+The cache of decoded images (`cache=`, `data.cache`) is in memory when it
+fits and in files of a fresh folder of the process otherwise, see
+`choose_cache`.
 """
 
 from __future__ import annotations
@@ -22,11 +26,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import re
+import shutil
+import tempfile
+import weakref
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
+from tfface.config import CACHE_CHOICES as CONFIG_CACHE_CHOICES
 from tfface.data.image_ops import decode_image
 from tfface.data.image_ops import decode_upright
 from tfface.data.image_ops import has_other_decodable_header
@@ -37,6 +47,7 @@ from tfface.schema import Schema
 from tfface.schema import get_schema
 
 AUTOTUNE = tf.data.AUTOTUNE
+_SHUFFLE_BUFFER = 4096  # rows per source
 # Landmark order: left eye, right eye, nose, left mouth, right mouth.
 FLIP_PERMUTATION = (1, 0, 2, 4, 3)
 
@@ -45,8 +56,148 @@ _JPEG_END = b"\xff\xd9"
 _PNG_START = b"\x89PNG"
 
 
+log = logging.getLogger(__name__)
+
+
 def mask_size_for(image_size: int) -> int:
     return image_size // 4
+
+
+# --- where the decoded images are cached ------------------------------------------------
+
+# What `cache=` (and the config's `data.cache`) takes. True is "auto": it
+# used to mean "memory", which is what "auto" picks whenever the images fit.
+CACHE_CHOICES = (True, False, *CONFIG_CACHE_CHOICES)
+# "auto" caches in memory up to this share of the machine's memory.
+CACHE_MEMORY_FRACTION = 0.25
+# Overrides that limit, in GB (e.g. TFFACE_CACHE_MEMORY_GB=48).
+CACHE_MEMORY_ENV = "TFFACE_CACHE_MEMORY_GB"
+_GB = 1e9
+
+
+def cache_mode(cache) -> str:
+    """`cache=` as "auto", "memory", "disk" or "none"; a bad value is a
+    ValueError listing the choices."""
+    if cache is True:
+        return "auto"
+    if cache is False or cache is None:
+        return "none"
+    if isinstance(cache, str) and cache in CACHE_CHOICES:
+        return cache
+    raise ValueError(f"cache must be one of [true, false, 'auto', 'memory', 'disk'], got {cache!r}")
+
+
+def cache_bytes(sources, image_size: int) -> int:
+    """What caching the decoded images of `sources` takes: images x S x S x 3
+    bytes (uint8; labels and TensorFlow's overhead come on top, about half
+    as much again at 64 px)."""
+    return sum(len(s) for s in sources) * int(image_size) ** 2 * 3
+
+
+def physical_memory_bytes() -> int | None:
+    """The machine's memory, or the container's limit (cgroup) when lower;
+    None when unknown."""
+    sizes = []
+    try:
+        sizes.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        pass
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < 2**60:  # "max" or a huge number: no limit
+            sizes.append(int(text))
+    sizes = [size for size in sizes if size > 0]
+    return min(sizes) if sizes else None
+
+
+def cache_memory_limit() -> int:
+    """Bytes "auto" may cache in memory: $TFFACE_CACHE_MEMORY_GB when set,
+    else a quarter of `physical_memory_bytes()` (2 GB when unknown)."""
+    forced = os.environ.get(CACHE_MEMORY_ENV)
+    if forced:
+        try:
+            value = float(forced)
+        except ValueError:
+            value = -1.0
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"${CACHE_MEMORY_ENV} must be a number of GB >= 0, got {forced!r}")
+        return int(value * _GB)
+    memory = physical_memory_bytes()
+    return int(memory * CACHE_MEMORY_FRACTION) if memory else int(2 * _GB)
+
+
+def cache_root() -> Path:
+    """Where file caches go: `$TFFACE_CACHE_DIR/images`, else
+    `~/.cache/tfface/images` ($XDG_CACHE_HOME replaces ~/.cache), not the
+    system temporary folder (often a RAM disk)."""
+    forced = os.environ.get("TFFACE_CACHE_DIR")
+    if forced:
+        return Path(forced).expanduser() / "images"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "tfface" / "images"
+
+
+def _free_bytes(folder: Path) -> int | None:
+    for path in (folder, *folder.parents):
+        if path.exists():
+            try:
+                return shutil.disk_usage(path).free
+            except OSError:
+                return None
+    return None
+
+
+def choose_cache(cache, sources, image_size: int, cache_dir=None) -> str:
+    """Where to cache the decoded images of `sources`: "memory", "disk" or "none".
+
+    `cache` "memory", "disk" and False are taken as they are. "auto" (and
+    True) is "memory" while `cache_bytes` stays within `cache_memory_limit()`
+    (a quarter of the memory, or $TFFACE_CACHE_MEMORY_GB), else "disk" when
+    the cache folder's file system has room for it, else "none"; those two
+    are logged in one line, with the sizes.
+    """
+    mode = cache_mode(cache)
+    if mode != "auto":
+        return mode
+    needed = cache_bytes(sources, image_size)
+    limit = cache_memory_limit()
+    if needed <= limit:
+        return "memory"
+    folder = Path(cache_dir) if cache_dir is not None else cache_root()
+    free = _free_bytes(folder)
+    # TensorFlow's files hold the labels too: room for half as much again.
+    if free is not None and free >= needed * 1.5:
+        mode, where = "disk", f"caching them in files under {folder} (removed when the data is no longer used)"
+    else:
+        room = f"{free / _GB:.1f} GB free" if free is not None else "no room known"
+        mode, where = "none", f"not caching them (decoded again every epoch): {folder} has {room}"
+    log.warning(
+        "data.cache auto: the decoded images of %d examples at %d px take about %.1f GB, more than the "
+        "%.1f GB memory limit (a quarter of the memory, or $%s); %s",
+        sum(len(s) for s in sources), image_size, needed / _GB, limit / _GB, CACHE_MEMORY_ENV, where,
+    )
+    return mode
+
+
+def new_cache_folder(cache_dir=None) -> Path:
+    """A fresh folder for the file caches of one dataset: nothing in it was
+    written before, so no image is ever served from an older run."""
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"run-{os.getpid()}-", dir=root))
+
+
+def _fills_in_one_epoch(size: int, draws_per_epoch: float, buffer: int) -> bool:
+    """Whether an epoch of a training stream reads a source's first pass
+    whole. Every epoch restarts the stream (Keras iterates the dataset
+    afresh), and a cache left unfilled is discarded: with fewer reads than
+    the source holds it never fills and only costs memory. The shuffle
+    buffer reads `buffer` rows ahead; 4 standard deviations of the draws'
+    spread are kept in hand."""
+    return size <= buffer or draws_per_epoch + buffer - 4 * math.sqrt(draws_per_epoch) >= size
 
 
 # --- per-source datasets --------------------------------------------------------
@@ -185,8 +336,11 @@ def source_dataset(
     image_size: int,
     source_id: int = 0,
     cache: bool = True,
+    cache_file=None,
 ) -> tf.data.Dataset:
-    """One source as a dataset of (image uint8, labels dict), unbatched."""
+    """One source as a dataset of (image uint8, labels dict), unbatched,
+    cached in memory (`cache`), in files starting with `cache_file` (which
+    must be new to this dataset), or not at all."""
     n = len(source)
     labels = schema.encode_labels(source.format, source.columns, n)
     if source.landmarks is not None:
@@ -212,7 +366,9 @@ def source_dataset(
         return image, y
 
     dataset = tf.data.Dataset.zip((images, meta)).map(combine, num_parallel_calls=AUTOTUNE)
-    if cache:
+    if cache_file is not None:
+        dataset = dataset.cache(str(cache_file))
+    elif cache:
         dataset = dataset.cache()
     return dataset
 
@@ -311,9 +467,10 @@ def make_dataset(
     weights=None,
     augment: bool = True,
     with_masks: bool = False,
-    cache: bool = True,
+    cache: bool | str = True,
     steps_per_epoch: int | None = None,
     seed: int | None = None,
+    cache_dir=None,
 ) -> tf.data.Dataset:
     """A batched `(x, y)` dataset over the fused sources.
 
@@ -322,6 +479,14 @@ def make_dataset(
     batches (default: one pass over all examples), so plain
     `model.fit(dataset)` works. Evaluation streams visit every example once,
     in order.
+
+    `cache`: the decoded, resized images are kept after the first pass,
+    "memory", in files ("disk": a fresh folder under `cache_dir`, default
+    `cache_root()`, removed when the dataset is no longer used or the
+    process ends), or "auto" / True (memory when they fit, see
+    `choose_cache`); False decodes every epoch. A training stream does not
+    cache a source an epoch reads less than once (logged): every epoch
+    restarts the stream, so that cache would be discarded unfilled each time.
     """
     if isinstance(sources, (FaceSource, str)):
         sources = [sources]
@@ -342,14 +507,12 @@ def make_dataset(
             raise ValueError(f"make_dataset: {key} must be a positive integer, got {value!r}")
     if steps_per_epoch is not None and (not isinstance(steps_per_epoch, (int, np.integer)) or steps_per_epoch < 1):
         raise ValueError(f"make_dataset: steps_per_epoch must be a positive integer or None, got {steps_per_epoch!r}")
+    mode = cache_mode(cache)
     empty = [s.name for s in sources if len(s) == 0]
     if empty:
         raise ValueError(f"sources with no examples: {empty}")
-    per_source = [
-        source_dataset(s, schema, image_size, source_id=i, cache=cache)
-        for i, s in enumerate(sources)
-    ]
     total = sum(len(s) for s in sources)
+    cached = [mode != "none"] * len(sources)
     if training:
         if weights is None:
             weights = [len(s) for s in sources]
@@ -359,8 +522,36 @@ def make_dataset(
         if not np.all(np.isfinite(weights)) or np.any(weights < 0) or weights.sum() <= 0:
             raise ValueError(f"source weights must be finite, >= 0 and not all 0, got {weights.tolist()}")
         weights = (weights / weights.sum()).tolist()
+        steps = steps_per_epoch or max(1, total // batch_size)
+        draws = [steps * batch_size * w for w in weights]
+        short = [
+            i for i, s in enumerate(sources)
+            if cached[i] and not _fills_in_one_epoch(len(s), draws[i], min(len(s), _SHUFFLE_BUFFER))
+        ]
+        if short:
+            log.warning(
+                "not caching the images of %s: an epoch of %d batches reads less than one pass of %s, and every "
+                "epoch starts the stream again, so the cache would be discarded unfilled each time",
+                ", ".join(f"{sources[i].name} ({len(sources[i])} examples, about {draws[i]:.0f} drawn per epoch)" for i in short),
+                steps, "it" if len(short) == 1 else "each",
+            )
+            for i in short:
+                cached[i] = False
+    if any(cached):
+        mode = choose_cache(mode, [s for s, c in zip(sources, cached) if c], image_size, cache_dir)
+    folder = new_cache_folder(cache_dir) if mode == "disk" and any(cached) else None
+    per_source = [
+        source_dataset(
+            s, schema, image_size, source_id=i,
+            cache=cached[i] and mode == "memory",
+            # One file prefix per source, in a folder of this dataset only.
+            cache_file=folder / f"source{i}" if folder is not None and cached[i] else None,
+        )
+        for i, s in enumerate(sources)
+    ]
+    if training:
         streams = [
-            ds.shuffle(min(len(s), 4096), seed=seed, reshuffle_each_iteration=True).repeat()
+            ds.shuffle(min(len(s), _SHUFFLE_BUFFER), seed=seed, reshuffle_each_iteration=True).repeat()
             for ds, s in zip(per_source, sources)
         ]
         dataset = (
@@ -370,7 +561,6 @@ def make_dataset(
         )
         if augment:
             dataset = dataset.map(augment_example, num_parallel_calls=AUTOTUNE)
-        steps = steps_per_epoch or max(1, total // batch_size)
         dataset = dataset.batch(batch_size, drop_remainder=True).take(steps)
     else:
         dataset = per_source[0]
@@ -381,4 +571,9 @@ def make_dataset(
         lambda image, y: _to_model_inputs(image, y, with_masks, image_size),
         num_parallel_calls=AUTOTUNE,
     )
-    return dataset.prefetch(AUTOTUNE)
+    dataset = dataset.prefetch(AUTOTUNE)
+    if folder is not None:
+        # Every dataset made from this one, and every iterator, keeps it
+        # alive; the folder goes with the last of them, or at exit.
+        weakref.finalize(dataset, shutil.rmtree, str(folder), True)
+    return dataset

@@ -40,6 +40,7 @@ from tfface.atomic_files import save_model_atomic
 from tfface.atomic_files import write_atomic
 from tfface.config import ConfigError
 from tfface.config import ExperimentConfig
+from tfface.data.pipeline import choose_cache
 from tfface.data.pipeline import make_dataset
 from tfface.data.pipeline import naming_undecodable_images
 from tfface.data.splits import split_method_problem
@@ -113,8 +114,9 @@ def check_mask_supervision(config: ExperimentConfig, train_sources) -> Optional[
     return coverage
 
 
-# Settings a resumed run may change: where it lives, its name, its budget.
-RESUMABLE_CHANGES = ("name", "train.output_dir", "train.time_budget_minutes")
+# Settings a resumed run may change: where it lives, its name, its budget,
+# where its decoded images are cached (the cache is lossless).
+RESUMABLE_CHANGES = ("name", "train.output_dir", "train.time_budget_minutes", "data.cache")
 
 
 def check_resumable(out: Path, config: ExperimentConfig) -> None:
@@ -389,6 +391,9 @@ def make_datasets(config: ExperimentConfig, schema, train_sources, val_sources):
     data = config.data
     with_masks = data.with_masks or config.model.type == "mask_guided"
     weights = [s.weight for s in data.sources] if len(train_sources) > 1 else None
+    # One choice for both streams: their caches are held together.
+    cache = choose_cache(data.cache, train_sources + val_sources, data.image_size)
+    cache = cache if cache != "none" else False
     train_ds = make_dataset(
         train_sources,
         schema,
@@ -398,14 +403,14 @@ def make_datasets(config: ExperimentConfig, schema, train_sources, val_sources):
         weights=weights,
         augment=data.augment,
         with_masks=with_masks,
-        cache=data.cache,
+        cache=cache,
         steps_per_epoch=config.train.steps_per_epoch,
         seed=config.train.seed,
     )
     val_ds = None
     if val_sources:
         val_ds = make_dataset(
-            val_sources, schema, data.image_size, batch_size=data.batch_size, with_masks=with_masks, cache=data.cache
+            val_sources, schema, data.image_size, batch_size=data.batch_size, with_masks=with_masks, cache=cache
         )
     return train_ds, val_ds
 
