@@ -461,3 +461,83 @@ def test_image_sizes_are_those_of_the_upright_image(tmp_path):
     Image.fromarray(np.zeros((48, 32, 3), np.uint8)).save(tmp_path / "b.jpg")
     source = FaceSource(name="s", format="celeba", columns={}, image_paths=np.array([str(tmp_path / "a.jpg"), str(tmp_path / "b.jpg")]))
     assert read_image_sizes(source).tolist() == [[32, 48], [48, 32]]
+
+
+# --- file times changed, bytes not (a copy that did not keep times) --------------------
+
+
+def _count_digests(monkeypatch):
+    calls = []
+    digest = detector_module._file_digest
+    monkeypatch.setattr(detector_module, "_file_digest", lambda data: calls.append(1) or digest(data))
+    return calls
+
+
+def test_annotate_records_the_new_time_of_an_unchanged_image_so_reads_stop_hashing_it(tmp_path, monkeypatch):
+    paths = _write_images(tmp_path, [200, 210, 220])
+    ids = [p.name for p in paths]
+    cache = tmp_path / "c.csv"
+    annotate_folder(paths, cache, detector=FakeDetector(), verbose=False)
+    os.utime(paths[1], ns=(10**18, 10**18))  # touched: same bytes, another time
+    hashed = _count_digests(monkeypatch)
+    expected = load_landmark_cache(cache, ids, paths)
+    assert len(hashed) == 1 and np.isfinite(expected).all()  # checked by its bytes, and kept
+
+    fake = FakeDetector()
+    annotate_folder(paths, cache, detector=fake, verbose=False)
+    assert fake.seen == 0  # not detected again: only its time is recorded
+    assert read_landmark_cache(cache)["001.png"]["file_mtime_ns"] == str(10**18)
+    hashed.clear()
+    np.testing.assert_array_equal(load_landmark_cache(cache, ids, paths), expected)
+    assert hashed == []  # the next read is stat-only
+
+
+def test_a_reader_warns_once_naming_annotate_when_many_images_are_hashed(tmp_path, caplog, monkeypatch):
+    from tfface.data.sources import read_annotate_cache
+
+    many = detector_module.REHASH_WARNING_THRESHOLD + 2
+    (tmp_path / "images").mkdir()
+    paths = _write_images(tmp_path / "images", [200] * many)
+    ids = [p.name for p in paths]
+    cache = tmp_path / "c.csv"
+    annotate_folder(paths, cache, detector=FakeDetector(), verbose=False)
+    before = cache.read_bytes()
+    for path in paths:
+        os.utime(path, ns=(10**18, 10**18))
+    hashed = _count_digests(monkeypatch)
+    problems = []
+    with caplog.at_level("WARNING"):
+        landmarks = read_annotate_cache(cache, tmp_path, ids, problems)
+    assert np.isfinite(landmarks).all() and problems == []  # nothing changed: no landmarks lost
+    assert len(hashed) == many
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert f"{many} image(s)" in warnings[0] and f"`tfface data annotate {tmp_path}`" in warnings[0]
+    assert cache.read_bytes() == before  # readers never write
+
+    # A few hashed files are not worth a warning; load_landmark_cache alone warns too.
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        read_annotate_cache(cache, tmp_path, ids[:2], [])
+        load_landmark_cache(cache, ids, paths)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "tfface data annotate" in warnings[0], warnings
+
+
+def test_cache_reading_keeps_its_errors_and_quoted_ids(tmp_path):
+    header = ",".join(detector_module.CACHE_COLUMNS)
+    width = len(detector_module.CACHE_COLUMNS)
+    ok_row = ["x", "ok", "1", "32", "32", "1", "2", "3", "4", "0.9"] + ["5.5"] * 10 + ["", "", "", "1"]
+    cache = tmp_path / "c.csv"
+    cache.write_text(header + "\n" + ",".join(ok_row) + "\n" + "y,ok\n")
+    with pytest.raises(LandmarkError, match=f"c.csv:3: expected {width} fields, got 2"):
+        load_landmark_cache(cache, ["x"])
+    # An id with a comma is quoted; a torn last line is left out.
+    cache.write_text(header + "\n" + ",".join(['"a,b.png"'] + ok_row[1:]) + "\n" + "y,ok,1,3")
+    np.testing.assert_allclose(load_landmark_cache(cache, ["a,b.png", "y"])[0], np.full((5, 2), 5.5))
+    assert sorted(read_landmark_cache(cache)) == ["a,b.png"]
+    # A bad value fails only the image asked for.
+    cache.write_text(header + "\n" + ",".join(ok_row) + "\n" + ",".join(["z"] + ok_row[1:10] + ["oops"] + ok_row[11:]) + "\n")
+    assert np.isfinite(load_landmark_cache(cache, ["x"])).all()
+    with pytest.raises(LandmarkError, match="bad landmark value in the row of 'z'"):
+        load_landmark_cache(cache, ["x", "z"])

@@ -211,17 +211,35 @@ def attach_cached_landmarks(source: FaceSource) -> FaceSource:
 
 def read_annotate_cache(cache: Path, root, image_ids, problems: list) -> np.ndarray:
     """Landmarks from a `tfface data annotate` cache, leaving out (with a
-    problem naming them) images changed since their row was detected."""
+    problem naming them) images changed since their row was detected.
+
+    Images whose file time changed but not their bytes (a copy that did not
+    keep times) are hashed on every read until annotate records their new
+    times; more than a few get one warning. Nothing is written here: the
+    data folder may be read-only or shared."""
+    from tfface.landmarks.detector import REHASH_WARNING_THRESHOLD
     from tfface.landmarks.detector import load_landmark_cache
 
-    image_root = images_dir(Path(root))
+    # Strings, not Path objects: making and stat-ing 200,000 Paths doubled the time of the checks.
+    prefix = os.path.join(str(images_dir(Path(root))), "")
     changed: list = []
-    landmarks = load_landmark_cache(cache, image_ids, [image_root / i for i in image_ids], changed)
+    rehashed: list = []
+    landmarks = load_landmark_cache(cache, image_ids, [prefix + str(i) for i in image_ids], changed, rehashed)
     if changed:
         note(
             problems,
             f"{cache}: {len(changed)} image(s) changed since their landmarks were detected (first: {changed[0]}); "
             f"they have no landmarks (no mask supervision) until `tfface data annotate {root}` runs again",
+        )
+    if len(rehashed) > REHASH_WARNING_THRESHOLD:
+        logger.warning(
+            "%s: %d image(s) have other file times than their landmark rows record (copied without keeping times?), "
+            "so every open reads and hashes them to check their landmarks; `tfface data annotate %s` records the new "
+            "times (first: %s)",
+            cache,
+            len(rehashed),
+            root,
+            rehashed[0],
         )
     return landmarks
 

@@ -17,10 +17,14 @@ as it goes: a killed run keeps what it did and resumes where it stopped.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import csv
 import dataclasses
 import hashlib
 import io
+import itertools
+import logging
 import os
 import sys
 import time
@@ -57,6 +61,8 @@ _CACHE_HEADERS = (CACHE_COLUMNS, STAMPED_CACHE_COLUMNS, LEGACY_CACHE_COLUMNS)
 STATUS_OK = "ok"
 STATUS_NO_FACE = "no_face"
 STATUS_UNREADABLE = "unreadable"
+
+logger = logging.getLogger(__name__)
 
 
 class LandmarkError(ValueError):
@@ -326,26 +332,93 @@ def row_matches_file(row: dict, path) -> bool:
     time, the same bytes. A row without a stamp (an older cache) cannot be
     checked and counts as matching; a row of a cache that predates the
     orientation column matches only an image without an EXIF rotation."""
-    if not _stamp_matches_file(row, path):
-        return False
-    return bool(row.get(ORIENTATION_COLUMN)) or file_exif_orientation(path) == 1
+    return _check_file(*_row_stamp(row), path)[0]
 
 
-def _stamp_matches_file(row: dict, path) -> bool:
-    if not row.get("file_size"):
-        return True
+# A row's file size and time as integers: an empty size is a row without a
+# stamp (an older cache, or an unreadable image); a value that is not a
+# number as written (str(int)) matches no file.
+_NO_STAMP = -1
+_BAD_STAMP = int(np.iinfo(np.int64).min)
+# Files checked by their bytes because their time changed: more than this
+# many in one read gets a warning (every read hashes them again until
+# `tfface data annotate` records the new times).
+REHASH_WARNING_THRESHOLD = 8
+
+
+def _stamp_int(text: str, empty: int) -> int:
+    if not text:
+        return empty
     try:
-        stat = os.stat(path)
-    except OSError:
-        return False
-    if row["file_size"] != str(stat.st_size):
-        return False
-    if row["file_mtime_ns"] == str(stat.st_mtime_ns):
-        return True
-    try:
-        return row["file_blake2b"] == _file_digest(Path(path).read_bytes())
-    except OSError:
-        return False
+        value = int(text)
+    except ValueError:
+        return _BAD_STAMP
+    return value if str(value) == text else _BAD_STAMP
+
+
+def _row_stamp(row: dict) -> tuple:
+    """(size, mtime, digest, oriented) of a row dict, as `_check_file` takes them."""
+    return (
+        _stamp_int(row.get("file_size", ""), _NO_STAMP),
+        _stamp_int(row.get("file_mtime_ns", ""), _BAD_STAMP),
+        row.get("file_blake2b", ""),
+        bool(row.get(ORIENTATION_COLUMN)),
+    )
+
+
+def _check_file(size: int, mtime: int, digest: str, oriented: bool, path) -> tuple[bool, Optional[int]]:
+    """Whether the row stamped so was detected on the file at `path` (see
+    `row_matches_file`), and the file's time when only its bytes could tell
+    (the time changed, the bytes did not): None otherwise."""
+    refreshed = None
+    if size != _NO_STAMP:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return False, None
+        if stat.st_size != size:
+            return False, None
+        if stat.st_mtime_ns != mtime:
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError:
+                return False, None
+            if _file_digest(data) != digest:
+                return False, None
+            refreshed = stat.st_mtime_ns
+    if not oriented and file_exif_orientation(path) != 1:
+        return False, None
+    return True, refreshed
+
+
+def _check_files(stamps, paths: Sequence) -> tuple[np.ndarray, dict]:
+    """`_check_file` for each file in `paths` and its row's stamp, in threads
+    (stat, read and hash release the GIL, and on network or cold storage
+    each file is a round trip), in batches: one future per file would cost
+    more than its stat. `stamps(start, stop)` gives the (size, mtime,
+    digest, oriented) stamps of those paths. Returns whether each matches,
+    and {position: file time} for those that matched by their bytes only."""
+    batch = 1024
+
+    def check(start):
+        stop = min(start + batch, len(paths))
+        return [_check_file(*stamp, path) for stamp, path in zip(stamps(start, stop), paths[start:stop])]
+
+    starts = range(0, len(paths), batch)
+    if len(starts) <= 1:
+        results = [check(start) for start in starts]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(min(16, (os.cpu_count() or 1) + 4)) as pool:
+            results = list(pool.map(check, starts))
+    matches = np.zeros(len(paths), bool)
+    refreshed = {}
+    for start, batch_results in zip(starts, results):
+        for k, (current, new_time) in enumerate(batch_results, start):
+            matches[k] = current
+            if new_time is not None:
+                refreshed[k] = new_time
+    return matches, refreshed
 
 
 def _legacy_row_matches_file(row: dict, path) -> bool:
@@ -361,35 +434,195 @@ def _legacy_row_matches_file(row: dict, path) -> bool:
     return row["height"] == str(height) and row["width"] == str(width) and file_exif_orientation(path) == 1
 
 
+def _ends_with_newline(path: Path) -> bool:
+    """Whether the file's last line is complete (as universal newlines read it)."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) in (b"\n", b"\r")
+
+
+@contextlib.contextmanager
+def _open_cache(cache_file: Path):
+    """The cache's header (None when it has none yet: an empty file, or a
+    header torn mid-write), whether its last line is torn (a run killed
+    mid-write: readers leave that line out), and the file (universal
+    newlines), at its second line. The file is streamed, never held whole."""
+    torn = not _ends_with_newline(cache_file)
+    with open(cache_file) as f:
+        first = f.readline()
+        if torn and not first.endswith("\n"):  # a single torn line
+            if not any(",".join(columns).startswith(first) for columns in _CACHE_HEADERS):
+                # Not even a partial header: some other file, never rewritten.
+                raise LandmarkError(f"{cache_file}:1: not a tfface landmark cache (no header line)")
+            yield None, True, f
+            return
+        header = next(csv.reader([first]), [])
+        if tuple(header) not in _CACHE_HEADERS:
+            raise LandmarkError(
+                f"{cache_file}:1: not a tfface landmark cache (header {header[:6]}...; expected {list(CACHE_COLUMNS[:6])}...)"
+            )
+        yield header, torn, f
+
+
+def _check_fields(cache_file: Path, rows: Iterable[list], width: int, first_line: int) -> None:
+    for line_number, values in enumerate(rows, start=first_line):
+        if len(values) != width:
+            raise LandmarkError(f"{cache_file}:{line_number}: expected {width} fields, got {len(values)}")
+
+
+def _all_but_last(items):
+    items = iter(items)
+    previous = next(items, None)
+    if previous is None:
+        return
+    for item in items:
+        yield previous
+        previous = item
+
+
 def _read_cache_rows(cache_file: Path) -> tuple[dict, bool, bool]:
     """image_id -> row dict, whether a torn (partial) last line was seen, and
     whether the file is in an older format (no stamp or orientation columns)."""
-    text = cache_file.read_text()
-    if not text:
-        return {}, True, False
-    lines = text.splitlines(keepends=True)
-    torn = not lines[-1].endswith("\n")
-    if torn:  # a run killed mid-write: drop the partial line
-        if len(lines) == 1 and not any(",".join(columns).startswith(lines[0]) for columns in _CACHE_HEADERS):
-            # Not even a partial header: some other file, never rewritten.
-            raise LandmarkError(f"{cache_file}:1: not a tfface landmark cache (no header line)")
-        lines = lines[:-1]
-    reader = csv.reader(lines)
-    header = next(reader, None)
-    if header is None:
-        return {}, True, False
-    if tuple(header) not in _CACHE_HEADERS:
-        raise LandmarkError(
-            f"{cache_file}:1: not a tfface landmark cache (header {header[:6]}...; expected {list(CACHE_COLUMNS[:6])}...)"
-        )
-    rows = {}
-    for line_number, values in enumerate(reader, start=2):
-        if len(values) != len(header):
-            raise LandmarkError(f"{cache_file}:{line_number}: expected {len(header)} fields, got {len(values)}")
-        row = dict.fromkeys(CACHE_COLUMNS, "")
-        row.update(zip(header, values))
-        rows[values[0]] = row  # a later row for the same image replaces an earlier one
-    return rows, torn, tuple(header) != CACHE_COLUMNS
+    with _open_cache(cache_file) as (header, torn, f):
+        if header is None:
+            return {}, True, False
+        records = csv.reader(_all_but_last(f) if torn else f)  # a torn last line is left out
+        rows = {}
+        for line_number, values in enumerate(records, start=2):
+            if len(values) != len(header):
+                _check_fields(cache_file, [values], len(header), line_number)
+            row = dict.fromkeys(CACHE_COLUMNS, "")
+            row.update(zip(header, values))
+            rows[values[0]] = row  # a later row for the same image replaces an earlier one
+        return rows, torn, tuple(header) != CACHE_COLUMNS
+
+
+_LANDMARK_VALUE_COLUMNS = tuple(f"{name}_{axis}" for name in LANDMARK_NAMES for axis in ("x", "y"))
+
+
+@dataclasses.dataclass
+class _CacheTable:
+    """What `load_landmark_cache` needs of a cache, a column per field
+    (a dict of strings per row took ~550 MB for CelebA's 200,000 images).
+
+    `index` maps an image id to its (last) row; `landmarks` is (rows, 10),
+    NaN where the status is not ok; `bad` marks ok rows with a value that
+    is not a number; `stamps(rows)` are `_check_file`'s (size, mtime,
+    digest, oriented)."""
+
+    index: dict
+    ok: np.ndarray
+    landmarks: np.ndarray
+    bad: np.ndarray
+    size: np.ndarray
+    mtime: np.ndarray
+    digest: np.ndarray
+    oriented: np.ndarray
+
+    def stamps(self, rows: np.ndarray):
+        """The stamps of `rows`, in order."""
+        digests = map(bytes.decode, self.digest[rows].tolist())
+        return zip(self.size[rows].tolist(), self.mtime[rows].tolist(), digests, self.oriented[rows].tolist())
+
+
+def _stamp_array(texts: Sequence[str], empty: int) -> np.ndarray:
+    """`_stamp_int` of each text, in C when they are all plain integers."""
+    try:
+        values = np.array(texts, np.int64).reshape(-1)
+        if list(map(str, values.tolist())) == list(texts):
+            return values
+    except (ValueError, OverflowError):
+        pass
+    return np.array([_stamp_int(text, empty) for text in texts], np.int64).reshape(-1)
+
+
+def _read_cache_table(cache_file: Path, block_chars: int = 1 << 20) -> _CacheTable:
+    """The cache as a `_CacheTable`. Blocks of whole lines without quotes
+    (all of a cache, unless an image id needs quoting) are split in C and
+    cut into columns by slicing; other text goes through the csv module."""
+    ids, ok, landmarks, bad, size, mtime, digest, oriented = [], [], [], [], [], [], [], []
+    with _open_cache(cache_file) as (header, torn, f):
+        header = list(header or CACHE_COLUMNS)
+        width = len(header)
+        where = {column: i for i, column in enumerate(header)}
+        value_positions = [where[c] for c in _LANDMARK_VALUE_COLUMNS]
+
+        def add(column, count):
+            """Appends `count` rows; `column(i)` is the list of field i's values."""
+            status_ok = np.fromiter((s == STATUS_OK for s in column(1)), bool, count)
+            block = np.full((count, len(value_positions)), np.nan, np.float32)
+            wrong = np.zeros(count, bool)
+            found = np.flatnonzero(status_ok).tolist()
+            values = [column(i) for i in value_positions]
+            if len(found) < count:
+                values = [[texts[n] for n in found] for texts in values]
+            try:
+                parsed = np.fromiter(map(float, itertools.chain.from_iterable(values)), np.float64, len(found) * len(values))
+                block[found] = parsed.reshape(len(values), len(found)).T
+            except ValueError:  # a value that is not a number: find its rows
+                for k, n in enumerate(found):
+                    try:
+                        block[n] = [float(texts[k]) for texts in values]
+                    except ValueError:
+                        wrong[n] = True
+            ids.extend(column(0))
+            ok.append(status_ok)
+            landmarks.append(block)
+            bad.append(wrong)
+
+            def optional(name):
+                return column(where[name]) if name in where else [""] * count
+
+            size.append(_stamp_array(optional("file_size"), _NO_STAMP))
+            mtime.append(_stamp_array(optional("file_mtime_ns"), _BAD_STAMP))
+            digest.append(np.array(optional("file_blake2b"), "S").reshape(-1))  # hex: ASCII
+            oriented.append(np.fromiter(map(bool, optional(ORIENTATION_COLUMN)), bool, count))
+
+        def add_rows(rows, first_line):
+            _check_fields(cache_file, rows, width, first_line)
+            columns = list(zip(*rows)) if rows else [()] * width
+            add(lambda i: list(columns[i]), len(rows))
+
+        line = 2
+        rest = ""
+        while header is not None:
+            text = f.read(block_chars)
+            if '"' in text:  # quoted fields (may hold newlines): the csv module, to the end
+                rows = list(csv.reader(itertools.chain(io.StringIO(rest + text), f)))
+                if torn and rows:
+                    rows.pop()
+                add_rows(rows, line)
+                break
+            if not text:
+                break  # what is left in `rest` is a torn last line, left out
+            text = rest + text
+            cut = text.rfind("\n") + 1
+            text, rest = text[:cut], text[cut:]
+            count = text.count("\n")
+            if not count:
+                continue
+            fields = text.replace("\n", ",").split(",")
+            fields.pop()  # after the last newline
+            if len(fields) != count * width:
+                add_rows(list(csv.reader(text.splitlines())), line)  # names the bad line
+            else:
+                add(lambda i: fields[i::width], count)
+            line += count
+        if not ids:
+            add(lambda i: [], 0)
+    return _CacheTable(
+        index={image_id: row for row, image_id in enumerate(ids)},  # a later row for an image replaces an earlier one
+        ok=np.concatenate(ok),
+        landmarks=np.concatenate(landmarks),
+        bad=np.concatenate(bad),
+        size=np.concatenate(size),
+        mtime=np.concatenate(mtime),
+        digest=np.concatenate(digest),
+        oriented=np.concatenate(oriented),
+    )
 
 
 def is_landmark_cache_header(columns) -> bool:
@@ -442,7 +675,9 @@ def annotate_folder(
     landmark fields and a status, and listed in the report: never dropped.
     Each row records the file's size, time and hash: an image changed since
     (replaced, resized, rotated) is detected again, and so is an image that
-    could not be read before.
+    could not be read before. An image whose time changed but not its bytes
+    (copied without keeping times) keeps its row, with the new time
+    recorded: readers then check it by its time again, not by hashing it.
 
     Args:
         image_paths: image files.
@@ -468,10 +703,12 @@ def annotate_folder(
     cache_file = Path(cache_file)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
 
-    done, changed = _current_rows(cache_file, dict(zip(image_ids, image_paths)))
+    done, changed, refreshed = _current_rows(cache_file, dict(zip(image_ids, image_paths)))
     todo = [i for i, image_id in enumerate(image_ids) if image_id not in done]
     if verbose and changed:
         print(f"landmarks: {len(changed)} image(s) changed or unreadable since they were cached (first: {changed[0]}): detecting again")
+    if verbose and refreshed:
+        print(f"landmarks: recorded the new file times of {len(refreshed)} image(s) whose bytes are unchanged (first: {refreshed[0]})")
     if verbose and len(todo) < len(image_ids):
         print(f"landmarks: {len(image_ids) - len(todo)} of {len(image_ids)} images already in {cache_file}")
 
@@ -528,25 +765,33 @@ def annotate_folder(
     return report
 
 
-def _current_rows(cache_file: Path, paths: dict) -> tuple[dict, list]:
+def _current_rows(cache_file: Path, paths: dict) -> tuple[dict, list, list]:
     """The cache's rows less those to detect again (an image in `paths`,
-    id -> file, that changed since, or was unreadable), and those ids. The
-    file is rewritten without them (and in the current format, with older
-    rows stamped when their image still has its size) before anything is
-    appended, so a kill leaves no stale row behind."""
+    id -> file, that changed since, or was unreadable), those ids, and the
+    ids of rows kept whose file time changed but not its bytes (their time is
+    updated, so readers check them by time again instead of by hash). The
+    file is rewritten without the changed rows, with the new times (and in
+    the current format, with older rows stamped when their image still has
+    its size) before anything is appended, so a kill leaves no stale row."""
     if not cache_file.exists():
         _write_atomic(cache_file, [])
-        return {}, []
+        return {}, [], []
     rows, torn, legacy = _read_cache_rows(cache_file)
-    changed = []
-    for image_id, row in list(rows.items()):
-        path = paths.get(image_id)
-        if path is None:
-            continue  # not asked for this time: kept as it is
+    asked = [(image_id, row, paths[image_id]) for image_id, row in rows.items() if image_id in paths]
+    stamped = [(image_id, row, path) for image_id, row, path in asked if row["status"] != STATUS_UNREADABLE and row["file_size"]]
+    matches, new_times = _check_files(
+        lambda start, stop: [_row_stamp(row) for _, row, _ in stamped[start:stop]], [path for _, _, path in stamped]
+    )
+    results = {image_id: (bool(current), new_times.get(k)) for k, ((image_id, _, _), current) in enumerate(zip(stamped, matches))}
+    changed, refreshed = [], []
+    for image_id, row, path in asked:
         if row["status"] == STATUS_UNREADABLE:
             current = False
         elif row["file_size"]:
-            current = row_matches_file(row, path)
+            current, new_time = results[image_id]
+            if new_time is not None:
+                row["file_mtime_ns"] = str(new_time)
+                refreshed.append(image_id)
         else:
             current = _legacy_row_matches_file(row, path)
             if current:
@@ -559,33 +804,56 @@ def _current_rows(cache_file: Path, paths: dict) -> tuple[dict, list]:
         if not current:
             changed.append(image_id)
             del rows[image_id]
-    if torn or legacy or changed:
+    if torn or legacy or changed or refreshed:
         _write_atomic(cache_file, ([r[c] for c in CACHE_COLUMNS] for r in rows.values()))
-    return rows, changed
+    return rows, changed, refreshed
 
 
-def load_landmark_cache(cache_file, image_ids: Sequence[str], image_paths=None, changed=None) -> np.ndarray:
+def load_landmark_cache(cache_file, image_ids: Sequence[str], image_paths=None, changed=None, rehashed=None) -> np.ndarray:
     """(N, 5, 2) float32 landmarks for `image_ids`; NaN rows where missing.
 
     Missing means: no face found, unreadable image, not in the cache, or,
     when `image_paths` (one per id) are given, a file that changed since its
     row was detected; the ids of those are appended to `changed`.
+
+    A file whose time differs from its row's is checked by its bytes (after
+    a copy that did not keep times), again on every read until `tfface data
+    annotate` records the new time: the ids of those that matched are
+    appended to `rehashed`; without a list, more than a few get a warning.
+    Nothing is written (the data folder may be read-only or shared).
     """
-    rows = read_landmark_cache(cache_file)
-    columns = [f"{name}_{axis}" for name in LANDMARK_NAMES for axis in ("x", "y")]
-    landmarks = np.full((len(image_ids), 10), np.nan, np.float32)
+    cache_file = Path(cache_file)
+    if not cache_file.is_file():
+        raise FileNotFoundError(f"landmark cache not found: {cache_file}")
+    table = _read_cache_table(cache_file)
     if image_paths is not None and len(image_paths) != len(image_ids):
         raise ValueError(f"got {len(image_paths)} image_paths for {len(image_ids)} image_ids")
-    for n, image_id in enumerate(image_ids):
-        row = rows.get(str(image_id))
-        if row is None or row["status"] != STATUS_OK:
-            continue
-        if image_paths is not None and not row_matches_file(row, image_paths[n]):
-            if changed is not None:
-                changed.append(str(image_id))
-            continue
-        try:
-            landmarks[n] = [float(row[c]) for c in columns]
-        except ValueError:
-            raise LandmarkError(f"{cache_file}: bad landmark value in the row of {image_id!r}") from None
+    image_ids = [str(i) for i in image_ids]
+    rows = np.array([table.index.get(i, -1) for i in image_ids], np.int64).reshape(-1)
+    wanted = np.flatnonzero(rows >= 0)
+    wanted = wanted[table.ok[rows[wanted]]]
+    if image_paths is not None:
+        selected = rows[wanted]
+
+        matches, refreshed = _check_files(
+            lambda start, stop: table.stamps(selected[start:stop]), [image_paths[n] for n in wanted.tolist()]
+        )
+        same_bytes = [image_ids[wanted[k]] for k in sorted(refreshed)]
+        if changed is not None:
+            changed.extend(image_ids[n] for n in wanted[~matches].tolist())
+        wanted = wanted[matches]
+        if rehashed is not None:
+            rehashed.extend(same_bytes)
+        elif len(same_bytes) > REHASH_WARNING_THRESHOLD:
+            logger.warning(
+                "%s: %d image(s) have other file times than their landmark rows record (copied without keeping "
+                "times?), so every read hashes them; `tfface data annotate` on their folder records the new times",
+                cache_file,
+                len(same_bytes),
+            )
+    bad = wanted[table.bad[rows[wanted]]]
+    if bad.size:
+        raise LandmarkError(f"{cache_file}: bad landmark value in the row of {image_ids[bad[0]]!r}")
+    landmarks = np.full((len(image_ids), 10), np.nan, np.float32)
+    landmarks[wanted] = table.landmarks[rows[wanted]]
     return landmarks.reshape(-1, 5, 2)
