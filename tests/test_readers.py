@@ -550,3 +550,116 @@ def test_folder_sources_pick_up_the_annotation_cache(utk_csv, tmp_path, monkeypa
     changed = open_source(utk_csv)
     assert np.isnan(changed.landmarks[0]).all() and np.isfinite(changed.landmarks[1]).all()
     assert any("1 image(s) changed since their landmarks were detected (first: a.jpg)" in p for p in changed.problems)
+
+
+# --- fast (column-wise) label parsing ----------------------------------------------
+
+
+def _row_by_row(monkeypatch):
+    """Makes the readers skip their column-wise fast path."""
+    import tfface.data.celeba as celeba
+    import tfface.data.sources as sources
+    import tfface.data.utkface as utkface
+
+    for module in (celeba, sources, utkface):
+        monkeypatch.setattr(module, "csv_table", lambda path: None, raising=False)
+    monkeypatch.setattr(celeba, "_attribute_txt_lines", lambda path: None)
+    monkeypatch.setattr(sources, "text_table", lambda path, skip=0: None)
+
+
+def _assert_same_source(a, b):
+    assert (a.name, a.format, a.root, a.problems) == (b.name, b.format, b.root, b.problems)
+    assert list(a.columns) == list(b.columns)
+    for name in a.columns:
+        assert a.columns[name].dtype == b.columns[name].dtype
+        np.testing.assert_array_equal(a.columns[name], b.columns[name])
+    for field in ("image_paths", "identities", "landmarks", "partition"):
+        x, y = getattr(a, field), getattr(b, field)
+        assert (x is None) == (y is None), field
+        if x is not None:
+            assert x.dtype == y.dtype, field
+            np.testing.assert_array_equal(x, y)
+
+
+def test_fast_and_row_by_row_label_parsing_agree(celeba_csv, celeba_txt, utk_csv, monkeypatch):
+    # Empty cells (unknown), partitions spelled three ways, age 0 and 120,
+    # CRLF line ends, official -1/1 values and identities for unlisted images.
+    write_csv(
+        celeba_csv / "attributes.csv",
+        [
+            ["image_id", "Male", "Smiling", "Eyeglasses", "age", "partition"],
+            ["000001.jpg", 1, 0, "", 0, "train"],
+            ["000002.jpg", "", 1, 0, 120, "VAL"],
+            ["000003.jpg", 0, "", 1, "", "2"],
+            ["000004.jpg", 1, 1, 1, 71, ""],
+            ["000005.jpg", 0, 0, 0, 40, "validation"],
+        ],
+    )
+    import tfface.data.celeba as celeba
+    import tfface.data.sources as sources
+    import tfface.data.utkface as utkface
+
+    used = []  # the fast paths taken, so the comparison below compares two paths
+    for module, name in [
+        (celeba, "_labels_from_columns"),
+        (celeba, "_labels_from_txt_lines"),
+        (sources, "_identities_from_columns"),
+        (utkface, "_values_from_columns"),
+    ]:
+        monkeypatch.setattr(module, name, lambda *a, _f=getattr(module, name), _n=name: used.append((_n, _f(*a))) or used[-1][1])
+    fast = [read_celeba_folder(celeba_csv), read_celeba_folder(celeba_txt), read_utkface_folder(utk_csv)]
+    assert sorted(n for n, result in used if result is not None and result is not False) == [
+        "_identities_from_columns", "_identities_from_columns", "_labels_from_columns",
+        "_labels_from_txt_lines", "_values_from_columns",
+    ]  # fmt: skip
+    monkeypatch.undo()
+    np.testing.assert_array_equal(fast[0].columns["Eyeglasses"], [-1, 0, 1, 1, 0])
+    assert fast[0].partition.tolist() == ["train", "val", "test", "", "val"]
+    np.testing.assert_array_equal(fast[1].columns["Bald"], [0, 1, 0])  # -1 -> 0
+    _row_by_row(monkeypatch)
+    slow = [read_celeba_folder(celeba_csv), read_celeba_folder(celeba_txt), read_utkface_folder(utk_csv)]
+    for a, b in zip(fast, slow):
+        _assert_same_source(a, b)
+
+
+def _many_rows(root, count):
+    """`count` images (hard links to one JPEG) named 000001.jpg..."""
+    write_jpeg(root / "images" / "000001.jpg")
+    ids = [f"{i:06d}.jpg" for i in range(1, count + 1)]
+    for image_id in ids[1:]:
+        (root / "images" / image_id).hardlink_to(root / "images" / "000001.jpg")
+    return ids
+
+
+def test_bad_value_deep_in_a_big_label_file_names_its_line(tmp_path):
+    root = tmp_path / "big"
+    ids = _many_rows(root, 3000)
+    rows = [["image_id", "Male", "Smiling", "age"]] + [[i, k % 2, 1 - k % 2, k % 90] for k, i in enumerate(ids)]
+    rows[2500][2] = "2"  # line 2501
+    write_csv(root / "attributes.csv", rows)
+    with pytest.raises(DataError, match=r"attributes\.csv, line 2501: column 'Smiling' is '2'"):
+        read_celeba_folder(root)
+    source = read_celeba_folder(root, skip_bad_rows=True)
+    assert len(source) == 2999 and any("skipped 1 bad row(s), e.g. line 2501" in p for p in source.problems)
+
+    rows[2500][2] = 1
+    write_csv(root / "attributes.csv", rows)
+    write_csv(root / "identities.csv", [["image_id", "identity"]] + [[i, 7] for i in ids[:2000]] + [[ids[2000], "x7"]])
+    with pytest.raises(DataError, match=r"identities\.csv, line 2002: identity must be a non-negative integer, got 'x7'"):
+        read_celeba_folder(root)
+
+    lines = ["3000", "Male Smiling"] + [f"{i} {' -1' if k % 2 else '  1'}  1" for k, i in enumerate(ids)]
+    lines[1999] = lines[1999][:-2] + " 0"  # line 2000
+    (root / "list_attr_celeba.txt").write_text("\n".join(lines) + "\n")
+    (root / "attributes.csv").unlink()
+    (root / "identities.csv").unlink()
+    with pytest.raises(DataError, match=r"list_attr_celeba\.txt, line 2000: column 'Smiling' is '0'; expected -1 or 1"):
+        read_celeba_folder(root)
+
+    utk = tmp_path / "utk_big"
+    ids = _many_rows(utk, 3000)
+    rows = [["image_id", "age", "gender", "race", "male"]] + [[i, 30, k % 2, k % 5, 1 - k % 2] for k, i in enumerate(ids)]
+    rows[2800][1] = "3o"  # line 2801
+    write_csv(utk / "labels.csv", rows)
+    with pytest.raises(DataError, match=r"labels\.csv, line 2801: age must be an integer 0\.\.120; got age='3o'"):
+        read_utkface_folder(utk)

@@ -20,10 +20,13 @@ from tfface.data.sources import (
     UTKFACE_NAME,
     BadRows,
     csv_rows,
+    csv_table,
     image_file_names,
+    image_paths_under,
     images_dir,
     is_image_name,
     note,
+    parse_column,
     parse_int,
     read_landmarks,
     validate_images,
@@ -69,7 +72,7 @@ def read_utkface_folder(root, skip_bad_rows=False, check_images=False, landmarks
         name=os.path.basename(os.path.abspath(root)),
         format=UTKFACE,
         columns={"age": age, "male": (gender == 0).astype(np.int32), "race": race},
-        image_paths=np.array([str(image_root / i) for i in image_ids]),
+        image_paths=image_paths_under(image_root, image_ids),
         landmarks=read_landmarks(root, image_ids, landmarks_file, skip_bad_rows, problems),
         root=str(root),
         problems=problems,
@@ -97,15 +100,44 @@ def _parse_values(age: str, gender: str, race: str):
     )
 
 
+def _values_from_columns(columns: list, position: dict, image_root: Path, present: set):
+    """The fast path of `_read_labels_csv`: (image ids, (N, 3) values) from
+    whole columns, or None when any row would be bad (the row loop then
+    reports it at its line)."""
+    image_ids = list(map(str.strip, columns[position["image_id"]]))
+    if not all(image_ids) or len(set(image_ids)) != len(image_ids):
+        return None
+    limits = {"age": MAX_AGE, "gender": 1, "race": len(RACES) - 1}
+    values = [parse_column(columns[position[c]], lambda cell, high=limits[c]: parse_int(cell, 0, high), np.int32) for c in limits]
+    if any(v is None for v in values):
+        return None
+    if "male" in position:
+        male = parse_column(columns[position["male"]], {"0": 0, "1": 1}.get, np.int32)
+        if male is None or not np.array_equal(male, values[1] == 0):
+            return None
+    if not all(i in present or (image_root / i).is_file() for i in image_ids):
+        return None
+    return image_ids, np.stack(values, axis=1)
+
+
 def _read_labels_csv(path: Path, image_root: Path, bad: BadRows, problems: list):
-    rows = csv_rows(path)
-    _, header = next(rows, (None, []))
+    # Fast path (whole columns), else row by row: see celeba._read_attribute_csv.
+    table = csv_table(path)
+    rows = csv_rows(path) if table is None else iter(())
+    _, header = (1, table[0]) if table is not None else next(rows, (None, []))
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
         raise DataError(f"{path}, line 1: header lacks columns {missing} (found {header})")
     position = {c: header.index(c) for c in header}
     present = image_file_names(image_root)
     image_ids, values, seen, listed = [], [], set(), set()
+    fast = _values_from_columns(table[1], position, image_root, present) if table is not None else None
+    if fast is not None:
+        image_ids, values = fast
+        listed = set(image_ids)
+    elif table is not None:
+        rows = csv_rows(path)
+        next(rows, None)  # the header
     for line, fields in rows:
         if len(fields) != len(header):
             bad.bad(path, line, f"expected {len(header)} columns, found {len(fields)}")
@@ -130,7 +162,7 @@ def _read_labels_csv(path: Path, image_root: Path, bad: BadRows, problems: list)
         seen.add(image_id)
         image_ids.append(image_id)
         values.append(parsed)
-    unlisted = sum(1 for name in present if is_image_name(name) and name not in listed)
+    unlisted = sum(1 for name in present.difference(listed) if is_image_name(name))
     if unlisted:
         note(problems, f"{image_root}: {unlisted} image(s) have no row in {path.name} (ignored)")
     return image_ids, values
