@@ -402,7 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="detect five landmarks with MTCNN once and cache them",
         description="Detect five landmarks with MTCNN and cache them. Run it again after changing the folder: "
         "only new images, images whose file changed (size, time and hash are recorded) and images that could "
-        "not be read are detected; training leaves out the landmarks of a changed image until then.",
+        "not be read are detected; training leaves out the landmarks of a changed image until then. Images "
+        "whose time changed but not their bytes (copied without keeping times) keep their landmarks, and their "
+        "new times are recorded. Landmarks are detected on the upright image (EXIF rotation applied).",
     )
     p.add_argument("source", help="folder or named source")
     p.add_argument(
