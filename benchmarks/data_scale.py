@@ -1,0 +1,143 @@
+"""What opening a dataset of full-CelebA size costs (scale audit, 2026-11-24).
+
+Builds, in a temporary folder, CelebA-format folders of each `--rows` size
+whose images are hard links to a few hundred copies of real `celeba_sample`
+images (so 200,000 rows take megabytes), with `attributes.csv`,
+`identities.csv` and a `tfface data annotate` landmark cache whose stamps
+match the files. Then times, each step in a fresh process (its TensorFlow
+import not counted), with the growth of its peak memory:
+
+- reading the label files (`read_celeba_folder`);
+- opening the folder as training does (`open_source`: labels plus the
+  landmark cache checked against every file);
+- the same after every image's file time changed (a copy that did not keep
+  times: the cache's rows are checked by hashing the files);
+- `tfface data summary`'s work (`summarize_source`, image sizes from a
+  sample of 2,000 headers).
+
+Run: python benchmarks/data_scale.py [--rows 20000,200000] [--unique-images 300]
+Needs the real data (`celeba_sample`); the page cache is warm after the
+build, so cold storage would be slower on every step that touches files.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import parse_args
+from common import positive_int
+from common import positive_ints
+from common import print_table
+from common import run
+from common import write_results
+
+# One step, in a fresh process: prints {"seconds", "rss_growth_mb"}.
+_STEP = r"""
+import json, resource, sys, time
+import tfface.data.sources  # TensorFlow and tfface imported before timing
+from tfface.data.celeba import read_celeba_folder
+from tfface.data.sources import open_source
+from tfface.data.summary import summarize_source
+
+step, root = sys.argv[1], sys.argv[2]
+calls = {
+    "labels": lambda: read_celeba_folder(root),
+    "open": lambda: open_source(root),
+    "summary": lambda: summarize_source(open_source(root)),
+}
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+result = calls[step]()
+seconds = time.perf_counter() - start
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"seconds": seconds, "rss_growth_mb": (after - before) / 1024}))
+"""
+
+
+def build_folder(root: Path, rows: int, sample: Path, unique: int) -> list:
+    """A CelebA-format folder of `rows` images (hard links to `unique`
+    copies of the sample's images) with a matching landmark cache; returns
+    the copies (touching them changes every linked row's file time)."""
+    from tfface.landmarks.detector import CACHE_COLUMNS
+    from tfface.landmarks.detector import file_stamp
+
+    images = root / "images"
+    images.mkdir(parents=True)
+    originals = sorted((sample / "images").iterdir())[:unique]
+    copies = root.parent / f"{root.name}_originals"
+    copies.mkdir()
+    stamps = []
+    for original in originals:
+        copy = copies / original.name
+        shutil.copyfile(original, copy)  # never touch the shared data's times
+        stamps.append(file_stamp(copy))
+    header, *attribute_rows = (sample / "attributes.csv").read_text().splitlines()
+    attributes = [header]
+    identities = ["image_id,identity"]
+    cache = [",".join(CACHE_COLUMNS)]
+    points = "70.00,112.00,108.00,112.00,89.00,134.00,73.00,152.00,105.00,152.00"
+    for i in range(rows):
+        name = f"{i + 1:06d}.jpg"
+        k = i % len(originals)
+        os.link(copies / originals[k].name, images / name)
+        labels = attribute_rows[i % len(attribute_rows)]
+        attributes.append(name + labels[labels.index(","):])
+        identities.append(f"{name},{i % 10177 + 1}")
+        cache.append(f"{name},ok,1,218,178,40.00,60.00,100.00,120.00,0.9990,{points},{','.join(stamps[k])},1")
+    (root / "attributes.csv").write_text("\n".join(attributes) + "\n")
+    (root / "identities.csv").write_text("\n".join(identities) + "\n")
+    (root / "landmarks_mtcnn.csv").write_text("\n".join(cache) + "\n")
+    return [copies / original.name for original in originals]
+
+
+def timed_step(step: str, root: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run(
+        [sys.executable, "-c", _STEP, step, str(root)], env=env, capture_output=True, text=True, check=False
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"step {step} on {root} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rows", type=positive_ints, default=[20000, 200000], help="folder sizes, comma-separated")
+    parser.add_argument("--unique-images", type=positive_int, default=300)
+    parser.add_argument("--work-dir", type=Path, help="where to build the folders (default: a temporary folder)")
+    args = parse_args(parser)
+
+    from tfface.data.sources import shared_data_dir
+
+    data = shared_data_dir()
+    if data is None or not (data / "celeba_sample").is_dir():
+        sys.exit("data_scale.py needs the real data (celeba_sample): see ../shared/data")
+    work = Path(tempfile.mkdtemp(prefix="tfface_scale_", dir=args.work_dir))
+    rows_out = []
+    try:
+        for rows in args.rows:
+            root = work / f"celeba_{rows}"
+            started = time.perf_counter()
+            copies = build_folder(root, rows, data / "celeba_sample", args.unique_images)
+            print(f"built {rows} rows in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+            for step, label in (("labels", "read label files"), ("open", "open (labels + landmark cache)"), ("summary", "data summary")):
+                rows_out.append({"rows": rows, "step": label, **timed_step(step, root)})
+            for copy in copies:  # as after a copy that did not keep times: same bytes, new time
+                os.utime(copy, ns=(time.time_ns(), time.time_ns() + 10**9))
+            rows_out.append({"rows": rows, "step": "open, file times changed (hashes checked)", **timed_step("open", root)})
+            shutil.rmtree(root)
+            shutil.rmtree(work / f"{root.name}_originals")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print_table(rows_out, ["rows", "step", "seconds", "rss_growth_mb"])
+    write_results("data_scale", {"unique_images": args.unique_images, "rows": rows_out})
+
+
+if __name__ == "__main__":
+    run(main)
