@@ -44,6 +44,20 @@ class ConfigError(ValueError):
     """A config value or key that cannot work; names the key."""
 
 
+def cache_mode(cache) -> str:
+    """`data.cache` (and `make_dataset(cache=)`) as "auto", "memory", "disk"
+    or "none"; true is "auto" (it used to mean "memory", which is what
+    "auto" picks whenever the images fit). Anything else is a ValueError
+    listing the choices."""
+    if cache is True:
+        return "auto"
+    if cache is False:
+        return "none"
+    if isinstance(cache, str) and cache in CACHE_CHOICES:
+        return cache
+    raise ValueError(f"cache must be one of [true, false, {', '.join(repr(c) for c in CACHE_CHOICES)}], got {cache!r}")
+
+
 @dataclasses.dataclass
 class SourceConfig:
     """One data source of a fused stream.
@@ -234,11 +248,10 @@ class ExperimentConfig:
             raise ConfigError("data.batch_size must be >= 1")
         if not 0.0 <= self.data.val_fraction < 1.0:
             raise ConfigError("data.val_fraction must be in [0, 1)")
-        cache = self.data.cache
-        if not (isinstance(cache, bool) or (isinstance(cache, str) and cache in CACHE_CHOICES)):
-            raise ConfigError(
-                f"data.cache must be one of [true, false, {', '.join(repr(c) for c in CACHE_CHOICES)}], got {cache!r}"
-            )
+        try:
+            cache_mode(self.data.cache)
+        except ValueError as e:
+            raise ConfigError(f"data.{e}") from None
         if self.train.epochs < 1:
             raise ConfigError("train.epochs must be >= 1")
         if self.train.learning_rate <= 0:

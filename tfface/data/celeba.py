@@ -34,6 +34,7 @@ from tfface.data.sources import (
     read_identities,
     read_landmarks,
     text_rows,
+    unique_image_ids,
     validate_images,
 )
 from tfface.schema import CELEBA, CELEBA_ATTRIBUTES, MISSING
@@ -247,8 +248,8 @@ def _labels_from_columns(labels: _Labels, columns: list, position: dict) -> bool
     """The fast path of `_read_attribute_csv`: fills `labels` from whole
     columns of cells, as the row loop would; False (`labels` untouched) when
     any row would be bad, for the row loop to report it."""
-    image_ids = list(map(str.strip, columns[position["image_id"]]))
-    if not all(image_ids) or len(set(image_ids)) != len(image_ids):
+    image_ids = unique_image_ids(columns[position["image_id"]])
+    if image_ids is None:
         return False
     values = {}
     for name in labels.columns:

@@ -36,13 +36,14 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from tfface.config import CACHE_CHOICES as CONFIG_CACHE_CHOICES
+from tfface.config import cache_mode as config_cache_mode
 from tfface.data.image_ops import decode_image
 from tfface.data.image_ops import decode_upright
 from tfface.data.image_ops import has_other_decodable_header
 from tfface.data.image_ops import preprocess_image
 from tfface.data.source import FaceSource
 from tfface.data.sources import open_source
+from tfface.data.sources import user_cache_dir
 from tfface.schema import Schema
 from tfface.schema import get_schema
 
@@ -65,9 +66,6 @@ def mask_size_for(image_size: int) -> int:
 
 # --- where the decoded images are cached ------------------------------------------------
 
-# What `cache=` (and the config's `data.cache`) takes. True is "auto": it
-# used to mean "memory", which is what "auto" picks whenever the images fit.
-CACHE_CHOICES = (True, False, *CONFIG_CACHE_CHOICES)
 # "auto" caches in memory up to this share of the machine's memory.
 CACHE_MEMORY_FRACTION = 0.25
 # Overrides that limit, in GB (e.g. TFFACE_CACHE_MEMORY_GB=48).
@@ -76,15 +74,8 @@ _GB = 1e9
 
 
 def cache_mode(cache) -> str:
-    """`cache=` as "auto", "memory", "disk" or "none"; a bad value is a
-    ValueError listing the choices."""
-    if cache is True:
-        return "auto"
-    if cache is False or cache is None:
-        return "none"
-    if isinstance(cache, str) and cache in CACHE_CHOICES:
-        return cache
-    raise ValueError(f"cache must be one of [true, false, 'auto', 'memory', 'disk'], got {cache!r}")
+    """`tfface.config.cache_mode`, with None taken as False (as before)."""
+    return "none" if cache is None else config_cache_mode(cache)
 
 
 def cache_bytes(sources, image_size: int) -> int:
@@ -130,14 +121,9 @@ def cache_memory_limit() -> int:
 
 
 def cache_root() -> Path:
-    """Where file caches go: `$TFFACE_CACHE_DIR/images`, else
-    `~/.cache/tfface/images` ($XDG_CACHE_HOME replaces ~/.cache), not the
-    system temporary folder (often a RAM disk)."""
-    forced = os.environ.get("TFFACE_CACHE_DIR")
-    if forced:
-        return Path(forced).expanduser() / "images"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "tfface" / "images"
+    """Where file caches go: `user_cache_dir("images")`, not the system
+    temporary folder (often a RAM disk)."""
+    return user_cache_dir("images")
 
 
 def _free_bytes(folder: Path) -> int | None:

@@ -44,6 +44,17 @@ LANDMARK_FILES = ("landmarks.csv", "list_landmarks_align_celeba.txt", MTCNN_CACH
 # --- locating data ---------------------------------------------------------------
 
 
+def user_cache_dir(kind: str) -> Path:
+    """Where tfface keeps what it can rebuild (landmark caches, image cache
+    files): `$TFFACE_CACHE_DIR/kind`, else `~/.cache/tfface/kind`
+    ($XDG_CACHE_HOME replaces ~/.cache)."""
+    forced = os.environ.get("TFFACE_CACHE_DIR")
+    if forced:
+        return Path(forced).expanduser() / kind
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "tfface" / kind
+
+
 def shared_data_dir() -> Optional[Path]:
     """The shared real-data folder: `$TFFACE_DATA_DIR`, else the first
     `shared/data` found walking up from the working directory or from this
@@ -217,31 +228,19 @@ def read_annotate_cache(cache: Path, root, image_ids, problems: list) -> np.ndar
 
     Images whose file time changed but not their bytes (a copy that did not
     keep times) are hashed on every read until annotate records their new
-    times; more than a few get one warning. Nothing is written here: the
-    data folder may be read-only or shared."""
-    from tfface.landmarks.detector import REHASH_WARNING_THRESHOLD
+    times (`load_landmark_cache` warns). Nothing is written here: the data
+    folder may be read-only or shared."""
     from tfface.landmarks.detector import load_landmark_cache
 
     # Strings, not Path objects: making and stat-ing 200,000 Paths doubled the time of the checks.
     prefix = os.path.join(str(images_dir(Path(root))), "")
     changed: list = []
-    rehashed: list = []
-    landmarks = load_landmark_cache(cache, image_ids, [prefix + str(i) for i in image_ids], changed, rehashed)
+    landmarks = load_landmark_cache(cache, image_ids, [prefix + str(i) for i in image_ids], changed, folder=root)
     if changed:
         note(
             problems,
             f"{cache}: {len(changed)} image(s) changed since their landmarks were detected (first: {changed[0]}); "
             f"they have no landmarks (no mask supervision) until `tfface data annotate {root}` runs again",
-        )
-    if len(rehashed) > REHASH_WARNING_THRESHOLD:
-        logger.warning(
-            "%s: %d image(s) have other file times than their landmark rows record (copied without keeping times?), "
-            "so every open reads and hashes them to check their landmarks; `tfface data annotate %s` records the new "
-            "times (first: %s)",
-            cache,
-            len(rehashed),
-            root,
-            rehashed[0],
         )
     return landmarks
 
@@ -382,6 +381,15 @@ def parse_column(cells, parse, dtype=None):
             lookup[ord(cell)] = value
         return lookup[np.frombuffer("".join(cells).encode("ascii"), np.uint8)]
     return np.fromiter(map(table.__getitem__, cells), dtype, count=len(cells))
+
+
+def unique_image_ids(cells) -> Optional[list]:
+    """The stripped image ids of a label column for the fast paths, or None
+    when one is empty or repeated (the row-by-row reader names it)."""
+    image_ids = list(map(str.strip, cells))
+    if not all(image_ids) or len(set(image_ids)) != len(image_ids):
+        return None
+    return image_ids
 
 
 def image_paths_under(image_root: Path, image_ids) -> np.ndarray:

@@ -29,6 +29,7 @@ from tfface.data.sources import (
     parse_column,
     parse_int,
     read_landmarks,
+    unique_image_ids,
     validate_images,
 )
 from tfface.schema import RACES, UTKFACE
@@ -104,8 +105,8 @@ def _values_from_columns(columns: list, position: dict, image_root: Path, presen
     """The fast path of `_read_labels_csv`: (image ids, (N, 3) values) from
     whole columns, or None when any row would be bad (the row loop then
     reports it at its line)."""
-    image_ids = list(map(str.strip, columns[position["image_id"]]))
-    if not all(image_ids) or len(set(image_ids)) != len(image_ids):
+    image_ids = unique_image_ids(columns[position["image_id"]])
+    if image_ids is None:
         return None
     limits = {"age": MAX_AGE, "gender": 1, "race": len(RACES) - 1}
     values = [parse_column(columns[position[c]], lambda cell, high=limits[c]: parse_int(cell, 0, high), np.int32) for c in limits]

@@ -255,6 +255,7 @@ def default_landmark_cache(root) -> Path:
     """
     from tfface.data.sources import MTCNN_CACHE_FILE
     from tfface.data.sources import shared_data_dir
+    from tfface.data.sources import user_cache_dir
 
     root = Path(root).expanduser().resolve()
     if (root / MTCNN_CACHE_FILE).is_file():
@@ -265,11 +266,7 @@ def default_landmark_cache(root) -> Path:
     if not forced and not is_shared and root.is_dir() and os.access(root, os.W_OK):
         return root / MTCNN_CACHE_FILE
     digest = hashlib.sha1(str(root).encode()).hexdigest()[:10]
-    if forced:
-        cache_dir = Path(forced).expanduser()
-    else:
-        cache_dir = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tfface"
-    return cache_dir / "landmarks" / f"{root.name}-{digest}.csv"
+    return user_cache_dir("landmarks") / f"{root.name}-{digest}.csv"
 
 
 @dataclasses.dataclass
@@ -809,7 +806,7 @@ def _current_rows(cache_file: Path, paths: dict) -> tuple[dict, list, list]:
     return rows, changed, refreshed
 
 
-def load_landmark_cache(cache_file, image_ids: Sequence[str], image_paths=None, changed=None, rehashed=None) -> np.ndarray:
+def load_landmark_cache(cache_file, image_ids: Sequence[str], image_paths=None, changed=None, folder=None) -> np.ndarray:
     """(N, 5, 2) float32 landmarks for `image_ids`; NaN rows where missing.
 
     Missing means: no face found, unreadable image, not in the cache, or,
@@ -818,9 +815,9 @@ def load_landmark_cache(cache_file, image_ids: Sequence[str], image_paths=None, 
 
     A file whose time differs from its row's is checked by its bytes (after
     a copy that did not keep times), again on every read until `tfface data
-    annotate` records the new time: the ids of those that matched are
-    appended to `rehashed`; without a list, more than a few get a warning.
-    Nothing is written (the data folder may be read-only or shared).
+    annotate` records the new time; more than a few get one warning, which
+    names the annotate command for `folder` when given. Nothing is written
+    (the data folder may be read-only or shared).
     """
     cache_file = Path(cache_file)
     if not cache_file.is_file():
@@ -842,14 +839,15 @@ def load_landmark_cache(cache_file, image_ids: Sequence[str], image_paths=None, 
         if changed is not None:
             changed.extend(image_ids[n] for n in wanted[~matches].tolist())
         wanted = wanted[matches]
-        if rehashed is not None:
-            rehashed.extend(same_bytes)
-        elif len(same_bytes) > REHASH_WARNING_THRESHOLD:
+        if len(same_bytes) > REHASH_WARNING_THRESHOLD:
             logger.warning(
                 "%s: %d image(s) have other file times than their landmark rows record (copied without keeping "
-                "times?), so every read hashes them; `tfface data annotate` on their folder records the new times",
+                "times?), so every open reads and hashes them to check their landmarks; %s records the new times "
+                "(first: %s)",
                 cache_file,
                 len(same_bytes),
+                f"`tfface data annotate {folder}`" if folder is not None else "`tfface data annotate` on their folder",
+                same_bytes[0],
             )
     bad = wanted[table.bad[rows[wanted]]]
     if bad.size:

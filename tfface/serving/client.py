@@ -29,7 +29,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from tfface.data.image_ops import DECODABLE_FORMATS, image_format
+from tfface.data.image_ops import DECODABLE_FORMATS, file_exif_orientation, image_format
 from tfface.export.saved_model import (
     CLASS_ID_SUFFIX,
     PROBABILITIES_SUFFIX,
@@ -383,16 +383,15 @@ def with_default_port(target: str, port: int = 8500) -> str:
     return target if ":" in target else f"{target}:{port}"
 
 
-_EXIF_ORIENTATION = 0x0112
-
-
 def upright(data: bytes) -> bytes:
     """Encoded image bytes with their EXIF orientation applied (as PNG), or
     unchanged when there is none.
 
-    The serving graph decodes pixels as stored, like TF Serving image models
-    and the training pipeline; a phone photo tagged "rotate 90" would reach
-    the model on its side, where `tfface predict` turns it upright.
+    SavedModels exported before tfface 0.2.1 decode pixels as stored, like
+    TF Serving image models: a phone photo tagged "rotate 90" would reach
+    the model on its side, where `tfface predict` turns it upright. (Later
+    exports turn it upright themselves; the PNG carries no tag, so nothing
+    is turned twice.)
     """
     if image_format(data) not in ("jpeg", "png", "webp"):
         return data
@@ -402,7 +401,7 @@ def upright(data: bytes) -> bytes:
         from PIL import Image, ImageOps
 
         with Image.open(io.BytesIO(data)) as image:
-            if image.getexif().get(_EXIF_ORIENTATION, 1) in (None, 0, 1):
+            if file_exif_orientation(image) == 1:
                 return data
             turned = ImageOps.exif_transpose(image).convert("RGB")
             buffer = io.BytesIO()
