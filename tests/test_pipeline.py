@@ -346,6 +346,33 @@ def test_a_file_cache_yields_what_memory_does_from_its_own_fresh_files(tmp_path,
     assert not any(folder.exists() for folder in folders)  # removed with their datasets
 
 
+def test_the_cache_folders_of_killed_runs_go_with_the_next_run(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tfface.data import pipeline
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    dead, host = int(ended.stdout), pipeline._host()
+    root = tmp_path / "images"
+    names = {
+        "killed": f"run-{host}-{dead}-abc1",
+        "killed_0.2.1": f"run-{dead}-k2_z",
+        "live": f"run-{host}-{os.getpid()}-q9",
+        "other_host": f"run-otherhost-{dead}-x7",
+        "not_ours": f"keep-{dead}",
+    }
+    for name in names.values():
+        (root / name).mkdir(parents=True)
+        (root / name / "source0.index").write_bytes(b"x")
+    fresh = pipeline.new_cache_folder(root)
+    assert fresh.name.startswith(f"run-{host}-{os.getpid()}-")
+    left = {p.name for p in root.iterdir()}
+    assert left == {names["live"], names["other_host"], names["not_ours"], fresh.name}
+
+
 def test_short_epochs_do_not_cache_a_source_they_never_read_whole(caplog):
     """Every epoch restarts the training stream (Keras iterates the dataset
     afresh), so a source an epoch reads less than once would fill its cache

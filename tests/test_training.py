@@ -4,6 +4,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -394,6 +395,10 @@ def test_cli_outputs_never_replace_inputs_or_models(model_files, tmp_path, capsy
     from tfface.models.saving import load_model
 
     assert load_model(calibrated).schema.task_names == load_model(model).schema.task_names
+    # --limit cuts the calibration's validation images too.
+    capsys.readouterr()
+    assert cli_main(argv + ["--limit", "5"]) == 0
+    assert re.search(r"calibrated \d+ thresholds on 5 of the \d+ validation images \(--limit\)", capsys.readouterr().out)
 
     # A config.yaml beside the model (here one that does not parse) only
     # matters to --split and --calibrate, which take the training split from it.

@@ -385,6 +385,35 @@ def test_resuming_with_the_same_data_or_an_older_record_works(utk_search, tmp_pa
     assert json.loads(meta.read_text())["data"] == recorded["data"]
 
 
+def test_other_label_values_for_the_same_images_refuse_a_resume(tmp_path):
+    from tfface.data.source import FaceSource
+
+    def source(ages, identities=(1, 2, 3)):
+        return FaceSource(
+            name="s", format="utkface", columns={"age": np.array(ages), "male": np.array([1, 0, -1])},
+            image_paths=np.array(["c.jpg", "a.jpg", "b.jpg"]), identities=np.array(identities),
+        )
+
+    config = ExperimentConfig.from_dict({"data": {"sources": ["s"]}})
+    recorded = search_module.data_record(config, [source([30, 40, 50])], [source([1, 2, 3])])
+    project = tmp_path / "p"
+    project.mkdir()
+    (project / "search.json").write_text(json.dumps({"data": recorded}))
+    # The same rows in another order: the same data.
+    reordered = source([30, 40, 50]).subset([2, 0, 1])
+    search_module._check_same_data(project, search_module.data_record(config, [reordered], [source([1, 2, 3])]))
+    # One age changed, then one identity: refused, naming the side.
+    for train, val, side in ((source([30, 41, 50]), source([1, 2, 3]), "training"),
+                             (source([30, 40, 50]), source([1, 2, 3], identities=(1, 2, 4)), "validation")):
+        with pytest.raises(ConfigError, match=rf"{side} labels of source s: the same 3 images, but other label values"):
+            search_module._check_same_data(project, search_module.data_record(config, [train], [val]))
+    # A record without label digests (tfface 0.2.1) compares the images only.
+    for entry in recorded["sources"]:
+        del entry["train_labels"], entry["val_labels"]
+    (project / "search.json").write_text(json.dumps({"data": recorded}))
+    search_module._check_same_data(project, search_module.data_record(config, [source([30, 41, 50])], [source([1, 2, 3])]))
+
+
 def test_the_data_record_names_each_changed_side(tmp_path):
     before = {"image_ids": search_module.IMAGE_IDS, "sources": [
         {"source": "a", "train_images": 10, "val_images": 2, "train_ids": "t", "val_ids": "v"},

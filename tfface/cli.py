@@ -222,8 +222,16 @@ def _cmd_evaluate(args):
         from tfface.evaluation.evaluate import open_sources
 
         val_sources = open_sources(data, split="val", **split_options)
+        on = "the validation split"
+        if args.limit:
+            from tfface.evaluation.evaluate import limit_sources
+
+            # The same seeded choice as the scoring below, so the two stay
+            # consistent and a limited run stays short.
+            val_sources, _, chosen = limit_sources(val_sources, args.limit)
+            on = f"{chosen['n_images_scored']} of the {chosen['n_images_available']} validation images (--limit)"
         thresholds = calibrate_model(model, val_sources)
-        print(f"calibrated {len(thresholds)} thresholds on the validation split")
+        print(f"calibrated {len(thresholds)} thresholds on {on}")
     metrics = evaluate_model(
         model, data, args.out, batch_size=args.batch_size, split=args.split, model_path=args.model,
         limit=args.limit, **split_options,
@@ -440,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--calibrate",
         metavar="OUT.keras",
-        help="first calibrate per-attribute thresholds on the val split (max balanced accuracy); the calibrated model is saved to this .keras file (not the evaluated one) after the evaluation",
+        help="first calibrate per-attribute thresholds on the val split (max balanced accuracy; on --limit N of its images when given); the calibrated model is saved to this .keras file (not the evaluated one) after the evaluation",
     )
     p.add_argument(
         "--skip-bad-rows", action="store_true",

@@ -168,12 +168,55 @@ def choose_cache(cache, sources, image_size: int, cache_dir=None) -> str:
     return mode
 
 
+# A cache folder's name: run-HOST-PID-RANDOM (tfface 0.2.1 wrote run-PID-RANDOM).
+_CACHE_FOLDER = re.compile(r"run-(?:(?P<host>.+)-)?(?P<pid>\d+)-[a-z0-9_]+")
+
+
+def _host() -> str:
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _process_is_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, another user's
+        return False
+    return False
+
+
+def remove_abandoned_cache_folders(root: Path) -> list:
+    """Removes the cache folders under `root` whose process (on this host)
+    has ended: a killed run cannot remove its own. Folders of live
+    processes, of other hosts sharing the folder, and anything else are
+    left alone. Returns the removed folders."""
+    if os.name != "posix" or not root.is_dir():
+        return []  # (os.kill(pid, 0) would end the process on Windows)
+    host, removed = _host(), []
+    for folder in root.iterdir():
+        match = _CACHE_FOLDER.fullmatch(folder.name)
+        if not match or not folder.is_dir() or match["host"] not in (None, host):
+            continue
+        pid = int(match["pid"])
+        if pid != os.getpid() and _process_is_gone(pid):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    if removed:
+        log.info("removed %d image cache folder(s) of ended runs under %s", len(removed), root)
+    return removed
+
+
 def new_cache_folder(cache_dir=None) -> Path:
     """A fresh folder for the file caches of one dataset: nothing in it was
-    written before, so no image is ever served from an older run."""
+    written before, so no image is ever served from an older run. Folders
+    that killed runs left behind are removed first."""
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     root.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"run-{os.getpid()}-", dir=root))
+    remove_abandoned_cache_folders(root)
+    return Path(tempfile.mkdtemp(prefix=f"run-{_host()}-{os.getpid()}-", dir=root))
 
 
 def _fills_in_one_epoch(size: int, draws_per_epoch: float, buffer: int) -> bool:

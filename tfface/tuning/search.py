@@ -224,6 +224,31 @@ def _ids_digest(ids) -> str:
     return digest.hexdigest()
 
 
+# What `data_record` digests as a side's labels, recorded beside the digests.
+LABELS = (
+    "blake2b-16 of each label column (sorted by name) as float64 values, rows in the order of the "
+    "sorted image ids, then the identities the same way"
+)
+
+
+def _labels_digest(source) -> str:
+    """A digest of a side's label values, row order fixed by the image ids,
+    so a label file rewritten with other values (same rows) is noticed."""
+    import numpy as np
+
+    digest = hashlib.blake2b(digest_size=16)
+    if source is None or len(source) == 0:
+        return digest.hexdigest()
+    order = np.argsort(np.asarray(image_ids(source), dtype=object), kind="stable")
+    named = sorted(source.columns.items())
+    if source.identities is not None:
+        named.append(("\0identities", source.identities))
+    for name, values in named:
+        digest.update(name.encode("utf-8") + b"\n")
+        digest.update(np.asarray(values, dtype="<f8")[order].tobytes())
+    return digest.hexdigest()
+
+
 def data_record(config: ExperimentConfig, train_sources, val_sources) -> dict:
     """What a search trains and validates on, per source in the config's
     order: its path as the config gives it, its training and validation
@@ -237,8 +262,10 @@ def data_record(config: ExperimentConfig, train_sources, val_sources) -> dict:
             "val_images": 0 if val is None else len(val),
             "train_ids": _ids_digest(image_ids(train_sources[i])),
             "val_ids": _ids_digest([] if val is None else image_ids(val)),
+            "train_labels": _labels_digest(train_sources[i]),
+            "val_labels": _labels_digest(val),
         })
-    return {"image_ids": IMAGE_IDS, "sources": sources}
+    return {"image_ids": IMAGE_IDS, "labels": LABELS, "sources": sources}
 
 
 def read_data_record(config: ExperimentConfig) -> dict:
@@ -792,14 +819,19 @@ def _data_changes(before: dict, now: dict) -> list[str]:
                 changes.append(
                     f"{what} images of source {is_['source']}: {count_now} before and now, but not the same images"
                 )
+            elif was.get(f"{side}_labels") not in (None, is_.get(f"{side}_labels")):
+                # (A record of tfface 0.2.1 or older has no label digest.)
+                changes.append(
+                    f"{what} labels of source {is_['source']}: the same {count_now} images, but other label values"
+                )
     return changes
 
 
 def _check_same_data(project_dir: Path, record: dict) -> None:
     """Refuses to resume a search whose sources now hold other images (files
-    added or removed, label rows that changed which images exist): its new
-    trials would be validated on other images than its earlier ones and yet
-    ranked with them. A search.json written before the data was recorded
+    added or removed, label rows that changed which images exist) or other
+    labels for the same images: its new trials would be trained and
+    validated on other data than its earlier ones and yet ranked with them. A search.json written before the data was recorded
     passes (the record is added when it is rewritten)."""
     previous = _previous_meta(project_dir)
     if previous is None or "data" not in previous:
