@@ -161,7 +161,9 @@ def _cmd_data_masks(args):
         raise ValueError(
             f"{args.source}: none of its {len(source)} images has landmarks: run `tfface data annotate {args.source}`"
         )
-    from PIL import Image, ImageOps
+    from PIL import Image
+
+    from tfface.data.image_ops import read_upright_rgb
 
     images, landmarks = [], []
     for i in known[: args.count]:
@@ -169,8 +171,7 @@ def _cmd_data_masks(args):
             image = source.images[i]
         else:
             try:
-                with Image.open(str(source.image_paths[i])) as file:
-                    image = np.asarray(ImageOps.exif_transpose(file).convert("RGB"))  # landmarks are upright
+                image = read_upright_rgb(str(source.image_paths[i]))[0]  # landmarks are upright
             except Exception as e:
                 raise ValueError(f"{source.image_paths[i]}: cannot read image ({type(e).__name__}: {e})") from None
         points = source.landmarks[i]

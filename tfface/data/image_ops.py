@@ -169,6 +169,18 @@ def file_exif_orientation(image) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
+def read_upright_rgb(path) -> tuple:
+    """(uint8 (H, W, 3) array, EXIF orientation) of an image file as shown:
+    its EXIF rotation applied, as the pipeline decodes it, so landmarks and
+    drawings made from it line up with training. (Python side, PIL.)"""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        orientation = file_exif_orientation(image)
+        return np.asarray(ImageOps.exif_transpose(image).convert("RGB")), orientation
+
+
 def encode_png(image) -> bytes:
     """uint8 (H, W, 3) array -> PNG bytes (lossless, so decoding gives it back)."""
     import io

@@ -29,6 +29,7 @@ import tensorflow_datasets as tfds
 
 from tfface.data.image_ops import encode_png
 from tfface.data.image_ops import file_exif_orientation
+from tfface.data.image_ops import read_upright_rgb
 from tfface.data.source import LANDMARK_COLUMNS, DataError, FaceSource
 from tfface.data.splits import DEFAULT_SEED, partition_indices, split_indices
 
@@ -230,10 +231,7 @@ def _upright_file(path):
     `predict` upright."""
     if file_exif_orientation(path) == 1:
         return str(path)
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as image:
-        return encode_png(np.asarray(ImageOps.exif_transpose(image).convert("RGB")))
+    return encode_png(read_upright_rgb(path)[0])
 
 
 class _FolderBuilder(_FaceSourceBuilder, skip_registration=True):

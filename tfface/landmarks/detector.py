@@ -35,6 +35,7 @@ import numpy as np
 
 from tfface.atomic_files import atomic_path
 from tfface.data.image_ops import file_exif_orientation
+from tfface.data.image_ops import read_upright_rgb
 
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 # Flipping an image horizontally swaps these landmark indices.
@@ -644,16 +645,6 @@ def _write_atomic(path: Path, rows: Iterable[list[str]]) -> None:
         os.fsync(f.fileno())
 
 
-def _load_upright_rgb(path) -> tuple[np.ndarray, int]:
-    """The image as shown (EXIF orientation applied, as the pipeline decodes
-    it), and that orientation."""
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as image:
-        orientation = file_exif_orientation(image)
-        return np.asarray(ImageOps.exif_transpose(image).convert("RGB")), orientation
-
-
 def annotate_folder(
     image_paths: Sequence,
     cache_file,
@@ -719,7 +710,7 @@ def annotate_folder(
             try:
                 data = image_paths[i].read_bytes()
                 stamps[i] = file_stamp(image_paths[i], data)
-                image, orientations[i] = _load_upright_rgb(io.BytesIO(data))
+                image, orientations[i] = read_upright_rgb(io.BytesIO(data))
                 check_rgb_image(image, str(image_paths[i]))
             except (OSError, ValueError) as e:
                 rows[i] = _cache_row(image_ids[i], STATUS_UNREADABLE, None, [])
