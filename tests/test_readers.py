@@ -422,6 +422,16 @@ def test_tfds_celeba_folder_builder_roundtrip(celeba_csv, tmp_path, no_network):
 
     from tfface.data import tfds_builders
 
+    from PIL import Image, ImageOps
+
+    # A photo stored on its side with an EXIF rotation goes in as shown.
+    rotated = celeba_csv / "images" / "000005.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (12, 10, 3), np.uint8)).save(rotated, "JPEG", exif=exif)
+    with Image.open(rotated) as stored:
+        shown = np.asarray(ImageOps.exif_transpose(stored).convert("RGB"))
+    assert shown.shape == (10, 12, 3)
     builder = tfds.builder("celeba_folder", root=str(celeba_csv), data_dir=str(tmp_path / "tfds"))
     assert isinstance(builder, tfds_builders.CelebaFolder)
     builder.download_and_prepare()
@@ -433,6 +443,7 @@ def test_tfds_celeba_folder_builder_roundtrip(celeba_csv, tmp_path, no_network):
     assert first["labels"]["Male"] == 1 and first["labels"]["age"] == 25 and first["identity"] == 7
     np.testing.assert_array_equal(first["landmarks"][0], [0, 1])
     assert np.isnan(by_id["000005.jpg"]["landmarks"]).all()
+    np.testing.assert_array_equal(by_id["000005.jpg"]["image"], shown)
     assert by_id["000002.jpg"]["labels"]["Eyeglasses"] == -1
 
 
