@@ -100,11 +100,12 @@ def read_celeba_folder(root, skip_bad_rows=False, check_images=False, landmarks_
         raise DataError(f"{root}: no CelebA labels found (expected {ATTRIBUTE_CSV} or {ATTRIBUTE_TXT})")
 
     image_root = images_dir(root)
-    keep = _rows_with_images(labels, image_root, bad)
+    present = image_file_names(image_root)  # listed once: a full CelebA folder holds 202,599 files
+    keep = _rows_with_images(labels, image_root, present, bad)
     bad.report(problems)
     if not keep:
         raise DataError(f"{labels.path}: no usable label rows")
-    unlabelled = _count_unlabelled_images(image_root, labels.listed)
+    unlabelled = sum(1 for n in present.difference(labels.listed) if is_image_name(n))
     if unlabelled:
         note(problems, f"{image_root}: {unlabelled} image(s) have no label row in {labels.path.name} (ignored)")
 
@@ -359,8 +360,7 @@ def _labels_from_txt_lines(labels: _Labels, lines: list, names: list, used: list
     return True
 
 
-def _rows_with_images(labels: _Labels, image_root: Path, bad: BadRows) -> list:
-    present = image_file_names(image_root)
+def _rows_with_images(labels: _Labels, image_root: Path, present: set, bad: BadRows) -> list:
     if present.issuperset(labels.image_ids) and "/" not in "".join(labels.image_ids):
         return list(range(len(labels.image_ids)))
     keep = []
@@ -371,10 +371,6 @@ def _rows_with_images(labels: _Labels, image_root: Path, bad: BadRows) -> list:
             continue
         keep.append(i)
     return keep
-
-
-def _count_unlabelled_images(image_root: Path, image_ids) -> int:
-    return sum(1 for n in set(os.listdir(image_root)).difference(image_ids) if is_image_name(n))
 
 
 def _read_partition_file(path: Path, image_ids, skip_bad_rows, problems) -> Optional[np.ndarray]:
