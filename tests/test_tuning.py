@@ -747,6 +747,43 @@ def test_a_worker_without_a_chief_stops_with_the_address_it_tried(tmp_path, monk
     assert time.monotonic() - started < 30
 
 
+def test_a_worker_on_other_data_than_the_chief_recorded_is_refused(tmp_path, monkeypatch):
+    config = write_tuning(tmp_path, project="shared")
+    monkeypatch.setenv("KERASTUNER_ORACLE_IP", "127.0.0.1")
+    monkeypatch.setenv("KERASTUNER_ORACLE_PORT", str(_free_port()))
+    monkeypatch.setenv("KERASTUNER_TUNER_ID", "tuner0")
+    monkeypatch.setattr(search_module, "_wait_for_chief", lambda minutes: None)  # the chief answered
+
+    class ReachedTheTuner(Exception):
+        pass
+
+    def make_tuner(*args, **kwargs):
+        raise ReachedTheTuner
+
+    monkeypatch.setattr(search_module, "make_tuner", make_tuner)
+
+    def record(val_images):
+        return {"image_ids": search_module.IMAGE_IDS, "sources": [
+            {"source": "d", "train_images": 10, "val_images": val_images, "train_ids": "t", "val_ids": "v",
+             "train_labels": "tl", "val_labels": "vl"}]}
+
+    fake_data = types.SimpleNamespace(steps_per_epoch=1, train_labels=None, train=None, val=None, data_record=record(2))
+    monkeypatch.setattr(search_module, "load_search_data", lambda base: fake_data)
+    # No search.json of the chief (a folder of the worker's own): nothing to compare, the worker goes on.
+    with pytest.raises(ReachedTheTuner):
+        run_search(config, verbose=0)
+    # The chief's search.json in the shared folder records other validation images.
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "search.json").write_text(json.dumps({"data": record(3)}))
+    with pytest.raises(ConfigError, match=r"worker tuner0: its data is not the data the chief recorded in .*"
+                                          r"validation images of source d: 3 the chief's, 2 this worker's"):
+        run_search(config, verbose=0)
+    # The same data as the chief's: on to the trials.
+    fake_data.data_record = record(3)
+    with pytest.raises(ReachedTheTuner):
+        run_search(config, verbose=0)
+
+
 def test_a_frozen_mask_predictor_is_searched_only_with_pretraining(tmp_path):
     space_file = tmp_path / "space.yaml"
     space_file.write_text(yaml.safe_dump({"mask_trainable": {"type": "choice", "values": [True, False]}}))

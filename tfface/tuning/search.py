@@ -707,6 +707,7 @@ def run_search(
     )
     if role == "worker":
         _wait_for_chief(tuning.chief_wait_minutes)
+        _check_worker_data(project_dir, getattr(data, "data_record", None))
     tuner = make_tuner(tuning, hypermodel, deadline=deadline, on_trial_end_hook=on_trial_end)
     if role != "worker":
         _write_meta(project_dir, tuning, base, space, record)
@@ -800,7 +801,7 @@ def _check_same_search(project_dir: Path, tuning: TuningConfig, base: Experiment
             )
 
 
-def _data_changes(before: dict, now: dict) -> list[str]:
+def _data_changes(before: dict, now: dict, then_word: str = "before", now_word: str = "now") -> list[str]:
     """What differs between two `data_record`s, in words."""
     old = before.get("sources") if isinstance(before, dict) else None
     if not isinstance(old, list) or not all(isinstance(s, dict) for s in old):
@@ -808,16 +809,18 @@ def _data_changes(before: dict, now: dict) -> list[str]:
     new = now["sources"]
     names_before, names_now = [s.get("source") for s in old], [s["source"] for s in new]
     if names_before != names_now:
-        return [f"sources {names_before} before, {names_now} now"]
+        return [f"sources {names_before} {then_word}, {names_now} {now_word}"]
     changes = []
     for was, is_ in zip(old, new):
         for side, what in (("val", "validation"), ("train", "training")):
             count_before, count_now = was.get(f"{side}_images"), is_[f"{side}_images"]
             if count_before != count_now:
-                changes.append(f"{what} images of source {is_['source']}: {count_before} before, {count_now} now")
+                changes.append(
+                    f"{what} images of source {is_['source']}: {count_before} {then_word}, {count_now} {now_word}"
+                )
             elif was.get(f"{side}_ids") != is_[f"{side}_ids"]:
                 changes.append(
-                    f"{what} images of source {is_['source']}: {count_now} before and now, but not the same images"
+                    f"{what} images of source {is_['source']}: {count_now} {then_word} and {now_word}, but not the same images"
                 )
             elif was.get(f"{side}_labels") not in (None, is_.get(f"{side}_labels")):
                 # (A record of tfface 0.2.1 or older has no label digest.)
@@ -831,8 +834,9 @@ def _check_same_data(project_dir: Path, record: dict) -> None:
     """Refuses to resume a search whose sources now hold other images (files
     added or removed, label rows that changed which images exist) or other
     labels for the same images: its new trials would be trained and
-    validated on other data than its earlier ones and yet ranked with them. A search.json written before the data was recorded
-    passes (the record is added when it is rewritten)."""
+    validated on other data than its earlier ones and yet ranked with them.
+    A search.json written before the data was recorded passes (the record
+    is added when it is rewritten)."""
     previous = _previous_meta(project_dir)
     if previous is None or "data" not in previous:
         return
@@ -843,6 +847,27 @@ def _check_same_data(project_dir: Path, record: dict) -> None:
             f"trained and validated on): {'; '.join(changes)}; resuming would rank trials validated on "
             f"different images: use another project name or remove {project_dir}"
         )
+
+
+def _check_worker_data(project_dir: Path, record: Optional[dict]) -> bool:
+    """Refuses to run trials on a worker whose copy of the data differs from
+    the one the chief recorded: its trials would be trained and validated
+    on other images and yet ranked with the others. The chief writes
+    search.json before it serves the oracle, so a worker that reaches the
+    chief reads the current one, when the project folder is shared; on a
+    folder of its own there is nothing to compare with (returns False)."""
+    previous = _previous_meta(project_dir)
+    if record is None or previous is None or "data" not in previous:
+        log.info("worker: no search.json of the chief in %s: its data cannot be compared with the chief's", project_dir)
+        return False
+    changes = _data_changes(previous["data"], record, "the chief's", "this worker's")
+    if changes:
+        raise ConfigError(
+            f"worker {os.environ.get('KERASTUNER_TUNER_ID', '')}: its data is not the data the chief recorded in "
+            f"{project_dir / 'search.json'}: {'; '.join(changes)}; its trials would be ranked with trials "
+            f"validated on different images: give every worker the same data folders"
+        )
+    return True
 
 
 def _trial_budget_record(tuning: TuningConfig) -> dict:
