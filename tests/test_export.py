@@ -12,6 +12,7 @@ import tensorflow as tf
 
 import keras
 
+from tfface.data import image_ops
 from tfface.data.image_ops import (
     decode_image,
     encoded_image_side,
@@ -178,6 +179,69 @@ def test_header_sizes_match_the_decoded_sizes():
     assert image_size_from_header(b"\x89PNG\r\n\x1a\n") is None
 
 
+def _pil_encoded(image, fmt, **options) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def _kinds_of_images():
+    """Encoded images of every kind `REFUSED_KINDS` knows, and some it takes."""
+    from PIL import Image
+
+    rgb = Image.fromarray(np.random.default_rng(5).integers(0, 255, (20, 30, 3), np.uint8))
+    other = Image.fromarray(np.asarray(rgb)[::-1].copy())
+    return {
+        "png": (_pil_encoded(rgb, "PNG"), 0),
+        "jpeg": (_pil_encoded(rgb, "JPEG"), 0),
+        "bmp 24": (_pil_encoded(rgb, "BMP"), 0),
+        "bmp 32": (_pil_encoded(rgb.convert("RGBA"), "BMP"), 0),
+        "bmp 8 palette": (_pil_encoded(rgb.convert("P"), "BMP"), 0),
+        "bmp 8 grey": (_pil_encoded(rgb.convert("L"), "BMP"), 0),
+        "bmp 1": (_pil_encoded(rgb.convert("1"), "BMP"), image_ops.UNREAD_BMP),
+        "webp": (_pil_encoded(rgb, "WEBP"), 0),
+        "webp lossless": (_pil_encoded(rgb, "WEBP", lossless=True), 0),
+        "webp animated": (_pil_encoded(rgb, "WEBP", save_all=True, append_images=[other]), image_ops.ANIMATED_WEBP),
+        "gif": (_pil_encoded(rgb, "GIF"), image_ops.GIF),
+        "gif animated": (_pil_encoded(rgb, "GIF", save_all=True, append_images=[other]), image_ops.GIF),
+        "bmp cut short": (b"BM" + b"\0" * 10, 0),
+        "empty": (b"", 0),
+    }
+
+
+def test_refused_image_kinds_agree_in_graph_and_in_python():
+    cases = _kinds_of_images()
+    names = list(cases)
+    in_graph = image_ops.refused_image_kind(tf.constant([cases[n][0] for n in names])).numpy().tolist()
+    assert dict(zip(names, in_graph)) == {n: cases[n][1] for n in names}
+    for name in names:
+        reason = image_ops.refused_image_reason(cases[name][0])
+        assert reason == image_ops.REFUSED_KINDS.get(cases[name][1]), name
+    assert int(image_ops.refused_image_kind(tf.constant(cases["gif"][0]))) == image_ops.GIF  # one image
+
+
+def test_palette_bmps_decode_to_their_colours():
+    """TensorFlow's BMP decoder returns an 8-bit BMP's palette indices as
+    grey; the pipeline and the serving graph show its colours, as PIL does."""
+    from PIL import Image
+
+    cases = _kinds_of_images()
+    adaptive = Image.open(io.BytesIO(cases["png"][0])).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    cases["bmp 8, 16 colours"] = (_pil_encoded(adaptive, "BMP"), 0)
+    for name in ("bmp 8 palette", "bmp 8 grey", "bmp 8, 16 colours"):
+        data = cases[name][0]
+        shown = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        np.testing.assert_array_equal(image_ops.decode_upright(tf.constant(data)).numpy(), shown, err_msg=name)
+        served = image_ops.preprocess_encoded_images(tf.constant([cases["png"][0], data]), 16, 64).numpy()
+        np.testing.assert_array_equal(served[1], image_ops.preprocess_image(shown, 16).numpy(), err_msg=name)
+    # What the checks above could tell: the bare decoder's grey indices.
+    palette_bmp = cases["bmp 8 palette"][0]
+    shown = np.asarray(Image.open(io.BytesIO(palette_bmp)).convert("RGB"))
+    assert np.abs(decode_image(palette_bmp).numpy().astype(int) - shown).mean() > 10
+
+
 # --- export ------------------------------------------------------------------------------
 
 
@@ -237,7 +301,7 @@ def test_bytes_signature_rejects_garbage_and_oversized_images(strict_export):
     bigs = {"png": png(np.zeros((8, 40, 3))), "jpeg": tf.io.encode_jpeg(np.zeros((40, 8, 3), np.uint8)).numpy()}
     from PIL import Image
 
-    for fmt, options in (("GIF", {}), ("BMP", {}), ("WEBP", {"lossless": True}), ("WEBP", {"lossless": False})):
+    for fmt, options in (("BMP", {}), ("WEBP", {"lossless": True}), ("WEBP", {"lossless": False})):
         buffer = io.BytesIO()
         Image.fromarray(np.zeros((8, 40, 3), np.uint8)).save(buffer, format=fmt, **options)
         bigs[f"{fmt} {options}"] = buffer.getvalue()
@@ -246,6 +310,12 @@ def test_bytes_signature_rejects_garbage_and_oversized_images(strict_export):
             serve(images=tf.constant([big]))
     ok = serve(images=tf.constant([png(np.zeros((32, 20, 3)))]))
     assert ok["Smiling_label"].shape == (1,)
+    # Kinds TensorFlow decodes wrongly or at great cost are refused, named,
+    # whatever their size, before any image of the request is decoded.
+    for name, (data, kind) in _kinds_of_images().items():
+        if kind:
+            with pytest.raises(tf.errors.InvalidArgumentError, match=r"does not take these images.*\[0 %d\]" % kind):
+                serve(images=tf.constant([png(np.zeros((32, 20, 3))), data]))
     assert not (path / "assets.extra").exists()  # warmup_images=[] writes none
 
 

@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from tfface.data.image_ops import preprocess_image
 from tfface.data.pipeline import affine_example
 from tfface.data.pipeline import flip_example
 from tfface.data.pipeline import make_dataset
@@ -183,11 +184,15 @@ def test_undecodable_images_lists_the_bad_files_in_order_up_to_the_limit(tmp_pat
         (b"just some text, not pixels", r"not an image file \(JPEG, PNG, GIF, BMP, WebP or JPEG XL\): .*000003.jpg"),
         (b"", "empty image file: .*000003.jpg"),
         (b"abc", r"not an image file .*000003.jpg"),  # shorter than any header
+        ("1-bit BMP", r"image file TensorFlow cannot decode \(a BMP of other than 8, 24 or 32 bits.*000003.jpg"),
     ],
 )
 def test_a_file_that_is_no_image_is_named(tmp_path, content, message):
     source = _celeba_source(tmp_path)
-    Path(source.image_paths[3]).write_bytes(content)
+    if content == "1-bit BMP":
+        Image.open(source.image_paths[3]).convert("1").save(source.image_paths[3], format="BMP")
+    else:
+        Path(source.image_paths[3]).write_bytes(content)
     with pytest.raises(tf.errors.InvalidArgumentError, match=message):
         _collect(make_dataset([source], get_schema("fused"), SIZE, batch_size=4))
 
@@ -196,8 +201,13 @@ def test_other_formats_the_decoder_reads_still_load(tmp_path):
     source = _celeba_source(tmp_path)
     for path, fmt in zip(source.image_paths[:3], ("GIF", "BMP", "WEBP")):
         Image.open(path).convert("RGB").save(path, format=fmt)  # same name, other format
+    # An 8-bit BMP shows its palette's colours (TensorFlow's decoder alone
+    # gives the indices as grey).
+    Image.open(source.image_paths[3]).convert("P").save(source.image_paths[3], format="BMP")
+    shown = np.asarray(Image.open(source.image_paths[3]).convert("RGB"))
     images, _ = _collect(make_dataset([source], get_schema("fused"), SIZE, batch_size=4))
     assert len(images) == len(source)
+    np.testing.assert_array_equal(images[3], preprocess_image(shown, SIZE).numpy())
 
 
 def test_missing_image_file_error_names_the_file(tmp_path):

@@ -34,11 +34,14 @@ def decode_image(data) -> tf.Tensor:
 
 
 def decode_upright(data) -> tf.Tensor:
-    """`decode_image`, then the EXIF orientation applied (JPEG and PNG), so a
-    phone photo tagged "rotate 90" is upright as every viewer, PIL's
-    `ImageOps.exif_transpose` and `tfface predict` show it."""
+    """`decode_image`, then an 8-bit BMP's palette and the EXIF orientation
+    (JPEG and PNG) applied, so a phone photo tagged "rotate 90" is upright
+    as every viewer, PIL's `ImageOps.exif_transpose` and `tfface predict`
+    show it."""
     data = tf.convert_to_tensor(data, tf.string)
-    return orient_image(decode_image(data), exif_orientation(data))
+    image = decode_image(data)
+    image = tf.cond(is_palette_bmp(data), lambda: with_bmp_palette(data, image), lambda: image)
+    return orient_image(image, exif_orientation(data))
 
 
 # EXIF orientation: only the first bytes of a file are searched, as the
@@ -226,10 +229,12 @@ def preprocess_encoded_images(images, size: int, max_side: int) -> tf.Tensor:
     """Batch of encoded images (string (B,)) -> float32 (B, size, size, 3).
 
     The serving graph's preprocessing, image by image (a request may mix
-    sizes and formats), upright as in training (`decode_upright`),
-    refusing an image whose header or pixels exceed `max_side`. The EXIF
-    orientations are read for the whole batch at once, before the loop; an
-    image without one skips the rotation behind a single `tf.cond` (a
+    sizes and formats), as in training (`decode_upright`), refusing an
+    image whose header or pixels exceed `max_side` and the kinds of
+    `REFUSED_KINDS`. The header checks that need no decoding (the EXIF
+    orientation, the refused kinds, 8-bit BMPs) run for the whole batch at
+    once, before the loop; an image with neither a rotation nor a palette
+    skips both behind a single `tf.cond` (a
     second, rotation-free loop for such batches measured no faster and
     doubled the graph). Resizing a same-size batch in one op instead
     measured no faster: TF already runs the loop's iterations on every
@@ -239,9 +244,25 @@ def preprocess_encoded_images(images, size: int, max_side: int) -> tf.Tensor:
     """
     limit = tf.constant(max_side, tf.int64)
     images = tf.convert_to_tensor(images, tf.string)
+    kinds = refused_image_kind(images)
+    refuse = tf.debugging.Assert(
+        tf.reduce_all(tf.equal(kinds, 0)),
+        [
+            "the serving signature does not take these images; per image, 0: taken, "
+            + "; ".join(f"{code}: {reason}" for code, reason in REFUSED_KINDS.items())
+            + ":",
+            kinds,
+        ],
+        summarize=64,
+    )
+    with tf.control_dependencies([refuse]):
+        # One int per image for the loop: the orientation, negated for an
+        # 8-bit BMP, so a plain image costs the loop one comparison (== 1).
+        orientations = exif_orientation(images)
+        steps = tf.where(is_palette_bmp(images), -orientations, orientations)
 
     def one(item):
-        data, orientation = item
+        data, step = item
         check_header = tf.debugging.assert_less_equal(
             encoded_image_side(data),
             limit,
@@ -255,14 +276,21 @@ def preprocess_encoded_images(images, size: int, max_side: int) -> tf.Tensor:
             message=f"image is larger than the maximum side of {max_side} pixels",
         )
         with tf.control_dependencies([check_pixels]):
-            image = tf.cond(tf.equal(orientation, 1), lambda: image, lambda: orient_image(image, orientation))
+            image = tf.cond(tf.equal(step, 1), lambda: image, lambda: _palette_and_orientation(data, image, step))
             return preprocess_image(image, size)
 
     return tf.map_fn(
         one,
-        (images, exif_orientation(images)),
+        (images, steps),
         fn_output_signature=tf.TensorSpec((size, size, 3), tf.float32),
     )
+
+
+def _palette_and_orientation(data, image, step) -> tf.Tensor:
+    """`preprocess_encoded_images`' slow branch: the palette of an 8-bit BMP
+    (`step` < 0), then the orientation |`step`|."""
+    image = tf.cond(step < 0, lambda: with_bmp_palette(data, image), lambda: image)
+    return orient_image(image, tf.abs(step))
 
 
 def encoded_image_side(data) -> tf.Tensor:
@@ -346,6 +374,96 @@ def has_other_decodable_header(data) -> tf.Tensor:
         | tf.equal(tf.strings.substr(padded, 0, 2), b"\xff\x0a")
         | tf.equal(tf.strings.substr(padded, 0, 12), _JXL_CONTAINER)
     )
+
+
+# Encoded images TensorFlow's decoders cannot read, or read at a cost out of
+# proportion to the face, by code (0: none of these). The serving signature
+# refuses all three, the training pipeline the last two (a GIF only costs
+# time there, on the user's own data).
+GIF, UNREAD_BMP, ANIMATED_WEBP = 1, 2, 3
+REFUSED_KINDS = {
+    GIF: "a GIF: TensorFlow decodes every frame of an animated GIF (and a frame larger than its header "
+    "says) before taking the first; send it as PNG",
+    UNREAD_BMP: "a BMP of other than 8, 24 or 32 bits per pixel, which TensorFlow cannot decode; send it as PNG",
+    ANIMATED_WEBP: "an animated WebP, which TensorFlow cannot decode to RGB; send its first frame as PNG",
+}
+_BMP_MIN_HEADER = 30  # file header (14) + the bits per pixel of either info header
+
+
+def _header_reader(data):
+    """(byte(offset) -> int32, starts(offset, text) -> bool) over encoded
+    bytes, a scalar or a batch, safe past the end of short files."""
+    padded = tf.convert_to_tensor(data, tf.string) + b"\0" * 32
+
+    def byte(offset):
+        return tf.cast(tf.io.decode_raw(tf.strings.substr(padded, offset, 1), tf.uint8)[..., 0], tf.int32)
+
+    def starts(offset, text):
+        return tf.equal(tf.strings.substr(padded, offset, len(text)), text)
+
+    return byte, starts
+
+
+def _bmp_bits(byte) -> tf.Tensor:
+    """Bits per pixel of a BMP header (the 12-byte OS/2 header keeps them
+    at byte 24, the others at 28)."""
+    core_header = (byte(14) == 12) & (byte(15) == 0) & (byte(16) == 0) & (byte(17) == 0)
+    return tf.where(core_header, byte(24) + 256 * byte(25), byte(28) + 256 * byte(29))
+
+
+def refused_image_kind(data) -> tf.Tensor:
+    """In-graph: the `REFUSED_KINDS` code (int32) of encoded bytes, a scalar
+    or a batch (same shape out), from their first 30 bytes; 0 for any other
+    image and for headers cut short (the decoder then has the last word).
+    The twin of `refused_image_reason`."""
+    data = tf.convert_to_tensor(data, tf.string)
+    byte, starts = _header_reader(data)
+    bits = _bmp_bits(byte)
+    unread_bmp = starts(0, b"BM") & (tf.strings.length(data) >= _BMP_MIN_HEADER) & (bits != 8) & (bits != 24) & (bits != 32)
+    animated_webp = starts(0, b"RIFF") & starts(8, b"WEBPVP8X") & (tf.bitwise.bitwise_and(byte(20), 2) > 0)
+    kind = tf.where(animated_webp, ANIMATED_WEBP, 0)
+    kind = tf.where(unread_bmp, UNREAD_BMP, kind)
+    return tf.where(starts(0, b"GIF"), GIF, kind)
+
+
+def refused_image_reason(data: bytes) -> Optional[str]:
+    """What `REFUSED_KINDS` says of encoded bytes, or None (plain Python, for
+    servers and clients)."""
+    head = bytes(data[:30])
+    if head[:3] == b"GIF":
+        return REFUSED_KINDS[GIF]
+    if head[:2] == b"BM" and len(head) >= _BMP_MIN_HEADER:
+        offset = 24 if head[14:18] == b"\x0c\0\0\0" else 28
+        if int.from_bytes(head[offset : offset + 2], "little") not in (8, 24, 32):
+            return REFUSED_KINDS[UNREAD_BMP]
+    if head[:4] == b"RIFF" and head[8:16] == b"WEBPVP8X" and len(head) > 20 and head[20] & 2:
+        return REFUSED_KINDS[ANIMATED_WEBP]
+    return None
+
+
+def is_palette_bmp(data) -> tf.Tensor:
+    """In-graph: whether encoded bytes (scalar or batch) are an 8-bit BMP,
+    whose colours `with_bmp_palette` must look up."""
+    data = tf.convert_to_tensor(data, tf.string)
+    byte, starts = _header_reader(data)
+    return starts(0, b"BM") & (tf.strings.length(data) >= _BMP_MIN_HEADER) & (_bmp_bits(byte) == 8)
+
+
+def with_bmp_palette(data, image) -> tf.Tensor:
+    """The colours of an 8-bit BMP (scalar bytes) decoded by `decode_image`:
+    TensorFlow's BMP decoder returns the palette indices as grey levels;
+    this looks them up in the file's palette (BGR0 entries after the info
+    header, BGR after the 12-byte OS/2 one), as PIL shows the image."""
+    data = tf.convert_to_tensor(data, tf.string)
+    padded = data + b"\0" * 1024
+    raw_header = tf.cast(tf.io.decode_raw(tf.strings.substr(padded, 14, 4), tf.uint8), tf.int32)
+    header_size = tf.reduce_sum(raw_header * tf.constant([1, 1 << 8, 1 << 16, 1 << 24]))
+    start = tf.clip_by_value(14 + header_size, 0, tf.strings.length(data))
+    table = tf.io.decode_raw(tf.strings.substr(padded, start, 1024), tf.uint8)
+    entry = tf.where(tf.equal(header_size, 12), 3, 4)
+    offsets = tf.range(256)[:, None] * entry + tf.constant([2, 1, 0])  # BGR -> RGB
+    palette = tf.gather(table, tf.minimum(offsets, 1023))
+    return tf.gather(palette, tf.cast(image[..., 0], tf.int32))
 
 
 def image_format(data: bytes) -> Optional[str]:

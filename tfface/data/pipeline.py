@@ -37,10 +37,12 @@ import numpy as np
 import tensorflow as tf
 
 from tfface.config import cache_mode as config_cache_mode
+from tfface.data.image_ops import GIF
 from tfface.data.image_ops import decode_image
 from tfface.data.image_ops import decode_upright
 from tfface.data.image_ops import has_other_decodable_header
 from tfface.data.image_ops import preprocess_image
+from tfface.data.image_ops import refused_image_kind
 from tfface.data.source import FaceSource
 from tfface.data.sources import open_source
 from tfface.data.sources import user_cache_dir
@@ -237,6 +239,8 @@ _FILE_PROBLEMS = (
     "empty image file: ",
     "not an image file (JPEG, PNG, GIF, BMP, WebP or JPEG XL): ",
     "corrupt or truncated image file: ",
+    "image file TensorFlow cannot decode (a BMP of other than 8, 24 or 32 bits per pixel, or an animated "
+    "WebP; save it as PNG): ",
 )
 _FILE_PROBLEM = re.compile(r"\[((?:%s)[^\]]*)\]" % "|".join(re.escape(p) for p in _FILE_PROBLEMS))
 
@@ -260,8 +264,11 @@ def _checked_decode(path):
     # The other formats tf.io.decode_image reads; anything else would fail
     # inside the decoder without naming the file.
     is_other = has_other_decodable_header(data)
+    kind = refused_image_kind(data)
+    decodable = tf.equal(kind, 0) | tf.equal(kind, GIF)  # a GIF only costs time on one's own data
     checks = []
-    for ok, problem in zip((length > 0, is_jpeg | is_png | is_other, is_png | is_other | jpeg_end_ok), _FILE_PROBLEMS):
+    oks = (length > 0, is_jpeg | is_png | is_other, is_png | is_other | jpeg_end_ok, decodable)
+    for ok, problem in zip(oks, _FILE_PROBLEMS):
         # Chained, so the first check that fails is the one reported.
         with tf.control_dependencies(checks):
             checks = [tf.debugging.Assert(ok, [tf.strings.join([problem, path])], summarize=1)]
