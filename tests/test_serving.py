@@ -2,7 +2,9 @@
 
 import argparse
 import concurrent.futures
+import io
 import json
+import logging
 import re
 import socket
 import threading
@@ -15,16 +17,21 @@ import tensorflow as tf
 
 import keras
 
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import (
+    classification_pb2,
     get_model_metadata_pb2,
+    inference_pb2,
     model_pb2,
     predict_pb2,
     prediction_service_pb2_grpc,
+    regression_pb2,
 )
 
 from tfface.export.saved_model import export_saved_model, load_exported
 from tfface.schema import AGE_GROUPS, MULTICLASS, Schema, Task
 from tfface.serving.client import ServingClient, ServingError, format_results, query_main
+from tfface.serving import server as server_module
 from tfface.serving.server import LocalModelServer, _Batcher, serve_main
 
 SIZE = 16
@@ -51,6 +58,31 @@ def build_stand_in(size=SIZE, seed=0):
 
 def png(array):
     return tf.io.encode_png(np.asarray(array, np.uint8)).numpy()
+
+
+def pil_encoded(array, fmt, mode=None, **options):
+    """`array` (H, W, 3 uint8) encoded by PIL, e.g. as a GIF or a 1-bit BMP."""
+    from PIL import Image
+
+    image = Image.fromarray(np.asarray(array, np.uint8))
+    out = io.BytesIO()
+    (image.convert(mode) if mode else image).save(out, format=fmt, **options)
+    return out.getvalue()
+
+
+def animated_webp():
+    from PIL import Image
+
+    pixels = np.random.default_rng(3).integers(0, 256, (20, 20, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="WEBP", save_all=True, append_images=[Image.fromarray(255 - pixels)])
+    return out.getvalue()
+
+
+def uint8_tensor(count=1, **fields):
+    """A DT_UINT8 (count, SIZE, SIZE, 3) TensorProto with its values in `fields`."""
+    shape = tensor_shape_pb2.TensorShapeProto(dim=[{"size": n} for n in (count, SIZE, SIZE, 3)])
+    return tensor_pb2.TensorProto(dtype=types_pb2.DT_UINT8, tensor_shape=shape, **fields)
 
 
 def random_pngs(count, seed=0):
@@ -212,6 +244,56 @@ BAD_REQUESTS = {
         grpc.StatusCode.INVALID_ARGUMENT,
         "declares shape [3000] (3000 values) but carries 1",
     ),
+    # The image kinds the serving signature refuses, named before the batch runs.
+    "gif": (
+        lambda: request(random_pngs(1) + [pil_encoded(np.zeros((20, 20, 3)), "GIF")]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "images[1] is a GIF: TensorFlow decodes every frame",
+    ),
+    "1-bit bmp": (
+        lambda: request([pil_encoded(np.zeros((20, 20, 3)), "BMP", mode="1")]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "images[0] is a BMP of other than 8, 24 or 32 bits per pixel",
+    ),
+    "animated webp": (
+        lambda: request([animated_webp()]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "images[0] is an animated WebP",
+    ),
+    # make_ndarray reads only the dtype's own field: these pixels would be zeros.
+    "pixels in the wrong field": (
+        lambda: request(
+            signature="serving_uint8", key="images_uint8", tensor=uint8_tensor(float_val=[200.0] * (SIZE * SIZE * 3))
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "input 'images_uint8' is uint8 but its values are in float_val; uint8 values go in int_val or tensor_content",
+    ),
+    "pixels in two fields": (
+        lambda: request(
+            signature="serving_uint8",
+            key="images_uint8",
+            tensor=uint8_tensor(tensor_content=bytes(SIZE * SIZE * 3), int_val=[7] * (SIZE * SIZE * 3)),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "input 'images_uint8' carries values in both",
+    ),
+    "strings in tensor_content": (
+        lambda: request(
+            tensor=tensor_pb2.TensorProto(
+                dtype=types_pb2.DT_STRING,
+                tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[{"size": 1}]),
+                tensor_content=random_pngs(1)[0],
+            )
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "input 'images' is string but its values are in tensor_content; string values go in string_val",
+    ),
+    # As TF Serving: the answer would carry that output twice.
+    "an output filtered twice": (
+        lambda: _filtered(request(random_pngs(1)), ["Smiling_label", "age_group_label", "Smiling_label"]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "duplicate output tensor alias 'Smiling_label'",
+    ),
     "pixels missing": (
         lambda: request(
             signature="serving_uint8",
@@ -222,6 +304,11 @@ BAD_REQUESTS = {
         "declares shape [20000, 16, 16, 3]",
     ),
 }
+
+
+def _filtered(req, names):
+    req.output_filter.extend(names)
+    return req
 
 
 def _declared(proto, dims):
@@ -276,6 +363,7 @@ def test_concurrent_requests_are_batched_and_split_back_correctly(deployment, st
         for key in ("Smiling_probabilities", "age_group_probabilities", "age_group_class_id"):
             np.testing.assert_allclose(tf.make_ndarray(response.outputs[key]), expected[key], atol=1e-5)
     sizes = server.batch_sizes("faces", 2)[before:]
+    assert isinstance(sizes, list)
     assert max(sizes) > 2  # some requests were merged
     assert max(sizes) <= server.max_batch_size
 
@@ -660,3 +748,49 @@ def test_the_image_a_refused_batch_holds_is_named(deployment, tmp_path):
         with pytest.raises(ServingError, match=rf"^{re.escape(str(broken))}: image #1 .*INVALID_ARGUMENT"):
             client.predict([good[0], str(broken), good[1]])
         assert len(client.predict(good)) == 2  # the server serves on
+
+
+def test_pixels_in_int_val_or_tensor_content_give_the_same_answer(deployment, stub):
+    """The fields a DT_UINT8 tensor may use (TF Serving's clients send either)."""
+    pixels = np.random.default_rng(8).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
+    answers = []
+    by_field = (uint8_tensor(2, int_val=pixels.reshape(-1).tolist()), uint8_tensor(2, tensor_content=pixels.tobytes()))
+    for tensor in by_field:
+        response = stub.Predict(request(signature="serving_uint8", key="images_uint8", tensor=tensor), timeout=10)
+        answers.append(tf.make_ndarray(response.outputs["age_group_probabilities"]))
+    expected = deployment["loaded"].signatures["serving_uint8"](images_uint8=tf.constant(pixels))
+    for answer in answers:
+        np.testing.assert_allclose(answer, expected["age_group_probabilities"].numpy(), atol=1e-6)
+    # A filter naming each output once still answers just those, in its order.
+    response = stub.Predict(_filtered(request(random_pngs(1)), ["age_group_label", "Smiling_label"]), timeout=10)
+    assert sorted(response.outputs) == ["Smiling_label", "age_group_label"]
+
+
+def test_the_batcher_remembers_only_the_last_batch_sizes(monkeypatch):
+    monkeypatch.setattr(server_module, "MAX_BATCH_SIZES_KEPT", 3)
+    batcher = _Batcher(lambda arrays: {"y": arrays["x"]}, max_batch_size=8, timeout_s=0.0, label="test-batcher")
+    try:
+        for size in range(1, 6):
+            batcher.submit({"x": np.zeros(size)}, size, 20)
+    finally:
+        batcher.stop()
+    assert list(batcher.batch_sizes) == [3, 4, 5]
+
+
+def test_classify_regress_and_multi_inference_answer_unimplemented_without_a_traceback(deployment, stub, caplog, capfd):
+    spec = model_pb2.ModelSpec(name="faces")
+    calls = (
+        (stub.Classify, classification_pb2.ClassificationRequest(model_spec=spec)),
+        (stub.Regress, regression_pb2.RegressionRequest(model_spec=spec)),
+        (stub.MultiInference, inference_pb2.MultiInferenceRequest()),
+    )
+    errors = []
+    with caplog.at_level(logging.INFO):
+        for method, req in calls:
+            with pytest.raises(grpc.RpcError) as info:
+                method(req, timeout=10)
+            errors.append(info.value)
+    assert [e.code() for e in errors] == [grpc.StatusCode.UNIMPLEMENTED] * 3
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert "Traceback" not in capfd.readouterr().err
+    assert all("use Predict" in e.details() for e in errors)

@@ -47,7 +47,7 @@ from tensorflow_serving.apis import (
     regression_pb2,
 )
 
-from tfface.data.image_ops import DECODABLE_FORMATS, image_format, image_size_from_header
+from tfface.data.image_ops import DECODABLE_FORMATS, image_format, image_size_from_header, refused_image_reason
 from tfface.export.saved_model import (
     SERVING_DEFAULT,
     WARMUP_FILE,
@@ -63,6 +63,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_BATCH_TIMEOUT_MS = 60_000.0
 _GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
 _SERVER_IDS = itertools.count(1)
+# Model calls whose batch sizes a batcher remembers: enough for a benchmark
+# run (about 20,000 calls), bounded for a server that runs for months.
+MAX_BATCH_SIZES_KEPT = 100_000
 
 
 class RequestError(Exception):
@@ -125,26 +128,67 @@ class _Servable:
     signature_defs: dict  # name -> SignatureDef proto
 
 
-_TYPED_VALUE_FIELDS = (
-    "float_val", "double_val", "int_val", "int64_val", "bool_val", "half_val", "uint32_val", "uint64_val",
-)
+def _value_fields() -> dict:
+    """dtype enum -> the TensorProto field its values go in (tensor.proto)."""
+    fields = {
+        tf.half: "half_val",
+        tf.bfloat16: "half_val",
+        tf.float32: "float_val",
+        tf.float64: "double_val",
+        tf.int64: "int64_val",
+        tf.uint32: "uint32_val",
+        tf.uint64: "uint64_val",
+        tf.bool: "bool_val",
+        tf.string: "string_val",
+        tf.complex64: "scomplex_val",
+        tf.complex128: "dcomplex_val",
+    }
+    small_ints = (tf.int8, tf.int16, tf.int32, tf.uint8, tf.uint16, tf.qint8, tf.quint8, tf.qint16, tf.quint16, tf.qint32)
+    for dtype in small_ints:
+        fields[dtype] = "int_val"
+    return {dtype.as_datatype_enum: name for dtype, name in fields.items()}
+
+
+_VALUE_FIELDS = _value_fields()
+_NOT_VALUES = frozenset(("dtype", "tensor_shape", "version_number"))
+
+
+def _values_field(key: str, proto, dtype: tf.DType) -> Optional[str]:
+    """The one field `proto` carries its values in (None: no values), or
+    INVALID_ARGUMENT. `make_ndarray` reads only the dtype's own field (or
+    `tensor_content`), so pixels sent in another one would be taken for
+    zeros, and values in two fields would be half ignored."""
+    expected = _VALUE_FIELDS.get(dtype.as_datatype_enum)
+    used = [f.name for f, _ in proto.ListFields() if f.name not in _NOT_VALUES]
+    allowed = (expected,) if dtype == tf.string else (expected, "tensor_content")
+    for name in used:
+        if name not in allowed:
+            where = " or ".join(field for field in allowed if field)
+            raise _invalid(
+                f"input {key!r} is {dtype.name} but its values are in {name}; {dtype.name} values go in {where}"
+            )
+    if len(used) > 1:
+        raise _invalid(f"input {key!r} carries values in both {used[0]} and {used[1]}; send them in one")
+    return used[0] if used else None
 
 
 def _check_values_match_shape(key: str, proto) -> None:
-    """A tensor must carry every value its shape declares. `make_ndarray`
-    would fill a short one out (repeating the last string, or zeros), so a
-    request of a few bytes could declare, and cost, thousands of images."""
+    """A tensor must carry every value its shape declares, in the field its
+    dtype reads. `make_ndarray` would fill a short one out (repeating the
+    last string, or zeros), so a request of a few bytes could declare, and
+    cost, thousands of images."""
     dims = [d.size for d in proto.tensor_shape.dim]
     if any(d < 0 for d in dims):
         raise _invalid(f"input {key!r} has a negative dimension in its shape {dims}")
     declared = int(np.prod(dims, dtype=np.int64)) if dims else 1
     dtype = tf.dtypes.as_dtype(proto.dtype)
-    if dtype == tf.string:
-        sent = len(proto.string_val)
-    elif proto.tensor_content:
+    field = _values_field(key, proto, dtype)
+    if field is None:
+        sent = 0
+    elif field == "tensor_content":
         sent = len(proto.tensor_content) / dtype.size
     else:
-        sent = sum(len(getattr(proto, field)) for field in _TYPED_VALUE_FIELDS)
+        sent = len(getattr(proto, field)) / (2 if dtype.is_complex else 1)  # complex: (real, imaginary) pairs
     if sent != declared:
         raise _invalid(f"input {key!r} declares shape {dims} ({declared} values) but carries {sent:g}")
 
@@ -276,7 +320,8 @@ class _Batcher:
         self._cond = threading.Condition()
         self._stopped = False
         self._running = []  # the tasks of the model call in progress
-        self.batch_sizes = []  # rows per model call, for tests and debugging
+        # Rows of the last MAX_BATCH_SIZES_KEPT model calls, for tests and benchmarks.
+        self.batch_sizes = collections.deque(maxlen=MAX_BATCH_SIZES_KEPT)
         self._thread = threading.Thread(target=self._loop, name=label, daemon=True)
         self._thread.start()
 
@@ -663,7 +708,8 @@ class LocalModelServer:
         return arrays, batch
 
     def _check_images(self, key: str, array: np.ndarray) -> None:
-        """Rejects non-images and oversized images without decoding them."""
+        """Rejects non-images, the kinds the signature refuses and oversized
+        images without decoding them."""
         for i, data in enumerate(array):
             if not data:
                 raise _invalid(f"{key}[{i}] is empty")
@@ -673,6 +719,11 @@ class LocalModelServer:
                     f"{key}[{i}] is not an encoded image (expected one of {', '.join(DECODABLE_FORMATS)}; "
                     f"starts with {bytes(data[:8])!r})"
                 )
+            # The signature refuses these too, but only after the batch is
+            # merged, and without naming the image.
+            reason = refused_image_reason(data)
+            if reason is not None:
+                raise _invalid(f"{key}[{i}] is {reason}")
             size = image_size_from_header(data)
             if size is not None and max(size) > self.max_image_side:
                 raise _invalid(
@@ -699,7 +750,8 @@ class LocalModelServer:
         return batcher.submit(arrays, size, timeout_s)
 
     def batch_sizes(self, name: str, version: int, signature: str = SERVING_DEFAULT) -> list:
-        """Rows per model call so far for one signature (empty if none)."""
+        """Rows per model call for one signature, the last
+        `MAX_BATCH_SIZES_KEPT` calls (empty if none)."""
         batcher = self._batchers.get((name, version, signature))
         return list(batcher.batch_sizes) if batcher else []
 
@@ -716,6 +768,9 @@ class LocalModelServer:
         unknown = sorted(set(wanted) - set(signature.outputs))
         if unknown:
             raise _invalid(f"output_filter names unknown output(s) {unknown}; outputs: {signature.outputs}")
+        if len(set(wanted)) < len(wanted):  # as TF Serving, rather than answering one output twice
+            twice = sorted(name for name, n in collections.Counter(wanted).items() if n > 1)
+            raise _invalid(f"duplicate output tensor alias {twice[0]!r} in output_filter")
         outputs = self.run(servable, signature, arrays, size, timeout_s)
         spec = model_pb2.ModelSpec()
         _fill_spec(spec, servable, signature.name)
@@ -790,7 +845,7 @@ def _add_prediction_service(servicer, server) -> None:
             response_serializer=get_model_metadata_pb2.GetModelMetadataResponse.SerializeToString,
         ),
     }
-    # The rest answer UNIMPLEMENTED through the official base servicer.
+    # The rest answer UNIMPLEMENTED (see `_PredictionServicer`).
     for name, request, response in (
         ("Classify", classification_pb2.ClassificationRequest, classification_pb2.ClassificationResponse),
         ("Regress", regression_pb2.RegressionRequest, regression_pb2.RegressionResponse),
@@ -817,6 +872,26 @@ class _PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer)
 
     def GetModelMetadata(self, request, context):
         return _handle(context, lambda: self._server.metadata(request))
+
+    # The base servicer raises NotImplementedError, which gRPC logs with a
+    # full traceback on every call; these answer UNIMPLEMENTED quietly.
+    def Classify(self, request, context):
+        _unimplemented(context, "Classify")
+
+    def Regress(self, request, context):
+        _unimplemented(context, "Regress")
+
+    def MultiInference(self, request, context):
+        _unimplemented(context, "MultiInference")
+
+
+def _unimplemented(context, method: str) -> None:
+    logger.info("answered %s with UNIMPLEMENTED", method)
+    context.abort(
+        grpc.StatusCode.UNIMPLEMENTED,
+        f"{method} is not implemented by this server; use Predict (tfface exports have no "
+        "classification or regression signatures)",
+    )
 
 
 class _ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
