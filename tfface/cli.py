@@ -494,11 +494,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("query", help="send images to a TF Serving (or local) server over gRPC")
-    p.add_argument("images", nargs="+", help="face crops (JPEG or PNG files)")
+    p.add_argument("images", nargs="+", help="face crops (JPEG, PNG, WebP, BMP or GIF files)")
     p.add_argument("--host", default="localhost:8500", help="HOST:PORT (HOST alone: port 8500)")
     p.add_argument("--model", required=True, help="model name on the server")
     p.add_argument("--signature", default="serving_default", help="signature that takes encoded images")
-    p.add_argument("--timeout", type=_positive_float, default=10.0, help="seconds per call")
+    p.add_argument("--timeout", type=_positive_float, default=10.0, help="seconds per attempt of each call")
+    p.add_argument(
+        "--retries",
+        type=int,
+        help="attempts after UNAVAILABLE, waiting 0.25 s, 0.5 s, ... up to 4 s between them (default 8: rides out "
+        "a server restart of about 15 s; 0: fail at once)",
+    )
     p.add_argument("--tls", action="store_true", help="connect over TLS")
     p.add_argument("--root-certificates", help="PEM file for TLS")
     p.add_argument("--version", type=int, help="model version (default: latest)")

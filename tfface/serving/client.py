@@ -10,6 +10,7 @@ the schema the model ships with, so results read as
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -29,7 +30,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from tfface.data.image_ops import DECODABLE_FORMATS, file_exif_orientation, image_format
+from tfface.data.image_ops import DECODABLE_FORMATS, file_exif_orientation, image_format, refused_image_reason
 from tfface.export.saved_model import (
     CLASS_ID_SUFFIX,
     PROBABILITIES_SUFFIX,
@@ -42,6 +43,17 @@ from tfface.export.saved_model import (
 from tfface.schema import Schema
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# Waits between attempts after UNAVAILABLE double from DEFAULT_BACKOFF_S up
+# to DEFAULT_MAX_BACKOFF_S: 0.25 + 0.5 + 1 + 2 + 4 * 4 = 19.75 s in all, so
+# a client rides out a server restart of 15 s (a reload of the models).
+DEFAULT_RETRIES = 8
+DEFAULT_BACKOFF_S = 0.25
+DEFAULT_MAX_BACKOFF_S = 4.0
+# What a request holds besides the image bytes: the model spec, the input's
+# name, dtype and shape (REQUEST_MARGIN), and each image's tag and length
+# (PER_IMAGE_OVERHEAD). gRPC refuses to send a request over its limit.
+REQUEST_MARGIN = 4096
+PER_IMAGE_OVERHEAD = 16
 
 ImageInput = Union[str, os.PathLike, bytes, np.ndarray]
 
@@ -62,13 +74,19 @@ class ServingClient:
         model_name: the model's name on the server (its folder name).
         signature: "serving_default" (encoded image bytes / file paths) or
             "serving_uint8" (preprocessed uint8 arrays).
-        timeout_s: deadline of each RPC.
-        retries: extra attempts after UNAVAILABLE (server down or starting),
-            with exponential backoff; other errors are never retried.
+        timeout_s: deadline of each attempt of an RPC.
+        retries, backoff_s, max_backoff_s: extra attempts after UNAVAILABLE
+            (server down, starting or restarting), the waits between them
+            doubling from `backoff_s` up to `max_backoff_s`; other errors
+            are never retried. The defaults wait 19.75 s in all, riding out
+            a server restart of about 15 s; a call gives up after at most
+            (retries + 1) * timeout_s plus those waits.
         tls, root_certificates: use TLS; root certificates as PEM bytes or
             a file path (None: the system's).
         version, version_label: pin a version ("stable"/"canary" labels
             from `models.config`); default: the server's latest.
+        max_message_bytes: gRPC's message limit both ways; `predict` splits
+            a call into requests that stay under it.
     """
 
     def __init__(
@@ -77,13 +95,14 @@ class ServingClient:
         model_name: str = "tfface",
         signature: str = SERVING_DEFAULT,
         timeout_s: float = 10.0,
-        retries: int = 3,
+        retries: int = DEFAULT_RETRIES,
         tls: bool = False,
         root_certificates=None,
         version: Optional[int] = None,
         version_label: Optional[str] = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        backoff_s: float = 0.2,
+        backoff_s: float = DEFAULT_BACKOFF_S,
+        max_backoff_s: float = DEFAULT_MAX_BACKOFF_S,
     ):
         if not model_name:
             raise ValueError("model_name is required (the model's folder name on the server)")
@@ -91,8 +110,10 @@ class ServingClient:
             raise ValueError("pass either version or version_label, not both")
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
-        if timeout_s <= 0:
-            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        if not 0 < timeout_s < float("inf"):  # gRPC ends a call of infinite deadline at once
+            raise ValueError(f"timeout_s must be positive and finite, got {timeout_s}")
+        if not 0 <= backoff_s <= max_backoff_s:
+            raise ValueError(f"need 0 <= backoff_s <= max_backoff_s, got {backoff_s} and {max_backoff_s}")
         target = with_default_port(target)
         self.target = target
         self.model_name = model_name
@@ -102,6 +123,8 @@ class ServingClient:
         self.version = None if version is None else int(version)
         self.version_label = version_label or None
         self.backoff_s = float(backoff_s)
+        self.max_backoff_s = float(max_backoff_s)
+        self.max_message_bytes = int(max_message_bytes)
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -148,21 +171,27 @@ class ServingClient:
             spec.version_label = self.version_label
         return spec
 
+    def backoff_waits(self) -> list[float]:
+        """Seconds waited before each retry after UNAVAILABLE."""
+        return [min(self.backoff_s * 2**attempt, self.max_backoff_s) for attempt in range(self.retries)]
+
     def _call(self, method, request, what: str):
-        attempts = self.retries + 1
-        for attempt in range(attempts):
+        waits = self.backoff_waits()
+        started = time.monotonic()
+        for attempt in range(len(waits) + 1):
             try:
                 return method(request, timeout=self.timeout_s)
             except grpc.RpcError as e:
                 code = e.code() if hasattr(e, "code") else None
                 details = e.details() if hasattr(e, "details") else str(e)
-                if code == grpc.StatusCode.UNAVAILABLE and attempt + 1 < attempts:
-                    time.sleep(min(self.backoff_s * 2**attempt, 5.0))
+                if code == grpc.StatusCode.UNAVAILABLE and attempt < len(waits):
+                    time.sleep(waits[attempt])
                     continue
-                raise ServingError(self._explain(what, code, details, attempt + 1), code) from None
+                message = self._explain(what, code, details, attempt + 1, time.monotonic() - started)
+                raise ServingError(message, code) from None
         raise AssertionError("unreachable")
 
-    def _explain(self, what, code, details, attempts) -> str:
+    def _explain(self, what, code, details, attempts, seconds) -> str:
         model = f"model {self.model_name!r}"
         if self.version is not None:
             model += f" version {self.version}"
@@ -170,7 +199,8 @@ class ServingClient:
             model += f" (label {self.version_label!r})"
         if code == grpc.StatusCode.UNAVAILABLE:
             return (
-                f"{what}: TF Serving at {self.target} is unavailable after {attempts} attempt(s): {details}. "
+                f"{what}: TF Serving at {self.target} is unavailable after {attempts} attempt(s) "
+                f"over {seconds:.1f} s: {details}. "
                 "Is the server running (`tfface serve` or `docker compose up`) and is the address right?"
             )
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -183,8 +213,10 @@ class ServingClient:
 
         `images` are file paths or encoded bytes (signature
         "serving_default"), or uint8 (S, S, 3) arrays / one (N, S, S, 3)
-        array (signature "serving_uint8"). Unreadable files fail here,
-        naming the file, before any request is sent.
+        array (signature "serving_uint8"). Unreadable files, and images
+        too large for one request, fail here, naming the file, before any
+        request is sent. Encoded images go as `sendable` makes them, in
+        requests of at most `batch_size` images and `max_message_bytes`.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -200,8 +232,7 @@ class ServingClient:
         schema = self.schema()
         input_name = self._input_name()
         results = []
-        for start in range(0, len(payloads), batch_size):
-            chunk = payloads[start : start + batch_size]
+        for start, chunk in self._chunks(payloads, batch_size):
             # The server's "images[i]" counts from the start of this chunk.
             what = f"Predict of images #{start}..#{start + len(chunk) - 1}"
             try:
@@ -214,6 +245,27 @@ class ServingClient:
             answered_with = self._schema_of(_answering_version(response), schema)
             results.extend(parse_predict_response(response, answered_with, len(chunk)))
         return results
+
+    def _request_budget(self) -> int:
+        """Bytes of images one request can carry under `max_message_bytes`."""
+        return self.max_message_bytes - REQUEST_MARGIN - self._model_spec(self.signature).ByteSize()
+
+    def _chunks(self, payloads, batch_size) -> list[tuple[int, list]]:
+        """(index of the first, payloads) per request: at most `batch_size`
+        images and `_request_budget` bytes, as gRPC refuses to send more (a
+        photo turned upright as PNG can be five times its JPEG).
+        `_read_images` refused any image that alone is over the budget."""
+        budget = self._request_budget()
+        chunks, size = [], 0
+        for index, payload in enumerate(payloads):
+            cost = _payload_bytes(payload)
+            if chunks and len(chunks[-1][1]) < batch_size and size + cost <= budget:
+                chunks[-1][1].append(payload)
+                size += cost
+            else:
+                chunks.append((index, [payload]))
+                size = cost
+        return chunks
 
     def _predict_request(self, chunk, input_name):
         request = predict_pb2.PredictRequest(model_spec=self._model_spec(self.signature))
@@ -234,9 +286,7 @@ class ServingClient:
             except ServingError as e:
                 if e.code != grpc.StatusCode.INVALID_ARGUMENT:
                     return
-                item = images[index]
-                where = str(item) if isinstance(item, (str, os.PathLike)) else f"image #{index}"
-                raise ServingError(f"{where}: {e}", e.code) from None
+                raise ServingError(f"{_where(images[index], index)}: {e}", e.code) from None
 
     def _schema_of(self, version: Optional[int], schema: Schema) -> Schema:
         """The schema of the version that answered: a server that loaded a
@@ -248,13 +298,18 @@ class ServingClient:
         return self._schemas_by_version[version]
 
     def _read_images(self, images) -> list:
+        """What to send per image, as `sendable` makes it; files that cannot
+        be read or sent are named here, before any request."""
         payloads = []
+        budget = self._request_budget()
         for i, item in enumerate(images):
             if isinstance(item, np.ndarray):
                 if item.dtype != np.uint8 or item.ndim != 3 or item.shape[-1] != 3:
                     raise ValueError(
                         f"image #{i}: arrays must be uint8 (S, S, 3), got {item.dtype} {item.shape}"
                     )
+                if _payload_bytes(item) > budget:
+                    raise ValueError(f"image #{i}: {item.nbytes:,} bytes exceed {self._over_budget(budget)}")
                 payloads.append(item)
                 continue
             if isinstance(item, (bytes, bytearray)):
@@ -276,7 +331,16 @@ class ServingClient:
                 raise ValueError(f"{where} is empty")
             if image_format(data) is None:
                 raise ValueError(f"{where} is not an image file (expected one of {', '.join(DECODABLE_FORMATS)})")
-            payloads.append(upright(data))
+            try:
+                payload = sendable(data)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            if _payload_bytes(payload) > budget:
+                how = "" if payload is data else (
+                    f" as PNG (re-encoded from {len(data):,} bytes to turn it upright or take its first frame)"
+                )
+                raise ValueError(f"{where}: {len(payload):,} bytes{how} exceed {self._over_budget(budget)}")
+            payloads.append(payload)
         kinds = {isinstance(p, np.ndarray) for p in payloads}
         if len(kinds) > 1:
             raise ValueError("mix of arrays and encoded images: send one kind per call")
@@ -285,6 +349,13 @@ class ServingClient:
         if kinds == {False} and self.signature == "serving_uint8":
             raise ValueError("signature 'serving_uint8' takes uint8 arrays, not files or bytes")
         return payloads
+
+    def _over_budget(self, budget) -> str:
+        return (
+            f"the {budget:,} bytes of images a request can carry under "
+            f"max_message_bytes={self.max_message_bytes:,}: send it smaller, or raise max_message_bytes "
+            "(and the server's limit)"
+        )
 
     def _input_name(self) -> str:
         if self.signature in SIGNATURE_INPUTS:
@@ -383,6 +454,36 @@ def with_default_port(target: str, port: int = 8500) -> str:
     return target if ":" in target else f"{target}:{port}"
 
 
+def _where(item, index: int) -> str:
+    """How messages name an image: its path, else its place in the call."""
+    return str(item) if isinstance(item, (str, os.PathLike)) else f"image #{index}"
+
+
+def _payload_bytes(payload) -> int:
+    """Bytes one image (encoded, or a uint8 array) takes in a request."""
+    return (payload.nbytes if isinstance(payload, np.ndarray) else len(payload)) + PER_IMAGE_OVERHEAD
+
+
+def sendable(data: bytes) -> bytes:
+    """Encoded image bytes as the serving signature takes them: the kinds
+    it refuses (`refused_image_reason`: GIFs, BMPs TensorFlow cannot read,
+    animated WebPs) as PNG of their first frame as PIL shows it, photos
+    with an EXIF orientation upright (`upright`), the rest unchanged (the
+    same object). Raises ValueError for a refused kind PIL cannot read.
+    """
+    reason = refused_image_reason(data)
+    if reason is None:
+        return upright(data)
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return _rgb_png(ImageOps.exif_transpose(image))
+    except Exception as e:
+        detail = "PIL cannot read it" if isinstance(e, UnidentifiedImageError) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"the server does not take {reason} (the client could not convert it: {detail})") from None
+
+
 def upright(data: bytes) -> bytes:
     """Encoded image bytes with their EXIF orientation applied (as PNG), or
     unchanged when there is none.
@@ -391,24 +492,39 @@ def upright(data: bytes) -> bytes:
     TF Serving image models: a phone photo tagged "rotate 90" would reach
     the model on its side, where `tfface predict` turns it upright. (Later
     exports turn it upright themselves; the PNG carries no tag, so nothing
-    is turned twice.)
+    is turned twice. A client cannot tell the two apart: neither the
+    signatures nor the schema a server returns name the tfface version of
+    the export.)
     """
     if image_format(data) not in ("jpeg", "png", "webp"):
         return data
     try:
-        import io
-
         from PIL import Image, ImageOps
 
         with Image.open(io.BytesIO(data)) as image:
             if file_exif_orientation(image) == 1:
                 return data
-            turned = ImageOps.exif_transpose(image).convert("RGB")
-            buffer = io.BytesIO()
-            turned.save(buffer, format="PNG")
-            return buffer.getvalue()
+            return _rgb_png(ImageOps.exif_transpose(image))
     except Exception:  # unreadable: the server's checks name the problem
         return data
+
+
+_SIXTEEN_BIT_GREY = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def _rgb_png(image) -> bytes:
+    """A PIL image as 8-bit RGB PNG, with the pixels TensorFlow's decoder
+    gives for the original: 16-bit grey levels keep their high byte, as
+    `decode_image(..., dtype=uint8)` keeps it, where `convert("RGB")` would
+    clip them to white. (PIL reads 16-bit RGB(A) to 8 bits the same way.)"""
+    from PIL import Image
+
+    if image.mode in _SIXTEEN_BIT_GREY:
+        levels = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
+        image = Image.fromarray(levels.astype(np.uint8))
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _tensor_info(info) -> dict:
@@ -478,10 +594,11 @@ def query_main(args) -> int:
     """`tfface query --host HOST:PORT --model NAME IMAGE... [--json]`.
 
     Reads `host`, `model`, `images`, `json` and optionally `signature`,
-    `timeout`, `version`, `version_label`, `tls`, `root_certificates`,
-    `batch_size` from `args`. Prints results; returns the exit code as the
-    rest of the CLI: 2 for a bad argument or input file, 1 when the server
-    fails or refuses the call (message on stderr either way).
+    `timeout`, `retries`, `version`, `version_label`, `tls`,
+    `root_certificates`, `batch_size` from `args`. Prints results; returns
+    the exit code as the rest of the CLI: 2 for a bad argument or input
+    file, 1 when the server fails or refuses the call (message on stderr
+    either way).
     """
     try:
         client = ServingClient(
@@ -489,6 +606,7 @@ def query_main(args) -> int:
             model_name=getattr(args, "model", None) or "tfface",
             signature=getattr(args, "signature", None) or SERVING_DEFAULT,
             timeout_s=_arg(args, "timeout", 10.0),
+            retries=_arg(args, "retries", DEFAULT_RETRIES),
             version=getattr(args, "version", None),
             version_label=getattr(args, "version_label", None),
             tls=bool(getattr(args, "tls", False)),

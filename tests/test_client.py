@@ -1,0 +1,236 @@
+"""ServingClient: images the signature refuses, 16-bit photos turned upright,
+requests split by size, and retries that ride out a server restart."""
+
+import argparse
+import io
+import struct
+import threading
+import time
+import zlib
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image, ImageOps
+
+from test_serving import build_stand_in, direct, free_port, png, random_pngs
+from tfface.data.image_ops import decode_image, decode_upright, refused_image_reason
+from tfface.export.saved_model import export_saved_model, load_exported
+from tfface.serving import client as client_module
+from tfface.serving.client import ServingClient, ServingError, query_main, sendable, upright
+from tfface.serving.server import LocalModelServer
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("saved_models")
+    export_saved_model(build_stand_in(), root, "faces", warmup_images=[])
+    loaded, _ = load_exported(root / "faces" / "1")
+    server = LocalModelServer(root / "faces", batch_timeout_ms=5)
+    port = server.start()
+    yield {"root": root, "target": f"127.0.0.1:{port}", "port": port, "loaded": loaded}
+    server.stop()
+
+
+def smiling(results):
+    return np.array([[r["Smiling"]["probabilities"]["no"], r["Smiling"]["probabilities"]["yes"]] for r in results])
+
+
+def encoded(image, fmt, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def rotate_90_exif():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to view"
+    return exif
+
+
+def with_png_exif(data: bytes, exif: Image.Exif) -> bytes:
+    """A PNG with an eXIf chunk after IHDR (PIL cannot write 16-bit RGB)."""
+    tiff = exif.tobytes()
+    tiff = tiff[6:] if tiff.startswith(b"Exif\0\0") else tiff
+    chunk = struct.pack(">I", len(tiff)) + b"eXIf" + tiff + struct.pack(">I", zlib.crc32(b"eXIf" + tiff))
+    return data[:33] + chunk + data[33:]  # signature (8) + IHDR (25)
+
+
+def first_frame(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+
+
+def refused_kinds():
+    rng = np.random.default_rng(3)
+    frames = [Image.fromarray(rng.integers(0, 256, (30, 24, 3), dtype=np.uint8)) for _ in range(2)]
+    gif = encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    one_bit_bmp = encoded(frames[0].convert("1"), "BMP")
+    webp = encoded(
+        frames[0], "WEBP", save_all=True, append_images=frames[1:], duration=100, exif=rotate_90_exif(), lossless=True
+    )
+    return {"gif": gif, "1-bit bmp": one_bit_bmp, "animated webp": webp}
+
+
+def test_refused_kinds_are_sent_as_png_of_their_first_frame(served, tmp_path):
+    kinds = refused_kinds()
+    for name, data in kinds.items():
+        assert refused_image_reason(data) is not None, name
+        sent = sendable(data)
+        assert sent[:8] == b"\x89PNG\r\n\x1a\n" and refused_image_reason(sent) is None, name
+        # The first frame as PIL shows it, upright (the WebP is tagged "rotate 90").
+        np.testing.assert_array_equal(decode_image(sent).numpy(), first_frame(data), err_msg=name)
+    assert first_frame(kinds["animated webp"]).shape == (24, 30, 3)
+    path = tmp_path / "animated.gif"
+    path.write_bytes(kinds["gif"])
+    with ServingClient(served["target"], model_name="faces") as client:
+        results = client.predict([str(path), kinds["1-bit bmp"], kinds["animated webp"]])
+    expected = direct(served["loaded"], [png(first_frame(d)) for d in kinds.values()])
+    np.testing.assert_allclose(smiling(results), expected["Smiling_probabilities"], atol=1e-6)
+    unreadable = r"image #0 \(bytes\): the server does not take a GIF.*could not convert it: PIL cannot read it"
+    with ServingClient("127.0.0.1:1", model_name="faces") as offline, pytest.raises(ValueError, match=unreadable):
+        offline._read_images([b"GIF89a" + b"\0" * 40])
+
+
+@pytest.mark.parametrize("kind", ["grey", "rgb"])
+def test_16_bit_photos_turned_upright_keep_the_pixels_the_server_decodes(served, kind):
+    rng = np.random.default_rng(5)
+    if kind == "grey":  # PIL reads it as "I;16"; convert("RGB") clipped every level over 255 to white
+        levels = rng.integers(0, 65536, (20, 30), dtype=np.uint16)
+        original = encoded(Image.fromarray(levels), "PNG", exif=rotate_90_exif())
+        assert Image.open(io.BytesIO(original)).mode.startswith("I")
+    else:
+        levels = rng.integers(0, 65536, (20, 30, 3), dtype=np.uint16)
+        original = with_png_exif(tf.io.encode_png(levels).numpy(), rotate_90_exif())
+    expected = decode_upright(original).numpy()
+    assert expected.shape == (30, 20, 3)  # the server's reference reads the tag too
+    sent = upright(original)
+    assert sent != original
+    np.testing.assert_array_equal(decode_image(sent).numpy(), expected)  # exact: both keep the high byte
+    with ServingClient(served["target"], model_name="faces") as client:
+        results = client.predict([original])
+    np.testing.assert_allclose(
+        smiling(results), direct(served["loaded"], [original])["Smiling_probabilities"], atol=1e-6
+    )
+
+
+class Recorder:
+    """Stands in for the PredictionService stub, noting each Predict request's size."""
+
+    def __init__(self, stub):
+        self.stub = stub
+        self.sizes = []
+
+    def Predict(self, request, timeout=None):
+        if request.model_spec.signature_name != "schema":
+            self.sizes.append(request.ByteSize())
+        return self.stub.Predict(request, timeout=timeout)
+
+    def __getattr__(self, name):
+        return getattr(self.stub, name)
+
+
+def test_a_call_is_split_into_requests_under_the_message_limit(served, tmp_path):
+    limit = 300_000
+    rng = np.random.default_rng(7)
+    images = [png(rng.integers(0, 256, (200, 200, 3))) for _ in range(6)]  # ~120 KB each, 720 KB in all
+    with ServingClient(served["target"], model_name="faces", max_message_bytes=limit) as client:
+        client._prediction = recorder = Recorder(client._prediction)
+        results = client.predict(images, batch_size=32)
+    assert len(recorder.sizes) == 3 and max(recorder.sizes) <= limit  # 2 images a request
+    assert sum(recorder.sizes) > sum(map(len, images))
+    np.testing.assert_allclose(smiling(results), direct(served["loaded"], images)["Smiling_probabilities"], atol=1e-6)
+
+    # A phone photo turned upright as PNG is far larger than its JPEG.
+    photo = tmp_path / "phone.jpg"
+    noise = Image.fromarray(rng.integers(0, 256, (400, 400, 3), dtype=np.uint8))
+    photo.write_bytes(encoded(noise, "JPEG", quality=20, exif=rotate_90_exif()))
+    assert photo.stat().st_size < limit // 2 and len(upright(photo.read_bytes())) > limit
+    nothing_listens = ServingClient(f"127.0.0.1:{free_port()}", model_name="faces", max_message_bytes=limit, retries=0)
+    with pytest.raises(ValueError, match=rf"^{photo}: [0-9,]+ bytes as PNG \(re-encoded from [0-9,]+ bytes.*exceed"):
+        nothing_listens.predict([images[0], str(photo)])  # refused before any request
+    with pytest.raises(ValueError, match=r"^image #1 \(bytes\): [0-9,]+ bytes exceed .* max_message_bytes=300,000"):
+        nothing_listens.predict([images[0], png(rng.integers(0, 256, (400, 400, 3)))])
+    nothing_listens.close()
+
+
+class RpcFailure(grpc.RpcError):
+    def __init__(self, code):
+        self._code = code
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return f"stand-in {self._code.name}"
+
+
+def test_retries_ride_out_a_restart_only_after_unavailable(monkeypatch):
+    client = ServingClient("127.0.0.1:1", model_name="faces")
+    waits = client.backoff_waits()
+    assert 15 <= sum(waits) <= 25 and max(waits) <= 4  # a restart of ~15 s, never one long wait
+    slept = []
+    monkeypatch.setattr(client_module.time, "sleep", slept.append)
+    for code, attempts, message in (
+        (grpc.StatusCode.UNAVAILABLE, client.retries + 1, "unavailable after 9 attempt(s)"),
+        (grpc.StatusCode.INVALID_ARGUMENT, 1, "failed (INVALID_ARGUMENT)"),
+    ):
+        calls, slept[:] = [], []
+
+        def method(request, timeout):
+            calls.append(timeout)
+            raise RpcFailure(code)
+
+        with pytest.raises(ServingError) as info:
+            client._call(method, None, "Predict")
+        assert info.value.code == code and message in str(info.value)
+        assert len(calls) == attempts and slept == waits[: attempts - 1]
+    client.close()
+    with pytest.raises(ValueError, match="backoff_s"):
+        ServingClient("127.0.0.1:1", model_name="faces", backoff_s=5, max_backoff_s=1)
+
+
+def test_default_settings_ride_out_a_server_restart(served):
+    port = free_port()
+    first = LocalModelServer(served["root"] / "faces", port=port)
+    first.start()
+    second = LocalModelServer(served["root"] / "faces", port=port)
+    second.load()
+    client = ServingClient(f"127.0.0.1:{port}", model_name="faces")
+    try:
+        assert len(client.predict(random_pngs(1))) == 1
+        first.stop()
+        restart = threading.Timer(3.0, second.start)  # old defaults gave up after 1.4 s
+        restart.start()
+        began = time.monotonic()
+        assert len(client.predict(random_pngs(2))) == 2
+        assert time.monotonic() - began >= 2.5
+    finally:
+        restart.join()
+        client.close()
+        first.stop()
+        second.stop()
+
+
+def test_query_takes_retries_and_timeout(served, tmp_path, capsys):
+    from tfface.cli import build_parser
+
+    path = tmp_path / "a.gif"
+    path.write_bytes(refused_kinds()["gif"])
+    parse = build_parser().parse_args
+    args = parse(
+        ["query", "--host", served["target"], "--model", "faces", "--retries", "0", "--timeout", "5", str(path)]
+    )
+    assert (args.retries, args.timeout) == (0, 5.0)
+    assert parse(["query", "--model", "faces", "x.png"]).retries is None  # the client's default
+    assert query_main(args) == 0
+    assert str(path) in capsys.readouterr().out
+    dead = parse(["query", "--host", f"127.0.0.1:{free_port()}", "--model", "faces", "--retries", "0", str(path)])
+    began = time.monotonic()
+    assert query_main(dead) == 1
+    assert "unavailable after 1 attempt(s)" in capsys.readouterr().err and time.monotonic() - began < 5
+    assert query_main(argparse.Namespace(**{**vars(dead), "retries": -1})) == 2
+    assert "retries must be >= 0" in capsys.readouterr().err
+    assert query_main(argparse.Namespace(**{**vars(dead), "timeout": float("inf")})) == 2  # not "no answer within inf s"
+    assert "timeout_s must be positive and finite" in capsys.readouterr().err
