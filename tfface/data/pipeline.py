@@ -38,6 +38,7 @@ import tensorflow as tf
 
 from tfface.config import cache_mode as config_cache_mode
 from tfface.data.image_ops import GIF
+from tfface.data.image_ops import PALETTE_BMP
 from tfface.data.image_ops import decode_image
 from tfface.data.image_ops import decode_upright
 from tfface.data.image_ops import has_other_decodable_header
@@ -265,7 +266,8 @@ def _checked_decode(path):
     # inside the decoder without naming the file.
     is_other = has_other_decodable_header(data)
     kind = refused_image_kind(data)
-    decodable = tf.equal(kind, 0) | tf.equal(kind, GIF)  # a GIF only costs time on one's own data
+    # A GIF only costs time on one's own data; an 8-bit BMP gets its palette.
+    decodable = tf.equal(kind, 0) | tf.equal(kind, GIF) | tf.equal(kind, PALETTE_BMP)
     checks = []
     oks = (length > 0, is_jpeg | is_png | is_other, is_png | is_other | jpeg_end_ok, decodable)
     for ok, problem in zip(oks, _FILE_PROBLEMS):
