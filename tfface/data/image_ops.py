@@ -246,17 +246,7 @@ def preprocess_encoded_images(images, size: int, max_side: int) -> tf.Tensor:
     """
     limit = tf.constant(max_side, tf.int64)
     images = tf.convert_to_tensor(images, tf.string)
-    kinds = refused_image_kind(images)
-    refuse = tf.debugging.Assert(
-        tf.reduce_all(tf.equal(kinds, 0)),
-        [
-            "the serving signature does not take these images; per image, 0: taken, "
-            + "; ".join(f"{code}: {reason}" for code, reason in REFUSED_KINDS.items())
-            + ":",
-            kinds,
-        ],
-        summarize=64,
-    )
+    refuse = _refuse_kinds(images)
     # The header checks and the EXIF scan run side by side; the loop waits
     # for both.
     orientations = exif_orientation(images)
@@ -286,6 +276,27 @@ def preprocess_encoded_images(images, size: int, max_side: int) -> tf.Tensor:
         (images, orientations),
         fn_output_signature=tf.TensorSpec((size, size, 3), tf.float32),
     )
+
+
+def _refuse_kinds(images) -> tf.Tensor:
+    """In-graph: True, or an error listing the `REFUSED_KINDS` code of each
+    image. A request of JPEGs and PNGs only (the first byte tells) skips the
+    header checks behind one `tf.cond`: they cost a request of one image
+    about 0.1 ms, the test 0.05 ms."""
+    first = tf.io.decode_raw(images, tf.uint8, fixed_length=1)[..., 0]
+
+    def check():
+        kinds = refused_image_kind(images)
+        message = (
+            "the serving signature does not take these images; per image, 0: taken, "
+            + "; ".join(f"{code}: {reason}" for code, reason in REFUSED_KINDS.items())
+            + ":"
+        )
+        refuse = tf.debugging.Assert(tf.reduce_all(tf.equal(kinds, 0)), [message, kinds], summarize=64)
+        with tf.control_dependencies([refuse]):
+            return tf.constant(True)
+
+    return tf.cond(tf.reduce_all((first == 0xFF) | (first == 0x89)), lambda: tf.constant(True), check)
 
 
 def encoded_image_side(data) -> tf.Tensor:
