@@ -12,7 +12,11 @@ and the same crops re-encoded with an EXIF "rotate 90" tag (each is parsed
 and turned), against the loop without any orientation step (what 0.2.0
 ran). Calls alternate between the variants, and the table gives medians.
 
-Run: python benchmarks/exif_preprocess.py [--image-size 64] [--repeats 200]
+`--baseline-tree DIR` adds a third variant: `preprocess_encoded_images` of
+the tfface checkout in DIR (e.g. a `git worktree` of an earlier release),
+timed in the same alternation, so a change is measured against it directly.
+
+Run: python benchmarks/exif_preprocess.py [--image-size 64] [--repeats 200] [--baseline-tree DIR]
 """
 
 import argparse
@@ -34,6 +38,7 @@ def main():
     parser.add_argument("--image-size", type=positive_int, default=64)
     parser.add_argument("--batch-sizes", type=positive_ints, default=[1, 32])
     parser.add_argument("--repeats", type=positive_int, default=200)
+    parser.add_argument("--baseline-tree", help="a tfface checkout whose preprocess_encoded_images to time too")
     args = parse_args(parser)
 
     import numpy as np
@@ -76,6 +81,11 @@ def main():
         "0.2.0 loop (no orientation)": tf.function(as_stored),
         "preprocess_encoded_images (this tfface)": tf.function(lambda images: image_ops.preprocess_encoded_images(images, size, max_side)),
     }
+    if args.baseline_tree:
+        baseline_ops = baseline_image_ops(args.baseline_tree)
+        variants["baseline preprocess_encoded_images"] = tf.function(
+            lambda images: baseline_ops.preprocess_encoded_images(images, size, max_side)
+        )
     rows = []
     for batch_size in args.batch_sizes:
         for name, encoded in (("no EXIF", plain), ("EXIF rotate 90", tagged)):
@@ -89,16 +99,35 @@ def main():
                     start = time.perf_counter()
                     variants[variant](batch)
                     times[variant].append(time.perf_counter() - start)
-            before, after = (statistics.median(times[v]) * 1e3 for v in order)
+            before, after, *baseline = (statistics.median(times[v]) * 1e3 for v in order)
             rows.append({
                 "batch": batch_size, "images": name, "no_orientation_ms": before, "upright_ms": after,
                 "added_ms": after - before, "ratio": after / before,
+                **({"baseline_ms": baseline[0], "vs_baseline_ms": after - baseline[0]} if baseline else {}),
             })
     check = np.asarray(variants["preprocess_encoded_images (this tfface)"](tf.constant(plain[:1])))
     assert np.array_equal(check, np.asarray(variants["0.2.0 loop (no orientation)"](tf.constant(plain[:1]))))
     print(f"{size} px, median of {args.repeats} alternated calls; 'no orientation' skips the EXIF step entirely")
-    print_table(rows, ["batch", "images", "no_orientation_ms", "upright_ms", "added_ms", "ratio"])
-    write_results("exif_preprocess", {"image_size": size, "repeats": args.repeats, "rows": rows})
+    columns = ["batch", "images", "no_orientation_ms", "upright_ms", "added_ms", "ratio"]
+    print_table(rows, columns + (["baseline_ms", "vs_baseline_ms"] if args.baseline_tree else []))
+    write_results("exif_preprocess", {
+        "image_size": size, "repeats": args.repeats, "baseline_tree": args.baseline_tree, "rows": rows,
+    })
+
+
+def baseline_image_ops(tree):
+    """`tfface.data.image_ops` of another checkout, loaded under its own name
+    (it imports nothing of tfface)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(tree) / "tfface" / "data" / "image_ops.py"
+    if not path.is_file():
+        sys.exit(f"--baseline-tree {tree}: no tfface/data/image_ops.py there")
+    spec = importlib.util.spec_from_file_location("baseline_image_ops", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 if __name__ == "__main__":
