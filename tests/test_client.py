@@ -234,3 +234,6 @@ def test_query_takes_retries_and_timeout(served, tmp_path, capsys):
     assert "retries must be >= 0" in capsys.readouterr().err
     assert query_main(argparse.Namespace(**{**vars(dead), "timeout": float("inf")})) == 2  # not "no answer within inf s"
     assert "timeout_s must be positive and finite" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # and the command line says so first
+        parse(["query", "--model", "faces", "--timeout", "inf", "x.png"])
+    assert "must be a finite number > 0, got inf" in capsys.readouterr().err
