@@ -238,11 +238,12 @@ def preprocess_encoded_images(images, size: int, max_side: int) -> tf.Tensor:
     `tf.cond` (a second, rotation-free loop for such batches measured no
     faster and doubled the graph). An 8-bit BMP is refused rather than
     given its palette, as training gives it: the lookup, even untaken,
-    cost the loop 0.3 ms a request of 32. Resizing a same-size batch in one op instead
-    measured no faster: TF already runs the loop's iterations on every
-    core. (Tried in three landings, the last with the header checks hoisted
-    out of the loop: 11.8-12.2 ms against 10.5-11.2 ms for 32 face crops;
-    every op added to the loop body costs its overhead once per image.)
+    cost the loop 0.3 ms a request of 32. Resizing a same-size batch in
+    one op instead measured no faster: TF already runs the loop's
+    iterations on every core. (Tried in three landings, the last with the
+    header checks hoisted out of the loop: 11.8-12.2 ms against 10.5-11.2
+    ms for 32 face crops; every op added to the loop body costs its
+    overhead once per image.)
     """
     limit = tf.constant(max_side, tf.int64)
     images = tf.convert_to_tensor(images, tf.string)
@@ -396,8 +397,6 @@ REFUSED_KINDS = {
     PALETTE_BMP: "an 8-bit (palette) BMP, whose colours TensorFlow's decoder reads as grey; send it as PNG",
 }
 _BMP_MIN_HEADER = 30  # file header (14) + the bits per pixel of either info header
-
-
 _HEAD = 32  # header bytes `refused_image_kind` reads
 
 

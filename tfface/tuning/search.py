@@ -820,7 +820,8 @@ def _data_changes(before: dict, now: dict, then_word: str = "before", now_word: 
                 )
             elif was.get(f"{side}_ids") != is_[f"{side}_ids"]:
                 changes.append(
-                    f"{what} images of source {is_['source']}: {count_now} {then_word} and {now_word}, but not the same images"
+                    f"{what} images of source {is_['source']}: {count_now} {then_word} and {now_word}, "
+                    "but not the same images"
                 )
             elif was.get(f"{side}_labels") not in (None, is_.get(f"{side}_labels")):
                 # (A record of tfface 0.2.1 or older has no label digest.)
