@@ -296,6 +296,7 @@ def test_constructor_checks_what_from_preset_checks():
             GatedMultiTaskModel(schema=SCHEMA, config=tiny_config(**{key: float("nan")}))
 
 
+@pytest.mark.slow
 def test_reload_does_not_need_the_backbone_weights_file(tmp_path):
     size = 32
     app = keras.applications.MobileNetV3Small(include_top=False, weights=None, input_shape=(size, size, 3))

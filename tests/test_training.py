@@ -76,6 +76,7 @@ def _kill_after_backup_of(epoch_to_kill, monkeypatch):
     monkeypatch.setattr(keras.callbacks.BackupAndRestore, "on_epoch_end", killed)
 
 
+@pytest.mark.slow
 def test_train_writes_model_logs_and_summary(tmp_path):
     from tfface.training.trainer import train
 
@@ -111,6 +112,7 @@ def test_train_writes_model_logs_and_summary(tmp_path):
     assert (run / "config.yaml").read_text() == saved
 
 
+@pytest.mark.slow
 def test_a_run_stopped_by_its_time_budget_continues_when_run_again(tmp_path):
     from tfface.training.trainer import train
 
@@ -549,6 +551,7 @@ def test_predict_out_is_replaced_only_by_a_complete_run(model_files, tmp_path, m
     assert "moved from" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kill, strategy", [("before_backup", "default"), ("during_backup", "default"), ("during_backup", "mirrored")]
 )
@@ -586,6 +589,7 @@ def test_a_run_killed_around_its_backup_resumes_with_one_row_per_epoch(tmp_path,
     assert len(summary["history"]["loss"]) == 2  # this call: epochs 2 and 3
 
 
+@pytest.mark.slow
 def test_a_run_killed_after_its_last_epoch_writes_its_summary_without_training_again(tmp_path, monkeypatch):
     from tfface.training import trainer
 
@@ -612,6 +616,7 @@ def test_a_run_killed_after_its_last_epoch_writes_its_summary_without_training_a
         trainer.train(config, verbose=0)
 
 
+@pytest.mark.slow
 def test_a_run_early_stopping_had_ended_is_not_trained_further_on_resume(tmp_path, monkeypatch):
     from tfface.training.trainer import MONITOR
     from tfface.training.trainer import ResumedEarlyStopping
@@ -654,6 +659,7 @@ def test_an_unreadable_backup_is_named_and_left_in_place(tmp_path):
     assert (run / "backup" / "latest.weights.h5").read_bytes() == b"not hdf5"
 
 
+@pytest.mark.slow
 def test_mask_pretraining_trains_the_predictor_first_and_keeps_it_frozen(tmp_path, monkeypatch):
     from tfface.models import mask_predictor
     from tfface.training.trainer import train

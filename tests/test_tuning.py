@@ -643,6 +643,7 @@ def test_a_search_keras_tuner_gives_up_on_is_reported_with_its_results(tmp_path,
     assert (tmp_path / "search" / "results.json").is_file()
 
 
+@pytest.mark.slow
 def test_time_budget_stops_the_search_and_a_cut_trial_is_never_the_best(tmp_path):
     # The budget runs out during the first trial: it ends early and no
     # second trial starts, although max_trials is 3.
@@ -784,6 +785,7 @@ def test_a_worker_on_other_data_than_the_chief_recorded_is_refused(tmp_path, mon
         run_search(config, verbose=0)
 
 
+@pytest.mark.slow
 def test_a_frozen_mask_predictor_is_searched_only_with_pretraining(tmp_path):
     space_file = tmp_path / "space.yaml"
     space_file.write_text(yaml.safe_dump({"mask_trainable": {"type": "choice", "values": [True, False]}}))
@@ -810,6 +812,7 @@ def test_a_frozen_mask_predictor_is_searched_only_with_pretraining(tmp_path):
     assert any(np.abs(a - b).max() > 0 for a, b in zip(predictor.get_weights(), untrained))  # it was pretrained
 
 
+@pytest.mark.slow
 def test_the_search_deadline_stops_a_trials_mask_pretraining(tmp_path, monkeypatch):
     experiment = tiny_experiment("mask_guided", schema="synthetic")
     experiment["train"]["mask_pretrain_epochs"] = 20
@@ -836,6 +839,7 @@ def test_the_search_deadline_stops_a_trials_mask_pretraining(tmp_path, monkeypat
     assert len(history.history["loss"]) == 1
 
 
+@pytest.mark.slow
 def test_a_trial_killed_before_the_oracle_recorded_it_is_drawn_again(tmp_path):
     # KerasTuner writes a new trial's trial.json, then oracle.json: a kill in
     # between left trial 1 RUNNING but unknown to the oracle, never rerun and
