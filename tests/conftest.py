@@ -27,10 +27,3 @@ def _seed():
     import keras
 
     keras.utils.set_random_seed(0)
-
-
-def pytest_collection_modifyitems(items):
-    """Tests marked slow (30-90 s each) go first: two workers then end on
-    short tests together, where collection order left one worker running
-    a long test alone at the end."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
