@@ -70,7 +70,8 @@ def refused_kinds():
     webp = encoded(
         frames[0], "WEBP", save_all=True, append_images=frames[1:], duration=100, exif=rotate_90_exif(), lossless=True
     )
-    return {"gif": gif, "1-bit bmp": one_bit_bmp, "animated webp": webp}
+    palette_bmp = encoded(frames[0].convert("P"), "BMP")  # TensorFlow alone reads its indices as grey
+    return {"gif": gif, "1-bit bmp": one_bit_bmp, "8-bit bmp": palette_bmp, "animated webp": webp}
 
 
 def test_refused_kinds_are_sent_as_png_of_their_first_frame(served, tmp_path):
@@ -85,7 +86,7 @@ def test_refused_kinds_are_sent_as_png_of_their_first_frame(served, tmp_path):
     path = tmp_path / "animated.gif"
     path.write_bytes(kinds["gif"])
     with ServingClient(served["target"], model_name="faces") as client:
-        results = client.predict([str(path), kinds["1-bit bmp"], kinds["animated webp"]])
+        results = client.predict([str(path), kinds["1-bit bmp"], kinds["8-bit bmp"], kinds["animated webp"]])
     expected = direct(served["loaded"], [png(first_frame(d)) for d in kinds.values()])
     np.testing.assert_allclose(smiling(results), expected["Smiling_probabilities"], atol=1e-6)
     unreadable = r"image #0 \(bytes\): the server does not take a GIF.*could not convert it: PIL cannot read it"
