@@ -33,14 +33,17 @@ def decode_image(data) -> tf.Tensor:
     return image
 
 
-def decode_upright(data) -> tf.Tensor:
+def decode_upright(data, kind=None) -> tf.Tensor:
     """`decode_image`, then an 8-bit BMP's palette and the EXIF orientation
     (JPEG and PNG) applied, so a phone photo tagged "rotate 90" is upright
     as every viewer, PIL's `ImageOps.exif_transpose` and `tfface predict`
-    show it."""
+    show it. `kind`: the bytes' `refused_image_kind`, when the caller has
+    read it already."""
     data = tf.convert_to_tensor(data, tf.string)
     image = decode_image(data)
-    palette = tf.equal(refused_image_kind(data), PALETTE_BMP)
+    if kind is None:
+        kind = refused_image_kind(data)
+    palette = tf.equal(kind, PALETTE_BMP)
     image = tf.cond(palette, lambda: with_bmp_palette(data, image), lambda: image)
     return orient_image(image, exif_orientation(data))
 

@@ -275,7 +275,7 @@ def _checked_decode(path):
         with tf.control_dependencies(checks):
             checks = [tf.debugging.Assert(ok, [tf.strings.join([problem, path])], summarize=1)]
     with tf.control_dependencies(checks):
-        return decode_upright(data)
+        return decode_upright(data, kind)
 
 
 # What TensorFlow's image decoders say when the bytes pass the header checks

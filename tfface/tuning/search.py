@@ -231,15 +231,15 @@ LABELS = (
 )
 
 
-def _labels_digest(source) -> str:
-    """A digest of a side's label values, row order fixed by the image ids,
+def _labels_digest(source, ids) -> str:
+    """A digest of a side's label values, row order fixed by its image `ids`,
     so a label file rewritten with other values (same rows) is noticed."""
     import numpy as np
 
     digest = hashlib.blake2b(digest_size=16)
     if source is None or len(source) == 0:
         return digest.hexdigest()
-    order = np.argsort(np.asarray(image_ids(source), dtype=object), kind="stable")
+    order = np.argsort(np.asarray(ids, dtype=object), kind="stable")
     named = sorted(source.columns.items())
     if source.identities is not None:
         named.append(("\0identities", source.identities))
@@ -252,18 +252,20 @@ def _labels_digest(source) -> str:
 def data_record(config: ExperimentConfig, train_sources, val_sources) -> dict:
     """What a search trains and validates on, per source in the config's
     order: its path as the config gives it, its training and validation
-    image counts and a digest of each side's sorted image ids."""
+    image counts, and digests of each side's sorted image ids and labels."""
     sources = []
     for i, source_config in enumerate(config.data.sources):
         val = val_sources[i] if i < len(val_sources) else None
+        # Ids once per side: for images held in memory each is a hash of its pixels.
+        train_ids, val_ids = image_ids(train_sources[i]), [] if val is None else image_ids(val)
         sources.append({
             "source": str(source_config.path),
             "train_images": len(train_sources[i]),
             "val_images": 0 if val is None else len(val),
-            "train_ids": _ids_digest(image_ids(train_sources[i])),
-            "val_ids": _ids_digest([] if val is None else image_ids(val)),
-            "train_labels": _labels_digest(train_sources[i]),
-            "val_labels": _labels_digest(val),
+            "train_ids": _ids_digest(train_ids),
+            "val_ids": _ids_digest(val_ids),
+            "train_labels": _labels_digest(train_sources[i], train_ids),
+            "val_labels": _labels_digest(val, val_ids),
         })
     return {"image_ids": IMAGE_IDS, "labels": LABELS, "sources": sources}
 
