@@ -8,6 +8,7 @@ import tensorflow as tf
 from harness import to_numpy
 from tfface.losses import masked_bce_dice
 from tfface.losses import masked_binary_crossentropy
+from tfface.losses import masked_binary_crossentropy_columns
 from tfface.losses import masked_sparse_categorical_crossentropy
 from tfface.metrics import MultiTaskMetrics
 from tfface.metrics import balanced_accuracy
@@ -55,6 +56,46 @@ def test_masked_bce_gradient_is_zero_for_missing_labels():
     grad = tape.gradient(loss, logits).numpy()
     np.testing.assert_array_equal(grad[[1, 3]], 0.0)
     assert np.all(grad[[0, 2]] != 0.0)
+
+
+def test_masked_bce_columns_are_each_tasks_own_masked_mean():
+    labels = RNG.integers(-1, 2, (9, 4)).astype("float32")
+    labels[:, 2] = -1  # a task this batch does not label: 0, not NaN
+    logits = RNG.normal(size=(9, 4)).astype("float32") * 3
+    columns = to_numpy(masked_binary_crossentropy_columns(labels, logits))
+    assert columns.shape == (4,)
+    expected = [bce_numpy(labels[:, k], logits[:, k]) for k in range(4)]
+    np.testing.assert_allclose(columns, expected, rtol=1e-5)
+    assert columns[2] == 0.0
+
+
+def test_model_loss_is_the_weighted_sum_of_each_tasks_masked_loss():
+    """Deep supervision (raw and refined logits), per-task and family
+    weights, a task the labels leave out and a zero weight, against numpy."""
+    from tfface.config import ModelConfig
+    from tfface.models import GatedMultiTaskModel
+    from tfface.schema import Schema, Task
+
+    schema = Schema(
+        [Task("a"), Task("b"), Task("c"), Task("d"), Task("age_group", kind="multiclass", classes=("x", "y", "z"))],
+        name="toy",
+    )
+    weights = {"attributes": 1.5, "b": 0.0, "c": 2.0, "age_group": 0.5}
+    config = ModelConfig(
+        image_size=32, backbone_widths=(8, 16, 32, 64), embedding_dim=8, center_loss_weight=0.0, loss_weights=weights
+    )
+    model = GatedMultiTaskModel(schema=schema, config=config)
+    rng = np.random.default_rng(3)
+    y_pred = model(rng.uniform(0, 255, (12, 32, 32, 3)).astype("float32"), training=False)
+    labels = {name: rng.integers(-1, 2, 12).astype("float32") for name in ("a", "b", "c")}  # no "d"
+    labels["age_group"] = rng.integers(-1, 3, 12).astype("int32")
+    loss = float(to_numpy(model.compute_loss(y=labels, y_pred=y_pred, training=False)))
+    expected = 0.0
+    for key in ("_logits", "_raw_logits"):
+        z = to_numpy(y_pred[key]).astype("float64")
+        expected += 1.5 * bce_numpy(labels["a"], z[:, 0]) + 2.0 * bce_numpy(labels["c"], z[:, 2])
+        expected += 0.5 * scce_numpy(labels["age_group"], z[:, 4:7])
+    assert loss == pytest.approx(expected, rel=1e-5)
 
 
 def test_masked_scce_ignores_missing_labels_exactly():

@@ -57,23 +57,23 @@ class MultiTaskMetrics(keras.metrics.Metric):
         return [(n, c) for n, c, _, kind in self.task_specs if kind != "binary"]
 
     def update_state(self, y_true, y_pred, sample_weight=None):
-        rows = []
-        for name, threshold in self.binary:
-            if name not in y_true:
-                rows.append(ops.zeros((4,)))
-                continue
-            label = ops.cast(ops.reshape(y_true[name], (-1,)), "float32")
-            pred = ops.cast(ops.reshape(y_pred[name], (-1,)) >= threshold, "float32")
+        labelled = [y_true[name] for name, _ in self.binary if name in y_true]
+        if labelled:
+            # All binary tasks as columns of one (B, N) matrix: a chain of
+            # ops per task made the step's graph grow with the attributes.
+            # A task the labels leave out is all -1: counted nowhere.
+            missing = ops.full(ops.shape(ops.reshape(labelled[0], (-1,))), -1.0)
+            label = ops.stack(
+                [ops.cast(ops.reshape(y_true[name], (-1,)), "float32") if name in y_true else missing for name, _ in self.binary],
+                axis=1,
+            )
+            prob = ops.stack([ops.cast(ops.reshape(y_pred[name], (-1,)), "float32") for name, _ in self.binary], axis=1)
+            pred = ops.cast(prob >= ops.convert_to_tensor([t for _, t in self.binary], "float32"), "float32")
             valid = ops.cast(label >= 0, "float32")
             pos = ops.cast(label > 0.5, "float32") * valid
             neg = ops.cast(label < 0.5, "float32") * valid
-            rows.append(
-                ops.stack(
-                    [ops.sum(pos * pred), ops.sum(pos), ops.sum(neg * (1.0 - pred)), ops.sum(neg)]
-                )
-            )
-        if self.binary:
-            self.counts.assign_add(ops.stack(rows))
+            counts = [pos * pred, pos, neg * (1.0 - pred), neg]
+            self.counts.assign_add(ops.stack([ops.sum(c, axis=0) for c in counts], axis=1))
         rows = []
         for name, _ in self.multiclass:
             if name not in y_true:

@@ -29,7 +29,7 @@ from keras import ops
 
 from tfface.config import LOSS_FAMILIES, ConfigError, ModelConfig, loss_family, model_config_from_dict
 from tfface.losses import masked_bce_dice
-from tfface.losses import masked_binary_crossentropy
+from tfface.losses import masked_binary_crossentropy_columns
 from tfface.losses import masked_sparse_categorical_crossentropy
 from tfface.metrics import MultiTaskMetrics
 from tfface.schema import Schema, get_schema
@@ -229,17 +229,27 @@ class MultiTaskFaceModel(keras.Model):
         total = ops.convert_to_tensor(0.0)
         logits = y_pred["_logits"]
         raw_logits = y_pred.get("_raw_logits") if self.model_config.deep_supervision else None
-        for task, (start, end), weight in zip(self.schema, logit_blocks(self.schema), self.task_weights):
-            if y is None or task.name not in y or weight == 0.0:
-                continue
-            label = y[task.name]
+        scored = [
+            (task, block, weight)
+            for task, block, weight in zip(self.schema, logit_blocks(self.schema), self.task_weights)
+            if task.name in y and weight != 0.0
+        ]
+        binary = [(task, start, weight) for task, (start, _), weight in scored if task.is_binary]
+        if binary:
+            # All binary tasks at once: (B, N) labels against (B, N) logits.
+            labels = ops.stack([ops.reshape(ops.cast(y[t.name], "float32"), (-1,)) for t, _, _ in binary], axis=1)
+            columns = [start for _, start, _ in binary]
+            weights = ops.convert_to_tensor([weight for _, _, weight in binary], "float32")
             for z in (logits, raw_logits):
-                if z is None:
-                    continue
-                if task.is_binary:
-                    total = total + weight * masked_binary_crossentropy(label, z[:, start])
-                else:
-                    total = total + weight * masked_sparse_categorical_crossentropy(label, z[:, start:end])
+                if z is not None:
+                    per_task = masked_binary_crossentropy_columns(labels, ops.take(z, columns, axis=1))
+                    total = total + ops.sum(weights * per_task)
+        for task, (start, end), weight in scored:
+            if task.is_binary:
+                continue
+            for z in (logits, raw_logits):
+                if z is not None:
+                    total = total + weight * masked_sparse_categorical_crossentropy(y[task.name], z[:, start:end])
         center = getattr(self, "center_loss", None)
         if center is not None and y is not None and "_embeddings" in y_pred and self.model_config.center_loss_weight > 0:
             total = total + center(y_pred["_embeddings"], self.center_labels(y))
