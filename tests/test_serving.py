@@ -207,6 +207,12 @@ BAD_REQUESTS = {
         grpc.StatusCode.INVALID_ARGUMENT,
         "PNG",
     ),
+    # A photo that fails to decode inside a larger request is named.
+    "corrupt png among good ones": (
+        lambda: request(random_pngs(2) + [b"\x89PNG\r\n\x1a\n" + b"\x00" * 40] + random_pngs(1, seed=9)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "the model refused the input: images[2]: ",
+    ),
     "empty batch": (lambda: request([]), grpc.StatusCode.INVALID_ARGUMENT, "empty batch"),
     "wrong dtype": (
         lambda: request(tensor=tf.make_tensor_proto(np.zeros((1,), np.float32))),
@@ -451,6 +457,14 @@ def test_unbatched_server_gives_the_same_answers_and_limits_message_size(deploym
                 client.predict([huge])
             assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert len(client.predict(images[:1])) == 1  # still serving
+        with grpc.insecure_channel(server.target) as channel:
+            corrupt = b"\x89PNG\r\n\x1a\n" + b"\x00" * 40
+            with pytest.raises(grpc.RpcError) as info:
+                prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
+                    request([images[0], corrupt, images[1]]), timeout=10
+                )
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "images[1]: " in info.value.details() and "images[0]" not in info.value.details()
     expected = direct(deployment["loaded"], images)
     got = np.array([[r["Smiling"]["probabilities"]["no"], r["Smiling"]["probabilities"]["yes"]] for r in results])
     np.testing.assert_allclose(got, expected["Smiling_probabilities"], atol=1e-6)

@@ -724,7 +724,7 @@ def test_distributed_search_with_chief_and_two_workers(tmp_path):
 
     ran = []
     for tuner_id in ("tuner0", "tuner1"):
-        match = re.search(rf"worker {tuner_id} ran trials (\[.*\])", logs[tuner_id].read_text())
+        match = re.search(rf"worker {tuner_id} ran trials (\[.*\]); its data compared with the chief's", logs[tuner_id].read_text())
         assert match, logs[tuner_id].read_text()[-3000:]
         ran += ast.literal_eval(match.group(1))
     assert sorted(ran) == ["0", "1"]  # every trial ran once, on a worker

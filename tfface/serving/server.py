@@ -95,6 +95,30 @@ def _tf_error_to_request_error(error: Exception) -> RequestError:
     return RequestError(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
 
 
+def _call_naming_bad_images(signature: "_Signature", arrays: dict) -> dict:
+    """Runs `signature`; when a batch of encoded images fails to decode,
+    finds which image(s) by running each alone (only on that failure path),
+    so a client learns which of its photos is broken, not just that one is."""
+    try:
+        return signature(arrays)
+    except tf.errors.InvalidArgumentError as error:
+        images = [key for key, spec in signature.inputs.items() if spec.dtype == tf.string]
+        size = len(next(iter(arrays.values())))
+        if not images or size < 2:
+            raise
+        bad = []
+        for i in range(size):
+            try:
+                signature({key: value[i : i + 1] for key, value in arrays.items()})
+            except tf.errors.InvalidArgumentError as alone:
+                bad.append((i, _clean_tf_message(alone.message)))
+        if not bad:
+            raise
+        named = "; ".join(f"{images[0]}[{i}]: {message}" for i, message in bad[:3])
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise _invalid(f"the model refused the input: {named}{more}") from None
+
+
 def _clean_tf_message(message: str) -> str:
     """The human part of a TF op error, without graph node and stack noise."""
     noise = ("Graph execution error", "Detected at node", "<stack traces unavailable>", "[[")
@@ -423,7 +447,7 @@ class _Batcher:
 
     def _run_alone(self, task: _Task) -> None:
         try:
-            task.result = self._signature(task.arrays)
+            task.result = _call_naming_bad_images(self._signature, task.arrays)
             self.batch_sizes.append(task.size)
         except Exception as e:  # reported to the caller, never raised here
             task.error = _tf_error_to_request_error(e)
@@ -733,7 +757,7 @@ class LocalModelServer:
     def run(self, servable: _Servable, signature: _Signature, arrays: dict, size: int, timeout_s=None) -> dict:
         if not self.enable_batching:
             try:
-                return signature(arrays)
+                return _call_naming_bad_images(signature, arrays)
             except Exception as e:
                 raise _tf_error_to_request_error(e) from None
         key = (servable.name, servable.version, signature.name)

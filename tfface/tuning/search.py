@@ -707,9 +707,10 @@ def run_search(
         schedule_epochs=tuning.trial_epochs,
         train_labels=data.train_labels if data is not None else None,
     )
+    data_compared = None
     if role == "worker":
         _wait_for_chief(tuning.chief_wait_minutes)
-        _check_worker_data(project_dir, getattr(data, "data_record", None))
+        data_compared = _check_worker_data(project_dir, getattr(data, "data_record", None))
     tuner = make_tuner(tuning, hypermodel, deadline=deadline, on_trial_end_hook=on_trial_end)
     if role != "worker":
         _write_meta(project_dir, tuning, base, space, record)
@@ -739,6 +740,7 @@ def run_search(
         "search_seconds": round(time.time() - start, 1),
     }
     if role == "worker":
+        summary["data_compared_with_chief"] = data_compared
         return summary
     records = trial_records(tuner.oracle, space, _cut_trials(project_dir))
     try:
@@ -1149,7 +1151,8 @@ def tune_main(args) -> dict:
     """`tfface tune --config FILE`."""
     summary = run_search(args.config)
     if summary["role"] == "worker":
-        print(f"worker {summary['tuner_id']} ran trials {summary['trials_run']}")
+        compared = "compared with" if summary["data_compared_with_chief"] else "not compared with (no shared search.json)"
+        print(f"worker {summary['tuner_id']} ran trials {summary['trials_run']}; its data {compared} the chief's")
         return summary
     best = summary["best"]
     print(
