@@ -60,3 +60,7 @@ def test_bad_sizes_and_missing_inputs_are_one_line_errors(common, tmp_path):
     assert f"error: {tmp_path / 'nope'} is no `tfface train` output folder" in missing.stderr
     old = refuse(str(BENCHMARKS / "real_data_accuracy.py"), "--run", str(old_run))
     assert old.returncode == 2 and "records no split method" in old.stderr
+    startup = refuse(str(BENCHMARKS / "train_startup.py"), "--baseline-tree", str(tmp_path))
+    assert startup.returncode == 2 and f"--baseline-tree {tmp_path} is not a tfface checkout" in startup.stderr
+    schema = refuse(str(BENCHMARKS / "train_startup.py"), "--schemas", "fused,nope")
+    assert schema.returncode == 2 and "'nope'" in schema.stderr and "Traceback" not in schema.stderr
