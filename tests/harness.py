@@ -210,3 +210,22 @@ def run_model_saving_test(model, input_data, tmp_path, atol=1e-6, extra_weights=
             original, restored = getattr(original, part), getattr(restored, part)
         assert_allclose_tree(restored, original)
     return reloaded
+
+
+def rle8_bmp(width=4, height=3) -> bytes:
+    """An RLE8-compressed 8-bit BMP (PIL reads them, does not write them):
+    every row `width` pixels of palette entry 7."""
+    import io
+    import struct
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (width, height)).save(buffer, format="BMP")  # 8 bits, grey palette
+    plain = bytearray(buffer.getvalue())
+    offset = struct.unpack_from("<I", plain, 10)[0]
+    rle = b"".join(bytes([width, 7, 0, 0]) for _ in range(height)) + bytes([0, 1])
+    data = plain[:offset] + rle
+    struct.pack_into("<I", data, 2, len(data))
+    struct.pack_into("<II", data, 30, 1, len(rle))  # compression BI_RLE8, image size
+    return bytes(data)

@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageOps
 
+from harness import rle8_bmp
 from test_serving import build_stand_in, direct, free_port, png, random_pngs
 from tfface.data.image_ops import decode_image, decode_upright, refused_image_reason
 from tfface.export.saved_model import export_saved_model, load_exported
@@ -71,7 +72,7 @@ def refused_kinds():
         frames[0], "WEBP", save_all=True, append_images=frames[1:], duration=100, exif=rotate_90_exif(), lossless=True
     )
     palette_bmp = encoded(frames[0].convert("P"), "BMP")  # TensorFlow alone reads its indices as grey
-    return {"gif": gif, "1-bit bmp": one_bit_bmp, "8-bit bmp": palette_bmp, "animated webp": webp}
+    return {"gif": gif, "1-bit bmp": one_bit_bmp, "8-bit bmp": palette_bmp, "animated webp": webp, "rle bmp": rle8_bmp()}
 
 
 def test_refused_kinds_are_sent_as_png_of_their_first_frame(served, tmp_path):
@@ -86,7 +87,7 @@ def test_refused_kinds_are_sent_as_png_of_their_first_frame(served, tmp_path):
     path = tmp_path / "animated.gif"
     path.write_bytes(kinds["gif"])
     with ServingClient(served["target"], model_name="faces") as client:
-        results = client.predict([str(path), kinds["1-bit bmp"], kinds["8-bit bmp"], kinds["animated webp"]])
+        results = client.predict([str(path), *(kinds[k] for k in ("1-bit bmp", "8-bit bmp", "animated webp", "rle bmp"))])
     expected = direct(served["loaded"], [png(first_frame(d)) for d in kinds.values()])
     np.testing.assert_allclose(smiling(results), expected["Smiling_probabilities"], atol=1e-6)
     unreadable = r"image #0 \(bytes\): the server does not take a GIF.*could not convert it: PIL cannot read it"

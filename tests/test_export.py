@@ -12,6 +12,7 @@ import tensorflow as tf
 
 import keras
 
+from harness import rle8_bmp
 from tfface.data import image_ops
 from tfface.data.image_ops import (
     decode_image,
@@ -201,6 +202,7 @@ def _kinds_of_images():
         "bmp 8 palette": (_pil_encoded(rgb.convert("P"), "BMP"), image_ops.PALETTE_BMP),
         "bmp 8 grey": (_pil_encoded(rgb.convert("L"), "BMP"), image_ops.PALETTE_BMP),
         "bmp 1": (_pil_encoded(rgb.convert("1"), "BMP"), image_ops.UNREAD_BMP),
+        "bmp 8 rle": (rle8_bmp(), image_ops.UNREAD_BMP),
         "webp": (_pil_encoded(rgb, "WEBP"), 0),
         "webp lossless": (_pil_encoded(rgb, "WEBP", lossless=True), 0),
         "webp animated": (_pil_encoded(rgb, "WEBP", save_all=True, append_images=[other]), image_ops.ANIMATED_WEBP),

@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from harness import rle8_bmp
 from tfface.data.image_ops import preprocess_image
 from tfface.data.pipeline import affine_example
 from tfface.data.pipeline import flip_example
@@ -184,7 +185,8 @@ def test_undecodable_images_lists_the_bad_files_in_order_up_to_the_limit(tmp_pat
         (b"just some text, not pixels", r"not an image file \(JPEG, PNG, GIF, BMP, WebP or JPEG XL\): .*000003.jpg"),
         (b"", "empty image file: .*000003.jpg"),
         (b"abc", r"not an image file .*000003.jpg"),  # shorter than any header
-        ("1-bit BMP", r"image file TensorFlow cannot decode \(a BMP of other than 8, 24 or 32 bits.*000003.jpg"),
+        ("1-bit BMP", r"image file TensorFlow cannot decode \(a compressed BMP or one of other than 8, 24.*000003.jpg"),
+        (rle8_bmp(), r"image file TensorFlow cannot decode \(a compressed BMP.*000003.jpg"),
     ],
 )
 def test_a_file_that_is_no_image_is_named(tmp_path, content, message):

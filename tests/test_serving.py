@@ -259,7 +259,7 @@ BAD_REQUESTS = {
     "1-bit bmp": (
         lambda: request([pil_encoded(np.zeros((20, 20, 3)), "BMP", mode="1")]),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "images[0] is a BMP of other than 8, 24 or 32 bits per pixel",
+        "images[0] is a BMP TensorFlow cannot decode (compressed, or of other than 8, 24 or 32 bits per pixel)",
     ),
     "animated webp": (
         lambda: request([animated_webp()]),

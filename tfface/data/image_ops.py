@@ -395,12 +395,17 @@ GIF, UNREAD_BMP, ANIMATED_WEBP, PALETTE_BMP = 1, 2, 3, 4
 REFUSED_KINDS = {
     GIF: "a GIF: TensorFlow decodes every frame of an animated GIF (and a frame larger than its header "
     "says) before taking the first; send it as PNG",
-    UNREAD_BMP: "a BMP of other than 8, 24 or 32 bits per pixel, which TensorFlow cannot decode; send it as PNG",
+    UNREAD_BMP: "a BMP TensorFlow cannot decode (compressed, or of other than 8, 24 or 32 bits per pixel); "
+    "send it as PNG",
     ANIMATED_WEBP: "an animated WebP, which TensorFlow cannot decode to RGB; send its first frame as PNG",
     PALETTE_BMP: "an 8-bit (palette) BMP, whose colours TensorFlow's decoder reads as grey; send it as PNG",
 }
 _BMP_MIN_HEADER = 30  # file header (14) + the bits per pixel of either info header
-_HEAD = 32  # header bytes `refused_image_kind` reads
+# TensorFlow reads uncompressed rows only: BI_RGB (0) and BI_BITFIELDS (3).
+# An RLE-compressed BMP fails to decode, or decodes to noise where its
+# size happens to match.
+_BMP_READ_COMPRESSIONS = (0, 3)
+_HEAD = 34  # header bytes `refused_image_kind` reads: up to a BMP's compression
 
 
 def refused_image_kind(data) -> tf.Tensor:
@@ -419,8 +424,12 @@ def refused_image_kind(data) -> tf.Tensor:
     # Bits per pixel: at byte 24 after the 12-byte OS/2 header, else at 28.
     core_header = starts(14, b"\x0c\0\0\0")
     bits = tf.where(core_header, raw[..., 24] + 256 * raw[..., 25], raw[..., 28] + 256 * raw[..., 29])
+    # The compression (after bits per pixel; none in the OS/2 header) reads
+    # 0 past the end of a short file: the decoder has the last word there.
+    compression = tf.where(core_header, 0, raw[..., 30] + 256 * raw[..., 31] + 65536 * raw[..., 32] + 16777216 * raw[..., 33])
+    compressed = tf.reduce_all(tf.not_equal(compression[..., None], list(_BMP_READ_COMPRESSIONS)), axis=-1)
     bmp = starts(0, b"BM") & (tf.strings.length(data) >= _BMP_MIN_HEADER)
-    unread_bmp = bmp & (bits != 8) & (bits != 24) & (bits != 32)
+    unread_bmp = bmp & (((bits != 8) & (bits != 24) & (bits != 32)) | compressed)
     animated_webp = starts(0, b"RIFF") & starts(8, b"WEBPVP8X") & (tf.bitwise.bitwise_and(raw[..., 20], 2) > 0)
     kind = tf.where(animated_webp, ANIMATED_WEBP, 0)
     kind = tf.where(bmp & (bits == 8), PALETTE_BMP, kind)
@@ -431,16 +440,17 @@ def refused_image_kind(data) -> tf.Tensor:
 def refused_image_reason(data: bytes) -> Optional[str]:
     """What `REFUSED_KINDS` says of encoded bytes, or None (plain Python, for
     servers and clients)."""
-    head = bytes(data[:30])
+    head = bytes(data[:_HEAD])
     if head[:3] == b"GIF":
         return REFUSED_KINDS[GIF]
     if head[:2] == b"BM" and len(head) >= _BMP_MIN_HEADER:
-        offset = 24 if head[14:18] == b"\x0c\0\0\0" else 28
-        bits = int.from_bytes(head[offset : offset + 2], "little")
+        core_header = head[14:18] == b"\x0c\0\0\0"
+        bits = int.from_bytes(head[24:26] if core_header else head[28:30], "little")
+        compression = 0 if core_header else int.from_bytes(head[30:34].ljust(4, b"\0"), "little")
+        if bits not in (8, 24, 32) or compression not in _BMP_READ_COMPRESSIONS:
+            return REFUSED_KINDS[UNREAD_BMP]
         if bits == 8:
             return REFUSED_KINDS[PALETTE_BMP]
-        if bits not in (24, 32):
-            return REFUSED_KINDS[UNREAD_BMP]
     if head[:4] == b"RIFF" and head[8:16] == b"WEBPVP8X" and len(head) > 20 and head[20] & 2:
         return REFUSED_KINDS[ANIMATED_WEBP]
     return None

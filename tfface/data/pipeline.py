@@ -240,8 +240,8 @@ _FILE_PROBLEMS = (
     "empty image file: ",
     "not an image file (JPEG, PNG, GIF, BMP, WebP or JPEG XL): ",
     "corrupt or truncated image file: ",
-    "image file TensorFlow cannot decode (a BMP of other than 8, 24 or 32 bits per pixel, or an animated "
-    "WebP; save it as PNG): ",
+    "image file TensorFlow cannot decode (a compressed BMP or one of other than 8, 24 or 32 bits per pixel, "
+    "or an animated WebP; save it as PNG): ",
 )
 _FILE_PROBLEM = re.compile(r"\[((?:%s)[^\]]*)\]" % "|".join(re.escape(p) for p in _FILE_PROBLEMS))
 
