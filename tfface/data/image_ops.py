@@ -376,7 +376,8 @@ def has_other_decodable_header(data) -> tf.Tensor:
     file, the formats `decode_image` reads besides JPEG and PNG (the
     signatures `image_format` checks in Python). Safe on files shorter than
     any header."""
-    padded = tf.convert_to_tensor(data, tf.string) + b"\0" * 16
+    # The head only, then padded: padding the whole file copied it.
+    padded = tf.strings.substr(tf.convert_to_tensor(data, tf.string), 0, 16) + b"\0" * 16
     return (
         tf.equal(tf.strings.substr(padded, 0, 3), b"GIF")
         | tf.equal(tf.strings.substr(padded, 0, 2), b"BM")
