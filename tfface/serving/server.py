@@ -101,7 +101,7 @@ def _call_naming_bad_images(signature: "_Signature", arrays: dict) -> dict:
     so a client learns which of its photos is broken, not just that one is."""
     try:
         return signature(arrays)
-    except tf.errors.InvalidArgumentError as error:
+    except tf.errors.InvalidArgumentError:
         images = [key for key, spec in signature.inputs.items() if spec.dtype == tf.string]
         size = len(next(iter(arrays.values())))
         if not images or size < 2:
