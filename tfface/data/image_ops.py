@@ -411,13 +411,13 @@ _HEAD = 34  # header bytes `refused_image_kind` reads: up to a BMP's compression
 
 def refused_image_kind(data) -> tf.Tensor:
     """In-graph: the `REFUSED_KINDS` code (int32) of encoded bytes, a scalar
-    or a batch (same shape out), from their first 30 bytes; 0 for any other
+    or a batch (same shape out), from their first 34 bytes; 0 for any other
     image and for headers cut short (the decoder then has the last word).
     The twin of `refused_image_reason`."""
     data = tf.convert_to_tensor(data, tf.string)
     # Zero-padded past the end of a short file; no string is copied (a
     # string concatenation to pad them cost 0.25 ms a request of 32).
-    raw = tf.cast(tf.io.decode_raw(data, tf.uint8, fixed_length=_HEAD), tf.int32)  # (..., 32)
+    raw = tf.cast(tf.io.decode_raw(data, tf.uint8, fixed_length=_HEAD), tf.int32)  # (..., 34)
 
     def starts(offset, text):
         return tf.reduce_all(tf.equal(raw[..., offset : offset + len(text)], tf.constant(list(text), tf.int32)), axis=-1)

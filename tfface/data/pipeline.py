@@ -251,10 +251,9 @@ def _checked_decode(path):
     `tfface predict` and the serving graph do); a corrupt or truncated file
     fails naming it."""
     data = tf.io.read_file(path)
-    # Header checks read a padded copy: substr past the end of a file of a
-    # few bytes would fail without naming it.
-    padded = data + b"\0" * 16
-    head = tf.strings.substr(padded, 0, 4)
+    # Header checks read a padded head (padding the whole file copied it):
+    # substr past the end of a file of a few bytes would fail without naming it.
+    head = tf.strings.substr(tf.strings.substr(data, 0, 4) + b"\0" * 4, 0, 4)
     is_jpeg = tf.equal(tf.strings.substr(head, 0, 2), _JPEG_START)
     is_png = tf.equal(head, _PNG_START)
     length = tf.strings.length(data)

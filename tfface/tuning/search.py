@@ -1151,7 +1151,7 @@ def tune_main(args) -> dict:
     """`tfface tune --config FILE`."""
     summary = run_search(args.config)
     if summary["role"] == "worker":
-        compared = "compared with" if summary["data_compared_with_chief"] else "not compared with (no shared search.json)"
+        compared = "compared with" if summary["data_compared_with_chief"] else "could not be compared with"
         print(f"worker {summary['tuner_id']} ran trials {summary['trials_run']}; its data {compared} the chief's")
         return summary
     best = summary["best"]
