@@ -42,8 +42,10 @@ from tfface.data.image_ops import PALETTE_BMP
 from tfface.data.image_ops import decode_image
 from tfface.data.image_ops import decode_upright
 from tfface.data.image_ops import has_other_decodable_header
+from tfface.data.image_ops import header_bytes
 from tfface.data.image_ops import preprocess_image
 from tfface.data.image_ops import refused_image_kind
+from tfface.data.image_ops import starts_with
 from tfface.data.source import FaceSource
 from tfface.data.sources import open_source
 from tfface.data.sources import user_cache_dir
@@ -251,11 +253,11 @@ def _checked_decode(path):
     `tfface predict` and the serving graph do); a corrupt or truncated file
     fails naming it."""
     data = tf.io.read_file(path)
-    # Header checks read a padded head (padding the whole file copied it):
-    # substr past the end of a file of a few bytes would fail without naming it.
-    head = tf.strings.substr(tf.strings.substr(data, 0, 4) + b"\0" * 4, 0, 4)
-    is_jpeg = tf.equal(tf.strings.substr(head, 0, 2), _JPEG_START)
-    is_png = tf.equal(head, _PNG_START)
+    # Zero-padded: substr past the end of a file of a few bytes would fail
+    # without naming it.
+    head = header_bytes(data, 4)
+    is_jpeg = starts_with(head, 0, _JPEG_START)
+    is_png = starts_with(head, 0, _PNG_START)
     length = tf.strings.length(data)
     # A JPEG cut short loses its end-of-image marker FF D9 (some encoders
     # pad after it, so look for it within the last 64 bytes).
