@@ -469,11 +469,9 @@ def with_bmp_palette(data, image) -> tf.Tensor:
     this looks them up in the file's palette (BGR0 entries after the info
     header, BGR after the 12-byte OS/2 one), as PIL shows the image."""
     data = tf.convert_to_tensor(data, tf.string)
-    padded = data + b"\0" * 1024
-    raw_header = tf.cast(tf.io.decode_raw(tf.strings.substr(padded, 14, 4), tf.uint8), tf.int32)
-    header_size = tf.reduce_sum(raw_header * tf.constant([1, 1 << 8, 1 << 16, 1 << 24]))
+    header_size = tf.reduce_sum(header_bytes(data, 18)[14:18] * tf.constant([1, 1 << 8, 1 << 16, 1 << 24]))
     start = tf.clip_by_value(14 + header_size, 0, tf.strings.length(data))
-    table = tf.io.decode_raw(tf.strings.substr(padded, start, 1024), tf.uint8)
+    table = tf.io.decode_raw(tf.strings.substr(data, start, 1024), tf.uint8, fixed_length=1024)  # zero-padded
     entry = tf.where(tf.equal(header_size, 12), 3, 4)
     offsets = tf.range(256)[:, None] * entry + tf.constant([2, 1, 0])  # BGR -> RGB
     palette = tf.gather(table, tf.minimum(offsets, 1023))
