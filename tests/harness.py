@@ -212,17 +212,28 @@ def run_model_saving_test(model, input_data, tmp_path, atol=1e-6, extra_weights=
     return reloaded
 
 
+def pil_encoded(image, fmt, mode=None, **options) -> bytes:
+    """A PIL image, or an (H, W, 3) uint8 array, encoded by PIL (e.g. as a
+    GIF or a 1-bit BMP, `mode="1"`); `options` go to `Image.save`."""
+    import io
+
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.asarray(image, np.uint8))
+    buffer = io.BytesIO()
+    (image.convert(mode) if mode else image).save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
 def rle8_bmp(width=4, height=3) -> bytes:
     """An RLE8-compressed 8-bit BMP (PIL reads them, does not write them):
     every row `width` pixels of palette entry 7."""
-    import io
     import struct
 
     from PIL import Image
 
-    buffer = io.BytesIO()
-    Image.new("L", (width, height)).save(buffer, format="BMP")  # 8 bits, grey palette
-    plain = bytearray(buffer.getvalue())
+    plain = bytearray(pil_encoded(Image.new("L", (width, height)), "BMP"))  # 8 bits, grey palette
     offset = struct.unpack_from("<I", plain, 10)[0]
     rle = b"".join(bytes([width, 7, 0, 0]) for _ in range(height)) + bytes([0, 1])
     data = plain[:offset] + rle

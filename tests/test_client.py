@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image, ImageOps
 
-from harness import rle8_bmp
+from harness import pil_encoded, rle8_bmp
 from test_serving import build_stand_in, direct, free_port, png, random_pngs
 from tfface.data.image_ops import decode_image, decode_upright, refused_image_reason
 from tfface.export.saved_model import export_saved_model, load_exported
@@ -36,12 +36,6 @@ def served(tmp_path_factory):
 
 def smiling(results):
     return np.array([[r["Smiling"]["probabilities"]["no"], r["Smiling"]["probabilities"]["yes"]] for r in results])
-
-
-def encoded(image, fmt, **options) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **options)
-    return buffer.getvalue()
 
 
 def rotate_90_exif():
@@ -66,12 +60,12 @@ def first_frame(data: bytes) -> np.ndarray:
 def refused_kinds():
     rng = np.random.default_rng(3)
     frames = [Image.fromarray(rng.integers(0, 256, (30, 24, 3), dtype=np.uint8)) for _ in range(2)]
-    gif = encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
-    one_bit_bmp = encoded(frames[0].convert("1"), "BMP")
-    webp = encoded(
+    gif = pil_encoded(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    one_bit_bmp = pil_encoded(frames[0].convert("1"), "BMP")
+    webp = pil_encoded(
         frames[0], "WEBP", save_all=True, append_images=frames[1:], duration=100, exif=rotate_90_exif(), lossless=True
     )
-    palette_bmp = encoded(frames[0].convert("P"), "BMP")  # TensorFlow alone reads its indices as grey
+    palette_bmp = pil_encoded(frames[0].convert("P"), "BMP")  # TensorFlow alone reads its indices as grey
     return {"gif": gif, "1-bit bmp": one_bit_bmp, "8-bit bmp": palette_bmp, "animated webp": webp, "rle bmp": rle8_bmp()}
 
 
@@ -100,7 +94,7 @@ def test_16_bit_photos_turned_upright_keep_the_pixels_the_server_decodes(served,
     rng = np.random.default_rng(5)
     if kind == "grey":  # PIL reads it as "I;16"; convert("RGB") clipped every level over 255 to white
         levels = rng.integers(0, 65536, (20, 30), dtype=np.uint16)
-        original = encoded(Image.fromarray(levels), "PNG", exif=rotate_90_exif())
+        original = pil_encoded(Image.fromarray(levels), "PNG", exif=rotate_90_exif())
         assert Image.open(io.BytesIO(original)).mode.startswith("I")
     else:
         levels = rng.integers(0, 65536, (20, 30, 3), dtype=np.uint16)
@@ -147,7 +141,7 @@ def test_a_call_is_split_into_requests_under_the_message_limit(served, tmp_path)
     # A phone photo turned upright as PNG is far larger than its JPEG.
     photo = tmp_path / "phone.jpg"
     noise = Image.fromarray(rng.integers(0, 256, (400, 400, 3), dtype=np.uint8))
-    photo.write_bytes(encoded(noise, "JPEG", quality=20, exif=rotate_90_exif()))
+    photo.write_bytes(pil_encoded(noise, "JPEG", quality=20, exif=rotate_90_exif()))
     assert photo.stat().st_size < limit // 2 and len(upright(photo.read_bytes())) > limit
     nothing_listens = ServingClient(f"127.0.0.1:{free_port()}", model_name="faces", max_message_bytes=limit, retries=0)
     with pytest.raises(ValueError, match=rf"^{photo}: [0-9,]+ bytes as PNG \(re-encoded from [0-9,]+ bytes.*exceed"):

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 import keras
 
+from harness import pil_encoded
 from harness import rle8_bmp
 from tfface.data import image_ops
 from tfface.data.image_ops import (
@@ -162,15 +163,8 @@ def test_header_sizes_match_the_decoded_sizes():
         "png": png(image),
         "jpeg": tf.io.encode_jpeg(image).numpy(),
     }
-    try:
-        from PIL import Image
-
-        for fmt, name in (("gif", "GIF"), ("bmp", "BMP"), ("webp", "WEBP")):
-            buffer = io.BytesIO()
-            Image.fromarray(image).save(buffer, format=name)
-            encoded[fmt] = buffer.getvalue()
-    except ImportError:
-        pass
+    for fmt, name in (("gif", "GIF"), ("bmp", "BMP"), ("webp", "WEBP")):
+        encoded[fmt] = pil_encoded(image, name)
     for fmt, data in encoded.items():
         assert image_format(data) == fmt
         assert image_size_from_header(data) == (21, 37), fmt
@@ -180,14 +174,6 @@ def test_header_sizes_match_the_decoded_sizes():
     assert image_size_from_header(b"\x89PNG\r\n\x1a\n") is None
 
 
-def _pil_encoded(image, fmt, **options) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buffer, format=fmt, **options)
-    return buffer.getvalue()
-
-
 def _kinds_of_images():
     """Encoded images of every kind `REFUSED_KINDS` knows, and some it takes."""
     from PIL import Image
@@ -195,19 +181,19 @@ def _kinds_of_images():
     rgb = Image.fromarray(np.random.default_rng(5).integers(0, 255, (20, 30, 3), np.uint8))
     other = Image.fromarray(np.asarray(rgb)[::-1].copy())
     return {
-        "png": (_pil_encoded(rgb, "PNG"), 0),
-        "jpeg": (_pil_encoded(rgb, "JPEG"), 0),
-        "bmp 24": (_pil_encoded(rgb, "BMP"), 0),
-        "bmp 32": (_pil_encoded(rgb.convert("RGBA"), "BMP"), 0),
-        "bmp 8 palette": (_pil_encoded(rgb.convert("P"), "BMP"), image_ops.PALETTE_BMP),
-        "bmp 8 grey": (_pil_encoded(rgb.convert("L"), "BMP"), image_ops.PALETTE_BMP),
-        "bmp 1": (_pil_encoded(rgb.convert("1"), "BMP"), image_ops.UNREAD_BMP),
+        "png": (pil_encoded(rgb, "PNG"), 0),
+        "jpeg": (pil_encoded(rgb, "JPEG"), 0),
+        "bmp 24": (pil_encoded(rgb, "BMP"), 0),
+        "bmp 32": (pil_encoded(rgb.convert("RGBA"), "BMP"), 0),
+        "bmp 8 palette": (pil_encoded(rgb.convert("P"), "BMP"), image_ops.PALETTE_BMP),
+        "bmp 8 grey": (pil_encoded(rgb.convert("L"), "BMP"), image_ops.PALETTE_BMP),
+        "bmp 1": (pil_encoded(rgb.convert("1"), "BMP"), image_ops.UNREAD_BMP),
         "bmp 8 rle": (rle8_bmp(), image_ops.UNREAD_BMP),
-        "webp": (_pil_encoded(rgb, "WEBP"), 0),
-        "webp lossless": (_pil_encoded(rgb, "WEBP", lossless=True), 0),
-        "webp animated": (_pil_encoded(rgb, "WEBP", save_all=True, append_images=[other]), image_ops.ANIMATED_WEBP),
-        "gif": (_pil_encoded(rgb, "GIF"), image_ops.GIF),
-        "gif animated": (_pil_encoded(rgb, "GIF", save_all=True, append_images=[other]), image_ops.GIF),
+        "webp": (pil_encoded(rgb, "WEBP"), 0),
+        "webp lossless": (pil_encoded(rgb, "WEBP", lossless=True), 0),
+        "webp animated": (pil_encoded(rgb, "WEBP", save_all=True, append_images=[other]), image_ops.ANIMATED_WEBP),
+        "gif": (pil_encoded(rgb, "GIF"), image_ops.GIF),
+        "gif animated": (pil_encoded(rgb, "GIF", save_all=True, append_images=[other]), image_ops.GIF),
         "bmp cut short": (b"BM" + b"\0" * 10, 0),
         "empty": (b"", 0),
     }
@@ -232,7 +218,7 @@ def test_palette_bmps_decode_to_their_colours():
 
     cases = _kinds_of_images()
     adaptive = Image.open(io.BytesIO(cases["png"][0])).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
-    cases["bmp 8, 16 colours"] = (_pil_encoded(adaptive, "BMP"), image_ops.PALETTE_BMP)
+    cases["bmp 8, 16 colours"] = (pil_encoded(adaptive, "BMP"), image_ops.PALETTE_BMP)
     for name in ("bmp 8 palette", "bmp 8 grey", "bmp 8, 16 colours"):
         data = cases[name][0]
         shown = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
@@ -300,12 +286,8 @@ def test_bytes_signature_rejects_garbage_and_oversized_images(strict_export):
     # Every format is refused from its header, before decoding: a small
     # file can decode to gigabytes.
     bigs = {"png": png(np.zeros((8, 40, 3))), "jpeg": tf.io.encode_jpeg(np.zeros((40, 8, 3), np.uint8)).numpy()}
-    from PIL import Image
-
     for fmt, options in (("BMP", {}), ("WEBP", {"lossless": True}), ("WEBP", {"lossless": False})):
-        buffer = io.BytesIO()
-        Image.fromarray(np.zeros((8, 40, 3), np.uint8)).save(buffer, format=fmt, **options)
-        bigs[f"{fmt} {options}"] = buffer.getvalue()
+        bigs[f"{fmt} {options}"] = pil_encoded(np.zeros((8, 40, 3), np.uint8), fmt, **options)
     for fmt, big in bigs.items():
         with pytest.raises(tf.errors.InvalidArgumentError, match=r"maximum side of 32 pixels \(header\)"):
             serve(images=tf.constant([big]))
@@ -491,15 +473,11 @@ def _with_exif(pixels, orientation, fmt, byte_order=">"):
     then `orientation`, in either TIFF byte order."""
     import struct
 
-    from PIL import Image
-
     entries = [(0x010F, 2, 4, b"Can\0"), (0x0110, 2, 4, b"X10\0"), (0x0112, 3, 1, struct.pack(byte_order + "HH", orientation, 0))]
     directory = struct.pack(byte_order + "H", len(entries))
     directory += b"".join(struct.pack(byte_order + "HHI", tag, kind, count) + value for tag, kind, count, value in entries)
     tiff = (b"MM\0*" if byte_order == ">" else b"II*\0") + struct.pack(byte_order + "I", 8) + directory + b"\0" * 4
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format=fmt, exif=(b"Exif\0\0" if fmt == "JPEG" else b"") + tiff)
-    return buffer.getvalue()
+    return pil_encoded(pixels, fmt, exif=(b"Exif\0\0" if fmt == "JPEG" else b"") + tiff)
 
 
 def test_exif_orientation_reads_what_pil_reads():

@@ -28,6 +28,7 @@ from tensorflow_serving.apis import (
     regression_pb2,
 )
 
+from harness import pil_encoded
 from tfface.export.saved_model import export_saved_model, load_exported
 from tfface.schema import AGE_GROUPS, MULTICLASS, Schema, Task
 from tfface.serving.client import ServingClient, ServingError, format_results, query_main
@@ -60,23 +61,11 @@ def png(array):
     return tf.io.encode_png(np.asarray(array, np.uint8)).numpy()
 
 
-def pil_encoded(array, fmt, mode=None, **options):
-    """`array` (H, W, 3 uint8) encoded by PIL, e.g. as a GIF or a 1-bit BMP."""
-    from PIL import Image
-
-    image = Image.fromarray(np.asarray(array, np.uint8))
-    out = io.BytesIO()
-    (image.convert(mode) if mode else image).save(out, format=fmt, **options)
-    return out.getvalue()
-
-
 def animated_webp():
     from PIL import Image
 
     pixels = np.random.default_rng(3).integers(0, 256, (20, 20, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="WEBP", save_all=True, append_images=[Image.fromarray(255 - pixels)])
-    return out.getvalue()
+    return pil_encoded(pixels, "WEBP", save_all=True, append_images=[Image.fromarray(255 - pixels)])
 
 
 def uint8_tensor(count=1, **fields):
@@ -716,8 +705,6 @@ def test_a_client_reads_the_class_names_of_the_version_that_answered(tmp_path):
 
 
 def test_query_hosts_without_a_port_get_tf_servings_port_and_exif_rotation_is_applied(tmp_path):
-    import io
-
     from PIL import Image, ImageOps
 
     from tfface.serving.client import upright
@@ -731,20 +718,18 @@ def test_query_hosts_without_a_port_get_tf_servings_port_and_exif_rotation_is_ap
     assert with_default_port("ipv4:10.0.0.5:9000") == "ipv4:10.0.0.5:9000"
 
     pixels = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
-    plain = io.BytesIO()
-    Image.fromarray(pixels).save(plain, format="JPEG")
-    assert upright(plain.getvalue()) == plain.getvalue()  # no EXIF orientation: sent as it is
+    plain = pil_encoded(pixels, "JPEG")
+    assert upright(plain) == plain  # no EXIF orientation: sent as it is
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 clockwise to view"
-    tagged = io.BytesIO()
-    Image.fromarray(pixels).save(tagged, format="JPEG", exif=exif)
-    turned = np.asarray(Image.open(io.BytesIO(upright(tagged.getvalue()))))
-    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(tagged.getvalue()))).convert("RGB"))
+    tagged = pil_encoded(pixels, "JPEG", exif=exif)
+    turned = np.asarray(Image.open(io.BytesIO(upright(tagged))))
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(tagged))).convert("RGB"))
     assert turned.shape == (50, 40, 3)
     np.testing.assert_array_equal(turned, expected)
     # The client sends what it turned upright.
     path = tmp_path / "phone.jpg"
-    path.write_bytes(tagged.getvalue())
+    path.write_bytes(tagged)
     client = ServingClient("127.0.0.1:1", model_name="faces")
     try:
         [sent] = client._read_images([str(path)])
