@@ -86,7 +86,7 @@ def test_model_loss_is_the_weighted_sum_of_each_tasks_masked_loss():
     )
     model = GatedMultiTaskModel(schema=schema, config=config)
     rng = np.random.default_rng(3)
-    y_pred = model(rng.uniform(0, 255, (12, 32, 32, 3)).astype("float32"), training=False)
+    y_pred = model({"image": rng.uniform(0, 255, (12, 32, 32, 3)).astype("float32")}, training=False)
     labels = {name: rng.integers(-1, 2, 12).astype("float32") for name in ("a", "b", "c")}  # no "d"
     labels["age_group"] = rng.integers(-1, 3, 12).astype("int32")
     loss = float(to_numpy(model.compute_loss(y=labels, y_pred=y_pred, training=False)))
