@@ -1,6 +1,7 @@
 """SavedModel export: signatures match the Keras model, layout, versions, atomicity."""
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -261,11 +262,19 @@ def test_bytes_signature_matches_keras_on_decoded_preprocessed_images(exported, 
     check_against_keras(result, expected_outputs(model, preprocessed), schema)
 
 
-def test_schema_signature_returns_the_schema_json(exported, model):
-    _, loaded, _ = exported
-    out = loaded.signatures["schema"](unused=tf.constant([0], tf.int32))["schema_json"].numpy()
-    assert out.shape == (1,)
+def test_schema_signature_returns_the_schema_and_export_info(exported, model):
+    import tfface
+
+    path, loaded, _ = exported
+    outputs = loaded.signatures["schema"](unused=tf.constant([0, 0], tf.int32))
+    out = outputs["schema_json"].numpy()
+    assert out.shape == (2,)
     assert Schema.from_json(out[0].decode()) == model.schema
+    info = json.loads(outputs["export_info_json"].numpy()[1].decode())
+    assert info == {
+        "tfface_version": tfface.__version__, "image_size": SIZE, "max_image_side": 4096, "applies_exif_orientation": True
+    }
+    assert {k: v for k, v in load_model_info(path).items() if k in info} == info  # the asset says the same
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,12 @@ Signatures (clients must look outputs up by name, never by position):
 * ``serving_uint8``: ``images_uint8`` uint8 (B, S, S, 3), already
   preprocessed pixels.
 * ``schema``: ``unused`` int32 (B,) -> ``schema_json`` tf.string (B,), the
-  schema JSON repeated B times. TF Serving's Predict API needs at least one
-  input, and with ``--enable_batching`` it splits every output along dim 0,
-  so the output is batched too; send ``unused=[0]`` and read element 0.
+  schema JSON repeated B times, and (tfface 0.2.4 and later)
+  ``export_info_json``, what a client must know of the export (its tfface
+  version, whether ``serving_default`` turns EXIF-tagged photos upright).
+  TF Serving's Predict API needs at least one input, and with
+  ``--enable_batching`` it splits every output along dim 0, so the outputs
+  are batched too; send ``unused=[0]`` and read element 0.
 
 Outputs of the two image signatures, for every task T of the schema:
 ``T_probabilities`` float32 (B, C) (binary tasks: C = 2, [1 - p, p]),
@@ -53,6 +56,7 @@ BYTES_INPUT = "images"
 UINT8_INPUT = "images_uint8"
 SCHEMA_INPUT = "unused"
 SCHEMA_OUTPUT = "schema_json"
+EXPORT_INFO_OUTPUT = "export_info_json"
 SIGNATURE_INPUTS = {
     SERVING_DEFAULT: BYTES_INPUT,
     SERVING_UINT8: UINT8_INPUT,
@@ -238,8 +242,13 @@ def build_export_archive(model, schema: Schema, image_size: int, max_image_side:
     def serve_uint8(images_uint8):
         return run_model(tf.cast(images_uint8, tf.float32))
 
+    info_json = json.dumps(export_info(image_size, max_image_side), sort_keys=True)
+
     def serve_schema(unused):
-        return {SCHEMA_OUTPUT: tf.fill(tf.shape(unused), tf.constant(schema_json))}
+        return {
+            SCHEMA_OUTPUT: tf.fill(tf.shape(unused), tf.constant(schema_json)),
+            EXPORT_INFO_OUTPUT: tf.fill(tf.shape(unused), tf.constant(info_json)),
+        }
 
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -348,6 +357,18 @@ def _tfface_version() -> str:
         return "unknown"
 
 
+def export_info(image_size: int, max_image_side: int) -> dict:
+    """What the `schema` signature tells clients of this export, beyond the
+    schema: the client turns tagged photos upright itself only for exports
+    that do not (before 0.2.1), and can tell them apart only from this."""
+    return {
+        "tfface_version": _tfface_version(),
+        "image_size": int(image_size),
+        "max_image_side": int(max_image_side),
+        "applies_exif_orientation": True,
+    }
+
+
 def _write_assets(root: Path, model, schema, image_size, name, version, max_image_side) -> None:
     assets = root / "assets"
     assets.mkdir(exist_ok=True)
@@ -355,7 +376,6 @@ def _write_assets(root: Path, model, schema, image_size, name, version, max_imag
     info = {
         "name": name,
         "version": version,
-        "image_size": image_size,
         "model_type": getattr(model, "model_type", None) or type(model).__name__,
         "model_name": getattr(model, "name", None),
         "schema_name": schema.name,
@@ -365,8 +385,7 @@ def _write_assets(root: Path, model, schema, image_size, name, version, max_imag
             SERVING_UINT8: UINT8_INPUT,
             SCHEMA_SIGNATURE: SCHEMA_INPUT,
         },
-        "max_image_side": max_image_side,
-        "tfface_version": _tfface_version(),
+        **export_info(image_size, max_image_side),
         "tensorflow_version": tf.__version__,
         "keras_version": keras.__version__,
         "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
