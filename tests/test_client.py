@@ -112,22 +112,35 @@ def test_16_bit_photos_turned_upright_keep_the_pixels_the_server_decodes(served,
 
 
 class Recorder:
-    """Stands in for the PredictionService stub, noting each Predict request's size."""
+    """Stands in for the PredictionService stub, noting each Predict
+    request's size and the encoded images it carries."""
 
     def __init__(self, stub):
         self.stub = stub
         self.sizes = []
+        self.images = []
 
     def Predict(self, request, timeout=None):
         if request.model_spec.signature_name != "schema":
             self.sizes.append(request.ByteSize())
+            self.images.append(list(tf.make_ndarray(request.inputs["images"]).reshape(-1)))
         return self.stub.Predict(request, timeout=timeout)
 
     def __getattr__(self, name):
         return getattr(self.stub, name)
 
 
-def test_a_call_is_split_into_requests_under_the_message_limit(served, tmp_path):
+def as_an_old_export(read_schema):
+    """`ServingClient._read_schema` as an export before 0.2.4 answers it."""
+
+    def read(self, version=None):
+        schema, _, answered = read_schema(self, version)
+        return schema, {}, answered
+
+    return read
+
+
+def test_a_call_is_split_into_requests_under_the_message_limit(served, tmp_path, monkeypatch):
     limit = 300_000
     rng = np.random.default_rng(7)
     images = [png(rng.integers(0, 256, (200, 200, 3))) for _ in range(6)]  # ~120 KB each, 720 KB in all
@@ -138,17 +151,92 @@ def test_a_call_is_split_into_requests_under_the_message_limit(served, tmp_path)
     assert sum(recorder.sizes) > sum(map(len, images))
     np.testing.assert_allclose(smiling(results), direct(served["loaded"], images)["Smiling_probabilities"], atol=1e-6)
 
-    # A phone photo turned upright as PNG is far larger than its JPEG.
+    # A phone photo turned upright as PNG is far larger than its JPEG: an
+    # export that turns it upright itself gets the JPEG; for an older one
+    # the PNG is too large, and the client says so before sending images.
     photo = tmp_path / "phone.jpg"
     noise = Image.fromarray(rng.integers(0, 256, (400, 400, 3), dtype=np.uint8))
     photo.write_bytes(pil_encoded(noise, "JPEG", quality=20, exif=rotate_90_exif()))
     assert photo.stat().st_size < limit // 2 and len(upright(photo.read_bytes())) > limit
+    with ServingClient(served["target"], model_name="faces", max_message_bytes=limit) as client:
+        client._prediction = recorder = Recorder(client._prediction)
+        [result] = client.predict([str(photo)])
+    assert recorder.images == [[photo.read_bytes()]]
+    monkeypatch.setattr(ServingClient, "_read_schema", as_an_old_export(ServingClient._read_schema))
+    with ServingClient(served["target"], model_name="faces", max_message_bytes=limit) as client:
+        client._prediction = recorder = Recorder(client._prediction)
+        with pytest.raises(ValueError, match=rf"^{photo}: [0-9,]+ bytes as PNG \(re-encoded from [0-9,]+ bytes.*0\.2\.1.*exceed"):
+            client.predict([images[0], str(photo)])
+    assert recorder.images == []
     nothing_listens = ServingClient(f"127.0.0.1:{free_port()}", model_name="faces", max_message_bytes=limit, retries=0)
-    with pytest.raises(ValueError, match=rf"^{photo}: [0-9,]+ bytes as PNG \(re-encoded from [0-9,]+ bytes.*exceed"):
-        nothing_listens.predict([images[0], str(photo)])  # refused before any request
     with pytest.raises(ValueError, match=r"^image #1 \(bytes\): [0-9,]+ bytes exceed .* max_message_bytes=300,000"):
-        nothing_listens.predict([images[0], png(rng.integers(0, 256, (400, 400, 3)))])
+        nothing_listens.predict([images[0], png(rng.integers(0, 256, (400, 400, 3)))])  # refused before any request
     nothing_listens.close()
+
+
+def tagged_photo(seed=11, orientation=6, size=(40, 56)):
+    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return pil_encoded(pixels, "JPEG", quality=90, exif=exif)
+
+
+def test_tagged_photos_go_as_they_are_to_exports_that_turn_them_upright(served):
+    """Except those whose tag the serving graph does not read: a WebP's
+    (after the pixels), and one behind a 5 KB comment (past the 4 KiB the
+    graph reads); PIL reads both, so the client turns them upright."""
+    import tfface
+
+    photo, plain = tagged_photo(), png(np.full((30, 30, 3), 90, np.uint8))
+    pixels = np.random.default_rng(12).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    webp = pil_encoded(pixels, "WEBP", exif=rotate_90_exif(), lossless=True)
+    comment = b"\xff\xfe" + struct.pack(">H", 5002) + b"c" * 5000
+    late_tag = photo[:2] + comment + photo[2:]
+    assert decode_upright(late_tag).shape == (40, 56, 3) and first_frame(late_tag).shape == (56, 40, 3)
+    with ServingClient(served["target"], model_name="faces") as client:
+        info = client.export_info()
+        client._prediction = recorder = Recorder(client._prediction)
+        results = client.predict([plain, photo, webp, late_tag])
+    assert info["tfface_version"] == tfface.__version__ and info["applies_exif_orientation"] is True
+    assert info["image_size"] == served["loaded"].signatures["serving_uint8"].structured_input_signature[1]["images_uint8"].shape[1]
+    # The JPEG itself, not a PNG turned upright; the other two turned.
+    assert recorder.images == [[plain, photo, upright(webp), upright(late_tag)]]
+    expected = direct(served["loaded"], [plain, photo, upright(webp), upright(late_tag)])["Smiling_probabilities"]
+    # The server turned the JPEG: the same as sending it upright.
+    as_upright = direct(served["loaded"], [plain, png(decode_upright(photo).numpy())])["Smiling_probabilities"]
+    np.testing.assert_allclose(expected[:2], as_upright, atol=1e-6)
+    np.testing.assert_allclose(smiling(results), expected, atol=1e-6)
+
+
+def test_tagged_photos_are_turned_upright_for_exports_that_do_not_say_they_turn_them(served, monkeypatch):
+    photo, plain = tagged_photo(), png(np.full((30, 30, 3), 90, np.uint8))
+    monkeypatch.setattr(ServingClient, "_read_schema", as_an_old_export(ServingClient._read_schema))
+    with ServingClient(served["target"], model_name="faces") as client:
+        client._prediction = recorder = Recorder(client._prediction)
+        results = client.predict([plain, photo])
+        assert client.export_info() == {}
+    [[sent_plain, sent_photo]] = recorder.images
+    assert sent_plain == plain and sent_photo == upright(photo) and sent_photo[:4] == b"\x89PNG"
+    np.testing.assert_allclose(
+        smiling(results), direct(served["loaded"], [plain, upright(photo)])["Smiling_probabilities"], atol=1e-6
+    )
+
+
+def test_a_request_answered_by_a_version_that_does_not_turn_photos_is_sent_again_upright(served, monkeypatch):
+    """A rollback to an older export between reading the schema and a
+    request: the version that answered is looked up, and the photos sent as
+    they are go again, upright."""
+    photo, plain = tagged_photo(), png(np.full((30, 30, 3), 90, np.uint8))
+    export_of = ServingClient._export_of
+    monkeypatch.setattr(ServingClient, "_export_of", lambda self, version, schema: (export_of(self, version, schema)[0], {}))
+    with ServingClient(served["target"], model_name="faces") as client:
+        assert client.export_info()["applies_exif_orientation"]
+        client._prediction = recorder = Recorder(client._prediction)
+        results = client.predict([photo, plain, photo], batch_size=2)
+    assert recorder.images == [[photo, plain], [upright(photo), plain], [photo], [upright(photo)]]
+    np.testing.assert_allclose(
+        smiling(results), direct(served["loaded"], [upright(photo), plain, upright(photo)])["Smiling_probabilities"], atol=1e-6
+    )
 
 
 class RpcFailure(grpc.RpcError):

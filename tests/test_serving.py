@@ -171,6 +171,10 @@ def test_metadata_and_status(deployment):
     inputs = metadata["signatures"]["serving_default"]["inputs"]
     assert inputs == {"images": {"dtype": "string", "shape": [None]}}
     assert Schema.from_dict(metadata["schema"]) == deployment["schema"]
+    assert metadata["export_info"]["applies_exif_orientation"] is True
+    assert metadata["signatures"]["schema"]["outputs"] == {
+        "schema_json": {"dtype": "string", "shape": [None]}, "export_info_json": {"dtype": "string", "shape": [None]}
+    }
     assert [(s["version"], s["state"], s["error_code"]) for s in status] == [
         (1, "AVAILABLE", "OK"),
         (2, "AVAILABLE", "OK"),
@@ -727,15 +731,16 @@ def test_query_hosts_without_a_port_get_tf_servings_port_and_exif_rotation_is_ap
     expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(tagged))).convert("RGB"))
     assert turned.shape == (50, 40, 3)
     np.testing.assert_array_equal(turned, expected)
-    # The client sends what it turned upright.
+    # The client reads it as it is and notes the tag: whether it is turned
+    # upright before sending depends on the export (tests/test_client.py).
     path = tmp_path / "phone.jpg"
     path.write_bytes(tagged)
     client = ServingClient("127.0.0.1:1", model_name="faces")
     try:
-        [sent] = client._read_images([str(path)])
+        sent, tagged_indices = client._read_images([pil_encoded(pixels, "PNG"), str(path)])
     finally:
         client.close()
-    assert np.asarray(Image.open(io.BytesIO(sent))).shape == (50, 40, 3)
+    assert sent[1] == tagged and tagged_indices == {1}
     assert client.target == "127.0.0.1:1"
 
 

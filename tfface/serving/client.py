@@ -30,9 +30,16 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from tfface.data.image_ops import DECODABLE_FORMATS, file_exif_orientation, image_format, refused_image_reason
+from tfface.data.image_ops import (
+    DECODABLE_FORMATS,
+    exif_orientation,
+    file_exif_orientation,
+    image_format,
+    refused_image_reason,
+)
 from tfface.export.saved_model import (
     CLASS_ID_SUFFIX,
+    EXPORT_INFO_OUTPUT,
     PROBABILITIES_SUFFIX,
     SCHEMA_INPUT,
     SCHEMA_OUTPUT,
@@ -148,7 +155,9 @@ class ServingClient:
         self._prediction = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
         self._models = model_service_pb2_grpc.ModelServiceStub(self._channel)
         self._schema = None
-        self._schemas_by_version = {}  # filled once the server names the versions that answer
+        self._export_info = None
+        # version -> (schema, export info), filled once the server names the versions that answer
+        self._exports_by_version = {}
 
     # --- lifecycle ----------------------------------------------------------
     def close(self) -> None:
@@ -226,25 +235,58 @@ class ServingClient:
             images = [images]  # one (S, S, 3) image, not a sequence of rows
         if isinstance(images, (str, bytes, os.PathLike)):
             images = [images]
-        payloads = self._read_images(images)
+        payloads, tagged = self._read_images(images)
         if not payloads:
             return []
         schema = self.schema()
+        if tagged and not self.export_info().get("applies_exif_orientation"):
+            payloads = self._turned_upright(payloads, tagged, images)
+            tagged = set()
         input_name = self._input_name()
         results = []
         for start, chunk in self._chunks(payloads, batch_size):
-            # The server's "images[i]" counts from the start of this chunk.
-            what = f"Predict of images #{start}..#{start + len(chunk) - 1}"
-            try:
-                response = self._call(self._prediction.Predict, self._predict_request(chunk, input_name), what)
-            except ServingError as e:
-                if e.code != grpc.StatusCode.INVALID_ARGUMENT or len(chunk) == 1:
-                    raise
-                self._name_refused_image(chunk, start, images, input_name)
-                raise
-            answered_with = self._schema_of(_answering_version(response), schema)
-            results.extend(parse_predict_response(response, answered_with, len(chunk)))
+            results.extend(self._predict_chunk(start, chunk, tagged, images, input_name, schema, batch_size))
         return results
+
+    def _predict_chunk(self, start, chunk, tagged, images, input_name, schema, batch_size) -> list[dict]:
+        """Results of one request. Photos in `tagged` went as they are, to a
+        server whose export turns them upright; when a version that does not
+        (an older export, after a rollback) answered, they go again upright."""
+        # The server's "images[i]" counts from the start of this chunk.
+        what = f"Predict of images #{start}..#{start + len(chunk) - 1}"
+        try:
+            response = self._call(self._prediction.Predict, self._predict_request(chunk, input_name), what)
+        except ServingError as e:
+            if e.code != grpc.StatusCode.INVALID_ARGUMENT or len(chunk) == 1:
+                raise
+            self._name_refused_image(chunk, start, images, input_name)
+            raise
+        answered_with, info = self._export_of(_answering_version(response), schema)
+        own = {i - start for i in tagged if start <= i < start + len(chunk)}
+        if own and not info.get("applies_exif_orientation"):
+            upright_chunk = self._turned_upright(chunk, own, images, offset=start)
+            return [
+                result
+                for sub_start, sub in self._chunks(upright_chunk, batch_size)
+                for result in self._predict_chunk(start + sub_start, sub, set(), images, input_name, schema, batch_size)
+            ]
+        return parse_predict_response(response, answered_with, len(chunk))
+
+    def _turned_upright(self, payloads, tagged, images, offset=0) -> list:
+        """`payloads` with the photos at the indices in `tagged` turned
+        upright (as PNG), for an export that would decode them as stored;
+        one too large for a request that way is named (`images[offset + i]`)."""
+        budget = self._request_budget()
+        turned = list(payloads)
+        for i in sorted(tagged):
+            turned[i] = upright(payloads[i])
+            if _payload_bytes(turned[i]) > budget:
+                raise ValueError(
+                    f"{_where(images[offset + i], offset + i)}: {len(turned[i]):,} bytes as PNG (re-encoded from "
+                    f"{len(payloads[i]):,} bytes to turn it upright for an export older than tfface 0.2.1) "
+                    f"exceed {self._over_budget(budget)}"
+                )
+        return turned
 
     def _request_budget(self) -> int:
         """Bytes of images one request can carry under `max_message_bytes`."""
@@ -288,19 +330,23 @@ class ServingClient:
                     return
                 raise ServingError(f"{_where(images[index], index)}: {e}", e.code) from None
 
-    def _schema_of(self, version: Optional[int], schema: Schema) -> Schema:
-        """The schema of the version that answered: a server that loaded a
-        newer version since the schema was read may name classes otherwise."""
-        if version is None or not self._schemas_by_version:
-            return schema  # the server does not say which version answers
-        if version not in self._schemas_by_version:
-            self._schemas_by_version[version] = self._read_schema(version)[0]
-        return self._schemas_by_version[version]
+    def _export_of(self, version: Optional[int], schema: Schema) -> tuple[Schema, dict]:
+        """The schema and export info of the version that answered: a server
+        that loaded another version since the schema was read may name
+        classes otherwise, or decode photos otherwise."""
+        if version is None or not self._exports_by_version:
+            return schema, self.export_info()  # the server does not say which version answers
+        if version not in self._exports_by_version:
+            self._exports_by_version[version] = self._read_schema(version)[:2]
+        return self._exports_by_version[version]
 
-    def _read_images(self, images) -> list:
-        """What to send per image, as `sendable` makes it; files that cannot
-        be read or sent are named here, before any request."""
-        payloads = []
+    def _read_images(self, images) -> tuple[list, set]:
+        """What to send per image, as `sendable` makes it except for photos
+        whose EXIF orientation the serving graph reads as PIL does: those
+        are left as they are, their indices returned, and turned upright
+        later only for an export that does not (before 0.2.1). Files that
+        cannot be read or sent are named here, before any request."""
+        payloads, tagged = [], set()
         budget = self._request_budget()
         for i, item in enumerate(images):
             if isinstance(item, np.ndarray):
@@ -332,9 +378,14 @@ class ServingClient:
             if image_format(data) is None:
                 raise ValueError(f"{where} is not an image file (expected one of {', '.join(DECODABLE_FORMATS)})")
             try:
-                payload = sendable(data)
+                payload = sendable(data, turn_upright=False)
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
+            if payload is data and exif_orientation_of(data) != 1:
+                if serving_graph_reads_orientation(data):
+                    tagged.add(i)
+                else:  # a tag the serving graph does not see (a WebP's, one past the first 4 KiB)
+                    payload = upright(data)
             if _payload_bytes(payload) > budget:
                 how = "" if payload is data else (
                     f" as PNG (re-encoded from {len(data):,} bytes to turn it upright or take its first frame)"
@@ -348,7 +399,7 @@ class ServingClient:
             raise ValueError("uint8 arrays need signature='serving_uint8'; serving_default takes encoded images")
         if kinds == {False} and self.signature == "serving_uint8":
             raise ValueError("signature 'serving_uint8' takes uint8 arrays, not files or bytes")
-        return payloads
+        return payloads, tagged
 
     def _over_budget(self, budget) -> str:
         return (
@@ -373,13 +424,21 @@ class ServingClient:
     def schema(self) -> Schema:
         """The model's Schema, read once through the `schema` signature."""
         if self._schema is None:
-            self._schema, version = self._read_schema()
+            self._schema, self._export_info, version = self._read_schema()
             if version is not None:
-                self._schemas_by_version[version] = self._schema
+                self._exports_by_version[version] = (self._schema, self._export_info)
         return self._schema
 
-    def _read_schema(self, version: Optional[int] = None) -> tuple[Schema, Optional[int]]:
-        """The schema of `version` (default: the spec's), and the version that answered."""
+    def export_info(self) -> dict:
+        """What the export says of itself through the `schema` signature
+        (`tfface.export.saved_model.export_info`: tfface version, whether
+        it turns EXIF-tagged photos upright); {} for exports before 0.2.4."""
+        self.schema()
+        return self._export_info
+
+    def _read_schema(self, version: Optional[int] = None) -> tuple[Schema, dict, Optional[int]]:
+        """The schema and export info of `version` (default: the spec's),
+        and the version that answered."""
         spec = self._model_spec(SCHEMA_SIGNATURE)
         if version is not None:
             spec.ClearField("version_label")
@@ -390,10 +449,13 @@ class ServingClient:
         if SCHEMA_OUTPUT not in response.outputs:
             raise ServingError(f"model {self.model_name!r} returned no {SCHEMA_OUTPUT!r}: is it a tfface export?")
         value = tf.make_ndarray(response.outputs[SCHEMA_OUTPUT]).reshape(-1)[0]
-        return Schema.from_json(value.decode("utf-8")), _answering_version(response)
+        info = {}
+        if EXPORT_INFO_OUTPUT in response.outputs:
+            info = json.loads(tf.make_ndarray(response.outputs[EXPORT_INFO_OUTPUT]).reshape(-1)[0].decode("utf-8"))
+        return Schema.from_json(value.decode("utf-8")), info, _answering_version(response)
 
     def metadata(self) -> dict:
-        """{"model", "version", "signatures": {name: {inputs, outputs}}, "schema"}."""
+        """{"model", "version", "signatures": {name: {inputs, outputs}}, "schema", "export_info"}."""
         request = get_model_metadata_pb2.GetModelMetadataRequest(
             model_spec=self._model_spec(), metadata_field=["signature_def"]
         )
@@ -413,6 +475,7 @@ class ServingClient:
             "version": response.model_spec.version.value,
             "signatures": signatures,
             "schema": schema,
+            "export_info": self.export_info() if schema is not None else None,
         }
 
     def status(self) -> list[dict]:
@@ -464,16 +527,17 @@ def _payload_bytes(payload) -> int:
     return (payload.nbytes if isinstance(payload, np.ndarray) else len(payload)) + PER_IMAGE_OVERHEAD
 
 
-def sendable(data: bytes) -> bytes:
+def sendable(data: bytes, turn_upright: bool = True) -> bytes:
     """Encoded image bytes as the serving signature takes them: the kinds
     it refuses (`refused_image_reason`: GIFs, BMPs TensorFlow cannot read,
     animated WebPs) as PNG of their first frame as PIL shows it, photos
-    with an EXIF orientation upright (`upright`), the rest unchanged (the
-    same object). Raises ValueError for a refused kind PIL cannot read.
+    with an EXIF orientation upright (`upright`; `turn_upright=False`
+    leaves them as they are), the rest unchanged (the same object). Raises
+    ValueError for a refused kind PIL cannot read.
     """
     reason = refused_image_reason(data)
     if reason is None:
-        return upright(data)
+        return upright(data) if turn_upright else data
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
@@ -490,23 +554,42 @@ def upright(data: bytes) -> bytes:
 
     SavedModels exported before tfface 0.2.1 decode pixels as stored, like
     TF Serving image models: a phone photo tagged "rotate 90" would reach
-    the model on its side, where `tfface predict` turns it upright. (Later
-    exports turn it upright themselves; the PNG carries no tag, so nothing
-    is turned twice. A client cannot tell the two apart: neither the
-    signatures nor the schema a server returns name the tfface version of
-    the export.)
+    the model on its side, where `tfface predict` turns it upright. Later
+    exports turn it upright themselves (the PNG carries no tag, so nothing
+    is turned twice), and from 0.2.4 say so through the `schema`
+    signature: `ServingClient` then sends the photo as it is.
     """
-    if image_format(data) not in ("jpeg", "png", "webp"):
+    if exif_orientation_of(data) == 1:
         return data
     try:
         from PIL import Image, ImageOps
 
         with Image.open(io.BytesIO(data)) as image:
-            if file_exif_orientation(image) == 1:
-                return data
             return _rgb_png(ImageOps.exif_transpose(image))
     except Exception:  # unreadable: the server's checks name the problem
         return data
+
+
+def serving_graph_reads_orientation(data: bytes) -> bool:
+    """Whether the serving graph of an export of 0.2.1 or later reads the
+    EXIF orientation PIL reads (it reads JPEG and PNG tags in the first
+    4 KiB, not WebP's), so the photo can go as it is."""
+    return int(exif_orientation(tf.constant(data)).numpy()) == exif_orientation_of(data)
+
+
+def exif_orientation_of(data: bytes) -> int:
+    """The EXIF orientation (1..8) of encoded JPEG, PNG or WebP bytes as
+    PIL reads it; 1 (as stored) for other kinds and unreadable bytes, whose
+    problems the server's checks name."""
+    if image_format(data) not in ("jpeg", "png", "webp"):
+        return 1
+    try:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as image:
+            return file_exif_orientation(image)
+    except Exception:
+        return 1
 
 
 _SIXTEEN_BIT_GREY = ("I", "I;16", "I;16B", "I;16L", "I;16N")
