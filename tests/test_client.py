@@ -165,7 +165,7 @@ def test_a_call_is_split_into_requests_under_the_message_limit(served, tmp_path,
     monkeypatch.setattr(ServingClient, "_read_schema", as_an_old_export(ServingClient._read_schema))
     with ServingClient(served["target"], model_name="faces", max_message_bytes=limit) as client:
         client._prediction = recorder = Recorder(client._prediction)
-        with pytest.raises(ValueError, match=rf"^{photo}: [0-9,]+ bytes as PNG \(re-encoded from [0-9,]+ bytes.*0\.2\.1.*exceed"):
+        with pytest.raises(ValueError, match=rf"^{photo}: [0-9,]+ bytes as PNG \(re-encoded from [0-9,]+ bytes to turn it upright .*0\.2\.4\) exceed"):
             client.predict([images[0], str(photo)])
     assert recorder.images == []
     nothing_listens = ServingClient(f"127.0.0.1:{free_port()}", model_name="faces", max_message_bytes=limit, retries=0)

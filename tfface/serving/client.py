@@ -283,7 +283,7 @@ class ServingClient:
             if _payload_bytes(turned[i]) > budget:
                 raise ValueError(
                     f"{_where(images[offset + i], offset + i)}: {len(turned[i]):,} bytes as PNG (re-encoded from "
-                    f"{len(payloads[i]):,} bytes to turn it upright for an export older than tfface 0.2.1) "
+                    f"{len(payloads[i]):,} bytes to turn it upright for an export that does not say it does: before tfface 0.2.4) "
                     f"exceed {self._over_budget(budget)}"
                 )
         return turned
