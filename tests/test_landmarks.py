@@ -1,6 +1,7 @@
 """Landmark detection (MTCNN), the resumable landmark cache, and alignment."""
 
 import ast
+import csv
 import os
 from pathlib import Path
 
@@ -541,3 +542,98 @@ def test_cache_reading_keeps_its_errors_and_quoted_ids(tmp_path):
     assert np.isfinite(load_landmark_cache(cache, ["x"])).all()
     with pytest.raises(LandmarkError, match="bad landmark value in the row of 'z'"):
         load_landmark_cache(cache, ["x", "z"])
+
+
+# --- rewriting the cache: byte for byte, from the columnar reader ------------------------
+
+
+def _fields(line):
+    return next(csv.reader([line]))
+
+
+def _lines_by_id(cache):
+    header, *lines = cache.read_text().splitlines()
+    return header, {_fields(line)[0]: line for line in lines}
+
+
+def test_annotate_rewrites_kept_rows_byte_for_byte_and_reports_cached_statuses(tmp_path):
+    paths = _write_images(tmp_path, [50, 150, 210, 220])  # 000.png has no face
+    comma = tmp_path / "a,b.png"  # a quoted id
+    Image.fromarray(np.full((32, 32, 3), 230, np.uint8)).save(comma)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    fixed = tmp_path / "fixed.png"
+    fixed.write_bytes(b"")
+    images = paths + [comma, broken, fixed]
+    cache = tmp_path / "c.csv"
+    annotate_folder(images, cache, detector=FakeDetector(), verbose=False)
+    header, line = _lines_by_id(cache)
+    assert line["a,b.png"].startswith('"a,b.png",ok,')
+
+    Image.fromarray(np.full((32, 32, 3), 120, np.uint8)).save(paths[1])  # another face: detected again
+    os.utime(paths[2], ns=(10**18, 10**18))  # only the time changed: recorded
+    Image.fromarray(np.full((32, 32, 3), 240, np.uint8)).save(fixed)  # unreadable before: detected again
+    stale = "003.png" + line["000.png"][len("000.png") :]  # replaced by the later row of 003.png, in its place
+    other = "other.png,ok,1,32,32" + ",1.00" * 15 + ",,,,"  # not asked for: kept as it is
+    kept_order = ["000.png", "001.png", "002.png", "003.png", "a,b.png", "broken.png", "fixed.png"]
+    torn = "zzz.png,ok,1,3"
+    cache.write_text("\n".join([header, stale] + [line[i] for i in kept_order] + [other, torn]))
+
+    fake = FakeDetector()
+    report = annotate_folder(images, cache, detector=fake, verbose=False)
+    assert fake.seen == 2 and report.num_new == 3  # 001.png, fixed.png (and broken.png, still unreadable)
+    assert report.no_face == ["000.png"] and report.unreadable == ["broken.png"]  # cached and new statuses
+
+    retimed = _fields(line["002.png"])
+    retimed[detector_module.CACHE_COLUMNS.index("file_mtime_ns")] = str(10**18)
+    fresh = tmp_path / "fresh.csv"  # the rows detected again, as a first run writes them
+    annotate_folder([paths[1], broken, fixed], fresh, detector=FakeDetector(), verbose=False)
+    rewritten = [line["003.png"], line["000.png"], ",".join(retimed), line["a,b.png"], other]
+    expected = "\n".join([header] + rewritten + fresh.read_text().splitlines()[1:]) + "\n"
+    assert cache.read_text() == expected
+
+
+def test_an_older_cache_is_rewritten_in_the_current_format_byte_for_byte(tmp_path):
+    paths = _write_images(tmp_path, [200, 210])
+    cache = tmp_path / "c.csv"
+    annotate_folder(paths, cache, detector=FakeDetector(), verbose=False)
+    header, line = _lines_by_id(cache)
+    legacy = len(detector_module.LEGACY_CACHE_COLUMNS)
+    older = {i: ",".join(_fields(text)[:legacy]) for i, text in line.items()}
+    other = "other.png,no_face,0,32,32" + "," * 15  # not asked for
+    cache.write_text("\n".join([",".join(detector_module.LEGACY_CACHE_COLUMNS), older["000.png"], other, older["001.png"]]) + "\n")
+    Image.fromarray(np.full((40, 32, 3), 170, np.uint8)).save(paths[1])  # resized: detected again
+
+    annotate_folder(paths, cache, detector=FakeDetector(), verbose=False)
+    fresh = tmp_path / "fresh.csv"
+    annotate_folder(paths[1:], fresh, detector=FakeDetector(), verbose=False)
+    stamped = older["000.png"] + "," + ",".join(detector_module.file_stamp(paths[0])) + ",1"  # still its size: stamped
+    expected = "\n".join([header, stamped, other + ",,,,"] + fresh.read_text().splitlines()[1:]) + "\n"
+    assert cache.read_text() == expected
+
+
+def _ok_row(image_id):
+    return [image_id, "ok", "1", "32", "32", "1", "2", "3", "4", "0.9"] + ["5.5"] * 10 + ["", "", "", "1"]
+
+
+def test_a_row_with_a_field_too_many_is_named_even_when_the_next_has_one_too_few(tmp_path):
+    width = len(detector_module.CACHE_COLUMNS)
+    cache = tmp_path / "c.csv"
+    rows = [_ok_row("x"), _ok_row("y") + ["9"], _ok_row("z")[:-1]]  # as many fields in all as three good rows
+    cache.write_text("\n".join([",".join(detector_module.CACHE_COLUMNS)] + [",".join(row) for row in rows]) + "\n")
+    message = f"c.csv:3: expected {width} fields, got {width + 1}"
+    with pytest.raises(LandmarkError, match=message):
+        load_landmark_cache(cache, ["x"])
+    with pytest.raises(LandmarkError, match=message):
+        annotate_folder([], cache, detector=FakeDetector(), verbose=False)
+
+
+@pytest.mark.parametrize("block_chars", [37, 200, 1 << 20])
+def test_quoted_ids_are_read_in_whichever_block_they_fall(tmp_path, block_chars):
+    ids = [f"{k:03d}.png" for k in range(6)] + ["a,b.png"] + [f"{k:03d}.png" for k in range(6, 12)]
+    lines = [",".join(['"a,b.png"' if i == "a,b.png" else i] + _ok_row(i)[1:]) for i in ids]
+    cache = tmp_path / "c.csv"
+    cache.write_text("\n".join([",".join(detector_module.CACHE_COLUMNS)] + lines) + "\nzzz.png,ok,1")  # a torn last line
+    table = detector_module._read_cache_table(cache, block_chars)
+    assert list(table.index) == ids and table.torn
+    np.testing.assert_array_equal(table.landmarks, np.full((len(ids), 10), 5.5, np.float32))

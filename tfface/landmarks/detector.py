@@ -419,17 +419,17 @@ def _check_files(stamps, paths: Sequence) -> tuple[np.ndarray, dict]:
     return matches, refreshed
 
 
-def _legacy_row_matches_file(row: dict, path) -> bool:
-    """For an unstamped row: the image still has the size it was detected at
-    (a resized or rotated image does not)."""
+def _legacy_row_matches_file(height: int, width: int, path) -> bool:
+    """For an unstamped row: the image still has the size (as `_stamp_int`
+    reads the row's) it was detected at (a resized or rotated image does not)."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            width, height = image.size
+            size = image.size
     except (OSError, ValueError):
         return False
-    return row["height"] == str(height) and row["width"] == str(width) and file_exif_orientation(path) == 1
+    return size == (width, height) and file_exif_orientation(path) == 1
 
 
 def _ends_with_newline(path: Path) -> bool:
@@ -481,44 +481,119 @@ def _all_but_last(items):
         previous = item
 
 
-def _read_cache_rows(cache_file: Path) -> tuple[dict, bool, bool]:
-    """image_id -> row dict, whether a torn (partial) last line was seen, and
-    whether the file is in an older format (no stamp or orientation columns)."""
+# Rows the csv module parses at a time (after a quoted field): a list per row.
+_CSV_BLOCK_ROWS = 4096
+
+
+@contextlib.contextmanager
+def _cache_blocks(cache_file: Path, block_chars: int = 1 << 20):
+    """The one parser of the cache: its columns (the current ones while it
+    has no header yet), whether its last line is torn, and its rows a block
+    at a time, as the fields of the block's rows one after another (a flat
+    list: row k is fields[k * width:(k + 1) * width]). The file is streamed.
+    Blocks of whole lines without quotes (all of a cache, unless an image
+    id needs quoting) are split in C; other text goes through the csv
+    module. A torn last line is left out; a row with another number of
+    fields than the header raises an error naming the file and line."""
     with _open_cache(cache_file) as (header, torn, f):
-        if header is None:
-            return {}, True, False
-        records = csv.reader(_all_but_last(f) if torn else f)  # a torn last line is left out
-        rows = {}
-        for line_number, values in enumerate(records, start=2):
-            if len(values) != len(header):
-                _check_fields(cache_file, [values], len(header), line_number)
-            row = dict.fromkeys(CACHE_COLUMNS, "")
-            row.update(zip(header, values))
-            rows[values[0]] = row  # a later row for the same image replaces an earlier one
-        return rows, torn, tuple(header) != CACHE_COLUMNS
+        columns = tuple(header) if header is not None else CACHE_COLUMNS
+        blocks = _blocks(cache_file, f, len(columns), torn, block_chars) if header is not None else iter(())
+        yield columns, torn, blocks
+
+
+def _blocks(cache_file: Path, f, width: int, torn: bool, block_chars: int):
+    """`_cache_blocks`'s blocks, from `f` at the second line."""
+    line = 2
+    rest = ""
+    while True:
+        text = f.read(block_chars)
+        if '"' in text:  # quoted fields (may hold newlines): the csv module, to the end
+            # From a line's start, and the block's last line whole: the csv
+            # module takes each string as a line, so a cut one became two rows.
+            records = csv.reader(itertools.chain(io.StringIO(rest + text + f.readline()), f))
+            if torn:
+                records = _all_but_last(records)
+            while rows := list(itertools.islice(records, _CSV_BLOCK_ROWS)):
+                _check_fields(cache_file, rows, width, line)
+                yield list(itertools.chain.from_iterable(rows))
+                line += len(rows)
+            return
+        if not text:
+            return  # what is left in `rest` is a torn last line, left out
+        text = rest + text
+        cut = text.rfind("\n") + 1
+        text, rest = text[:cut], text[cut:]
+        count = text.count("\n")
+        if not count:
+            continue
+        # Each line's last field keeps its newline: a line with a field too
+        # many and the next with one too few cannot pass for two good rows.
+        fields = text.replace("\n", "\n,").split(",")
+        fields.pop()  # after the last newline
+        ends = "".join(fields[width - 1 :: width]).split("\n")  # one more than lines when each ends a row
+        if len(fields) == count * width and len(ends) == count + 1:
+            ends.pop()
+            fields[width - 1 :: width] = ends
+        else:
+            rows = list(csv.reader(io.StringIO(text)))
+            _check_fields(cache_file, rows, width, line)  # names the bad line
+            fields = list(itertools.chain.from_iterable(rows))
+        yield fields
+        line += count
+
+
+def _cache_rows(cache_file: Path):
+    """(row number from 0, fields in the current columns) of each row in
+    file order; older rows get empty fields for the columns they lack."""
+    with _cache_blocks(cache_file) as (columns, _, blocks):
+        width = len(columns)
+        padding = [""] * (len(CACHE_COLUMNS) - width)
+        row = 0
+        for fields in blocks:
+            for start in range(0, len(fields), width):
+                yield row, fields[start : start + width] + padding
+                row += 1
 
 
 _LANDMARK_VALUE_COLUMNS = tuple(f"{name}_{axis}" for name in LANDMARK_NAMES for axis in ("x", "y"))
+# A row's status as the table holds it; an image not cached (or to detect
+# again) is _NOT_CACHED in `annotate_folder`.
+_STATUS_CODES = {STATUS_OK: 0, STATUS_NO_FACE: 1, STATUS_UNREADABLE: 2}
+_OTHER_STATUS = 3
+_NOT_CACHED = -1
 
 
 @dataclasses.dataclass
 class _CacheTable:
-    """What `load_landmark_cache` needs of a cache, a column per field
-    (a dict of strings per row took ~550 MB for CelebA's 200,000 images).
+    """What reading and annotating need of a cache, a column per field (a
+    dict of strings per row took ~550 MB for CelebA's 200,000 images when
+    read for training, and ~600 MB in `annotate_folder`).
 
-    `index` maps an image id to its (last) row; `landmarks` is (rows, 10),
-    NaN where the status is not ok; `bad` marks ok rows with a value that
-    is not a number; `stamps(rows)` are `_check_file`'s (size, mtime,
-    digest, oriented)."""
+    `index` maps an image id to its (last) row, in the order of each id's
+    first row (where a rewrite puts it); `status` holds `_STATUS_CODES`;
+    `landmarks` is (rows, 10), NaN where the status is not ok; `bad` marks
+    ok rows with a value that is not a number; `stamps(rows)` are
+    `_check_file`'s (size, mtime, digest, oriented); `stamped` marks rows
+    with a file size; `shape` maps each row without one to its (height,
+    width) as `_stamp_int` reads them. `torn` and `legacy` (columns other
+    than the current ones) say the file needs rewriting."""
 
     index: dict
-    ok: np.ndarray
+    status: np.ndarray
     landmarks: np.ndarray
     bad: np.ndarray
     size: np.ndarray
     mtime: np.ndarray
     digest: np.ndarray
     oriented: np.ndarray
+    stamped: np.ndarray
+    shape: dict
+    torn: bool
+    legacy: bool
+
+    @property
+    def ok(self) -> np.ndarray:
+        return self.status == _STATUS_CODES[STATUS_OK]
 
     def stamps(self, rows: np.ndarray):
         """The stamps of `rows`, in order."""
@@ -537,20 +612,31 @@ def _stamp_array(texts: Sequence[str], empty: int) -> np.ndarray:
     return np.array([_stamp_int(text, empty) for text in texts], np.int64).reshape(-1)
 
 
+def _digest_array(texts: Sequence[str]) -> np.ndarray:
+    """The digests as ASCII bytes (a third of the memory of str); one that
+    is not ASCII matches no file, as "?" does not."""
+    try:
+        return np.array(texts, "S").reshape(-1)
+    except UnicodeEncodeError:
+        return np.array([text if text.isascii() else "?" for text in texts], "S").reshape(-1)
+
+
 def _read_cache_table(cache_file: Path, block_chars: int = 1 << 20) -> _CacheTable:
-    """The cache as a `_CacheTable`. Blocks of whole lines without quotes
-    (all of a cache, unless an image id needs quoting) are split in C and
-    cut into columns by slicing; other text goes through the csv module."""
-    ids, ok, landmarks, bad, size, mtime, digest, oriented = [], [], [], [], [], [], [], []
-    with _open_cache(cache_file) as (header, torn, f):
-        header = list(header or CACHE_COLUMNS)
+    """The cache as a `_CacheTable`, a block at a time (`_cache_blocks`)."""
+    ids, status, landmarks, bad, size, mtime, digest, oriented, stamped = [], [], [], [], [], [], [], [], []
+    shape = {}
+    with _cache_blocks(cache_file, block_chars) as (header, torn, blocks):
         width = len(header)
         where = {column: i for i, column in enumerate(header)}
         value_positions = [where[c] for c in _LANDMARK_VALUE_COLUMNS]
 
         def add(column, count):
             """Appends `count` rows; `column(i)` is the list of field i's values."""
-            status_ok = np.fromiter((s == STATUS_OK for s in column(1)), bool, count)
+            statuses = column(1)
+            status_ok = np.fromiter((s == STATUS_OK for s in statuses), bool, count)
+            codes = np.full(count, _STATUS_CODES[STATUS_OK], np.int8)
+            if not status_ok.all():
+                codes[~status_ok] = [_STATUS_CODES.get(statuses[n], _OTHER_STATUS) for n in np.flatnonzero(~status_ok).tolist()]
             block = np.full((count, len(value_positions)), np.nan, np.float32)
             wrong = np.zeros(count, bool)
             found = np.flatnonzero(status_ok).tolist()
@@ -567,59 +653,44 @@ def _read_cache_table(cache_file: Path, block_chars: int = 1 << 20) -> _CacheTab
                     except ValueError:
                         wrong[n] = True
             ids.extend(column(0))
-            ok.append(status_ok)
+            status.append(codes)
             landmarks.append(block)
             bad.append(wrong)
 
             def optional(name):
                 return column(where[name]) if name in where else [""] * count
 
-            size.append(_stamp_array(optional("file_size"), _NO_STAMP))
+            sizes = optional("file_size")
+            size.append(_stamp_array(sizes, _NO_STAMP))
             mtime.append(_stamp_array(optional("file_mtime_ns"), _BAD_STAMP))
-            digest.append(np.array(optional("file_blake2b"), "S").reshape(-1))  # hex: ASCII
+            digest.append(_digest_array(optional("file_blake2b")))  # hex: ASCII
             oriented.append(np.fromiter(map(bool, optional(ORIENTATION_COLUMN)), bool, count))
+            # Rows without a size (older ones) are checked by the image's size ("-1" is a size).
+            unstamped = [n for n in np.flatnonzero(size[-1] == _NO_STAMP).tolist() if not sizes[n]]
+            stamped.append(np.ones(count, bool))
+            stamped[-1][unstamped] = False
+            if unstamped:
+                heights, widths = column(where["height"]), column(where["width"])
+                first = len(ids) - count
+                shape.update((first + n, (_stamp_int(heights[n], _NO_STAMP), _stamp_int(widths[n], _NO_STAMP))) for n in unstamped)
 
-        def add_rows(rows, first_line):
-            _check_fields(cache_file, rows, width, first_line)
-            columns = list(zip(*rows)) if rows else [()] * width
-            add(lambda i: list(columns[i]), len(rows))
-
-        line = 2
-        rest = ""
-        while header is not None:
-            text = f.read(block_chars)
-            if '"' in text:  # quoted fields (may hold newlines): the csv module, to the end
-                rows = list(csv.reader(itertools.chain(io.StringIO(rest + text), f)))
-                if torn and rows:
-                    rows.pop()
-                add_rows(rows, line)
-                break
-            if not text:
-                break  # what is left in `rest` is a torn last line, left out
-            text = rest + text
-            cut = text.rfind("\n") + 1
-            text, rest = text[:cut], text[cut:]
-            count = text.count("\n")
-            if not count:
-                continue
-            fields = text.replace("\n", ",").split(",")
-            fields.pop()  # after the last newline
-            if len(fields) != count * width:
-                add_rows(list(csv.reader(text.splitlines())), line)  # names the bad line
-            else:
-                add(lambda i: fields[i::width], count)
-            line += count
+        for fields in blocks:
+            add(lambda i: fields[i::width], len(fields) // width)
         if not ids:
             add(lambda i: [], 0)
     return _CacheTable(
         index={image_id: row for row, image_id in enumerate(ids)},  # a later row for an image replaces an earlier one
-        ok=np.concatenate(ok),
+        status=np.concatenate(status),
         landmarks=np.concatenate(landmarks),
         bad=np.concatenate(bad),
         size=np.concatenate(size),
         mtime=np.concatenate(mtime),
         digest=np.concatenate(digest),
         oriented=np.concatenate(oriented),
+        stamped=np.concatenate(stamped),
+        shape=shape,
+        torn=torn,
+        legacy=header != CACHE_COLUMNS,
     )
 
 
@@ -629,11 +700,13 @@ def is_landmark_cache_header(columns) -> bool:
 
 
 def read_landmark_cache(cache_file) -> dict:
-    """The cache as image_id -> {column: string value}."""
+    """The cache as image_id -> {column: string value} (a dict per row: for
+    looking at a few; readers and `annotate_folder` use `_read_cache_table`)."""
     cache_file = Path(cache_file)
     if not cache_file.is_file():
         raise FileNotFoundError(f"landmark cache not found: {cache_file}")
-    return _read_cache_rows(cache_file)[0]
+    # A later row for an image replaces an earlier one.
+    return {fields[0]: dict(zip(CACHE_COLUMNS, fields)) for _, fields in _cache_rows(cache_file)}
 
 
 def _write_atomic(path: Path, rows: Iterable[list[str]]) -> None:
@@ -643,6 +716,39 @@ def _write_atomic(path: Path, rows: Iterable[list[str]]) -> None:
         writer.writerows(rows)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _rewrite_cache(cache_file: Path, order: np.ndarray, edit) -> None:
+    """Rewrites the cache in the current columns with its rows `order`
+    (numbered from 0 after the header) in that order, each as `edit(row,
+    fields)` returns it. The file is read again rather than held; an id's
+    last row takes its first row's place (the order of `_CacheTable.index`),
+    so the few rows wanted before their place in the file are read first."""
+    order = np.asarray(order, np.int64).reshape(-1)
+    smallest_after = np.minimum.accumulate(order[::-1])[::-1][1:]
+    early = set(order[:-1][order[:-1] > smallest_after].tolist())
+    early_rows = {row: edit(row, fields) for row, fields in _cache_rows(cache_file) if row in early} if early else {}
+    wanted = np.zeros(int(order.max()) + 1 if order.size else 0, bool)
+    wanted[order] = True
+    order = order.tolist()
+
+    def rows():
+        position = 0
+        for row, fields in _cache_rows(cache_file):
+            if row >= len(wanted) or not wanted[row] or row in early:
+                continue
+            while order[position] in early:
+                yield early_rows.pop(order[position])
+                position += 1
+            yield edit(row, fields)
+            position += 1
+        while position < len(order) and order[position] in early:
+            yield early_rows.pop(order[position])
+            position += 1
+        if position != len(order):  # the rename is not made: the file is kept as it is
+            raise LandmarkError(f"{cache_file}: changed while being rewritten (another `tfface data annotate` on it?)")
+
+    _write_atomic(cache_file, rows())
 
 
 def annotate_folder(
@@ -678,9 +784,10 @@ def annotate_folder(
         verbose: print progress and the final counts.
         limit: only the first `limit` images (to try it out on a few).
     """
-    image_paths = [Path(p) for p in image_paths]
+    # Paths stay as given (a Path each took ~0.5 KB: 100 MB for CelebA).
+    image_paths = [os.fspath(p) for p in image_paths]
     if image_ids is None:
-        image_ids = [p.name for p in image_paths]
+        image_ids = [Path(p).name for p in image_paths]
     image_ids = [str(i) for i in image_ids]
     if len(image_ids) != len(image_paths):
         raise ValueError(f"got {len(image_ids)} image_ids for {len(image_paths)} image_paths")
@@ -691,8 +798,8 @@ def annotate_folder(
     cache_file = Path(cache_file)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
 
-    done, changed, refreshed = _current_rows(cache_file, dict(zip(image_ids, image_paths)))
-    todo = [i for i, image_id in enumerate(image_ids) if image_id not in done]
+    statuses, changed, refreshed = _current_statuses(cache_file, image_ids, image_paths)
+    todo = np.flatnonzero(statuses == _NOT_CACHED).tolist()
     if verbose and changed:
         print(f"landmarks: {len(changed)} image(s) changed or unreadable since they were cached (first: {changed[0]}): detecting again")
     if verbose and refreshed:
@@ -707,15 +814,16 @@ def annotate_folder(
         images, rows, readable = [], {}, []
         stamps, orientations = {}, {}
         for i in chunk:
+            path = Path(image_paths[i])
             try:
-                data = image_paths[i].read_bytes()
-                stamps[i] = file_stamp(image_paths[i], data)
+                data = path.read_bytes()
+                stamps[i] = file_stamp(path, data)
                 image, orientations[i] = read_upright_rgb(io.BytesIO(data))
-                check_rgb_image(image, str(image_paths[i]))
+                check_rgb_image(image, str(path))
             except (OSError, ValueError) as e:
                 rows[i] = _cache_row(image_ids[i], STATUS_UNREADABLE, None, [])
                 if verbose:
-                    print(f"landmarks: cannot read {image_paths[i]}: {e}", file=sys.stderr)
+                    print(f"landmarks: cannot read {path}: {e}", file=sys.stderr)
                 continue
             images.append(image)
             readable.append(i)
@@ -730,13 +838,13 @@ def annotate_folder(
             f.flush()
             os.fsync(f.fileno())
         for i in chunk:
-            done[image_ids[i]] = dict(zip(CACHE_COLUMNS, rows[i]))
+            statuses[i] = _STATUS_CODES.get(rows[i][1], _OTHER_STATUS)
         if verbose and (start // batch_size) % 50 == 49:
             print(f"landmarks: {start + len(chunk)}/{len(todo)} new images done")
     elapsed = time.perf_counter() - started
 
-    no_face = [i for i in image_ids if done[i]["status"] == STATUS_NO_FACE]
-    unreadable = [i for i in image_ids if done[i]["status"] == STATUS_UNREADABLE]
+    no_face = [image_ids[n] for n in np.flatnonzero(statuses == _STATUS_CODES[STATUS_NO_FACE]).tolist()]
+    unreadable = [image_ids[n] for n in np.flatnonzero(statuses == _STATUS_CODES[STATUS_UNREADABLE]).tolist()]
     report = AnnotationReport(
         cache_file=cache_file,
         num_images=len(image_ids),
@@ -753,48 +861,73 @@ def annotate_folder(
     return report
 
 
-def _current_rows(cache_file: Path, paths: dict) -> tuple[dict, list, list]:
-    """The cache's rows less those to detect again (an image in `paths`,
-    id -> file, that changed since, or was unreadable), those ids, and the
-    ids of rows kept whose file time changed but not its bytes (their time is
-    updated, so readers check them by time again instead of by hash). The
-    file is rewritten without the changed rows, with the new times (and in
-    the current format, with older rows stamped when their image still has
-    its size) before anything is appended, so a kill leaves no stale row."""
+_SIZE_COLUMN = CACHE_COLUMNS.index("file_size")
+_MTIME_COLUMN = CACHE_COLUMNS.index("file_mtime_ns")
+_ORIENTATION_POSITION = CACHE_COLUMNS.index(ORIENTATION_COLUMN)
+
+
+def _current_statuses(cache_file: Path, image_ids: Sequence[str], image_paths: Sequence) -> tuple[np.ndarray, list, list]:
+    """Each image's cached status (`_STATUS_CODES`; `_NOT_CACHED` for one
+    to detect: not in the cache, changed since, or unreadable), the ids of
+    those to detect again, and the ids of rows kept whose file time changed
+    but not its bytes (their time is updated, so readers check them by time
+    again instead of by hash); both lists in the cache's order. The file is
+    rewritten without the changed rows, with the new times (and in the
+    current format, with older rows stamped when their image still has its
+    size) before anything is appended, so a kill leaves no stale row."""
+    statuses = np.full(len(image_ids), _NOT_CACHED, np.int8)
     if not cache_file.exists():
         _write_atomic(cache_file, [])
-        return {}, [], []
-    rows, torn, legacy = _read_cache_rows(cache_file)
-    asked = [(image_id, row, paths[image_id]) for image_id, row in rows.items() if image_id in paths]
-    stamped = [(image_id, row, path) for image_id, row, path in asked if row["status"] != STATUS_UNREADABLE and row["file_size"]]
+        return statuses, [], []
+    table = _read_cache_table(cache_file)
+    rows = np.array([table.index.get(i, -1) for i in image_ids], np.int64).reshape(-1)
+    order = np.fromiter(table.index.values(), np.int64, len(table.index))  # what a rewrite writes, in order
+    place = np.zeros(len(table.status), np.int64)
+    place[order] = np.arange(len(order))
+    asked = np.flatnonzero(rows >= 0)
+    asked = asked[np.argsort(place[rows[asked]], kind="stable")]  # in the cache's order
+    readable = asked[table.status[rows[asked]] != _STATUS_CODES[STATUS_UNREADABLE]]  # unreadable: detected again
+    stamped = readable[table.stamped[rows[readable]]]
     matches, new_times = _check_files(
-        lambda start, stop: [_row_stamp(row) for _, row, _ in stamped[start:stop]], [path for _, _, path in stamped]
+        lambda start, stop: table.stamps(rows[stamped[start:stop]]), [image_paths[n] for n in stamped.tolist()]
     )
-    results = {image_id: (bool(current), new_times.get(k)) for k, ((image_id, _, _), current) in enumerate(zip(stamped, matches))}
-    changed, refreshed = [], []
-    for image_id, row, path in asked:
-        if row["status"] == STATUS_UNREADABLE:
-            current = False
-        elif row["file_size"]:
-            current, new_time = results[image_id]
-            if new_time is not None:
-                row["file_mtime_ns"] = str(new_time)
-                refreshed.append(image_id)
-        else:
-            current = _legacy_row_matches_file(row, path)
-            if current:
-                try:
-                    row.update(zip(STAMP_COLUMNS, file_stamp(path)))
-                except OSError:
-                    current = False
-        if current and not row[ORIENTATION_COLUMN]:
-            row[ORIENTATION_COLUMN] = "1"  # an older row kept: its image has no rotation
-        if not current:
-            changed.append(image_id)
-            del rows[image_id]
-    if torn or legacy or changed or refreshed:
-        _write_atomic(cache_file, ([r[c] for c in CACHE_COLUMNS] for r in rows.values()))
-    return rows, changed, refreshed
+    current = np.zeros(len(image_ids), bool)
+    current[stamped] = matches
+    retimed = np.zeros(len(table.status), bool)
+    for k, new_time in new_times.items():
+        retimed[rows[stamped[k]]] = True
+        table.mtime[rows[stamped[k]]] = new_time
+    refreshed = [image_ids[stamped[k]] for k in sorted(new_times)]
+    new_stamps = {}  # older rows kept: stamped now
+    for n in readable[~table.stamped[rows[readable]]].tolist():
+        height, width = table.shape[int(rows[n])]
+        if _legacy_row_matches_file(height, width, image_paths[n]):
+            try:
+                new_stamps[int(rows[n])] = file_stamp(image_paths[n])
+                current[n] = True
+            except OSError:
+                pass
+    kept = asked[current[asked]]
+    upright = np.zeros(len(table.status), bool)
+    upright[rows[kept]] = ~table.oriented[rows[kept]]  # an older row kept: its image has no rotation
+    statuses[kept] = table.status[rows[kept]]
+    gone = asked[~current[asked]]
+    changed = [image_ids[n] for n in gone.tolist()]
+
+    def edit(row, fields):
+        if retimed[row]:
+            fields[_MTIME_COLUMN] = str(table.mtime[row])
+        if row in new_stamps:
+            fields[_SIZE_COLUMN : _SIZE_COLUMN + len(STAMP_COLUMNS)] = new_stamps[row]
+        if upright[row]:
+            fields[_ORIENTATION_POSITION] = "1"
+        return fields
+
+    if table.torn or table.legacy or changed or refreshed:
+        keep = np.ones(len(order), bool)
+        keep[place[rows[gone]]] = False
+        _rewrite_cache(cache_file, order[keep], edit)
+    return statuses, changed, refreshed
 
 
 def load_landmark_cache(cache_file, image_ids: Sequence[str], image_paths=None, changed=None, folder=None) -> np.ndarray:
