@@ -5,7 +5,9 @@ whose images are hard links to a few hundred copies of real `celeba_sample`
 images (so 200,000 rows take megabytes), with `attributes.csv`,
 `identities.csv` and a `tfface data annotate` landmark cache whose stamps
 match the files. Then times, each step in a fresh process (the imports a first open
-pays, TensorFlow included, timed apart), with the growth of its peak memory:
+pays, TensorFlow included, timed apart), with the growth of its peak memory
+(over the peak before the step, the imports', and the step's own peak over the
+memory at its start):
 
 - reading the folder (`read_celeba_folder`: label files, identities, and
   the landmark cache checked against every file);
@@ -13,9 +15,13 @@ pays, TensorFlow included, timed apart), with the growth of its peak memory:
 - the same after every image's file time changed (a copy that did not keep
   times: the cache's rows are checked by hashing the files);
 - `tfface data summary`'s work (`summarize_source`, image sizes from a
-  sample of 2,000 headers).
+  sample of 2,000 headers);
+- `tfface data annotate` resuming with every image cached (`annotate_folder`
+  with a detector stub that finds nothing and is never called), and again
+  after the file times changed (the new times are recorded: the cache is
+  rewritten).
 
-Run: python benchmarks/data_scale.py [--rows 20000,200000] [--unique-images 300]
+Run: python benchmarks/data_scale.py [--rows 20000,200000] [--unique-images 300] [--steps labels,annotate]
 Needs the real data (`celeba_sample`); the page cache is warm after the
 build, so cold storage would be slower on every step that touches files.
 """
@@ -37,9 +43,11 @@ from common import print_table
 from common import run
 from common import write_results
 
-# One step, in a fresh process: prints {"seconds", "rss_growth_mb", "import_seconds"}.
+# One step, in a fresh process: prints {"seconds", "rss_growth_mb" (over the
+# peak before it, the imports'), "peak_over_start_mb" (its own peak over the
+# memory at its start: a step under the imports' peak shows too), "import_seconds"}.
 _STEP = r"""
-import json, resource, sys, time
+import json, os, resource, sys, time
 started = time.perf_counter()
 import tfface.landmarks.detector  # what a first open imports (TensorFlow included): timed apart
 from tfface.data.celeba import read_celeba_folder
@@ -48,17 +56,50 @@ from tfface.data.summary import summarize_source
 imports = time.perf_counter() - started
 
 step, root = sys.argv[1], sys.argv[2]
+
+
+class NoFaces:  # a detector stub: every image is cached, so it is never called
+    def detect_batch(self, images):
+        return [[] for _ in images]
+
+
+def annotate():
+    from tfface.landmarks.detector import annotate_folder
+
+    report = annotate_folder(paths, os.path.join(root, "landmarks_mtcnn.csv"), image_ids=image_ids, detector=NoFaces(), verbose=False)
+    if report.num_new or report.no_face or report.unreadable:
+        sys.exit(f"annotate detected {report.num_new} image(s): the cache should have them all")
+
+
 calls = {
     "labels": lambda: read_celeba_folder(root),
     "open": lambda: open_source(root),
     "summary": lambda: summarize_source(open_source(root)),
+    "annotate": annotate,
 }
+if step == "annotate":  # its input, as the CLI has it before annotating: not counted
+    image_ids = sorted(os.listdir(os.path.join(root, "images")))
+    paths = [os.path.join(root, "images", image_id) for image_id in image_ids]
+
+
+def status_mb(field):  # VmRSS (now) or VmHWM (peak) of this process, Linux
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field + ":"))
+
+
+try:  # the peak so far is the imports': reset it to now, so a step under it still shows
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    start_mb = status_mb("VmRSS")
+except OSError:
+    start_mb = None
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()
 result = calls[step]()
 seconds = time.perf_counter() - start
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"seconds": seconds, "rss_growth_mb": (after - before) / 1024, "import_seconds": imports}))
+peak = status_mb("VmHWM") - start_mb if start_mb is not None else float("nan")
+print(json.dumps({"seconds": seconds, "rss_growth_mb": (after - before) / 1024, "peak_over_start_mb": peak, "import_seconds": imports}))
 """
 
 
@@ -99,6 +140,18 @@ def build_folder(root: Path, rows: int, sample: Path, unique: int) -> list:
     return [copies / original.name for original in originals]
 
 
+_STEPS = ("labels", "open", "summary", "annotate")
+
+
+def _steps(text):
+    """argparse type: a comma list of step names."""
+    steps = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = sorted(set(steps) - set(_STEPS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown step(s) {unknown}: choose from {','.join(_STEPS)}")
+    return steps
+
+
 def timed_step(step: str, root: Path) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run(
@@ -114,6 +167,9 @@ def main():
     parser.add_argument("--rows", type=positive_ints, default=[20000, 200000], help="folder sizes, comma-separated")
     parser.add_argument("--unique-images", type=positive_int, default=300)
     parser.add_argument("--work-dir", type=Path, help="where to build the folders (default: a temporary folder)")
+    parser.add_argument(
+        "--steps", type=_steps, default=list(_STEPS), help=f"which steps to time, comma-separated (default: all of {','.join(_STEPS)})"
+    )
     args = parse_args(parser)
 
     from tfface.data.sources import shared_data_dir
@@ -133,17 +189,22 @@ def main():
                 ("labels", "read_celeba_folder (labels, identities, landmark cache)"),
                 ("open", "open_source (the same, as train and evaluate open it)"),
                 ("summary", "data summary"),
+                ("annotate", "data annotate, every image cached (resume)"),
             ):
-                rows_out.append({"rows": rows, "step": label, **timed_step(step, root)})
+                if step in args.steps:
+                    rows_out.append({"rows": rows, "step": label, **timed_step(step, root)})
             for copy in copies:  # as after a copy that did not keep times: same bytes, new time
                 os.utime(copy, ns=(time.time_ns(), time.time_ns() + 10**9))
-            rows_out.append({"rows": rows, "step": "open_source, file times changed (hashes checked)", **timed_step("open", root)})
+            if "open" in args.steps:
+                rows_out.append({"rows": rows, "step": "open_source, file times changed (hashes checked)", **timed_step("open", root)})
+            if "annotate" in args.steps:  # last: it records the new times
+                rows_out.append({"rows": rows, "step": "data annotate, file times changed (new times recorded)", **timed_step("annotate", root)})
             shutil.rmtree(root)
             shutil.rmtree(work / f"{root.name}_originals")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print_table(rows_out, ["rows", "step", "seconds", "rss_growth_mb", "import_seconds"])
-    write_results("data_scale", {"unique_images": args.unique_images, "rows": rows_out})
+    print_table(rows_out, ["rows", "step", "seconds", "rss_growth_mb", "peak_over_start_mb", "import_seconds"])
+    write_results("data_scale", {"unique_images": args.unique_images, "steps": args.steps, "rows": rows_out})
 
 
 if __name__ == "__main__":
