@@ -359,8 +359,9 @@ def _tfface_version() -> str:
 
 def export_info(image_size: int, max_image_side: int) -> dict:
     """What the `schema` signature tells clients of this export, beyond the
-    schema: the client turns tagged photos upright itself only for exports
-    that do not (before 0.2.1), and can tell them apart only from this."""
+    schema. The client turns tagged photos upright itself for exports that
+    do not say they do (before 0.2.4; those before 0.2.1 need it): this is
+    how it tells them apart."""
     return {
         "tfface_version": _tfface_version(),
         "image_size": int(image_size),
