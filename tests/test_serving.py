@@ -751,6 +751,8 @@ def test_the_image_a_refused_batch_holds_is_named(deployment, tmp_path):
     with ServingClient(deployment["target"], model_name="faces") as client:
         with pytest.raises(ServingError, match=rf"^{re.escape(str(broken))}: image #1 .*INVALID_ARGUMENT"):
             client.predict([good[0], str(broken), good[1]])
+        with pytest.raises(ServingError, match=r"^image #2 for model 'faces' .*INVALID_ARGUMENT"):  # named once
+            client.predict([good[0], good[1], broken.read_bytes()])
         assert len(client.predict(good)) == 2  # the server serves on
 
 

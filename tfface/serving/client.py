@@ -328,7 +328,9 @@ class ServingClient:
             except ServingError as e:
                 if e.code != grpc.StatusCode.INVALID_ARGUMENT:
                     return
-                raise ServingError(f"{_where(images[index], index)}: {e}", e.code) from None
+                # The message names "image #i"; a file is named by its path too.
+                named = f"{images[index]}: {e}" if isinstance(images[index], (str, os.PathLike)) else str(e)
+                raise ServingError(named, e.code) from None
 
     def _export_of(self, version: Optional[int], schema: Schema) -> tuple[Schema, dict]:
         """The schema and export info of the version that answered: a server
@@ -344,8 +346,8 @@ class ServingClient:
         """What to send per image, as `sendable` makes it except for photos
         whose EXIF orientation the serving graph reads as PIL does: those
         are left as they are, their indices returned, and turned upright
-        later only for an export that does not (before 0.2.1). Files that
-        cannot be read or sent are named here, before any request."""
+        later for an export that does not say it turns them (before 0.2.4).
+        Files that cannot be read or sent are named here, before any request."""
         payloads, tagged = [], set()
         budget = self._request_budget()
         for i, item in enumerate(images):
