@@ -637,3 +637,13 @@ def test_quoted_ids_are_read_in_whichever_block_they_fall(tmp_path, block_chars)
     table = detector_module._read_cache_table(cache, block_chars)
     assert list(table.index) == ids and table.torn
     np.testing.assert_array_equal(table.landmarks, np.full((len(ids), 10), 5.5, np.float32))
+
+
+def test_an_id_with_a_carriage_return_is_refused_before_the_cache_is_touched(tmp_path):
+    paths = _write_images(tmp_path, [200])
+    cache = tmp_path / "c.csv"
+    annotate_folder(paths, cache, detector=FakeDetector(), verbose=False)
+    before = cache.read_bytes()
+    with pytest.raises(LandmarkError, match=r"image id 'a\\rb.png' contains a carriage return"):
+        annotate_folder(paths, cache, image_ids=["a\rb.png"], detector=FakeDetector(), verbose=False)
+    assert cache.read_bytes() == before

@@ -795,6 +795,10 @@ def annotate_folder(
         image_paths, image_ids = image_paths[: int(limit)], image_ids[: int(limit)]
     if len(set(image_ids)) != len(image_ids):
         raise LandmarkError("image_ids must be unique (the cache is keyed by image_id)")
+    carriage_return = next((i for i in image_ids if "\r" in i), None)
+    if carriage_return is not None:
+        # Written unquoted, and read back with universal newlines as a line break: the cache would not read.
+        raise LandmarkError(f"image id {carriage_return!r} contains a carriage return, which the landmark cache cannot keep: rename the file")
     cache_file = Path(cache_file)
     cache_file.parent.mkdir(parents=True, exist_ok=True)
 
