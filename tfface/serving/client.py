@@ -383,10 +383,14 @@ class ServingClient:
                 payload = sendable(data, turn_upright=False)
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
-            if payload is data and exif_orientation_of(data) != 1:
-                if serving_graph_reads_orientation(data):
+            orientation = exif_orientation_of(data) if payload is data else 1
+            if orientation != 1:
+                # The serving graph of 0.2.1+ reads JPEG and PNG tags in the
+                # first 4 KiB, not a WebP's: only a tag it reads as PIL does
+                # lets the photo go as it is.
+                if int(exif_orientation(tf.constant(data)).numpy()) == orientation:
                     tagged.add(i)
-                else:  # a tag the serving graph does not see (a WebP's, one past the first 4 KiB)
+                else:
                     payload = upright(data)
             if _payload_bytes(payload) > budget:
                 how = "" if payload is data else (
@@ -570,13 +574,6 @@ def upright(data: bytes) -> bytes:
             return _rgb_png(ImageOps.exif_transpose(image))
     except Exception:  # unreadable: the server's checks name the problem
         return data
-
-
-def serving_graph_reads_orientation(data: bytes) -> bool:
-    """Whether the serving graph of an export of 0.2.1 or later reads the
-    EXIF orientation PIL reads (it reads JPEG and PNG tags in the first
-    4 KiB, not WebP's), so the photo can go as it is."""
-    return int(exif_orientation(tf.constant(data)).numpy()) == exif_orientation_of(data)
 
 
 def exif_orientation_of(data: bytes) -> int:
