@@ -174,11 +174,9 @@ def test_a_call_is_split_into_requests_under_the_message_limit(served, tmp_path,
     nothing_listens.close()
 
 
-def tagged_photo(seed=11, orientation=6, size=(40, 56)):
-    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    return pil_encoded(pixels, "JPEG", quality=90, exif=exif)
+def tagged_photo():
+    pixels = np.random.default_rng(11).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    return pil_encoded(pixels, "JPEG", quality=90, exif=rotate_90_exif())
 
 
 def test_tagged_photos_go_as_they_are_to_exports_that_turn_them_upright(served):
