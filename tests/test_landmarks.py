@@ -271,6 +271,22 @@ def test_cache_drops_a_torn_last_line_and_redoes_it(tmp_path):
     assert cache.read_text().count("001.png") == 1
 
 
+def test_a_kill_just_after_a_newline_inside_a_quoted_id_is_a_torn_line(tmp_path):
+    paths = _write_images(tmp_path, [200, 180])
+    ids = ["first\nface.png", "second\nface.png"]
+    cache = tmp_path / "landmarks.csv"
+    annotate_folder(paths[:1], cache, image_ids=ids[:1], detector=FakeDetector(), verbose=False)
+    with open(cache, "a") as f:
+        f.write('"second\n')  # the file ends with a newline, inside the quoted id
+    table = detector_module._read_cache_table(cache)
+    assert list(table.index) == ids[:1] and table.torn
+    fake = FakeDetector()
+    annotate_folder(paths, cache, image_ids=ids, detector=fake, verbose=False)
+    assert fake.seen == 1
+    assert sorted(read_landmark_cache(cache)) == sorted(ids)
+    np.testing.assert_allclose(load_landmark_cache(cache, ids)[1], _expected(180), atol=0.01)
+
+
 def test_unreadable_images_are_listed_not_dropped(tmp_path):
     paths = _write_images(tmp_path, [200])
     broken = tmp_path / "broken.jpg"

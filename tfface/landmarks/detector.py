@@ -471,14 +471,40 @@ def _check_fields(cache_file: Path, rows: Iterable[list], width: int, first_line
             raise LandmarkError(f"{cache_file}:{line_number}: expected {width} fields, got {len(values)}")
 
 
-def _all_but_last(items):
-    items = iter(items)
-    previous = next(items, None)
+@dataclasses.dataclass
+class _CacheEnd:
+    """Whether the cache's last line is torn (a run killed mid-write:
+    readers leave that line out). Final only once its blocks are read: a
+    kill just after a newline inside a quoted id leaves a file that ends
+    with a newline, which only the open quote at the end gives away."""
+
+    torn: bool
+
+
+def _whole_records(lines, end: _CacheEnd):
+    """The csv module's records of `lines` (from a line's start, outside
+    quotes), without a last one torn by a kill: `end.torn` already, or
+    ended inside a quote (an odd number of quote characters: the writer
+    doubles the ones inside a field)."""
+    quotes = 0
+
+    def counted():
+        nonlocal quotes
+        for line in lines:
+            quotes += line.count('"')
+            yield line
+
+    records = csv.reader(counted())
+    previous = next(records, None)
+    for record in records:
+        yield previous
+        previous = record
     if previous is None:
         return
-    for item in items:
+    if quotes % 2:
+        end.torn = True
+    if not end.torn:
         yield previous
-        previous = item
 
 
 # Rows the csv module parses at a time (after a quoted field): a list per row.
@@ -488,7 +514,8 @@ _CSV_BLOCK_ROWS = 4096
 @contextlib.contextmanager
 def _cache_blocks(cache_file: Path, block_chars: int = 1 << 20):
     """The one parser of the cache: its columns (the current ones while it
-    has no header yet), whether its last line is torn, and its rows a block
+    has no header yet), a `_CacheEnd` that says whether its last line is
+    torn (once the blocks are read), and its rows a block
     at a time, as the fields of the block's rows one after another (a flat
     list: row k is fields[k * width:(k + 1) * width]). The file is streamed.
     Blocks of whole lines without quotes (all of a cache, unless an image
@@ -497,11 +524,12 @@ def _cache_blocks(cache_file: Path, block_chars: int = 1 << 20):
     fields than the header raises an error naming the file and line."""
     with _open_cache(cache_file) as (header, torn, f):
         columns = tuple(header) if header is not None else CACHE_COLUMNS
-        blocks = _blocks(cache_file, f, len(columns), torn, block_chars) if header is not None else iter(())
-        yield columns, torn, blocks
+        end = _CacheEnd(torn)
+        blocks = _blocks(cache_file, f, len(columns), end, block_chars) if header is not None else iter(())
+        yield columns, end, blocks
 
 
-def _blocks(cache_file: Path, f, width: int, torn: bool, block_chars: int):
+def _blocks(cache_file: Path, f, width: int, end: _CacheEnd, block_chars: int):
     """`_cache_blocks`'s blocks, from `f` at the second line."""
     line = 2
     rest = ""
@@ -510,9 +538,7 @@ def _blocks(cache_file: Path, f, width: int, torn: bool, block_chars: int):
         if '"' in text:  # quoted fields (may hold newlines): the csv module, to the end
             # From a line's start, and the block's last line whole: the csv
             # module takes each string as a line, so a cut one became two rows.
-            records = csv.reader(itertools.chain(io.StringIO(rest + text + f.readline()), f))
-            if torn:
-                records = _all_but_last(records)
+            records = _whole_records(itertools.chain(io.StringIO(rest + text + f.readline()), f), end)
             while rows := list(itertools.islice(records, _CSV_BLOCK_ROWS)):
                 _check_fields(cache_file, rows, width, line)
                 yield list(itertools.chain.from_iterable(rows))
@@ -625,7 +651,7 @@ def _read_cache_table(cache_file: Path, block_chars: int = 1 << 20) -> _CacheTab
     """The cache as a `_CacheTable`, a block at a time (`_cache_blocks`)."""
     ids, status, landmarks, bad, size, mtime, digest, oriented, stamped = [], [], [], [], [], [], [], [], []
     shape = {}
-    with _cache_blocks(cache_file, block_chars) as (header, torn, blocks):
+    with _cache_blocks(cache_file, block_chars) as (header, end, blocks):
         width = len(header)
         where = {column: i for i, column in enumerate(header)}
         value_positions = [where[c] for c in _LANDMARK_VALUE_COLUMNS]
@@ -689,7 +715,7 @@ def _read_cache_table(cache_file: Path, block_chars: int = 1 << 20) -> _CacheTab
         oriented=np.concatenate(oriented),
         stamped=np.concatenate(stamped),
         shape=shape,
-        torn=torn,
+        torn=end.torn,
         legacy=header != CACHE_COLUMNS,
     )
 
