@@ -232,6 +232,11 @@ def test_unknown_config_keys_are_refused_by_name(raw, key):
         # Shapes the network cannot be built with, refused before config.yaml is written.
         ({"model": {"backbone_widths": [8, 16, 32]}}, "model.backbone_widths must be 4 positive stage widths"),
         ({"model": {"type": "mask_guided", "mask_channels": [8]}}, "model.mask_channels must be >= 2"),
+        ({"model": {"backbone_weights": "w.h5"}}, "model.backbone_weights: small_cnn has no pretrained weights"),
+        # An empty list is not "the default sources" (2,000 synthetic faces).
+        ({"data": {"sources": []}}, "data.sources is empty"),
+        ({"data": {"schema": "nosuch"}}, "data.schema: unknown schema 'nosuch'"),
+        ({"data": {"schema": "missing.yaml"}}, "data.schema: schema file not found"),
     ],
 )
 def test_bad_config_values_are_refused_by_name(raw, message):
@@ -291,6 +296,33 @@ def test_config_files_with_problems_name_the_file(tmp_path):
         ExperimentConfig.load(wrong)
     with pytest.raises(FileNotFoundError, match="nothing.yaml"):
         ExperimentConfig.load(tmp_path / "nothing.yaml")
+
+
+def test_an_empty_file_a_repeated_key_and_unquoted_on_off(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match="empty.yaml: the config file is empty"):
+        ExperimentConfig.load(empty)
+    # YAML and JSON keep the last of two values silently: the first train: section would be lost.
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train: {epochs: 1}\ndata: {schema: synthetic}\ntrain:\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: key 'train' is given twice in one mapping \(line 3\)"):
+        ExperimentConfig.load(twice)
+    nested = tmp_path / "nested.json"
+    nested.write_text('{"train": {"epochs": 1, "epochs": 2}}')
+    with pytest.raises(ConfigError, match="nested.json: key 'epochs' is given twice"):
+        ExperimentConfig.load(nested)
+    # A merge key's values may be overridden: that is no repeat.
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("defaults: &d {epochs: 1, seed: 3}\ntrain:\n  <<: *d\n  epochs: 2\n")
+    from tfface.config import read_structured_file
+
+    assert read_structured_file(merged, "config")["train"] == {"epochs": 2, "seed": 3}
+    # The documented values, written unquoted, are YAML booleans.
+    for written, meant in (("off", "off"), ("on", "on"), ("auto", "auto")):
+        path = tmp_path / f"{written}.yaml"
+        path.write_text(f"train:\n  mixed_precision: {written}\n")
+        assert ExperimentConfig.load(path).train.mixed_precision == meant
 
 
 def test_empty_sections_and_a_single_source_string_mean_the_obvious():

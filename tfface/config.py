@@ -163,6 +163,11 @@ class ModelConfig:
                 raise ConfigError(f"model.{key} must be positive")
         # Checked here, not first when the network is built: a run must not
         # save a config it cannot train.
+        if self.backbone == "small_cnn" and self.backbone_weights not in (None, ""):
+            raise ConfigError(
+                f"model.backbone_weights: small_cnn has no pretrained weights (got {self.backbone_weights!r}); "
+                "set it to null, or pick a keras.applications backbone"
+            )
         widths = list(self.backbone_widths)
         if self.backbone == "small_cnn" and (len(widths) != 4 or min(widths) < 1):
             raise ConfigError(f"model.backbone_widths must be 4 positive stage widths for small_cnn, got {widths}")
@@ -231,6 +236,8 @@ class ExperimentConfig:
                 raise ConfigError(f"data.sources[{i}] must be a source (path, weight, landmarks), got {source!r}")
             _check_types(f"data.sources[{i}].", source)
             _check_finite(f"data.sources[{i}].", source)
+        if isinstance(self.train.mixed_precision, bool):  # YAML reads an unquoted on / off as true / false
+            self.train.mixed_precision = "on" if self.train.mixed_precision else "off"
         _check_types("train.", self.train)
         _check_finite("train.", self.train)
         self.model.validate()
@@ -277,9 +284,13 @@ class ExperimentConfig:
         _check_choice("train.optimizer", self.train.optimizer, ("adamw", "adam", "sgd"))
         _check_choice("train.strategy", self.train.strategy, ("default", "mirrored", "multi_worker"))
         _check_choice("train.mixed_precision", self.train.mixed_precision, ("auto", "on", "off"))
+        from tfface.schema import SchemaError
         from tfface.schema import get_schema
 
-        schema = get_schema(self.data.schema)
+        try:
+            schema = get_schema(self.data.schema)
+        except (SchemaError, OSError) as e:
+            raise ConfigError(f"data.schema: {e}") from None
         unknown = sorted(
             set(self.model.loss_weights) - set(LOSS_FAMILIES) - set(schema.task_names)
         )
@@ -316,7 +327,9 @@ class ExperimentConfig:
         _check_keys("", raw, cls)
         data_raw = _section(raw, "data")
         _check_keys("data.", data_raw, DataConfig)
-        listed = data_raw.pop("sources", None) or [{"path": "synthetic:2000"}]
+        listed = data_raw.pop("sources", None)
+        if listed is None:  # not given (or left blank): the default
+            listed = [{"path": "synthetic:2000"}]
         if isinstance(listed, str):
             listed = [listed]
         if not isinstance(listed, list):
@@ -354,8 +367,11 @@ class ExperimentConfig:
     @classmethod
     def load(cls, path) -> "ExperimentConfig":
         raw = read_structured_file(path, "config file")
+        if raw is None:
+            # Not "all defaults": those train 2,000 synthetic faces into runs/default.
+            raise ConfigError(f"{path}: the config file is empty")
         try:
-            return cls.from_dict(raw or {})
+            return cls.from_dict(raw)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
 
@@ -383,14 +399,49 @@ def read_structured_file(path, what: str, error=None):
     kind = "JSON" if path.suffix == ".json" else "YAML"
     try:
         if kind == "JSON":
-            return json.loads(text)
-        import yaml
-
-        return yaml.safe_load(text)
+            return json.loads(text, object_pairs_hook=_mapping_without_repeats)
+        return _load_yaml(text)
+    except RepeatedKeyError as e:
+        raise error(f"{path}: {e}") from None
     except Exception as e:
         # YAML's messages span lines (the line quoted, a caret under it).
         reason = " ".join(line.strip() for line in str(e).splitlines() if line.strip() and line.strip() != "^")
         raise error(f"{path}: cannot parse, not valid {kind} ({reason})") from None
+
+
+class RepeatedKeyError(ValueError):
+    """A mapping that gives a key twice: YAML and JSON keep the last value
+    silently, so a second `train:` section would drop the first."""
+
+
+def _mapping_without_repeats(pairs):
+    mapping = {}
+    for key, value in pairs:
+        if key in mapping:
+            raise RepeatedKeyError(f"key {key!r} is given twice in one mapping")
+        mapping[key] = value
+    return mapping
+
+
+def _load_yaml(text: str):
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # a merge (<<) may give keys that this mapping then overrides
+            key = loader.construct_object(key_node, deep=True)
+            if key in seen:
+                raise RepeatedKeyError(f"key {key!r} is given twice in one mapping (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return loader.construct_mapping(node, deep=True)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return yaml.load(text, Loader=Loader)
 
 
 def _plain(value):
