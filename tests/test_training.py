@@ -266,6 +266,10 @@ def test_cli_refuses_bad_config_naming_the_key(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "model.gate_typo" in err
     assert not (tmp_path / "run").exists()
+    # An empty --output-dir is refused, not taken as "use the config's".
+    assert cli_main(["train", "--config", str(_write_config(tmp_path)), "--output-dir", " "]) == 2
+    assert "--output-dir is empty" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_missing_config_file(tmp_path, capsys):
@@ -654,9 +658,113 @@ def test_an_unreadable_backup_is_named_and_left_in_place(tmp_path):
     config.save(run / "config.yaml")
     (run / "split.json").write_text(json.dumps(split_record(config.data.val_fraction, config.data.split_seed)))
     (run / "backup" / "latest.weights.h5").write_bytes(b"not hdf5")
+    (run / "backup" / "training_metadata.json").write_text('{"epoch": 1, "batch": 0}')  # an epoch was backed up
     with pytest.raises(ConfigError, match="resume backup in .*backup cannot be read"):
         train(config, verbose=0)
     assert (run / "backup" / "latest.weights.h5").read_bytes() == b"not hdf5"
+
+
+def _weights_file(path, seed):
+    import keras
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(64), keras.layers.Dense(64)])
+    model.layers[0].kernel.assign(np.full((4, 64), seed, "float32"))
+    model.save_weights(path.parent / "written.weights.h5")  # Keras wants that suffix
+    (path.parent / "written.weights.h5").rename(path)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("damage, keep", [("cut", 0.6), ("zeroed", 0.1), ("zeroed", 0.3), ("zeroed", 0.95)])
+def test_a_backup_cut_short_falls_back_to_the_one_before_whatever_h5py_raises(tmp_path, damage, keep):
+    # A kill cuts the newest backup short (Keras's load raises OSError and
+    # Keras falls back itself); a full disk leaves it at length with its
+    # end unwritten, and the load raises RuntimeError, KeyError or
+    # ValueError, on which Keras does not fall back.
+    from tfface.training.trainer import _readable_weights
+    from tfface.training.trainer import _settle_backup
+
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    latest, earlier = backup / "latest.weights.h5", backup / "latest.weights.h5.bkp"
+    _weights_file(latest, 2.0)
+    _weights_file(earlier, 1.0)
+    (backup / "training_metadata.json").write_text('{"epoch": 2, "batch": 0}')
+    (backup / "training_metadata.json.bkp").write_text('{"epoch": 1, "batch": 0}')
+    whole = latest.read_bytes()
+    kept = int(len(whole) * keep)
+    latest.write_bytes(whole[:kept] + (bytes(len(whole) - kept) if damage == "zeroed" else b""))
+    assert not _readable_weights(latest) and _readable_weights(earlier)
+    _settle_backup(backup)
+    assert latest.read_bytes() == earlier.read_bytes()
+    assert json.loads((backup / "training_metadata.json").read_text())["epoch"] == 1
+
+
+def test_a_first_backup_cut_short_starts_the_run_again(tmp_path):
+    from tfface.training.trainer import _settle_backup
+
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    _weights_file(backup / "latest.weights.h5", 1.0)
+    whole = (backup / "latest.weights.h5").read_bytes()
+    (backup / "latest.weights.h5").write_bytes(whole[: len(whole) // 2])  # killed before its metadata
+    _settle_backup(backup)
+    assert not backup.exists()
+    # A readable backup is left alone.
+    backup.mkdir()
+    readable = _weights_file(backup / "latest.weights.h5", 1.0)
+    _settle_backup(backup)
+    assert (backup / "latest.weights.h5").read_bytes() == readable
+
+
+def _run_folder(tmp_path, config, summary=None):
+    run = Path(config.train.output_dir)
+    (run / "backup").mkdir(parents=True)
+    config.save(run / "config.yaml")
+    (run / "split.json").write_text(json.dumps(split_record(config.data.val_fraction, config.data.split_seed)))
+    (run / "backup" / "training_metadata.json").write_text('{"epoch": 2, "batch": 0}')
+    if summary:
+        (run / "train_summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def test_a_finished_run_whose_backup_a_kill_left_is_still_finished(tmp_path):
+    from tfface.training.trainer import check_resumable
+
+    config = ExperimentConfig.load(_write_config(tmp_path))
+    run = _run_folder(tmp_path, config, {"stopped_by": "epochs", "history": {"loss": [1.0, 0.5]}})
+    with pytest.raises(ConfigError, match="holds a finished run"):
+        check_resumable(run, config)
+    # Its time budget keeps a run's backup on purpose: that run continues.
+    (run / "train_summary.json").write_text(json.dumps({"stopped_by": "time_budget"}))
+    check_resumable(run, config)
+
+
+def test_a_run_being_trained_is_not_trained_by_a_second_process(tmp_path):
+    from tfface.atomic_files import folder_lock
+    from tfface.training.trainer import train
+
+    config = ExperimentConfig.load(_write_config(tmp_path))
+    run = _run_folder(tmp_path, config)
+    before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with folder_lock(run):  # what the running `tfface train` holds
+        with pytest.raises(ConfigError, match="is being trained by another process"):
+            train(config, verbose=0)
+    assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_an_output_dir_that_is_a_file_or_a_missing_weights_file_is_named_before_writing(tmp_path):
+    from tfface.training.trainer import train
+
+    config = ExperimentConfig.load(_write_config(tmp_path))
+    (tmp_path / "run").write_text("notes")
+    with pytest.raises(ConfigError, match="train.output_dir .*run is a file, not a folder"):
+        train(config, verbose=0)
+    assert (tmp_path / "run").read_text() == "notes"
+    config.train.output_dir = str(tmp_path / "new_run")
+    config.model.backbone, config.model.backbone_weights = "mobilenet_v3_small", str(tmp_path / "missing.h5")
+    with pytest.raises(ConfigError, match="model.backbone_weights: file not found: .*missing.h5"):
+        train(config, verbose=0)
+    assert not (tmp_path / "new_run").exists()
 
 
 @pytest.mark.slow

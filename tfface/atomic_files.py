@@ -132,3 +132,28 @@ def replaced_folder(out_dir, may_replace: Callable[[str], bool], marker: str):
     except BaseException:
         _discard(staging)
         raise
+
+
+class FolderBusyError(OSError):
+    """Another process holds the folder's lock (`folder_lock(wait=False)`)."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder, wait: bool = True):
+    """Holds an exclusive lock on `folder` (flock on POSIX; elsewhere
+    nothing) for the block, so two processes never write its files at
+    once. `wait=False` raises `FolderBusyError` at once instead of waiting."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise FolderBusyError(f"{folder} is in use by another process") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -192,7 +192,9 @@ def _cmd_train(args):
     from tfface.training.trainer import train
 
     config = ExperimentConfig.load(args.config)
-    if args.output_dir:
+    if args.output_dir is not None:
+        if not args.output_dir.strip():
+            raise ValueError("--output-dir is empty: give a folder (or leave the option out for train.output_dir)")
         config.train.output_dir = args.output_dir
     if args.epochs is not None:
         config.train.epochs = args.epochs

@@ -30,7 +30,6 @@ p >= task.threshold; multiclass: argmax) and ``T_class_id`` int64 (B,).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -46,6 +45,7 @@ import tensorflow as tf
 import keras
 
 from tfface.atomic_files import current_umask
+from tfface.atomic_files import folder_lock
 from tfface.data.image_ops import preprocess_encoded_images
 from tfface.schema import Schema
 
@@ -190,7 +190,7 @@ def export_saved_model(
             write_warmup_requests(tmp / WARMUP_FILE, name, warmup)
         # The version is picked when the export is complete, under a lock, so
         # two exports of one name at once take consecutive versions.
-        with _exclusive(model_dir):
+        with folder_lock(model_dir):
             chosen = int(version) if version is not None else (list_versions(model_dir) or [0])[-1] + 1
             target = model_dir / str(chosen)
             if target.exists():
@@ -209,23 +209,6 @@ def export_saved_model(
                 pass
         raise
     return target
-
-
-@contextlib.contextmanager
-def _exclusive(folder: Path):
-    """Holds an exclusive lock on `folder` (flock on POSIX; elsewhere nothing)
-    so choosing a version and renaming into it is one step among exporters."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def build_export_archive(model, schema: Schema, image_size: int, max_image_side: int = DEFAULT_MAX_IMAGE_SIDE):

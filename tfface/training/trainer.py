@@ -19,6 +19,7 @@ refused, not overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -36,6 +37,8 @@ import numpy as np
 import tensorflow as tf
 
 import tfface
+from tfface.atomic_files import FolderBusyError
+from tfface.atomic_files import folder_lock
 from tfface.atomic_files import save_model_atomic
 from tfface.atomic_files import write_atomic
 from tfface.config import ConfigError
@@ -147,7 +150,11 @@ def check_resumable(out: Path, config: ExperimentConfig) -> None:
             f"{out} holds a run with a different config (differs in {changed}); choose another "
             "train.output_dir (or --output-dir), or remove the old run"
         )
-    if (out / "train_summary.json").is_file() and not _is_resuming(out):
+    summary = out / "train_summary.json"
+    # A run its time budget stopped keeps its backup to continue from; any
+    # other summary is a finished run, even if a kill came before its
+    # backup was removed.
+    if summary.is_file() and not (_is_resuming(out) and _stopped_by(summary) == "time_budget"):
         raise ConfigError(
             f"{out} holds a finished run (train_summary.json); choose another train.output_dir "
             "(or --output-dir), or remove it to train again"
@@ -211,6 +218,14 @@ def _has_run_outputs(out: Path) -> bool:
     return bool(_history_rows(out / "history.csv"))
 
 
+def _stopped_by(summary_file: Path) -> Optional[str]:
+    try:
+        summary = json.loads(summary_file.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary.get("stopped_by") if isinstance(summary, dict) else None
+
+
 def _history_rows(history_file: Path) -> list:
     """The epoch rows of a run's history.csv (dicts; none when it is absent)."""
     if not history_file.is_file():
@@ -256,13 +271,56 @@ def _epoch_of(csv_line: str) -> int:
         return -1  # not a row (a blank line): kept
 
 
+def _readable_weights(path: Path) -> bool:
+    """Whether every array of a weights file reads back (a kill or a full
+    disk during the write leaves one that h5py opens but cannot read)."""
+    import h5py
+
+    def read(name, item):
+        if isinstance(item, h5py.Dataset):
+            item[()]
+        return None  # anything else would stop the visit
+
+    try:
+        with h5py.File(path, "r") as f:
+            f.visititems(read)
+    except Exception:  # h5py raises OSError, RuntimeError, KeyError or ValueError here
+        return False
+    return True
+
+
+def _settle_backup(backup_dir: Path) -> None:
+    """Leaves a run's backup folder as one `BackupAndRestore` can load, or
+    none. A newest backup that does not read is replaced by the one before
+    (Keras does this itself only when loading raises OSError; a file cut
+    short by a full disk raises other errors). A backup with no finished
+    epoch (the first one, torn) is removed: the run starts again. One with
+    epochs but nothing readable is left for `_restore_backup` to name."""
+    latest = backup_dir / "latest.weights.h5"
+    if not latest.is_file() or _readable_weights(latest):
+        return
+    earlier = backup_dir / "latest.weights.h5.bkp"
+    metadata = backup_dir / "training_metadata.json"
+    earlier_metadata = backup_dir / "training_metadata.json.bkp"
+    if earlier.is_file() and _readable_weights(earlier):
+        log.warning("the newest resume backup %s does not read (cut short); resuming from the one before", latest)
+        shutil.copyfile(earlier, latest)
+        if earlier_metadata.is_file():
+            shutil.copyfile(earlier_metadata, metadata)
+        elif metadata.is_file():
+            metadata.unlink()
+    elif not metadata.is_file() and not earlier_metadata.is_file():
+        log.warning("the resume backup %s holds no finished epoch (cut short); the run starts again", latest)
+        shutil.rmtree(backup_dir)
+
+
 def _restore_backup(backup: keras.callbacks.BackupAndRestore, model) -> int:
     """Restores the run's backup now (fit restores the same one again) and
     returns the epoch the resumed run starts at."""
     backup.set_model(model)
     try:
         backup.on_train_begin()
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
         raise ConfigError(
             f"the resume backup in {backup.backup_dir} cannot be read ({e}); remove that folder to "
             "train this run again from the start"
@@ -426,8 +484,56 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
     schema = get_schema(config.data.schema)
     train_sources, val_sources = load_sources(config.data)
     landmark_coverage = check_mask_supervision(config, train_sources)
-    check_resumable(out, config)
+    check_backbone_weights(config.model)
+    with _claimed_run_folder(out, lock=_is_chief()):
+        check_resumable(out, config)
+        _settle_backup(out / "backup")
+        return _train_in(out, config, strategy, schema, train_sources, val_sources, landmark_coverage, verbose)
+
+
+def check_backbone_weights(model_config) -> None:
+    """A weights file the backbone would load must exist before the run
+    writes anything (the network is built only after the data is prepared)."""
+    weights = model_config.backbone_weights
+    if weights in (None, "imagenet"):
+        return
+    if not str(weights).strip():
+        raise ConfigError('model.backbone_weights is empty: give a weights file, "imagenet" or null')
+    if not os.path.isfile(os.path.expanduser(weights)):
+        raise ConfigError(f"model.backbone_weights: file not found: {weights}")
+
+
+@contextlib.contextmanager
+def _claimed_run_folder(out: Path, lock: bool):
+    """The run folder, made if need be and, with `lock` (the chief),
+    locked for the block: a second `tfface train` into it is refused
+    instead of resuming the running run and mixing its files with it. A
+    folder this call made is removed again if the block fails before
+    anything is written into it."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"train.output_dir {out} is a file, not a folder")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if lock:
+            try:
+                stack.enter_context(folder_lock(out, wait=False))
+            except FolderBusyError:
+                raise ConfigError(
+                    f"{out} is being trained by another process (a tfface train still running); wait for it "
+                    "to end, or choose another train.output_dir (or --output-dir)"
+                ) from None
+        try:
+            yield
+        except BaseException:
+            if created:
+                with contextlib.suppress(OSError):
+                    out.rmdir()  # only while still empty
+            raise
+
+
+def _train_in(out, config, strategy, schema, train_sources, val_sources, landmark_coverage, verbose) -> dict:
+    """`train` once its run folder is claimed and checked."""
     config.save(out / "config.yaml")
     write_atomic(out / SPLIT_FILE, json.dumps(split_record(config.data.val_fraction, config.data.split_seed), indent=2))
     keras.utils.set_random_seed(config.train.seed)
