@@ -154,8 +154,10 @@ def open_source(spec, **kwargs) -> FaceSource:
     else:
         root = Path(text).expanduser()
         if not root.is_dir():
+            # Config paths are taken from the working directory, not from the config file's folder.
+            where = "" if root.is_absolute() else f", looked for in the working directory {Path.cwd()}"
             raise FileNotFoundError(
-                f"data folder not found: {root} (named sources: synthetic[:N], "
+                f"data folder not found: {root}{where} (named sources: synthetic[:N], "
                 f"{', '.join(NAMED_FOLDERS)}, tfds:celeb_a)"
             )
     return read_folder(root, **_without(kwargs, GENERATION_OPTIONS))

@@ -2,8 +2,9 @@
 
 A tuning config (YAML, see tuning/*.yaml) names the project, the tuner
 (random | hyperband | bayesian), the trial budget, the base experiment
-(inline or a path) and the search-space file. Paths in it are relative to
-the tuning config's folder; results go to `<directory>/<project>/` (by
+(inline or a path) and the search-space file. Those paths are relative to
+the tuning config's folder (the experiment's own paths, as for `tfface
+train`, to the working directory); results go to `<directory>/<project>/` (by
 default beside the tuning config, so tuning/<project>/):
 
 - KerasTuner's own files (oracle.json, tuner0.json, trial_*/), which make
