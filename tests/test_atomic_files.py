@@ -1,9 +1,13 @@
 """Outputs are written whole or not at all (tfface.atomic_files)."""
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from tfface.atomic_files import atomic_path
 from tfface.atomic_files import replaced_folder
+from tfface.atomic_files import working_folder
 from tfface.atomic_files import write_atomic
 
 
@@ -76,3 +80,34 @@ def test_pipes_and_devices_are_written_directly(tmp_path):
     write_atomic(fifo, "through the pipe")
     reader.join(10)
     assert received == ["through the pipe"] and fifo.is_fifo()
+
+
+_WRITER = """
+import sys, time
+from tfface.atomic_files import replaced_folder
+with replaced_folder(sys.argv[1], lambda name: True, marker="metrics.json") as staging:
+    (staging / "metrics.json").write_text("half")
+    print(staging, flush=True)
+    time.sleep(60)  # killed here
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="folders are locked with flock")
+def test_working_folders_a_killed_run_left_are_removed_and_live_ones_kept(tmp_path):
+    import subprocess
+
+    out = tmp_path / "eval"
+    killed = subprocess.Popen([sys.executable, "-c", _WRITER, str(out)], stdout=subprocess.PIPE, text=True)
+    left = Path(killed.stdout.readline().strip())
+    killed.kill()
+    killed.wait()
+    assert left.is_dir()
+    with replaced_folder(out, lambda name: True, marker="metrics.json") as live:
+        assert not left.exists()
+        (live / "metrics.json").write_text("new")
+        with working_folder(tmp_path, ".eval.tmp-") as other:
+            # The folder of a run that is still writing is kept.
+            assert live.is_dir() and (live / "metrics.json").read_text() == "new"
+            other.rmdir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]
+    assert (out / "metrics.json").read_text() == "new"

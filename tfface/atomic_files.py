@@ -11,11 +11,14 @@ resumed run rewrites them.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+log = logging.getLogger(__name__)
 
 
 def current_umask() -> int:
@@ -110,28 +113,36 @@ def replaced_folder(out_dir, may_replace: Callable[[str], bool], marker: str):
         if out_dir == cwd or out_dir in cwd.parents:
             raise ValueError(f"{out_dir} holds the working directory; choose another output folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield staging
-        os.chmod(staging, 0o777 & ~current_umask())
-        if not out_dir.exists():
-            os.replace(staging, out_dir)
-            return
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+    with working_folder(out_dir.parent, f".{out_dir.name}.tmp-") as staging:
         try:
-            os.replace(out_dir, old)
+            yield staging
+            os.chmod(staging, 0o777 & ~current_umask())
+            if not out_dir.exists():
+                os.replace(staging, out_dir)
+                return
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            try:
+                os.replace(out_dir, old)
+            except BaseException:
+                old.rmdir()
+                raise
+            try:
+                os.replace(staging, out_dir)
+            except BaseException:
+                os.replace(old, out_dir)  # put the earlier output back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
         except BaseException:
-            old.rmdir()
+            _discard(staging)
             raise
-        try:
-            os.replace(staging, out_dir)
-        except BaseException:
-            os.replace(old, out_dir)  # put the earlier output back
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        _discard(staging)
-        raise
+
+
+try:
+    import fcntl
+
+    _CAN_LOCK = True
+except ImportError:  # Windows
+    _CAN_LOCK = False
 
 
 class FolderBusyError(OSError):
@@ -143,9 +154,7 @@ def folder_lock(folder, wait: bool = True):
     """Holds an exclusive lock on `folder` (flock on POSIX; elsewhere
     nothing) for the block, so two processes never write its files at
     once. `wait=False` raises `FolderBusyError` at once instead of waiting."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
+    if not _CAN_LOCK:
         yield
         return
     fd = os.open(folder, os.O_RDONLY)
@@ -157,3 +166,29 @@ def folder_lock(folder, wait: bool = True):
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def working_folder(parent, prefix: str):
+    """A new folder `parent/<prefix><random>` to write a large output in
+    before it is renamed into place, locked while the block runs. Folders
+    of that prefix no process holds are what a killed run left (nothing
+    renamed them into place): they are removed first, so they do not pile
+    up. Where folders cannot be locked (Windows) none is removed."""
+    parent = Path(parent)
+    with contextlib.ExitStack() as held:
+        with folder_lock(parent):  # no other process is between creating its folder and locking it
+            if _CAN_LOCK:
+                for stale in parent.iterdir():
+                    if stale.name.startswith(prefix) and stale.is_dir() and not stale.is_symlink():
+                        try:
+                            with folder_lock(stale, wait=False):
+                                shutil.rmtree(stale, ignore_errors=True)
+                            log.warning("removed %s, left by an interrupted run", stale)
+                        except FolderBusyError:
+                            pass  # being written by another process
+                        except OSError:
+                            pass  # gone meanwhile, or not ours to open
+            folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+            held.enter_context(folder_lock(folder, wait=False))
+        yield folder

@@ -34,7 +34,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -46,6 +45,7 @@ import keras
 
 from tfface.atomic_files import current_umask
 from tfface.atomic_files import folder_lock
+from tfface.atomic_files import working_folder
 from tfface.data.image_ops import preprocess_encoded_images
 from tfface.schema import Schema
 
@@ -182,32 +182,32 @@ def export_saved_model(
             f"pick another version (existing: {list_versions(model_dir)})"
         )
 
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-export-", dir=model_dir))
-    try:
-        archive = build_export_archive(model, schema, image_size, max_image_side=int(max_image_side))
-        archive.write_out(str(tmp), verbose=verbose)
-        if warmup:
-            write_warmup_requests(tmp / WARMUP_FILE, name, warmup)
-        # The version is picked when the export is complete, under a lock, so
-        # two exports of one name at once take consecutive versions.
-        with folder_lock(model_dir):
-            chosen = int(version) if version is not None else (list_versions(model_dir) or [0])[-1] + 1
-            target = model_dir / str(chosen)
-            if target.exists():
-                raise FileExistsError(f"{target} appeared while exporting; not overwriting it")
-            _write_assets(tmp, model, schema, image_size, name, chosen, int(max_image_side))
-            # mkdtemp makes the folder owner-only; a server running as another
-            # user (docker --user, runAsNonRoot) must be able to read the version.
-            os.chmod(tmp, 0o777 & ~current_umask())
-            os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created_model_dir:
-            try:
-                model_dir.rmdir()  # only if still empty
-            except OSError:
-                pass
-        raise
+    with working_folder(model_dir, ".tmp-export-") as tmp:
+        try:
+            archive = build_export_archive(model, schema, image_size, max_image_side=int(max_image_side))
+            archive.write_out(str(tmp), verbose=verbose)
+            if warmup:
+                write_warmup_requests(tmp / WARMUP_FILE, name, warmup)
+            # The version is picked when the export is complete, under a lock, so
+            # two exports of one name at once take consecutive versions.
+            with folder_lock(model_dir):
+                chosen = int(version) if version is not None else (list_versions(model_dir) or [0])[-1] + 1
+                target = model_dir / str(chosen)
+                if target.exists():
+                    raise FileExistsError(f"{target} appeared while exporting; not overwriting it")
+                _write_assets(tmp, model, schema, image_size, name, chosen, int(max_image_side))
+                # mkdtemp makes the folder owner-only; a server running as another
+                # user (docker --user, runAsNonRoot) must be able to read the version.
+                os.chmod(tmp, 0o777 & ~current_umask())
+                os.rename(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if created_model_dir:
+                try:
+                    model_dir.rmdir()  # only if still empty
+                except OSError:
+                    pass
+            raise
     return target
 
 
