@@ -1,6 +1,7 @@
 """The gated MTL-CNN: outputs, saving, parameter count, and masked training."""
 
 import dataclasses
+import warnings
 
 import keras
 import numpy as np
@@ -10,6 +11,7 @@ import tensorflow as tf
 from harness import assert_allclose_tree
 from harness import run_model_saving_test
 from harness import to_numpy
+import tfface.models
 from tfface.config import ModelConfig
 from tfface.models import GatedMultiTaskModel
 from tfface.schema import Schema, Task
@@ -243,6 +245,46 @@ def test_compile_refuses_what_the_model_would_ignore():
     assert float(keras.ops.convert_to_numpy(model.optimizer.learning_rate)) == pytest.approx(1e-3)
     images, labels = toy_data(8, seed=4)
     assert np.isfinite(model.train_on_batch({"image": images}, labels, return_dict=True)["loss"])
+
+
+def test_compile_takes_keras_arguments_in_their_places_and_keeps_them_on_reload(tmp_path):
+    model = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config())
+    # Keras's positional order: the loss is refused as a loss.
+    with pytest.raises(ValueError, match="do not pass `loss`"):
+        model.compile(keras.optimizers.Adam(), "binary_crossentropy")
+    model.compile(optimizer=None)  # evaluate and predict only
+    images, labels = toy_data(8, seed=6)
+    assert np.isfinite(model.evaluate({"image": images}, labels, verbose=0, return_dict=True)["loss"])
+    model.compile(steps_per_execution=4, jit_compile=False)
+    model.save(tmp_path / "m.keras")
+    reloaded = tfface.models.load_model(tmp_path / "m.keras")
+    assert reloaded.steps_per_execution == 4 and reloaded.jit_compile is False
+
+
+def test_frozen_layers_stay_frozen_with_their_state_and_optimizer_after_reload(tmp_path):
+    model = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config(center_loss_weight=0.1))
+    model.center_loss.trainable = False
+    model.get_layer("correlation").trainable = False
+    model.compile()
+    images, labels = toy_data(16, seed=7)
+    moving_mean = to_numpy(model.get_layer("correlation").moving_mean)
+    model.fit({"image": images}, labels, epochs=1, verbose=0)
+    # Frozen, the correlation layer keeps its running mean (as BatchNormalization does).
+    np.testing.assert_array_equal(to_numpy(model.get_layer("correlation").moving_mean), moving_mean)
+    model.save(tmp_path / "frozen.keras")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "not in this model" warning, no skipped optimizer state
+        reloaded = tfface.models.load_model(tmp_path / "frozen.keras")
+    assert not reloaded.center_loss.trainable and not reloaded.get_layer("correlation").trainable
+    assert len(reloaded.optimizer.variables) == len(model.optimizer.variables)
+    for saved, loaded in zip(model.optimizer.variables, reloaded.optimizer.variables):
+        np.testing.assert_array_equal(to_numpy(saved), to_numpy(loaded))
+    # Without the center loss the centers are frozen by construction: that reloads quietly too.
+    plain = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config(center_loss_weight=0.0))
+    plain.save(tmp_path / "plain.keras")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tfface.models.load_model(tmp_path / "plain.keras")
 
 
 def test_fit_names_label_mistakes():

@@ -73,7 +73,7 @@ class CorrelationRefinement(keras.layers.Layer):
 
     def call(self, logits, training=False):
         probs = self.probabilities(logits)
-        if training:
+        if training and self.trainable:  # frozen, it keeps its statistics (as BatchNormalization does)
             batch_mean = ops.mean(ops.stop_gradient(probs), axis=0)
             self.moving_mean.assign(
                 self.momentum * self.moving_mean + (1.0 - self.momentum) * ops.cast(batch_mean, "float32")

@@ -43,11 +43,11 @@ class GatedMultiTaskModel(MultiTaskFaceModel):
 
     model_type = "gated"
 
-    def __init__(self, schema=None, config=None, train_labels=None, restoring=False, **kwargs):
+    def __init__(self, schema=None, config=None, train_labels=None, restoring=False, frozen_layers=(), **kwargs):
         """`train_labels` (task name -> training labels, -1 where missing)
         start the correlation layer when the config asks for
         `correlation_init: label_correlation`."""
-        super().__init__(schema=schema, config=config, **kwargs)
+        super().__init__(schema=schema, config=config, **kwargs)  # layers are frozen last: center_loss is made below
         if self.model_config.correlation and self.model_config.correlation_init == "label_correlation":
             if train_labels is not None:
                 self.init_correlation_from_labels(train_labels)
@@ -68,6 +68,7 @@ class GatedMultiTaskModel(MultiTaskFaceModel):
         # Without the loss the centers get no gradient; freeze them rather
         # than have the optimizer warn about them every step.
         self.center_loss.trainable = self.model_config.center_loss_weight > 0
+        self._freeze_layers(frozen_layers)
 
     def build_graph(self, schema, config):
         # === Layers and functional model ===

@@ -163,17 +163,22 @@ class MultiTaskFaceModel(keras.Model):
         return from_preset(name, schema, train_labels, model_class=cls, **overrides)
 
     # --- training -------------------------------------------------------------
-    def compile(self, optimizer="auto", learning_rate=None, weight_decay=None, **kwargs):
+    def compile(
+        self, optimizer="auto", loss=None, loss_weights=None, metrics=None, weighted_metrics=None, *args,
+        learning_rate=None, weight_decay=None, **kwargs,
+    ):
         """`compile()` with no arguments gives AdamW (learning rate 2e-3,
-        weight decay 1e-4) and the built-in masked losses and metrics."""
+        weight decay 1e-4) and the built-in masked losses and metrics.
+        Keras's other arguments keep their places and meanings;
+        `optimizer=None` compiles for evaluate and predict only."""
         refused = {
-            "loss": "tfface models compute their own masked losses",
-            "loss_weights": "per-task loss weights are ModelConfig.loss_weights (by task name or family)",
-            "metrics": "tfface models report their own masked per-task metrics",
-            "weighted_metrics": "tfface models report their own masked per-task metrics",
+            "loss": (loss, "tfface models compute their own masked losses"),
+            "loss_weights": (loss_weights, "per-task loss weights are ModelConfig.loss_weights (by task name or family)"),
+            "metrics": (metrics, "tfface models report their own masked per-task metrics"),
+            "weighted_metrics": (weighted_metrics, "tfface models report their own masked per-task metrics"),
         }
-        for key, why in refused.items():
-            if kwargs.get(key) is not None:
+        for key, (value, why) in refused.items():
+            if value is not None:
                 raise ValueError(f"do not pass `{key}` to compile: {why}")
         if optimizer == "auto":
             optimizer = keras.optimizers.AdamW(
@@ -185,10 +190,16 @@ class MultiTaskFaceModel(keras.Model):
                 "learning_rate and weight_decay set the default AdamW only; give them to your "
                 "optimizer instead, e.g. compile(optimizer=keras.optimizers.SGD(learning_rate=0.01))"
             )
-        super().compile(optimizer=optimizer, **kwargs)
+        super().compile(optimizer, None, None, None, None, *args, **kwargs)
+        # What was asked for, not what "auto" resolved to on this machine:
+        # a model saved on a CPU may be loaded on a GPU.
+        settings = dict(zip(("run_eagerly", "steps_per_execution", "jit_compile"), args))
+        settings.update((key, kwargs[key]) for key in ("steps_per_execution", "jit_compile") if key in kwargs)
+        self._compile_settings = {key: settings[key] for key in ("steps_per_execution", "jit_compile") if key in settings}
         # Building now (the model itself is built at construction) saves a
         # second trace of the first train step.
-        self.optimizer.build(self.trainable_variables)
+        if self.optimizer is not None:
+            self.optimizer.build(self.trainable_variables)
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         # Keras 3.15's TF trainer fetches a batch and `strategy.reduce`s the
@@ -211,12 +222,16 @@ class MultiTaskFaceModel(keras.Model):
         # Must be non-empty: Keras skips `compile_from_config` for a falsy one.
         if not self.compiled:
             return None
-        return {"optimizer": keras.saving.serialize_keras_object(self.optimizer)}
+        return {
+            "optimizer": keras.saving.serialize_keras_object(self.optimizer),
+            **getattr(self, "_compile_settings", {}),
+        }
 
     def compile_from_config(self, config):
         # The same optimizer (schedule included), built, so Keras restores
         # its saved state into matching variables.
-        self.compile(optimizer=keras.saving.deserialize_keras_object(config["optimizer"]))
+        settings = {key: config[key] for key in ("steps_per_execution", "jit_compile") if key in config}
+        self.compile(optimizer=keras.saving.deserialize_keras_object(config["optimizer"]), **settings)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         del x
