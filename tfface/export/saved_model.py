@@ -147,6 +147,11 @@ def export_saved_model(
             is larger (checked from the header before decoding when it can).
         verbose: let Keras print the exported endpoints.
     """
+    if keras.backend.backend() != "tensorflow":
+        raise ExportError(
+            f"a SavedModel is a TensorFlow graph: export under KERAS_BACKEND=tensorflow, not {keras.backend.backend()!r} "
+            "(save the model as .keras here; the file loads under TensorFlow with the same outputs)"
+        )
     if isinstance(model, (str, os.PathLike)):  # a .keras file or a run folder
         from tfface.models.saving import load_model
 
