@@ -42,6 +42,9 @@ def test_presets_build_models_that_predict_every_task(name, model_class):
 def test_preset_overrides_and_refusals():
     model = from_preset("gated_small_cnn_64", "synthetic", image_size=32, backbone_widths=(8, 16, 32, 64))
     assert model.image_size == 32 and model.model_config.gate == "static"
+    # name= is the Keras model's name, as for any Keras model.
+    named = GatedMultiTaskModel.from_preset("gated_small_cnn_64", "synthetic", image_size=32, backbone_widths=(8, 16, 32, 64), name="faces")
+    assert named.name == "faces" and named.image_size == 32
     with pytest.raises(ConfigError, match=r"unknown model preset 'gated_tiny'.*gated_small_cnn_64"):
         from_preset("gated_tiny")
     with pytest.raises(ConfigError, match=r"unknown model config key\(s\) \['gates'\]"):

@@ -81,10 +81,12 @@ def preset_config(name: str, **overrides) -> ModelConfig:
     return config
 
 
-def from_preset(name: str, schema="fused", train_labels=None, *, model_class=None, **overrides):
+def from_preset(name: str, /, schema="fused", train_labels=None, *, model_class=None, **overrides):
     """A new (untrained) model from a preset.
 
     Args:
+        name: the preset (positional: `name=` is the Keras model's name,
+            as for any Keras model).
         schema: a `Schema` or a schema preset name ("fused", "celeba", ...).
         train_labels: training labels, only for
             `correlation_init="label_correlation"` (see `build_model`).
@@ -96,9 +98,10 @@ def from_preset(name: str, schema="fused", train_labels=None, *, model_class=Non
     from tfface.models.build import build_model
     from tfface.schema import get_schema
 
+    model_name = overrides.pop("name", None)
     config = preset_config(name, **overrides)
     expected_type = getattr(model_class, "model_type", None)
     if expected_type and config.type != expected_type:
         raise ConfigError(f"preset {name!r} is a {config.type} model, not a {model_class.__name__}")
     schema = get_schema(schema) if isinstance(schema, str) else schema
-    return build_model(schema, config, train_labels)
+    return build_model(schema, config, train_labels, name=model_name)

@@ -154,10 +154,10 @@ class MultiTaskFaceModel(keras.Model):
         raise NotImplementedError
 
     @classmethod
-    def from_preset(cls, name, schema="fused", train_labels=None, **overrides):
+    def from_preset(cls, name, /, schema="fused", train_labels=None, **overrides):
         """A new model from a named architecture (`tfface.presets`), e.g.
         `GatedMultiTaskModel.from_preset("gated_small_cnn_64", "fused")`;
-        `overrides` are ModelConfig fields."""
+        `overrides` are ModelConfig fields, and `name=` the model's name."""
         from tfface.presets import from_preset
 
         return from_preset(name, schema, train_labels, model_class=cls, **overrides)
