@@ -439,3 +439,17 @@ def test_a_dataset_of_another_image_size_is_named_before_tracing():
     unbatched = tf.data.Dataset.from_tensor_slices(images(4))
     with pytest.raises(ValueError, match=r"single images of shape \(32, 32, 3\): batch it first"):
         model.predict(unbatched, verbose=0)
+
+
+def test_options_of_the_gated_model_are_named_not_silently_ignored(tmp_path):
+    with pytest.warns(UserWarning, match=r"model.gate, model.center_loss_weight: options of the gated model"):
+        model = MaskGuidedMultiTaskModel(
+            schema=tiny_schema(), config=tiny_config(gate="input_conditioned", center_loss_weight=1.0)
+        )
+    model.save(tmp_path / "m.keras")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, when the model was made: not on every load
+        keras.saving.load_model(tmp_path / "m.keras")
+        MaskGuidedMultiTaskModel(schema=tiny_schema(), config=tiny_config())

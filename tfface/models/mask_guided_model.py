@@ -32,12 +32,14 @@ Ablations (all `ModelConfig` fields):
 """
 
 import dataclasses
+import warnings
 
 import keras
 from keras import layers
 from keras import ops
 
 from tfface.config import ConfigError
+from tfface.config import ModelConfig
 from tfface.layers.group_global_fusion import GroupGlobalFusion
 from tfface.layers.masked_average_pooling import MaskedAveragePooling
 from tfface.layers.task_heads import TaskHeads
@@ -82,6 +84,22 @@ class MaskGuidedMultiTaskModel(MultiTaskFaceModel):
     """
 
     model_type = "mask_guided"
+
+    # ModelConfig fields only the gated model reads (docs/design.md).
+    GATED_OPTIONS = (
+        "gate", "gate_init", "gate_hidden", "correlation", "correlation_init", "correlation_init_scale",
+        "center_loss_weight", "center_update_rate",
+    )
+
+    def __init__(self, schema=None, config=None, restoring=False, **kwargs):
+        super().__init__(schema=schema, config=config, **kwargs)
+        defaults = ModelConfig()
+        ignored = [key for key in self.GATED_OPTIONS if getattr(self.model_config, key) != getattr(defaults, key)]
+        if ignored and not restoring:
+            warnings.warn(
+                f"model.{', model.'.join(ignored)}: options of the gated model, which the mask-guided model "
+                "does not read (it routes by face-part masks: model.fusion, model.mask_*)"
+            )
 
     def build_graph(self, schema, config):
         if config.use_landmark_masks and config.fusion == "global":
