@@ -276,42 +276,33 @@ def test_config_yaml_round_trip(tmp_path):
     assert loaded.to_dict() == config.to_dict()
 
 
-def test_config_files_with_problems_name_the_file(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("model:\n  gate: [unclosed\n")
-    with pytest.raises(ConfigError, match="bad.yaml.*cannot parse") as error:
-        ExperimentConfig.load(bad)
-    assert "\n" not in str(error.value)  # YAML's quoted line and caret folded into one line
-    binary = tmp_path / "binary.yaml"
-    binary.write_bytes(b"\xff\xfe\x00")
-    with pytest.raises(ConfigError, match=r"binary.yaml: not a config file \(not UTF-8 text"):
-        ExperimentConfig.load(binary)
-    listed = tmp_path / "listed.yaml"
-    listed.write_text("data:\n  schema: [1, 2]\n")
-    with pytest.raises(ValueError, match=r"a schema is a preset name .* got \[1, 2\]"):
-        ExperimentConfig.load(listed)
-    wrong = tmp_path / "wrong.yaml"
-    wrong.write_text("model:\n  gate: sometimes\n")
-    with pytest.raises(ConfigError, match="wrong.yaml.*model.gate"):
-        ExperimentConfig.load(wrong)
+@pytest.mark.parametrize(
+    "name, content, error, message",
+    [
+        ("bad.yaml", "model:\n  gate: [unclosed\n", ConfigError, "bad.yaml.*cannot parse"),
+        ("binary.yaml", b"\xff\xfe\x00", ConfigError, r"binary.yaml: not a config file \(not UTF-8 text"),
+        ("listed.yaml", "data:\n  schema: [1, 2]\n", ValueError, r"a schema is a preset name .* got \[1, 2\]"),
+        ("wrong.yaml", "model:\n  gate: sometimes\n", ConfigError, "wrong.yaml.*model.gate"),
+        ("empty.yaml", "# nothing yet\n", ConfigError, "empty.yaml: the config file is empty"),
+        # YAML and JSON keep the last of two values silently: the first train: section would be lost.
+        (
+            "twice.yaml", "train: {epochs: 1}\ndata: {schema: synthetic}\ntrain:\n  epochs: 3\n", ConfigError,
+            r"twice.yaml: key 'train' is given twice in one mapping \(line 3\)",
+        ),
+        ("nested.json", '{"train": {"epochs": 1, "epochs": 2}}', ConfigError, "nested.json: key 'epochs' is given twice"),
+    ],
+)
+def test_config_files_with_problems_name_the_file(tmp_path, name, content, error, message):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(error, match=message) as raised:
+        ExperimentConfig.load(path)
+    assert "\n" not in str(raised.value)  # YAML's quoted line and caret folded into one line
     with pytest.raises(FileNotFoundError, match="nothing.yaml"):
         ExperimentConfig.load(tmp_path / "nothing.yaml")
 
 
-def test_an_empty_file_a_repeated_key_and_unquoted_on_off(tmp_path):
-    empty = tmp_path / "empty.yaml"
-    empty.write_text("# nothing yet\n")
-    with pytest.raises(ConfigError, match="empty.yaml: the config file is empty"):
-        ExperimentConfig.load(empty)
-    # YAML and JSON keep the last of two values silently: the first train: section would be lost.
-    twice = tmp_path / "twice.yaml"
-    twice.write_text("train: {epochs: 1}\ndata: {schema: synthetic}\ntrain:\n  epochs: 3\n")
-    with pytest.raises(ConfigError, match=r"twice.yaml: key 'train' is given twice in one mapping \(line 3\)"):
-        ExperimentConfig.load(twice)
-    nested = tmp_path / "nested.json"
-    nested.write_text('{"train": {"epochs": 1, "epochs": 2}}')
-    with pytest.raises(ConfigError, match="nested.json: key 'epochs' is given twice"):
-        ExperimentConfig.load(nested)
+def test_merge_keys_and_unquoted_on_off_mean_what_yaml_users_expect(tmp_path):
     # A merge key's values may be overridden: that is no repeat.
     merged = tmp_path / "merged.yaml"
     merged.write_text("defaults: &d {epochs: 1, seed: 3}\ntrain:\n  <<: *d\n  epochs: 2\n")
