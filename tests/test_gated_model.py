@@ -261,6 +261,18 @@ def test_compile_takes_keras_arguments_in_their_places_and_keeps_them_on_reload(
     assert reloaded.steps_per_execution == 4 and reloaded.jit_compile is False
 
 
+def test_a_bare_image_batch_is_taken_without_a_warning_per_call():
+    model = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config())
+    model.compile()
+    images, labels = toy_data(8, seed=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Keras warned that the structure differs from {"image": ...}
+        model.fit(images, labels, validation_data=(images, labels), epochs=1, verbose=0)
+        loss = model.evaluate(images, labels, verbose=0, return_dict=True)["loss"]
+        outputs = model.predict(images, verbose=0)
+    assert np.isfinite(loss) and outputs["age_group"].shape == (8, 3)
+
+
 def test_frozen_layers_stay_frozen_with_their_state_and_optimizer_after_reload(tmp_path):
     model = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config(center_loss_weight=0.1))
     model.center_loss.trainable = False

@@ -411,12 +411,25 @@ class MultiTaskFaceModel(keras.Model):
             kwargs.setdefault("shuffle", False)
         self._check_input_images(x)
         warn_if_unit_range(x)
-        return super().fit(x, y, *args, **kwargs)
+        validation = kwargs.get("validation_data")
+        if isinstance(validation, tuple) and validation:
+            kwargs["validation_data"] = (self._named_images(validation[0]),) + validation[1:]
+        return super().fit(self._named_images(x), y, *args, **kwargs)
 
     def evaluate(self, x=None, y=None, *args, **kwargs):
         self._check_input_images(x)
         warn_if_unit_range(x)
-        return super().evaluate(x, y, *args, **kwargs)
+        return super().evaluate(self._named_images(x), y, *args, **kwargs)
+
+    def _named_images(self, x):
+        """A bare batch of images (an array or tensor) as the model's one
+        named input: Keras takes it either way, but warns on every call
+        that its structure differs from the model's inputs."""
+        if x is None or isinstance(x, Mapping) or hasattr(x, "element_spec") or not hasattr(x, "shape"):
+            return x
+        if [getattr(t, "name", None) for t in self.inputs] != ["image"]:
+            return x
+        return {"image": x}
 
     def _check_input_images(self, x) -> None:
         """The image size of arrays, and of datasets by their element spec,
@@ -441,7 +454,7 @@ class MultiTaskFaceModel(keras.Model):
     def predict(self, x, *args, **kwargs):
         self._check_input_images(x)
         warn_if_unit_range(x)
-        return super().predict(x, *args, **kwargs)
+        return super().predict(self._named_images(x), *args, **kwargs)
 
     def predict_tasks(self, images, batch_size=64):
         """Public outputs only, as numpy: {task: probabilities}.
