@@ -111,3 +111,19 @@ def test_working_folders_a_killed_run_left_are_removed_and_live_ones_kept(tmp_pa
             other.rmdir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]
     assert (out / "metrics.json").read_text() == "new"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="folders are locked with flock")
+def test_without_file_locks_nothing_is_taken_for_stale(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")  # NFS mounted with nolock
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    other = tmp_path / ".eval.tmp-other"  # perhaps another process's: nothing can tell
+    other.mkdir()
+    with replaced_folder(tmp_path / "eval", lambda name: True, marker="metrics.json") as staging:
+        (staging / "metrics.json").write_text("new")
+    assert other.is_dir() and (tmp_path / "eval" / "metrics.json").read_text() == "new"

@@ -11,6 +11,7 @@ resumed run rewrites them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -151,11 +152,13 @@ class FolderBusyError(OSError):
 
 @contextlib.contextmanager
 def folder_lock(folder, wait: bool = True):
-    """Holds an exclusive lock on `folder` (flock on POSIX; elsewhere
-    nothing) for the block, so two processes never write its files at
-    once. `wait=False` raises `FolderBusyError` at once instead of waiting."""
+    """Holds an exclusive lock on `folder` (flock) for the block, so two
+    processes never write its files at once, and yields whether it holds
+    one: not on Windows, nor on a file system without locks (NFS mounted
+    with nolock), where the block runs unguarded. `wait=False` raises
+    `FolderBusyError` at once instead of waiting."""
     if not _CAN_LOCK:
-        yield
+        yield False
         return
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -163,7 +166,12 @@ def folder_lock(folder, wait: bool = True):
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             raise FolderBusyError(f"{folder} is in use by another process") from None
-        yield
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+                raise
+            yield False
+            return
+        yield True
     finally:
         os.close(fd)  # releases the lock
 
@@ -174,21 +182,21 @@ def working_folder(parent, prefix: str):
     before it is renamed into place, locked while the block runs. Folders
     of that prefix no process holds are what a killed run left (nothing
     renamed them into place): they are removed first, so they do not pile
-    up. Where folders cannot be locked (Windows) none is removed."""
+    up. Where folders cannot be locked none is removed."""
     parent = Path(parent)
     with contextlib.ExitStack() as held:
-        with folder_lock(parent):  # no other process is between creating its folder and locking it
-            if _CAN_LOCK:
-                for stale in parent.iterdir():
-                    if stale.name.startswith(prefix) and stale.is_dir() and not stale.is_symlink():
-                        try:
-                            with folder_lock(stale, wait=False):
+        with folder_lock(parent) as locked:  # no other process is between creating its folder and locking it
+            for stale in parent.iterdir() if locked else ():
+                if stale.name.startswith(prefix) and stale.is_dir() and not stale.is_symlink():
+                    try:
+                        with folder_lock(stale, wait=False) as free:
+                            if free:
                                 shutil.rmtree(stale, ignore_errors=True)
-                            log.warning("removed %s, left by an interrupted run", stale)
-                        except FolderBusyError:
-                            pass  # being written by another process
-                        except OSError:
-                            pass  # gone meanwhile, or not ours to open
+                                log.warning("removed %s, left by an interrupted run", stale)
+                    except FolderBusyError:
+                        pass  # being written by another process
+                    except OSError:
+                        pass  # gone meanwhile, or not ours to open
             folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
             held.enter_context(folder_lock(folder, wait=False))
         yield folder
