@@ -324,15 +324,6 @@ def file_stamp(path, data: Optional[bytes] = None) -> tuple[str, str, str]:
     return str(stat.st_size), str(stat.st_mtime_ns), _file_digest(data)
 
 
-def row_matches_file(row: dict, path) -> bool:
-    """Whether a cache row was detected on the file now at `path`, upright:
-    same size, and same modification time or, after a copy that changed the
-    time, the same bytes. A row without a stamp (an older cache) cannot be
-    checked and counts as matching; a row of a cache that predates the
-    orientation column matches only an image without an EXIF rotation."""
-    return _check_file(*_row_stamp(row), path)[0]
-
-
 # A row's file size and time as integers: an empty size is a row without a
 # stamp (an older cache, or an unreadable image); a value that is not a
 # number as written (str(int)) matches no file.
@@ -354,20 +345,14 @@ def _stamp_int(text: str, empty: int) -> int:
     return value if str(value) == text else _BAD_STAMP
 
 
-def _row_stamp(row: dict) -> tuple:
-    """(size, mtime, digest, oriented) of a row dict, as `_check_file` takes them."""
-    return (
-        _stamp_int(row.get("file_size", ""), _NO_STAMP),
-        _stamp_int(row.get("file_mtime_ns", ""), _BAD_STAMP),
-        row.get("file_blake2b", ""),
-        bool(row.get(ORIENTATION_COLUMN)),
-    )
-
-
 def _check_file(size: int, mtime: int, digest: str, oriented: bool, path) -> tuple[bool, Optional[int]]:
-    """Whether the row stamped so was detected on the file at `path` (see
-    `row_matches_file`), and the file's time when only its bytes could tell
-    (the time changed, the bytes did not): None otherwise."""
+    """Whether the row stamped so was detected on the file at `path`,
+    upright: same size, and same modification time or, after a copy that
+    changed the time, the same bytes (a row without a stamp, of an older
+    cache, cannot be checked and counts as matching; one of a cache before
+    the orientation column matches only an image without an EXIF rotation);
+    and the file's time when only its bytes could tell (the time changed,
+    the bytes did not): None otherwise."""
     refreshed = None
     if size != _NO_STAMP:
         try:
