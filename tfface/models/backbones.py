@@ -12,6 +12,7 @@ downloaded here), a local weights file, or "imagenet" when online.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import keras
 from keras import layers
@@ -42,14 +43,24 @@ def _small_cnn(inputs, widths):
     return features
 
 
+def local_weights_file(weights) -> Optional[str]:
+    """The local file `model.backbone_weights` names (user folder
+    expanded), None for none or "imagenet"; ValueError for an empty name,
+    FileNotFoundError for a missing file (training checks it before it
+    writes anything; the network is built later)."""
+    if weights is None or weights == "imagenet":
+        return None
+    if not str(weights).strip():
+        raise ValueError('model.backbone_weights is empty: give a weights file, "imagenet" or null')
+    path = os.path.expanduser(weights)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model.backbone_weights: file not found: {path}")
+    return path
+
+
 def _applications_model(name, inputs, weights):
     apps = keras.applications
-    if weights is not None and weights != "imagenet":
-        if not str(weights).strip():
-            raise ValueError("model.backbone_weights is empty: give a weights file, \"imagenet\" or null")
-        weights = os.path.expanduser(weights)
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"backbone weights file not found: {weights}")
+    weights = local_weights_file(weights) or weights
     load = "imagenet" if weights == "imagenet" else None
     common = dict(include_top=False, weights=load, input_tensor=inputs)
     if name == "mobilenet_v3_small":

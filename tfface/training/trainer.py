@@ -48,6 +48,7 @@ from tfface.data.pipeline import make_dataset
 from tfface.data.pipeline import naming_undecodable_images
 from tfface.data.splits import split_method_problem
 from tfface.data.splits import split_record
+from tfface.models.backbones import local_weights_file
 from tfface.models.build import build_model
 from tfface.schema import get_schema
 
@@ -494,13 +495,10 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
 def check_backbone_weights(model_config) -> None:
     """A weights file the backbone would load must exist before the run
     writes anything (the network is built only after the data is prepared)."""
-    weights = model_config.backbone_weights
-    if weights in (None, "imagenet"):
-        return
-    if not str(weights).strip():
-        raise ConfigError('model.backbone_weights is empty: give a weights file, "imagenet" or null')
-    if not os.path.isfile(os.path.expanduser(weights)):
-        raise ConfigError(f"model.backbone_weights: file not found: {weights}")
+    try:
+        local_weights_file(model_config.backbone_weights)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from None
 
 
 @contextlib.contextmanager
