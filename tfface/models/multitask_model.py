@@ -104,6 +104,10 @@ def _layer_paths(layer, prefix="", frozen=False):
         yield from _layer_paths(sub, path + "/", frozen or not sub.trainable)
 
 
+# `compile` arguments a `.keras` file keeps besides the optimizer.
+_SAVED_COMPILE_SETTINGS = ("steps_per_execution", "jit_compile")
+
+
 class MultiTaskFaceModel(keras.Model):
     """Base of the gated and mask-guided models. Subclasses build the graph
     in `build_graph(schema, config) -> (inputs, outputs)`."""
@@ -193,9 +197,8 @@ class MultiTaskFaceModel(keras.Model):
         super().compile(optimizer, None, None, None, None, *args, **kwargs)
         # What was asked for, not what "auto" resolved to on this machine:
         # a model saved on a CPU may be loaded on a GPU.
-        settings = dict(zip(("run_eagerly", "steps_per_execution", "jit_compile"), args))
-        settings.update((key, kwargs[key]) for key in ("steps_per_execution", "jit_compile") if key in kwargs)
-        self._compile_settings = {key: settings[key] for key in ("steps_per_execution", "jit_compile") if key in settings}
+        given = {**dict(zip(("run_eagerly", "steps_per_execution", "jit_compile"), args)), **kwargs}
+        self._compile_settings = {key: given[key] for key in _SAVED_COMPILE_SETTINGS if key in given}
         # Building now (the model itself is built at construction) saves a
         # second trace of the first train step.
         if self.optimizer is not None:
@@ -230,7 +233,7 @@ class MultiTaskFaceModel(keras.Model):
     def compile_from_config(self, config):
         # The same optimizer (schedule included), built, so Keras restores
         # its saved state into matching variables.
-        settings = {key: config[key] for key in ("steps_per_execution", "jit_compile") if key in config}
+        settings = {key: config[key] for key in _SAVED_COMPILE_SETTINGS if key in config}
         self.compile(optimizer=keras.saving.deserialize_keras_object(config["optimizer"]), **settings)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
