@@ -649,16 +649,24 @@ def test_a_run_early_stopping_had_ended_is_not_trained_further_on_resume(tmp_pat
     assert _epochs_logged(run) == [0, 1]
 
 
-def test_an_unreadable_backup_is_named_and_left_in_place(tmp_path):
-    from tfface.training.trainer import train
-
-    config = ExperimentConfig.load(_write_config(tmp_path))
+def _run_folder(config, summary=None):
+    """A run folder with its config, split record and a backup of 2 epochs."""
     run = Path(config.train.output_dir)
     (run / "backup").mkdir(parents=True)
     config.save(run / "config.yaml")
     (run / "split.json").write_text(json.dumps(split_record(config.data.val_fraction, config.data.split_seed)))
+    (run / "backup" / "training_metadata.json").write_text('{"epoch": 2, "batch": 0}')
+    if summary:
+        (run / "train_summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def test_an_unreadable_backup_is_named_and_left_in_place(tmp_path):
+    from tfface.training.trainer import train
+
+    config = ExperimentConfig.load(_write_config(tmp_path))
+    run = _run_folder(config)  # an epoch was backed up
     (run / "backup" / "latest.weights.h5").write_bytes(b"not hdf5")
-    (run / "backup" / "training_metadata.json").write_text('{"epoch": 1, "batch": 0}')  # an epoch was backed up
     with pytest.raises(ConfigError, match="resume backup in .*backup cannot be read"):
         train(config, verbose=0)
     assert (run / "backup" / "latest.weights.h5").read_bytes() == b"not hdf5"
@@ -716,22 +724,11 @@ def test_a_first_backup_cut_short_starts_the_run_again(tmp_path):
     assert (backup / "latest.weights.h5").read_bytes() == readable
 
 
-def _run_folder(tmp_path, config, summary=None):
-    run = Path(config.train.output_dir)
-    (run / "backup").mkdir(parents=True)
-    config.save(run / "config.yaml")
-    (run / "split.json").write_text(json.dumps(split_record(config.data.val_fraction, config.data.split_seed)))
-    (run / "backup" / "training_metadata.json").write_text('{"epoch": 2, "batch": 0}')
-    if summary:
-        (run / "train_summary.json").write_text(json.dumps(summary))
-    return run
-
-
 def test_a_finished_run_whose_backup_a_kill_left_is_still_finished(tmp_path):
     from tfface.training.trainer import check_resumable
 
     config = ExperimentConfig.load(_write_config(tmp_path))
-    run = _run_folder(tmp_path, config, {"stopped_by": "epochs", "history": {"loss": [1.0, 0.5]}})
+    run = _run_folder(config, {"stopped_by": "epochs", "history": {"loss": [1.0, 0.5]}})
     with pytest.raises(ConfigError, match="holds a finished run"):
         check_resumable(run, config)
     # Its time budget keeps a run's backup on purpose: that run continues.
@@ -744,7 +741,7 @@ def test_a_run_being_trained_is_not_trained_by_a_second_process(tmp_path):
     from tfface.training.trainer import train
 
     config = ExperimentConfig.load(_write_config(tmp_path))
-    run = _run_folder(tmp_path, config)
+    run = _run_folder(config)
     before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     with folder_lock(run):  # what the running `tfface train` holds
         with pytest.raises(ConfigError, match="is being trained by another process"):
