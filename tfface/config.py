@@ -10,6 +10,7 @@ model is built. A `model:` section may start from a named architecture,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import json
 import numbers
@@ -426,6 +427,14 @@ def _mapping_without_repeats(pairs):
 def _load_yaml(text: str):
     import yaml
 
+    return yaml.load(text, Loader=_unique_key_loader())
+
+
+@functools.lru_cache(maxsize=None)
+def _unique_key_loader():
+    """A SafeLoader that refuses a key given twice in one mapping (built once)."""
+    import yaml
+
     class Loader(yaml.SafeLoader):
         pass
 
@@ -441,7 +450,7 @@ def _load_yaml(text: str):
         return loader.construct_mapping(node, deep=True)
 
     Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
-    return yaml.load(text, Loader=Loader)
+    return Loader
 
 
 def _plain(value):
