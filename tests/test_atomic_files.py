@@ -127,3 +127,16 @@ def test_without_file_locks_nothing_is_taken_for_stale(tmp_path, monkeypatch):
     with replaced_folder(tmp_path / "eval", lambda name: True, marker="metrics.json") as staging:
         (staging / "metrics.json").write_text("new")
     assert other.is_dir() and (tmp_path / "eval" / "metrics.json").read_text() == "new"
+
+
+def test_leftovers_of_a_killed_save_are_removed_and_nothing_else(tmp_path):
+    from tfface.atomic_files import discard_leftovers
+
+    target = tmp_path / "model.keras"
+    target.write_bytes(b"model")
+    keep = ["model.keras", ".last.keras.x1.tmp.keras", "model.keras.bak", ".model.keras.notes"]
+    for name in keep[1:]:
+        (tmp_path / name).write_bytes(b"other")
+    (tmp_path / ".model.keras.k2j3.tmp.keras").write_bytes(b"PK cut")
+    assert discard_leftovers(target) == [".model.keras.k2j3.tmp.keras"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)

@@ -901,3 +901,64 @@ def test_a_deterministic_run_repeats_bit_for_bit(tmp_path):
     )
     histories = [(run / "history.csv").read_text() for run in runs]
     assert histories[0] == histories[1] and "val_mean_balanced_accuracy" in histories[0]
+
+
+@pytest.mark.slow
+def test_a_model_save_that_fails_leaves_the_models_of_earlier_epochs_whole(tmp_path, monkeypatch):
+    # A full disk or a kill during a save: Keras's ModelCheckpoint wrote into
+    # last.keras and model.keras, destroying the best model of the epochs before.
+    import errno
+    import zipfile
+
+    from tfface.training.trainer import train
+
+    config = ExperimentConfig.load(_write_config(tmp_path, epochs=3))
+    run = Path(config.train.output_dir)
+    save = keras.Model.save
+    calls = []
+
+    def disk_full_from_the_second_epoch(self, filepath, *args, **kwargs):
+        calls.append(filepath)
+        if len(calls) > 2:  # epoch 1 saved last.keras and model.keras
+            Path(filepath).write_bytes(b"PK\x03\x04 cut short")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(self, filepath, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "save", disk_full_from_the_second_epoch)
+    with pytest.raises(OSError, match="No space left"):
+        train(config, verbose=0)
+    monkeypatch.undo()
+    assert _epochs_logged(run) == [0, 1]
+    first = {}
+    for name in ("last.keras", "model.keras"):
+        assert zipfile.is_zipfile(run / name), name
+        first[name] = tfface.models.load_model(run / name).get_weights()
+    assert not [p.name for p in run.iterdir() if p.name.startswith((".last.keras", ".model.keras"))]
+
+    # A kill leaves the temporary file of the save; the next run removes it.
+    (run / ".last.keras.abc123.tmp.keras").write_bytes(b"PK\x03\x04 killed")
+    summary = train(config, verbose=0)
+    assert summary["epochs_run"] == 3
+    assert not (run / ".last.keras.abc123.tmp.keras").exists()
+    last = tfface.models.load_model(run / "last.keras").get_weights()
+    assert any(not np.array_equal(a, b) for a, b in zip(first["last.keras"], last))
+
+
+def test_the_best_model_checkpoint_saves_only_a_better_score(tmp_path):
+    from tfface.training.trainer import AtomicModelCheckpoint
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    path = tmp_path / "model.keras"
+    checkpoint = AtomicModelCheckpoint(path, monitor="val_score", initial_value_threshold=0.5)
+    checkpoint.set_model(model)
+    checkpoint.on_epoch_end(0, {"val_score": 0.4})  # below the earlier run's best
+    assert not path.exists()
+    checkpoint.on_epoch_end(1, {"val_score": 0.6})
+    saved = path.read_bytes()
+    model.layers[0].kernel.assign(np.ones((2, 1), "float32"))
+    checkpoint.on_epoch_end(2, {"val_score": 0.6})  # a tie is no better
+    checkpoint.on_epoch_end(3, {"val_score": float("nan")})
+    checkpoint.on_epoch_end(4, {"loss": 1.0})  # not logged: nothing saved
+    assert path.read_bytes() == saved
+    checkpoint.on_epoch_end(5, {"val_score": 0.7})
+    assert np.array_equal(keras.saving.load_model(path).get_weights()[0], np.ones((2, 1)))

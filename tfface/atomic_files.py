@@ -3,15 +3,16 @@ of one: the file (or an evaluation's whole folder) is written beside its
 target under a temporary name and renamed into place when complete.
 
 Used for configs, summaries, reports, metrics, pictures, tuning results and
-models tfface saves itself; Keras's own checkpoint and log writers during
-training (ModelCheckpoint, CSVLogger, TensorBoard) write in place, and a
-resumed run rewrites them.
+models tfface saves itself, the models saved during training included;
+Keras's own log writers (CSVLogger, TensorBoard) and resume backups write
+in place, and a resumed run mends them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import logging
 import os
 import shutil
@@ -86,7 +87,23 @@ def save_model_atomic(model, path) -> Path:
         raise ValueError(f"{path}: a model file must end in .keras")
     with atomic_path(path, suffix=".keras") as tmp:
         model.save(tmp)
+        with open(tmp, "rb") as f:  # on disk before the rename makes it the model
+            os.fsync(f.fileno())
     return path
+
+
+def discard_leftovers(path) -> list:
+    """Removes the temporary files `atomic_path` writes beside `path` that a
+    killed process left (`.NAME.*.tmp*`); returns their names. Only for a
+    caller that alone writes `path` (one that holds its folder's lock)."""
+    path = Path(path)
+    removed = []
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp*"):
+        if leftover.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+                removed.append(leftover.name)
+    return removed
 
 
 @contextlib.contextmanager

@@ -38,6 +38,7 @@ import tensorflow as tf
 
 import tfface
 from tfface.atomic_files import FolderBusyError
+from tfface.atomic_files import discard_leftovers
 from tfface.atomic_files import folder_lock
 from tfface.atomic_files import save_model_atomic
 from tfface.atomic_files import write_atomic
@@ -355,6 +356,31 @@ class ResumedEarlyStopping(keras.callbacks.EarlyStopping):
         return len(self.earlier) > 1 and self._replayed()[1] >= self.patience
 
 
+class AtomicModelCheckpoint(keras.callbacks.Callback):
+    """Saves the model after each epoch, or with `monitor` only when that
+    score beats the best so far (higher is better), as a whole `.keras`
+    file or not at all: Keras's `ModelCheckpoint` writes into its target,
+    so a kill or a full disk during the save destroyed the best model of
+    the epochs before."""
+
+    def __init__(self, path, monitor: Optional[str] = None, initial_value_threshold: Optional[float] = None):
+        super().__init__()
+        self.path = Path(path)
+        self.monitor = monitor
+        self.best = initial_value_threshold
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.monitor is not None:
+            score = (logs or {}).get(self.monitor)
+            if score is None:
+                log.warning("%s is not logged; %s is not saved", self.monitor, self.path.name)
+                return
+            if self.best is not None and not score > self.best:
+                return
+            self.best = float(score)
+        save_model_atomic(self.model, self.path)
+
+
 class TimeBudget(keras.callbacks.Callback):
     """Stops training cleanly once the wall-clock budget is spent.
 
@@ -575,23 +601,21 @@ def _train_in(out, config, strategy, schema, train_sources, val_sources, landmar
     # its whole patience again.
     earlier = _monitored_history(history_file) if resuming else []
     best_model = out / "model.keras"
-    # A model.keras cut short by the kill must be rewritten, whatever its score.
+    # A model.keras cut short (by a tfface before 0.2.6, which saved it in
+    # place) must be rewritten, whatever its score.
     best_so_far = max(earlier) if earlier and zipfile.is_zipfile(best_model) else None
     callbacks = []
     if chief:
+        for saved in ("last.keras", "model.keras"):
+            discard_leftovers(out / saved)  # the partial saves of a killed run
         # Before the backup, so every epoch the backup holds is logged and saved.
         callbacks += [
             keras.callbacks.CSVLogger(str(history_file), append=resuming),
             keras.callbacks.TensorBoard(str(out / "logs"), update_freq="epoch"),
-            keras.callbacks.ModelCheckpoint(str(out / "last.keras")),
+            AtomicModelCheckpoint(out / "last.keras"),
         ]
         if val_ds is not None:
-            callbacks.append(
-                keras.callbacks.ModelCheckpoint(
-                    str(best_model), monitor=MONITOR, mode="max", save_best_only=True,
-                    initial_value_threshold=best_so_far,
-                )
-            )
+            callbacks.append(AtomicModelCheckpoint(best_model, monitor=MONITOR, initial_value_threshold=best_so_far))
     callbacks.append(backup)
     early_stopping = budget = None
     epochs = config.train.epochs
