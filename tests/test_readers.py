@@ -121,6 +121,15 @@ def test_skips_and_unlisted_images_are_reported_once_and_in_one_line(celeba_csv,
     assert len(source) == 4
     assert [p for p in source.problems if "no label row" in p] == []
     assert any("skipped 1 bad row(s)" in p for p in source.problems)
+    # The same for a row with a cell too few, in both formats.
+    attributes.write_text(attributes.read_text().replace("000002.jpg,0,7,,3,train", "000002.jpg,0,1,,3"))
+    source = read_celeba_folder(celeba_csv, skip_bad_rows=True)
+    assert [p for p in source.problems if "no label row" in p] == []
+    labels = utk_csv / "labels.csv"
+    labels.write_text(labels.read_text().replace("b.jpg,64,0,0,White,1,2", "b.jpg,64,0,0,White,1"))
+    source = read_utkface_folder(utk_csv, skip_bad_rows=True)
+    assert len(source) == 1 and [p for p in source.problems if "no row in" in p] == []
+    labels.write_text(labels.read_text().replace("b.jpg,64,0,0,White,1\n", "b.jpg,64,0,0,White,1,2\n"))
 
     # UTKFace labels.csv: an image it does not list is named, as in CelebA folders.
     write_jpeg(utk_csv / "images" / "c.jpg")
@@ -189,8 +198,26 @@ def test_mtcnn_landmark_cache(celeba_csv):
 def test_wrong_column_count_names_file_and_line(celeba_csv):
     with open(celeba_csv / "attributes.csv", "a") as f:
         f.write("000006.jpg,1,0\n")
-    with pytest.raises(DataError, match=r"attributes\.csv, line 7: expected 6 columns, found 3"):
+    with pytest.raises(DataError, match=r"attributes\.csv, line 7: expected 6 columns \(as many as the header on line 1 names\), found 3"):
         read_celeba_folder(celeba_csv)
+
+
+def test_an_image_listed_under_a_second_spelling_is_listed_twice(celeba_csv):
+    with open(celeba_csv / "attributes.csv", "a") as f:
+        f.write("./000005.jpg,1,0,1,40,train\n")
+    with pytest.raises(DataError, match=r"attributes\.csv, line 7: image './000005\.jpg' is listed twice"):
+        read_celeba_folder(celeba_csv)
+    assert len(read_celeba_folder(celeba_csv, skip_bad_rows=True)) == 5
+
+
+def test_an_image_given_two_identities_is_refused(celeba_csv):
+    # The last row won silently, moving the image to another person in the split.
+    with open(celeba_csv / "identities.csv", "a") as f:
+        f.write("000003.jpg,999\n")
+    with pytest.raises(DataError, match=r"identities\.csv, line 7: image '000003\.jpg' is listed twice \(first on line 4\)"):
+        read_celeba_folder(celeba_csv)
+    source = read_celeba_folder(celeba_csv, skip_bad_rows=True)
+    assert source.identities[2] == 8
 
 
 @pytest.mark.parametrize("labels", ["attributes.csv", "list_attr_celeba.txt"])
@@ -293,8 +320,10 @@ def test_utkface_labels_csv(utk_csv):
         ("c.jpg,130,0,0,White,1,3", r"line 4: age must be an integer 0\.\.120"),
         ("c.jpg,30,2,0,White,1,3", r"line 4: gender must be 0 \(male\) or 1"),
         ("c.jpg,30,0,0,White,0,3", r"line 4: male='0' contradicts gender='0'"),
-        ("c.jpg,30,0", r"line 4: expected 7 columns, found 3"),
+        ("c.jpg,30,0", r"line 4: expected 7 columns \(as many as the header on line 1 names\), found 3"),
         ("missing.jpg,30,0,0,White,1,3", r"line 4: image file not found: .*missing\.jpg"),
+        ("c.jpg,30,0,1,White,1,3", r"line 4: race_name='White' contradicts race='1' \(Black\)"),
+        ("./a.jpg,30,1,3,Indian,0,1", r"line 4: image './a\.jpg' is empty or listed twice"),
     ],
 )
 def test_utkface_labels_csv_errors(utk_csv, row, message):

@@ -24,6 +24,7 @@ from tfface.data.sources import (
     BadRows,
     csv_rows,
     csv_table,
+    image_file_keys,
     image_file_names,
     image_paths_under,
     images_dir,
@@ -36,6 +37,7 @@ from tfface.data.sources import (
     text_rows,
     unique_image_ids,
     validate_images,
+    wrong_column_count,
 )
 from tfface.schema import CELEBA, CELEBA_ATTRIBUTES, MISSING
 
@@ -198,8 +200,10 @@ def _read_attribute_csv(path: Path, bad: BadRows, problems) -> _Labels:
         next(rows, None)  # the header
     seen: set = set()
     for line, fields in rows:
+        if len(fields) > position["image_id"]:
+            labels.listed.add(fields[position["image_id"]])  # a skipped row's image is reported with the row only
         if len(fields) != len(header):
-            bad.bad(path, line, f"expected {len(header)} columns, found {len(fields)}")
+            bad.bad(path, line, wrong_column_count(len(header), len(fields)))
             continue
         row = {}
         error = None
@@ -225,15 +229,15 @@ def _read_attribute_csv(path: Path, bad: BadRows, problems) -> _Labels:
             if identity is None:
                 error = f"identity is {cell!r}; expected a non-negative integer"
         image_id = fields[position["image_id"]]
-        labels.listed.add(image_id)
         if error is None and not image_id:
             error = "empty image_id"
-        if error is None and image_id in seen:
+        key = image_file_keys([image_id])[0]
+        if error is None and key in seen:
             error = f"image {image_id!r} is listed twice"
         if error is not None:
             bad.bad(path, line, error)
             continue
-        seen.add(image_id)
+        seen.add(key)
         labels.image_ids.append(image_id)
         labels.lines.append(line)
         for name, value in row.items():

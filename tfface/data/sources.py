@@ -389,9 +389,19 @@ def unique_image_ids(cells) -> Optional[list]:
     """The stripped image ids of a label column for the fast paths, or None
     when one is empty or repeated (the row-by-row reader names it)."""
     image_ids = list(map(str.strip, cells))
-    if not all(image_ids) or len(set(image_ids)) != len(image_ids):
+    if not all(image_ids) or len(set(image_file_keys(image_ids))) != len(image_ids):
         return None
     return image_ids
+
+
+def image_file_keys(image_ids) -> list:
+    """One key per image file: `./a.jpg` and `a.jpg` name the same file, so
+    a label file that lists both lists it twice."""
+    image_ids = list(image_ids)
+    joined = "\n".join(image_ids)
+    if not any(s in joined for s in ({"/", os.sep, os.altsep} - {None})):
+        return image_ids  # plain file names are their own keys
+    return [os.path.normpath(i) for i in image_ids]
 
 
 def image_paths_under(image_root: Path, image_ids) -> np.ndarray:
@@ -500,7 +510,7 @@ def read_landmarks(root: Path, image_ids, landmarks_file=None, skip_bad_rows=Fal
     id_position = columns.index("image_id")
     for line, fields in rows:
         if len(fields) != len(columns):
-            bad.bad(path, line, f"expected {len(columns)} columns, found {len(fields)}")
+            bad.bad(path, line, wrong_column_count(len(columns), len(fields)))
             continue
         i = index.get(fields[id_position])
         if i is None:
@@ -516,6 +526,13 @@ def read_landmarks(root: Path, image_ids, landmarks_file=None, skip_bad_rows=Fal
         landmarks[i] = values.reshape(5, 2)
     bad.report(problems)
     return landmarks
+
+
+def wrong_column_count(expected: int, found: int, header: bool = True) -> str:
+    """A bad row's message: the header sets the count, so a header that
+    lacks a column shows in every row."""
+    where = " (as many as the header on line 1 names)" if header else ""
+    return f"expected {expected} columns{where}, found {found}"
 
 
 def _identities_from_columns(ids, cells, index: dict, identities: np.ndarray) -> bool:
@@ -568,9 +585,10 @@ def read_identities(path: Path, image_ids, skip_bad_rows=False, problems=None):
         rows = text_rows(path) if path.suffix == ".txt" else csv_rows(path)
         if path.suffix != ".txt":
             next(rows, None)
+    first_line = {}
     for line, fields in rows:
         if len(fields) != width:
-            bad.bad(path, line, f"expected {width} columns, found {len(fields)}")
+            bad.bad(path, line, wrong_column_count(width, len(fields), header=path.suffix != ".txt"))
             continue
         i = index.get(fields[id_col])
         if i is None:
@@ -579,6 +597,11 @@ def read_identities(path: Path, image_ids, skip_bad_rows=False, problems=None):
         if value is None:
             bad.bad(path, line, f"identity must be a non-negative integer, got {fields[identity_col]!r}")
             continue
+        if i in first_line:
+            # The split groups images by person: a second row would merge or split people.
+            bad.bad(path, line, f"image {fields[id_col]!r} is listed twice (first on line {first_line[i]})")
+            continue
+        first_line[i] = line
         identities[i] = value
     bad.report(problems)
     unknown = int((identities < 0).sum())

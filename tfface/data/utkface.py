@@ -21,6 +21,7 @@ from tfface.data.sources import (
     BadRows,
     csv_rows,
     csv_table,
+    image_file_keys,
     image_file_names,
     image_paths_under,
     images_dir,
@@ -31,6 +32,7 @@ from tfface.data.sources import (
     read_landmarks,
     unique_image_ids,
     validate_images,
+    wrong_column_count,
 )
 from tfface.schema import RACES, UTKFACE
 
@@ -101,6 +103,10 @@ def _parse_values(age: str, gender: str, race: str):
     )
 
 
+def _race_name_key(cell: str) -> str:
+    return cell.strip().lower()
+
+
 def _values_from_columns(columns: list, position: dict, image_root: Path, present: set):
     """The fast path of `_read_labels_csv`: (image ids, (N, 3) values) from
     whole columns, or None when any row would be bad (the row loop then
@@ -115,6 +121,10 @@ def _values_from_columns(columns: list, position: dict, image_root: Path, presen
     if "male" in position:
         male = parse_column(columns[position["male"]], {"0": 0, "1": 1}.get, np.int32)
         if male is None or not np.array_equal(male, values[1] == 0):
+            return None
+    if "race_name" in position:
+        names = [_race_name_key(cell) for cell in columns[position["race_name"]]]
+        if names != [RACES[r].lower() for r in values[2]]:
             return None
     if not all(i in present or (image_root / i).is_file() for i in image_ids):
         return None
@@ -140,11 +150,12 @@ def _read_labels_csv(path: Path, image_root: Path, bad: BadRows, problems: list)
         rows = csv_rows(path)
         next(rows, None)  # the header
     for line, fields in rows:
+        if len(fields) > position["image_id"]:
+            listed.add(fields[position["image_id"]])  # a skipped row's image is reported with the row only
         if len(fields) != len(header):
-            bad.bad(path, line, f"expected {len(header)} columns, found {len(fields)}")
+            bad.bad(path, line, wrong_column_count(len(header), len(fields)))
             continue
         image_id = fields[position["image_id"]]
-        listed.add(image_id)  # a skipped row's image is reported with the row only
         cells = [fields[position[c]] for c in ("age", "gender", "race")]
         parsed = _parse_values(*cells)
         error = _range_error(*parsed)
@@ -154,13 +165,19 @@ def _read_labels_csv(path: Path, image_root: Path, bad: BadRows, problems: list)
         if "male" in position and fields[position["male"]] != str(int(parsed[1] == 0)):
             bad.bad(path, line, f"male={fields[position['male']]!r} contradicts gender={cells[1]!r} (male = 1 when gender is 0)")
             continue
-        if not image_id or image_id in seen:
+        if "race_name" in position and _race_name_key(fields[position["race_name"]]) != RACES[parsed[2]].lower():
+            bad.bad(
+                path, line, f"race_name={fields[position['race_name']]!r} contradicts race={cells[2]!r} ({RACES[parsed[2]]})"
+            )
+            continue
+        key = image_file_keys([image_id])[0]
+        if not image_id or key in seen:
             bad.bad(path, line, f"image {image_id!r} is empty or listed twice")
             continue
         if image_id not in present and not (image_root / image_id).is_file():
             bad.bad(path, line, f"image file not found: {image_root / image_id}")
             continue
-        seen.add(image_id)
+        seen.add(key)
         image_ids.append(image_id)
         values.append(parsed)
     unlisted = sum(1 for name in present.difference(listed) if is_image_name(name))
