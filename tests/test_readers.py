@@ -371,8 +371,15 @@ def test_format_detection(celeba_csv, celeba_txt, utk_names, utk_csv, tmp_path):
     write_jpeg(other / "beach.jpg")
     with pytest.raises(DataError, match=r"cannot tell the format.*attributes\.csv or list_attr_celeba\.txt.*labels\.csv"):
         open_source(other)
+    for name in ["30_0_1_1.jpg", "31_1_0_2.jpg", "p1.jpg", "p2.jpg", "p3.jpg"]:
+        write_jpeg(other / name)
+    with pytest.raises(DataError, match=r"at least half the images.*; 2 of the first 6 images have such names"):
+        open_source(other)
     with pytest.raises(FileNotFoundError, match="no_such_folder"):
         open_source(tmp_path / "no_such_folder")
+    # The label file instead of its folder.
+    with pytest.raises(NotADirectoryError, match=r"attributes\.csv is a file; give the folder that holds it"):
+        open_source(celeba_csv / "attributes.csv")
 
 
 def test_named_sources_resolve_under_data_dir(monkeypatch, tmp_path, utk_csv):

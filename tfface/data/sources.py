@@ -78,9 +78,10 @@ def images_dir(root: Path) -> Path:
     return root
 
 
-def _has_utkface_names(root: Path, sample: int = 50) -> bool:
+def _utkface_names(root: Path, sample: int = 50) -> tuple[int, int]:
+    """(UTKFace-style names, image names) among the first `sample` images."""
     names = [n for n in sorted(os.listdir(images_dir(root))) if is_image_name(n)][:sample]
-    return bool(names) and sum(bool(UTKFACE_NAME.match(n)) for n in names) * 2 >= len(names)
+    return sum(bool(UTKFACE_NAME.match(n)) for n in names), len(names)
 
 
 def image_file_names(image_root: Path) -> set:
@@ -110,13 +111,15 @@ def detect_format(root) -> str:
             header = [c.strip() for c in next(csv.reader(f), [])]
         if "age" in header:
             return "utkface"
-    if _has_utkface_names(root):
+    utkface_names, images = _utkface_names(root)
+    if images and utkface_names * 2 >= images:
         return "utkface"
+    found = f"{utkface_names} of the first {images} images have such names" if utkface_names else "found none"
     raise DataError(
         f"cannot tell the format of {root}: looked for CelebA labels "
         f"({' or '.join(CELEBA_LABEL_FILES)}), UTKFace labels ({UTKFACE_LABEL_FILE} "
         "with an 'age' column) and UTKFace-style image names "
-        "(age_gender_race_datetime.jpg) in images/ or the folder itself; found none"
+        f"(age_gender_race_datetime.jpg, for at least half the images) in images/ or the folder itself; {found}"
     )
 
 
@@ -153,6 +156,11 @@ def open_source(spec, **kwargs) -> FaceSource:
         root = named_folder(text)
     else:
         root = Path(text).expanduser()
+        if root.is_file():
+            raise NotADirectoryError(
+                f"data source {root} is a file; give the folder that holds it (and the images), "
+                f"e.g. {root.parent}"
+            )
         if not root.is_dir():
             # Config paths are taken from the working directory, not from the config file's folder.
             where = "" if root.is_absolute() else f", looked for in the working directory {Path.cwd()}"
