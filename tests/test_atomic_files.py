@@ -48,7 +48,7 @@ def test_only_an_earlier_output_of_the_same_kind_is_replaced(tmp_path, monkeypat
     photos = tmp_path / "photos"
     photos.mkdir()
     (photos / "a.png").write_bytes(b"a photo")  # nothing but files the output could hold
-    with pytest.raises(FileExistsError, match="holds other files"):
+    with pytest.raises(FileExistsError, match=r"holds a.png but no metrics.json, so it is not a whole earlier output"):
         with replaced_folder(photos, accept_png, marker="metrics.json"):
             pytest.fail("refused before the block runs")
     assert (photos / "a.png").read_bytes() == b"a photo"
@@ -140,3 +140,22 @@ def test_leftovers_of_a_killed_save_are_removed_and_nothing_else(tmp_path):
     (tmp_path / ".model.keras.k2j3.tmp.keras").write_bytes(b"PK cut")
     assert discard_leftovers(target) == [".model.keras.k2j3.tmp.keras"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
+
+
+def test_a_replaced_folder_keeps_its_permissions_and_needs_a_writable_parent(tmp_path, monkeypatch):
+    import os
+
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "metrics.json").write_text("old")
+    out.chmod(0o750)
+    with replaced_folder(out, lambda name: name.endswith(".json"), marker="metrics.json") as staging:
+        (staging / "metrics.json").write_text("new")
+    assert (out.stat().st_mode & 0o777) == 0o750 and (out / "metrics.json").read_text() == "new"
+    # The new folder is made beside the old one (root can write anywhere, so
+    # the parent's permission is simulated).
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
+    with pytest.raises(PermissionError, match=f"cannot write in {tmp_path}: .* its parent folder must be writable"):
+        with replaced_folder(out, lambda name: name.endswith(".json"), marker="metrics.json"):
+            pytest.fail("refused before the block runs")
+    assert (out / "metrics.json").read_text() == "new"

@@ -128,6 +128,16 @@ def test_compute_metrics_threshold_override_and_bad_input():
         compute_metrics(schema, labels, probs)
 
 
+@pytest.mark.parametrize("task", ["a", "age_group"])
+def test_nan_predictions_are_refused_not_scored(task):
+    # NaN read as "negative" and argmax as class 0: plausible numbers from a diverged model.
+    schema, labels, probs = hand_example()
+    probs[task] = np.array(probs[task], np.float32)
+    probs[task][1] = np.nan
+    with pytest.raises(ValueError, match=f"task '{task}': the model gave NaN or infinite probabilities for 1 of 6 images"):
+        compute_metrics(schema, labels, probs)
+
+
 def test_subgroup_counts_add_up():
     schema = get_schema("synthetic")
     rng = np.random.default_rng(3)
@@ -215,6 +225,19 @@ def test_evaluate_model_replaces_an_earlier_evaluation_whole_and_nothing_else(ti
     assert sorted(p.name for p in out.iterdir()) == before and (out / "notes.txt").read_text() == "keep me"
     with pytest.raises(NotADirectoryError, match="notes.txt is a file"):
         evaluate_model(tiny_model, synthetic_source(n=8), out / "notes.txt", batch_size=8)
+
+
+def test_a_bad_out_folder_is_refused_before_the_model_loads_or_calibrates(tmp_path, capsys):
+    from tfface.cli import main as cli_main
+
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "report.md").write_text("a report without its metrics")
+    missing_model = tmp_path / "no_such_model.keras"
+    assert cli_main(["evaluate", "--model", str(missing_model), "--data", "synthetic:4", "--out", str(out),
+                     "--calibrate", str(tmp_path / "calibrated.keras")]) == 2
+    assert "holds report.md but no metrics.json, so it is not a whole earlier output" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["report.md"]
 
 
 def test_model_card_takes_licences_from_the_recorded_source_formats(tiny_model, tmp_path):
@@ -495,3 +518,19 @@ def test_thresholds_survive_keras_save_and_load(tiny_model, tmp_path):
         assert dict(loaded.attribute_metrics.binary)["gender"] == 0.7
     finally:
         apply_thresholds(model, {t.name: t.threshold for t in original})
+
+
+def test_a_terminated_evaluation_unwinds_like_ctrl_c():
+    # So `replaced_folder` removes its half-written folder on a kill (SIGTERM) too.
+    import os
+    import signal
+    import time
+
+    from tfface.cli import _terminate_unwinds
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with _terminate_unwinds():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -179,6 +179,23 @@ def test_undecodable_images_lists_the_bad_files_in_order_up_to_the_limit(tmp_pat
     assert undecodable_images([_utk_source()]) == []  # in-memory images: no files to check
 
 
+def test_undecodable_images_are_the_ones_training_refuses(tmp_path):
+    # A compressed BMP decodes (to noise) with tf.io.decode_image but stops
+    # training: `data summary --check-images` must list it.
+    from PIL import Image
+
+    from tfface.data.pipeline import undecodable_images
+
+    source = _celeba_source(tmp_path, n=3)
+    bmp = Path(source.image_paths[1])
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(bmp, format="BMP")
+    data = bytearray(bmp.read_bytes())
+    data[30] = 1  # BI_RLE8 compression in the info header
+    bmp.write_bytes(bytes(data))
+    assert tf.io.decode_image(bytes(data), channels=3).shape == (20, 20, 3)
+    assert undecodable_images([source]) == [str(bmp)]
+
+
 @pytest.mark.parametrize(
     "content, message",
     [

@@ -106,35 +106,56 @@ def discard_leftovers(path) -> list:
     return removed
 
 
+def check_output_folder(out_dir, may_replace: Callable[[str], bool], marker: str) -> Path:
+    """Refuses an output folder `replaced_folder` would not replace (see
+    there), so a command can check it before its work; returns its real path."""
+    out_dir = Path(os.path.realpath(out_dir))
+    if not out_dir.exists():
+        return out_dir
+    if not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir} is a file, not an output folder")
+    entries = list(out_dir.iterdir())
+    foreign = sorted(p.name for p in entries if not (p.is_file() and may_replace(p.name)))
+    if foreign:
+        raise FileExistsError(
+            f"{out_dir} holds other files ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+            "choose a new or empty output folder"
+        )
+    if entries and not (out_dir / marker).is_file():
+        shown = sorted(p.name for p in entries)
+        raise FileExistsError(
+            f"{out_dir} holds {', '.join(shown[:3])}{', ...' if len(shown) > 3 else ''} but no {marker}, so it "
+            "is not a whole earlier output to replace; choose a new or empty output folder"
+        )
+    cwd = Path.cwd().resolve()
+    if out_dir == cwd or out_dir in cwd.parents:
+        raise ValueError(f"{out_dir} holds the working directory; choose another output folder")
+    return out_dir
+
+
 @contextlib.contextmanager
 def replaced_folder(out_dir, may_replace: Callable[[str], bool], marker: str):
     """Yields an empty folder beside `out_dir` to fill; when the block ends
     without an error it becomes `out_dir`, replacing an earlier one whole
-    (no mix of old and new files). Checked before any work: a non-empty
-    `out_dir` is replaced only if it holds `marker` (the file that says it is
-    an earlier output of the same kind) and every entry in it is a file
-    `may_replace(name)` accepts; any other folder is refused, never emptied,
-    as is one that holds the working directory."""
-    out_dir = Path(os.path.realpath(out_dir))
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise NotADirectoryError(f"{out_dir} is a file, not an output folder")
-        entries = list(out_dir.iterdir())
-        foreign = sorted(p.name for p in entries if not (p.is_file() and may_replace(p.name)))
-        if entries and (foreign or not (out_dir / marker).is_file()):
-            shown = foreign or sorted(p.name for p in entries)
-            raise FileExistsError(
-                f"{out_dir} holds other files ({', '.join(shown[:3])}{', ...' if len(shown) > 3 else ''}); "
-                "choose a new or empty output folder"
-            )
-        cwd = Path.cwd().resolve()
-        if out_dir == cwd or out_dir in cwd.parents:
-            raise ValueError(f"{out_dir} holds the working directory; choose another output folder")
+    (no mix of old and new files) and keeping its permissions. Checked
+    before any work: a non-empty `out_dir` is replaced only if it holds
+    `marker` (the file that says it is an earlier output of the same kind)
+    and every entry in it is a file `may_replace(name)` accepts; any other
+    folder is refused, never emptied, as is one that holds the working
+    directory. The folder beside it is made in its parent, which must be
+    writable."""
+    out_dir = check_output_folder(out_dir, may_replace, marker)
+    mode = (out_dir.stat().st_mode & 0o7777) if out_dir.exists() else 0o777 & ~current_umask()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out_dir.parent, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"cannot write in {out_dir.parent}: the output is written in a new folder beside {out_dir.name} "
+            "and renamed into place, so its parent folder must be writable"
+        )
     with working_folder(out_dir.parent, f".{out_dir.name}.tmp-") as staging:
         try:
             yield staging
-            os.chmod(staging, 0o777 & ~current_umask())
+            os.chmod(staging, mode)
             if not out_dir.exists():
                 os.replace(staging, out_dir)
                 return

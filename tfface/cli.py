@@ -9,6 +9,7 @@ bad data) print one clear line and exit with status 2, never a traceback;
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -206,10 +207,12 @@ def _cmd_train(args):
 
 def _cmd_evaluate(args):
     from tfface.data.sources import open_source
+    from tfface.evaluation.evaluate import check_evaluation_folder
     from tfface.evaluation.evaluate import evaluate_model
     from tfface.evaluation.evaluate import print_metrics
     from tfface.models.saving import load_model
 
+    check_evaluation_folder(args.out)  # before the model loads and the calibration runs
     if args.calibrate:
         _check_new_model_file(args.calibrate, args.model)
     model = load_model(args.model)
@@ -235,10 +238,11 @@ def _cmd_evaluate(args):
             on = f"{chosen['n_images_scored']} of the {chosen['n_images_available']} validation images (--limit)"
         thresholds = calibrate_model(model, val_sources)
         print(f"calibrated {len(thresholds)} thresholds on {on}")
-    metrics = evaluate_model(
-        model, data, args.out, batch_size=args.batch_size, split=args.split, model_path=args.model,
-        limit=args.limit, **split_options,
-    )
+    with _terminate_unwinds():
+        metrics = evaluate_model(
+            model, data, args.out, batch_size=args.batch_size, split=args.split, model_path=args.model,
+            limit=args.limit, **split_options,
+        )
     print_metrics(metrics)
     print(f"wrote {args.out}/metrics.json and report.md")
     if args.calibrate:
@@ -301,11 +305,18 @@ def _cmd_export(args):
     from tfface.models.saving import load_model
 
     model = load_model(args.model)
-    # A SIGTERM (kill, a CI timeout) unwinds like Ctrl+C, so the half-written
-    # version folder is removed instead of left behind.
+    with _terminate_unwinds():
+        path = export_saved_model(model, args.export_root, args.name, version=args.version)
+    print(f"exported to {path}")
+
+
+@contextlib.contextmanager
+def _terminate_unwinds():
+    """A SIGTERM (kill, a CI timeout) unwinds the block like Ctrl+C, so a
+    half-written output folder is removed instead of left behind."""
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
-        path = export_saved_model(model, args.export_root, args.name, version=args.version)
+        yield
     except RuntimeError as e:
         # Raised inside TensorFlow's C++ code, the interrupt comes back
         # wrapped by pybind11 ("... REPLACED BY KeyboardInterrupt").
@@ -314,7 +325,6 @@ def _cmd_export(args):
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
-    print(f"exported to {path}")
 
 
 def _raise_keyboard_interrupt(signum, frame):

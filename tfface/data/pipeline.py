@@ -39,7 +39,6 @@ import tensorflow as tf
 from tfface.config import cache_mode as config_cache_mode
 from tfface.data.image_ops import GIF
 from tfface.data.image_ops import PALETTE_BMP
-from tfface.data.image_ops import decode_image
 from tfface.data.image_ops import decode_upright
 from tfface.data.image_ops import has_other_decodable_header
 from tfface.data.image_ops import header_bytes
@@ -288,8 +287,9 @@ _UNDECODABLE_LIMIT = 10  # files named in one error
 
 
 def undecodable_images(sources, limit: int = _UNDECODABLE_LIMIT) -> list:
-    """Paths of the first `limit` images of `sources` that TensorFlow cannot
-    decode (for error reports).
+    """Paths of the first `limit` images of `sources` that the training
+    pipeline's decoding refuses (`_checked_decode`: corrupt, cut short, or
+    of a kind TensorFlow cannot read), for error reports.
 
     Decodes every file once, in a parallel `tf.data` map that drops the files
     that fail: one eager decode per file took minutes on a large folder.
@@ -299,7 +299,7 @@ def undecodable_images(sources, limit: int = _UNDECODABLE_LIMIT) -> list:
         return []
 
     def decodes(path):
-        return path, tf.shape(decode_image(tf.io.read_file(path)))[0]
+        return path, tf.shape(_checked_decode(path))[0]
 
     decoded = (
         tf.data.Dataset.from_tensor_slices(paths)

@@ -20,6 +20,7 @@ import os
 
 import numpy as np
 
+from tfface.atomic_files import check_output_folder
 from tfface.atomic_files import replaced_folder
 from tfface.data.source import FaceSource
 from tfface.models.saving import load_model
@@ -277,6 +278,14 @@ def _check_arrays(schema, labels, probs):
         if task.name not in labels or task.name not in probs:
             continue
         label, prob = np.asarray(labels[task.name]), np.asarray(probs[task.name])
+        not_finite = int(np.sum(~np.isfinite(prob).reshape(len(prob), -1).all(axis=1))) if prob.size else 0
+        if not_finite:
+            # NaN compares as "negative" and argmax picks class 0: plausible
+            # numbers from a model that diverged.
+            raise ValueError(
+                f"task {task.name!r}: the model gave NaN or infinite probabilities for {not_finite} of "
+                f"{len(prob)} images (a model whose training diverged?); no metrics are computed from them"
+            )
         if n is None:
             n = len(label)
         if len(label) != n or len(prob) != n:
@@ -473,6 +482,7 @@ def evaluate_model(
     Returns:
         The metrics dict also saved as `metrics.json`.
     """
+    check_evaluation_folder(out_dir)
     if isinstance(model_path_or_model, (str, os.PathLike)):
         model_path = str(model_path_or_model)
         model = load_model(model_path_or_model)
@@ -491,6 +501,12 @@ def evaluate_model(
         for name, data in files.items():
             (staging / name).write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
     return metrics
+
+
+def check_evaluation_folder(out_dir) -> None:
+    """Refuses an `out_dir` that holds anything but an earlier evaluation,
+    before a command loads, calibrates or predicts anything."""
+    check_output_folder(out_dir, is_evaluation_file, METRICS_FILE)
 
 
 def is_evaluation_file(name: str) -> bool:
