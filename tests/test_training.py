@@ -737,6 +737,7 @@ def test_a_finished_run_whose_backup_a_kill_left_is_still_finished(tmp_path):
 
 
 def test_a_run_being_trained_is_not_trained_by_a_second_process(tmp_path):
+    from tfface.atomic_files import FolderBusyError
     from tfface.atomic_files import folder_lock
     from tfface.training.trainer import train
 
@@ -744,7 +745,7 @@ def test_a_run_being_trained_is_not_trained_by_a_second_process(tmp_path):
     run = _run_folder(config)
     before = {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     with folder_lock(run):  # what the running `tfface train` holds
-        with pytest.raises(ConfigError, match="is being trained by another process"):
+        with pytest.raises(FolderBusyError, match="is being trained by another process"):
             train(config, verbose=0)
     assert {p.name: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 

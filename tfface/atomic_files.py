@@ -215,6 +215,33 @@ def folder_lock(folder, wait: bool = True):
 
 
 @contextlib.contextmanager
+def claimed_folder(folder, busy_message: str, lock: bool = True):
+    """`folder`, made if need be and, with `lock`, locked for the block
+    (`folder_lock`): a second process that claims it while the block runs
+    gets `FolderBusyError(busy_message)` instead of writing the same files.
+    A folder this call made is removed again if the block fails while it
+    is still empty."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is a file, not a folder")
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        if lock:
+            try:
+                stack.enter_context(folder_lock(folder, wait=False))
+            except FolderBusyError:
+                raise FolderBusyError(busy_message) from None
+        try:
+            yield folder
+        except BaseException:
+            if created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only while still empty
+            raise
+
+
+@contextlib.contextmanager
 def working_folder(parent, prefix: str):
     """A new folder `parent/<prefix><random>` to write a large output in
     before it is renamed into place, locked while the block runs. Folders

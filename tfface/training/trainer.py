@@ -19,7 +19,6 @@ refused, not overwritten.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import json
@@ -37,9 +36,8 @@ import numpy as np
 import tensorflow as tf
 
 import tfface
-from tfface.atomic_files import FolderBusyError
+from tfface.atomic_files import claimed_folder
 from tfface.atomic_files import discard_leftovers
-from tfface.atomic_files import folder_lock
 from tfface.atomic_files import save_model_atomic
 from tfface.atomic_files import write_atomic
 from tfface.config import ConfigError
@@ -512,7 +510,15 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
     train_sources, val_sources = load_sources(config.data)
     landmark_coverage = check_mask_supervision(config, train_sources)
     check_backbone_weights(config.model)
-    with _claimed_run_folder(out, lock=_is_chief()):
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"train.output_dir {out} is a file, not a folder")
+    busy = (
+        f"{out} is being trained by another process (a tfface train still running); wait for it "
+        "to end, or choose another train.output_dir (or --output-dir)"
+    )
+    # Locked by the chief: a second `tfface train` into the folder is refused
+    # instead of resuming the running run and mixing its files with it.
+    with claimed_folder(out, busy, lock=_is_chief()):
         check_resumable(out, config)
         _settle_backup(out / "backup")
         return _train_in(out, config, strategy, schema, train_sources, val_sources, landmark_coverage, verbose)
@@ -525,35 +531,6 @@ def check_backbone_weights(model_config) -> None:
         local_weights_file(model_config.backbone_weights)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from None
-
-
-@contextlib.contextmanager
-def _claimed_run_folder(out: Path, lock: bool):
-    """The run folder, made if need be and, with `lock` (the chief),
-    locked for the block: a second `tfface train` into it is refused
-    instead of resuming the running run and mixing its files with it. A
-    folder this call made is removed again if the block fails before
-    anything is written into it."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"train.output_dir {out} is a file, not a folder")
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    with contextlib.ExitStack() as stack:
-        if lock:
-            try:
-                stack.enter_context(folder_lock(out, wait=False))
-            except FolderBusyError:
-                raise ConfigError(
-                    f"{out} is being trained by another process (a tfface train still running); wait for it "
-                    "to end, or choose another train.output_dir (or --output-dir)"
-                ) from None
-        try:
-            yield
-        except BaseException:
-            if created:
-                with contextlib.suppress(OSError):
-                    out.rmdir()  # only while still empty
-            raise
 
 
 def _train_in(out, config, strategy, schema, train_sources, val_sources, landmark_coverage, verbose) -> dict:
