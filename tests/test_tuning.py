@@ -27,6 +27,7 @@ import yaml
 from tfface.config import ConfigError
 from tfface.config import ExperimentConfig
 from tfface.data.sources import open_source
+from tfface.schema import get_schema
 from tfface.training.trainer import training_labels
 from tfface.tuning import search as search_module
 from tfface.tuning.hypermodels import FaceHyperModel
@@ -105,7 +106,12 @@ def test_shipped_search_space_builds_a_model_for_sampled_values(model_type, swit
         "mask_loss_weight", "fusion"}
     assert wanted <= set(space.names)
     assert "loss_weights.race" not in space.names  # the synthetic schema has no race task
-    hypermodel = hypermodel_for(base, space, steps_per_epoch=4, schedule_epochs=1)
+    labels = training_labels(get_schema(base.data.schema), [open_source("synthetic:200", image_size=32)])
+    if model_type == "gated":
+        # The space samples label_correlation starts, which need the training labels.
+        with pytest.raises(ConfigError, match="trials may start the correlation layer from the training labels"):
+            hypermodel_for(base, space, steps_per_epoch=4, schedule_epochs=1)
+    hypermodel = hypermodel_for(base, space, steps_per_epoch=4, schedule_epochs=1, train_labels=labels)
     choices = {
         "gated": ["none", "static", "input_conditioned", "mixture_of_experts"],
         "mask_guided": ["group_global", "group", "global"],
@@ -125,12 +131,8 @@ def test_shipped_search_space_builds_a_model_for_sampled_values(model_type, swit
         assert set(base.model.loss_weights) == set()  # the base config is never modified
         assert "Smiling" in model.output_names or "Smiling" in model.output
         if model_type == "gated":
-            # Sampled label_correlation starts need the training labels.
             hp.values.update(correlation=True, correlation_init="label_correlation")
-            with pytest.raises(ConfigError, match="needs the training labels"):
-                hypermodel.build(hp)
-            labels = training_labels(hypermodel.schema, [open_source("synthetic:200", image_size=32)])
-            started = hypermodel_for(base, space, train_labels=labels).build(hp)
+            started = hypermodel.build(hp)
             assert np.abs(keras.ops.convert_to_numpy(started.get_layer("correlation").correlation)).max() > 0.005
         # The trial config round-trips as an experiment config.
         again = ExperimentConfig.from_dict(config.to_dict())
@@ -217,6 +219,12 @@ def test_conditional_hyperparameters_follow_their_parent():
         ({"dropout": {"type": "float", "min": 0, "max": 0.5}}, {"time_budget_minutes": float("nan")}, r"time_budget_minutes must be"),
         ({"dropout": {"type": "float", "min": 0, "max": 0.5}}, {"seed": -1}, r"seed must be an integer in 0..2\*\*32-1"),
         ({"dropout": {"type": "float", "min": 0, "max": 0.5}}, {"chief_wait_minutes": 0}, r"chief_wait_minutes must be"),
+        # The trials' learning-rate schedule spans their 1 epoch, not train.epochs.
+        (
+            {"warmup_epochs": {"type": "float", "min": 0.0, "max": 3.0}},
+            {"experiment": dict(tiny_experiment(), train={"epochs": 6, "output_dir": "unused"})},
+            r"warmup_epochs reaches 3 .*longer than the 1 epoch\(s\) a trial trains",
+        ),
     ],
 )
 def test_bad_config_is_refused_before_any_trial(tmp_path, monkeypatch, space, overrides, message):
@@ -455,12 +463,52 @@ def test_yaml_exponent_without_dot_is_a_number():
     # PyYAML reads 1e-4 as a string; the space accepts it as a number.
     space = SearchSpace.from_dict(yaml.safe_load("learning_rate: {type: float, min: 1e-4, max: 1e-2, sampling: log}"))
     assert space.specs[0].min == pytest.approx(1e-4) and space.specs[0].max == pytest.approx(1e-2)
+    # A choice's default too.
+    space = SearchSpace.from_dict(yaml.safe_load("learning_rate: {type: choice, values: [1.0e-3, 1.0e-2], default: 1e-3}"))
+    assert space.specs[0].default == pytest.approx(1e-3)
+
+
+def test_a_notebook_hypermodel_refuses_what_would_fail_its_trials():
+    # Each would fail trials mid-search (three in a row stop it), or never
+    # reach the learning rate being tuned.
+    base = ExperimentConfig.from_dict(tiny_experiment())
+    base.train.epochs = 6
+    space = SearchSpace.from_dict(
+        {"correlation_init": {"type": "choice", "values": ["identity", "label_correlation"]}}
+    ).check(base)
+    with pytest.raises(ConfigError, match=r"trials may start the correlation layer from the training labels.*pass train_labels="):
+        hypermodel_for(base, space, schedule_epochs=2)
+    hypermodel_for(base, space, schedule_epochs=2, train_labels={}, builds_models=True)
+    hypermodel_for(base, space, schedule_epochs=2, builds_models=False)  # a search's chief
+    warm = SearchSpace.from_dict({"warmup_epochs": {"type": "float", "min": 0.0, "max": 5.0}}).check(base)
+    with pytest.raises(ConfigError, match=r"warmup_epochs reaches 5 .*longer than the 2 epoch\(s\) a trial trains"):
+        hypermodel_for(base, warm, schedule_epochs=2)
+    hypermodel_for(base, warm, schedule_epochs=5)
+
+
+def test_a_second_search_into_a_running_project_is_refused(tmp_path, monkeypatch):
+    from tfface.atomic_files import FolderBusyError
+    from tfface.atomic_files import folder_lock
+
+    config = write_tuning(tmp_path)
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data was read by the second search")
+
+    monkeypatch.setattr(search_module, "load_search_data", no_data)
+    project = tmp_path / "search"
+    project.mkdir()
+    (project / "oracle.json").write_text("{}")
+    with folder_lock(project):  # what the running `tfface tune` holds
+        with pytest.raises(FolderBusyError, match=r"search is being searched by another process"):
+            run_search(config, verbose=0)
+    assert [p.name for p in project.iterdir()] == ["oracle.json"]
 
 
 def test_each_tuner_type_is_made_with_its_oracle(tmp_path):
     base = ExperimentConfig.from_dict(tiny_experiment())
     space = SearchSpace.load(SPACES["gated"]).check(base)
-    hypermodel = hypermodel_for(base, space)
+    hypermodel = hypermodel_for(base, space, builds_models=False)  # builds nothing here
     expected = {
         "random": "RandomSearchOracle",
         "hyperband": "HyperbandOracle",
@@ -740,7 +788,7 @@ def test_a_worker_without_a_chief_stops_with_the_address_it_tried(tmp_path, monk
     monkeypatch.setenv("KERASTUNER_ORACLE_IP", "127.0.0.1")
     monkeypatch.setenv("KERASTUNER_ORACLE_PORT", str(port))
     monkeypatch.setenv("KERASTUNER_TUNER_ID", "tuner0")
-    fake_data = types.SimpleNamespace(steps_per_epoch=1, train_labels=None, train=None, val=None)
+    fake_data = types.SimpleNamespace(steps_per_epoch=1, train_labels={}, train=None, val=None)
     monkeypatch.setattr(search_module, "load_search_data", lambda base: fake_data)
     started = time.monotonic()
     with pytest.raises(TuningError, match=rf"worker tuner0: no chief answered at 127.0.0.1:{port} within 0.02 min"):
@@ -768,7 +816,7 @@ def test_a_worker_on_other_data_than_the_chief_recorded_is_refused(tmp_path, mon
             {"source": "d", "train_images": 10, "val_images": val_images, "train_ids": "t", "val_ids": "v",
              "train_labels": "tl", "val_labels": "vl"}]}
 
-    fake_data = types.SimpleNamespace(steps_per_epoch=1, train_labels=None, train=None, val=None, data_record=record(2))
+    fake_data = types.SimpleNamespace(steps_per_epoch=1, train_labels={}, train=None, val=None, data_record=record(2))
     monkeypatch.setattr(search_module, "load_search_data", lambda base: fake_data)
     # No search.json of the chief (a folder of the worker's own): nothing to compare, the worker goes on.
     with pytest.raises(ReachedTheTuner):

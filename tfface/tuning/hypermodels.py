@@ -36,12 +36,17 @@ class FaceHyperModel(keras_tuner.HyperModel):
             schedule (the data is loaded once, before the search).
         schedule_epochs: epochs the learning-rate schedule decays over (the
             epochs of one trial).
+        train_labels: task -> training labels (`training_labels`), needed
+            when a trial may start the correlation layer from them
+            (`correlation_init: label_correlation`).
+        builds_models: False for a distributed search's chief, which hands
+            out trials and builds no model (so needs no labels).
     """
 
     model_type = None
 
     def __init__(self, base_config: ExperimentConfig, search_space: SearchSpace, steps_per_epoch=1,
-                 schedule_epochs=1, train_labels=None, name=None):
+                 schedule_epochs=1, train_labels=None, builds_models=True, name=None):
         super().__init__(name=name or f"{self.model_type}_hypermodel")
         if base_config.model.type != self.model_type:
             raise ConfigError(
@@ -56,6 +61,20 @@ class FaceHyperModel(keras_tuner.HyperModel):
         self.steps_per_epoch = max(1, int(steps_per_epoch))
         self.schedule_epochs = max(1, int(schedule_epochs))
         self.train_labels = train_labels
+        # Refused here, before the search: as failed trials, three in a row
+        # would stop it.
+        search_space.check_trial_schedule(base_config, self.schedule_epochs)
+        if (
+            builds_models
+            and train_labels is None
+            and True in search_space.possible_values(base_config, "model", "correlation")
+            and "label_correlation" in search_space.possible_values(base_config, "model", "correlation_init")
+        ):
+            raise ConfigError(
+                f"{search_space.source}: trials may start the correlation layer from the training labels "
+                "(correlation_init: label_correlation); pass train_labels="
+                "tfface.training.trainer.training_labels(schema, train_sources)"
+            )
 
     def declare_hyperparameters(self, hp):
         self.search_space.declare(hp)

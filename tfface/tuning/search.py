@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from tfface.atomic_files import atomic_path
+from tfface.atomic_files import claimed_folder
 from tfface.atomic_files import write_atomic
 from tfface.config import ConfigError
 from tfface.config import ExperimentConfig
@@ -305,6 +306,7 @@ def prepare(tuning_config_path):
             f"{OBJECTIVE} needs validation data"
         )
     space = tuning.load_search_space().check(base)
+    space.check_trial_schedule(base, tuning.trial_epochs)
     _distributed_role()  # checks the KerasTuner environment variables
     return tuning, base, space
 
@@ -677,12 +679,25 @@ def run_search(
     trials_run (ids this process ran), and except on workers: trials
     (records), best (record), best_config, summary, plot, results paths.
     """
+    tuning, base, space = prepare(tuning_config_path)
+    role = _distributed_role()
+    if role == "worker":  # writes its trials into the chief's search
+        return _search(tuning, base, space, role, data, verbose, on_trial_end)
+    busy = (
+        f"{tuning.project_dir} is being searched by another process (a tfface tune still running); wait "
+        "for it to end, or give this search another project name"
+    )
+    # Locked: a second search into the project would run the same trials.
+    with claimed_folder(tuning.project_dir, busy):
+        return _search(tuning, base, space, role, data, verbose, on_trial_end)
+
+
+def _search(tuning, base, space, role, data, verbose, on_trial_end) -> dict:
+    """`run_search` once its project folder is claimed (except on a worker)."""
     import keras
 
     from tfface.tuning.hypermodels import hypermodel_for
 
-    tuning, base, space = prepare(tuning_config_path)
-    role = _distributed_role()
     project_dir = tuning.project_dir
     if role != "worker":  # before any data is read
         _check_same_search(project_dir, tuning, base, space)
@@ -707,6 +722,7 @@ def run_search(
         steps_per_epoch=steps,
         schedule_epochs=tuning.trial_epochs,
         train_labels=data.train_labels if data is not None else None,
+        builds_models=role != "chief",
     )
     data_compared = None
     if role == "worker":
@@ -1157,9 +1173,14 @@ def tune_main(args) -> dict:
         return summary
     best = summary["best"]
     print(
-        f"{len(summary['trials'])} trials; best trial {best['trial_id']}: "
-        f"{OBJECTIVE} = {best['score']:.4f}"
+        f"{len(summary['trials'])} trials; best trial {best['trial_id']} (folder trial_{best['trial_id']}/; "
+        f"KerasTuner's log counts from 1: 'Trial {_console_number(best['trial_id'])}'): {OBJECTIVE} = {best['score']:.4f}"
     )
     print(f"best config: {summary['best_config']}  (train it: tfface train --config {summary['best_config']})")
     print(f"summary: {summary['summary']}; plot: {summary['plot']}")
     return summary
+
+
+def _console_number(trial_id) -> str:
+    """KerasTuner's console name of a trial ("Trial 5" for trial_4/)."""
+    return str(int(trial_id) + 1) if str(trial_id).isdigit() else str(trial_id)

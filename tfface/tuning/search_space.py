@@ -243,6 +243,29 @@ class SearchSpace:
             raise ConfigError(f"{self.source}: nothing left to search for this experiment")
         return SearchSpace(kept, self.source)
 
+    def possible_values(self, config: ExperimentConfig, section: str, field: str) -> set:
+        """Every value a trial's `section.field` may take: the base
+        experiment's, and the searched ones."""
+        base = config.model if section == "model" else config.train
+        values = {getattr(base, field)}
+        for spec in self.specs:
+            if (spec.section, spec.field) == (section, field):
+                values.update(spec.candidate_values())
+        return values
+
+    def check_trial_schedule(self, config: ExperimentConfig, trial_epochs: int) -> None:
+        """Refuses a warm-up longer than a trial: a trial's learning-rate
+        schedule spans the epochs it trains, not the experiment's
+        `train.epochs`, so the rate being tuned would never be reached (as
+        `tfface train` refuses for a run)."""
+        longest = max(self.possible_values(config, "train", "warmup_epochs"))
+        if longest > trial_epochs:
+            raise ConfigError(
+                f"{self.source}: warmup_epochs reaches {longest:g} (experiment or search space), longer than "
+                f"the {trial_epochs} epoch(s) a trial trains: its learning rate would never reach the value "
+                "being tuned; lower warmup_epochs or train each trial longer (tuning epochs)"
+            )
+
     # --- use -----------------------------------------------------------------------
     def declare(self, hp) -> dict:
         """Declares every hyperparameter; returns the active values."""
@@ -402,9 +425,11 @@ def _parse_spec(key, raw, earlier) -> HyperParameterSpec:
             raise ConfigError(f"hyperparameter '{key}': repeated values in {values}")
         spec["values"] = tuple(values)
         if raw.get("default") is not None:
-            if raw["default"] not in values:
+            # Parsed as the values are: YAML reads 1e-3 (no dot) as a string.
+            default = _number(key, "default", raw["default"]) if field_type is float else raw["default"]
+            if default not in values:
                 raise ConfigError(f"hyperparameter '{key}': default {raw['default']!r} is not one of {values}")
-            spec["default"] = raw["default"]
+            spec["default"] = default
     elif kind == "boolean":
         if field_type is not bool:
             raise ConfigError(f"hyperparameter '{key}': type boolean does not fit the field, which takes {type_name}")
