@@ -950,6 +950,10 @@ def test_the_best_model_checkpoint_saves_only_a_better_score(tmp_path):
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     path = tmp_path / "model.keras"
+    first = AtomicModelCheckpoint(path, monitor="val_score")
+    first.set_model(model)
+    first.on_epoch_end(0, {"val_score": float("nan")})  # a diverged first epoch is no best
+    assert not path.exists() and first.best is None
     checkpoint = AtomicModelCheckpoint(path, monitor="val_score", initial_value_threshold=0.5)
     checkpoint.set_model(model)
     checkpoint.on_epoch_end(0, {"val_score": 0.4})  # below the earlier run's best
@@ -963,3 +967,52 @@ def test_the_best_model_checkpoint_saves_only_a_better_score(tmp_path):
     assert path.read_bytes() == saved
     checkpoint.on_epoch_end(5, {"val_score": 0.7})
     assert np.array_equal(keras.saving.load_model(path).get_weights()[0], np.ones((2, 1)))
+
+
+_FILL_THE_DISK_BEFORE_THE_BACKUP = """
+import os, sys
+from tfface.cli import main
+from tfface.training import trainer
+
+check = trainer.BackupSpaceCheck.on_epoch_end
+
+def full_disk(self, epoch, logs=None):
+    disk = os.statvfs(self.backup_dir.parent)
+    with open(sys.argv[2], "wb") as ballast:  # leaves 64 KiB, less than the backup
+        ballast.write(bytes(max(disk.f_bavail * disk.f_frsize - 65536, 0)))
+    return check(self, epoch, logs)
+
+trainer.BackupSpaceCheck.on_epoch_end = full_disk
+sys.exit(main(["train", "--config", sys.argv[1]]))
+"""
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_during_the_backup_is_one_error_line_and_the_rerun_recovers(tmp_path):
+    # HDF5 crashed the process (exit 139) when the disk filled in the middle
+    # of the backup; the room is checked before it is written.
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    config = _write_config(tmp_path, epochs=2, output_dir=str(disk / "run"))
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("needs a tmpfs of its own (mount, as root)")
+    try:
+        ballast = disk / "ballast"
+        full = subprocess.run(
+            [sys.executable, "-c", _FILL_THE_DISK_BEFORE_THE_BACKUP, str(config), str(ballast)],
+            env=_env(), capture_output=True, text=True, timeout=400,
+        )
+        assert full.returncode == 2, full.stderr[-2000:]
+        assert "tfface train: error: [Errno 28] not enough free space for the resume backup" in full.stderr
+        assert "Traceback" not in full.stderr
+        assert _epochs_logged(disk / "run") == [0] and (disk / "run" / "last.keras").is_file()
+        ballast.unlink()
+        again = subprocess.run(
+            [sys.executable, "-m", "tfface.cli", "train", "--config", str(config)],
+            env=_env(), capture_output=True, text=True, timeout=400,
+        )
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert _epochs_logged(disk / "run") == [0, 1]
+    finally:
+        subprocess.run(["umount", str(disk)])

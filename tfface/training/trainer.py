@@ -19,10 +19,13 @@ refused, not overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import errno
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -354,6 +357,61 @@ class ResumedEarlyStopping(keras.callbacks.EarlyStopping):
         return len(self.earlier) > 1 and self._replayed()[1] >= self.patience
 
 
+@contextlib.contextmanager
+def _closing_files_of_a_failed_write():
+    """A write that fails inside Keras (a full disk during the resume
+    backup) leaves its HDF5 file open, held by the traceback. Released
+    later, in whatever order the garbage collector picks, its objects
+    crashed the process (segfault, after the error was printed); closed
+    here the way h5py closes a file (its objects first), quietly."""
+    try:
+        yield
+    except OSError:
+        import h5py
+
+        hook = sys.unraisablehook
+        sys.unraisablehook = lambda unraisable: None  # h5py reports the failed close again
+        try:
+            for file_id in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE):
+                with contextlib.suppress(Exception):
+                    h5py.File(file_id).close()
+        finally:
+            sys.unraisablehook = hook
+        raise
+
+
+class BackupSpaceCheck(keras.callbacks.Callback):
+    """Refuses, with ENOSPC, a resume backup the disk cannot hold, just
+    before `BackupAndRestore` writes it: HDF5 crashed the process
+    (segfault) when the disk filled in the middle of that file. The backup
+    copies the newest file over the one before, then rewrites the newest
+    in place, so that needs room for one more file, less the one before."""
+
+    def __init__(self, backup_dir):
+        super().__init__()
+        self.backup_dir = Path(backup_dir)
+
+    def on_epoch_end(self, epoch, logs=None):
+        newest = self.backup_dir / "latest.weights.h5"
+        before = self.backup_dir / "latest.weights.h5.bkp"
+        size = newest.stat().st_size if newest.is_file() else self._estimated_size()
+        needed = int(size * 1.1) + (1 << 20)
+        folder = self.backup_dir if self.backup_dir.is_dir() else self.backup_dir.parent
+        free = shutil.disk_usage(folder).free
+        if free + (before.stat().st_size if before.is_file() else 0) < needed:
+            raise OSError(
+                errno.ENOSPC,
+                f"not enough free space for the resume backup in {self.backup_dir}: it needs about "
+                f"{needed / 2**20:.1f} MB, {free / 2**20:.1f} MB are free; free some space and run the same "
+                "command again (training resumes from the last backup)",
+            )
+
+    def _estimated_size(self) -> int:
+        """Bytes of the weights and optimizer state, plus HDF5's bookkeeping."""
+        variables = list(self.model.weights) + list(getattr(self.model.optimizer, "variables", None) or [])
+        return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize + 4096 for v in variables)
+
+
 class AtomicModelCheckpoint(keras.callbacks.Callback):
     """Saves the model after each epoch, or with `monitor` only when that
     score beats the best so far (higher is better), as a whole `.keras`
@@ -373,7 +431,7 @@ class AtomicModelCheckpoint(keras.callbacks.Callback):
             if score is None:
                 log.warning("%s is not logged; %s is not saved", self.monitor, self.path.name)
                 return
-            if self.best is not None and not score > self.best:
+            if not score > (-math.inf if self.best is None else self.best):  # NaN never is
                 return
             self.best = float(score)
         save_model_atomic(self.model, self.path)
@@ -593,7 +651,7 @@ def _train_in(out, config, strategy, schema, train_sources, val_sources, landmar
         ]
         if val_ds is not None:
             callbacks.append(AtomicModelCheckpoint(best_model, monitor=MONITOR, initial_value_threshold=best_so_far))
-    callbacks.append(backup)
+    callbacks += [BackupSpaceCheck(out / "backup"), backup]
     early_stopping = budget = None
     epochs = config.train.epochs
     if config.train.early_stopping_patience > 0 and val_ds is not None:
@@ -610,7 +668,7 @@ def _train_in(out, config, strategy, schema, train_sources, val_sources, landmar
         callbacks.append(budget)
 
     start = time.monotonic()
-    with naming_undecodable_images(train_sources + val_sources):
+    with naming_undecodable_images(train_sources + val_sources), _closing_files_of_a_failed_write():
         history = model.fit(
             train_ds,
             validation_data=val_ds,
