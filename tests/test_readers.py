@@ -3,6 +3,7 @@ on tiny fixture folders the tests write themselves."""
 
 import csv
 import logging
+import re
 import socket
 from pathlib import Path
 
@@ -202,14 +203,6 @@ def test_wrong_column_count_names_file_and_line(celeba_csv):
         read_celeba_folder(celeba_csv)
 
 
-def test_an_image_listed_under_a_second_spelling_is_listed_twice(celeba_csv):
-    with open(celeba_csv / "attributes.csv", "a") as f:
-        f.write("./000005.jpg,1,0,1,40,train\n")
-    with pytest.raises(DataError, match=r"attributes\.csv, line 7: image './000005\.jpg' is listed twice"):
-        read_celeba_folder(celeba_csv)
-    assert len(read_celeba_folder(celeba_csv, skip_bad_rows=True)) == 5
-
-
 def test_an_image_given_two_identities_is_refused(celeba_csv):
     # The last row won silently, moving the image to another person in the split.
     with open(celeba_csv / "identities.csv", "a") as f:
@@ -252,11 +245,13 @@ def test_missing_image_names_file_and_line(celeba_csv):
         read_celeba_folder(celeba_csv)
 
 
-def test_duplicate_row_names_line(celeba_csv):
+@pytest.mark.parametrize("spelling", ["000001.jpg", "./000001.jpg"])  # one file either way
+def test_duplicate_row_names_line(celeba_csv, spelling):
     with open(celeba_csv / "attributes.csv", "a") as f:
-        f.write("000001.jpg,1,0,0,20,train\n")
-    with pytest.raises(DataError, match=r"line 7: image '000001.jpg' is listed twice"):
+        f.write(f"{spelling},1,0,0,20,train\n")
+    with pytest.raises(DataError, match=rf"line 7: image '{re.escape(spelling)}' is listed twice"):
         read_celeba_folder(celeba_csv)
+    assert len(read_celeba_folder(celeba_csv, skip_bad_rows=True)) == 5
 
 
 def test_skip_bad_rows_counts_and_warns(celeba_csv, caplog):
