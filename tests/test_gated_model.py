@@ -104,9 +104,9 @@ def test_parameter_count_of_a_fixed_tiny_config():
     heads = 3 * 16 * 3 + 3 * 3  # padded to the widest task
     correlation = 5 * 5
     centers = 3 * 3 * 16  # K * max classes * D
-    trainable = convs + 2 * bn_channels + gate + projection + heads + correlation + centers
-    non_trainable = 2 * bn_channels + 5  # BN moving stats + correlation moving mean
-    assert trainable == 75622 and non_trainable == 525  # Model Garden style: the numbers
+    trainable = convs + 2 * bn_channels + gate + projection + heads + correlation
+    non_trainable = 2 * bn_channels + 5 + centers  # BN moving stats, correlation moving mean, centers
+    assert trainable == 75478 and non_trainable == 669  # Model Garden style: the numbers
     assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == trainable
     assert sum(int(np.prod(w.shape)) for w in model.non_trainable_weights) == non_trainable
     assert model.count_params() == 76147

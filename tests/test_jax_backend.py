@@ -63,7 +63,8 @@ def test_model_fits_and_round_trips_under_jax(variant, state, outputs, tmp_path)
     assert report["steps"] == 2
     assert len(report["loss"]) == 1 and math.isfinite(report["loss"][0]) and report["loss"][0] > 0
     # Every kind of state moved: heads; gates, router or group fusion;
-    # correlation C and center-loss centers (trained through compute_loss) or
+    # correlation C (trained through compute_loss), the center-loss centers
+    # (updated by the layer inside compute_loss), or
     # the mask predictor (through the mask loss); a moving mean.
     assert report["changed"] == {k: True for k in report["changed"]}
     assert set(report["changed"]) == state

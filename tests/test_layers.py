@@ -288,7 +288,7 @@ LABELS = np.array([[0, 2], [1, -1], [-1, 0], [1, 2]], "int32")  # (B, K=2)
 EMB2 = RNG.normal(size=(4, 2, 3)).astype("float32")
 
 
-def center_loss_numpy(embeddings, labels, centers, weight, update_rate):
+def center_loss_numpy(embeddings, labels, centers, weight):
     total, count = 0.0, 0
     for b in range(labels.shape[0]):
         for k in range(labels.shape[1]):
@@ -296,7 +296,18 @@ def center_loss_numpy(embeddings, labels, centers, weight, update_rate):
                 continue
             total += np.sum((embeddings[b, k] - centers[k, labels[b, k]]) ** 2)
             count += 1
-    return 0.5 * (weight + update_rate) * total / max(count, 1)
+    return 0.5 * weight * total / max(count, 1)
+
+
+def wen_update_numpy(embeddings, labels, centers, update_rate):
+    """Wen et al. 2016, eq. 4: c_j -= alpha * sum_{y_i=j} (c_j - x_i) / (1 + n_j)."""
+    updated = centers.copy()
+    for k in range(labels.shape[1]):
+        for j in range(centers.shape[1]):
+            chosen = labels[:, k] == j
+            step = np.sum(centers[k, j] - embeddings[chosen, k], axis=0) / (1 + chosen.sum())
+            updated[k, j] = centers[k, j] - update_rate * step
+    return updated
 
 
 def test_center_loss_layer(tmp_path):
@@ -305,14 +316,12 @@ def test_center_loss_layer(tmp_path):
         dict(num_classes=[2, 3], weight=0.1, update_rate=0.5),
         [EMB2, LABELS],
         expected_output_shape=(),
-        num_trainable_params=2 * 3 * 3,  # K * max(C) * D
-        num_non_trainable_params=0,
+        num_trainable_params=0,
+        num_non_trainable_params=2 * 3 * 3,  # K * max(C) * D centers, updated by the layer
         tmp_path=tmp_path,
     )
     # Zero-initialised centers: the loss is the squared norm of labelled entries.
-    np.testing.assert_allclose(
-        value, center_loss_numpy(EMB2, LABELS, np.zeros((2, 3, 3)), 0.1, 0.5), rtol=1e-5
-    )
+    np.testing.assert_allclose(value, center_loss_numpy(EMB2, LABELS, np.zeros((2, 3, 3)), 0.1), rtol=1e-5)
 
 
 def test_center_loss_matches_numpy_with_masking():
@@ -320,7 +329,7 @@ def test_center_loss_matches_numpy_with_masking():
     layer.build(EMB2.shape)
     centers = RNG.normal(size=(2, 3, 3)).astype("float32")
     layer.centers.assign(centers)
-    expected = center_loss_numpy(EMB2, LABELS, centers, 0.1, 0.5)
+    expected = center_loss_numpy(EMB2, LABELS, centers, 0.1)
     np.testing.assert_allclose(to_numpy(layer(EMB2, LABELS)), expected, rtol=1e-5)
     # Changing a masked (-1) embedding changes nothing.
     moved = EMB2.copy()
@@ -338,7 +347,7 @@ def test_center_loss_is_zero_at_the_centers():
     assert float(to_numpy(layer(at_centers, LABELS))) == pytest.approx(0.0, abs=1e-7)
 
 
-def test_center_loss_gradients_pull_centers_to_class_means():
+def test_center_loss_moves_embeddings_only_through_its_gradient():
     layer = CenterLoss([2, 3], weight=0.1, update_rate=0.5)
     layer.build(EMB2.shape)
     centers = RNG.normal(size=(2, 3, 3)).astype("float32")
@@ -347,24 +356,34 @@ def test_center_loss_gradients_pull_centers_to_class_means():
     with tf.GradientTape() as tape:
         loss = layer(embeddings, LABELS)
     grad_centers, grad_embeddings = tape.gradient(loss, [layer.centers, embeddings])
-    grad_centers, grad_embeddings = grad_centers.numpy(), grad_embeddings.numpy()
+    assert grad_centers is None and not layer.trainable_weights  # no optimizer moves the centers
     count = np.sum(LABELS >= 0)
-    # Embeddings move with `weight` only, centers with `update_rate` only.
     pulled = centers[np.arange(2)[None], np.maximum(LABELS, 0)]
-    expected_e = 0.1 * (EMB2 - pulled) * (LABELS >= 0)[..., None] / count
-    np.testing.assert_allclose(grad_embeddings, expected_e, rtol=1e-5, atol=1e-7)
-    # Class 1 of task 1 has no labelled example: its center does not move.
-    np.testing.assert_array_equal(grad_centers[1, 1], 0.0)
+    expected = 0.1 * (EMB2 - pulled) * (LABELS >= 0)[..., None] / count
+    np.testing.assert_allclose(grad_embeddings.numpy(), expected, rtol=1e-5, atol=1e-7)
 
-    def distance_to_class_means(c):
-        d = 0.0
-        for k in range(2):
-            for cls in np.unique(LABELS[:, k][LABELS[:, k] >= 0]):
-                d += np.sum((c[k, cls] - EMB2[LABELS[:, k] == cls, k].mean(axis=0)) ** 2)
-        return d
 
-    stepped = centers - 0.5 * grad_centers  # one SGD step
-    assert distance_to_class_means(stepped) < distance_to_class_means(centers)
+@pytest.mark.parametrize("update_rate", [0.5, 0.05])
+def test_center_update_follows_wen_et_al_for_the_labelled_classes_only(update_rate):
+    # Under the model's AdamW the step did not scale with update_rate, and
+    # momentum moved centers whose class had left the batch.
+    layer = CenterLoss([2, 3], weight=0.1, update_rate=update_rate)
+    layer.build(EMB2.shape)
+    centers = RNG.normal(size=(2, 3, 3)).astype("float32")
+    layer.centers.assign(centers)
+    layer(EMB2, LABELS)  # not training: no update
+    np.testing.assert_array_equal(to_numpy(layer.centers), centers)
+    layer(EMB2, LABELS, training=True)
+    updated = to_numpy(layer.centers)
+    np.testing.assert_allclose(updated, wen_update_numpy(EMB2, LABELS, centers, update_rate), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(updated[1, 1], centers[1, 1])  # class 1 of task 1 is not labelled
+    assert not np.allclose(updated[0, 1], centers[0, 1])
+    # The next batch labels nothing: nothing moves.
+    layer(EMB2, np.full_like(LABELS, -1), training=True)
+    np.testing.assert_array_equal(to_numpy(layer.centers), updated)
+    layer.trainable = False  # frozen, as a frozen BatchNormalization keeps its statistics
+    layer(EMB2, LABELS, training=True)
+    np.testing.assert_array_equal(to_numpy(layer.centers), updated)
 
 
 def test_center_loss_rejects_wrong_task_count():

@@ -4,10 +4,13 @@ One center per (task, class value) in the embedding space of that task.
 Pulling each task's embedding towards the center of its class value
 disentangles the attribute representations (Celona et al. 2018).
 
-The center update of Wen et al. (c <- c - alpha * dc) is done without a
-custom optimizer, so it runs on every backend: the loss splits into
-`weight * 0.5 |e - stop_grad(c)|^2` (moves embeddings) and
-`update_rate * 0.5 |stop_grad(e) - c|^2` (moves the centers).
+The loss, `weight * 0.5 |e - stop_grad(c)|^2` averaged over the labelled
+entries, moves only the embeddings. The centers are not trained by the
+model's optimizer (Adam's step does not scale with a rate, and momentum
+kept moving centers whose class had left the batch): like a
+BatchNormalization's statistics they are updated in the training call, by
+Wen et al.'s rule `c_j <- c_j - alpha * sum_{y_i = j} (c_j - e_i) / (1 + n_j)`,
+so only the classes labelled in the batch move, by `update_rate` (alpha).
 """
 
 import keras
@@ -43,20 +46,33 @@ class CenterLoss(keras.layers.Layer):
             name="centers",
             shape=(num_tasks, max(self.num_classes), dim),
             initializer="zeros",
+            trainable=False,  # updated in `call` (see the module docstring)
         )
 
-    def call(self, embeddings, labels):
+    def call(self, embeddings, labels, training=None):
         labels = ops.cast(labels, "int32")
         mask = ops.cast(labels >= 0, embeddings.dtype)  # (B, K)
         safe = ops.maximum(labels, 0)
-        # centers[k, labels[b, k]] for every (b, k).
-        onehot = ops.one_hot(safe, max(self.num_classes), dtype=embeddings.dtype)  # (B, K, C)
-        centers = ops.einsum("bkc,kcd->bkd", onehot, ops.cast(self.centers, embeddings.dtype))
-        pull = ops.sum(ops.square(embeddings - ops.stop_gradient(centers)), axis=-1)
-        follow = ops.sum(ops.square(ops.stop_gradient(embeddings) - centers), axis=-1)
+        # centers[k, labels[b, k]] for every (b, k); labelled entries only.
+        onehot = ops.one_hot(safe, max(self.num_classes), dtype=embeddings.dtype) * mask[..., None]  # (B, K, C)
+        centers = ops.cast(self.centers, embeddings.dtype)
+        assigned = ops.einsum("bkc,kcd->bkd", onehot, centers)
+        pull = ops.sum(ops.square(embeddings - ops.stop_gradient(assigned)), axis=-1)
         count = ops.maximum(ops.sum(mask), 1.0)
-        per_entry = self.weight * pull + self.update_rate * follow
-        return 0.5 * ops.sum(per_entry * mask) / count
+        if training and self.trainable:
+            self._update_centers(ops.stop_gradient(embeddings), onehot)
+        return 0.5 * self.weight * ops.sum(pull * mask) / count
+
+    def _update_centers(self, embeddings, onehot):
+        """Wen et al.'s step for every (task, class), 0 for a class the
+        batch does not label."""
+        embeddings = ops.cast(embeddings, "float32")
+        onehot = ops.cast(onehot, "float32")
+        counts = ops.sum(onehot, axis=0)[..., None]  # (K, C, 1)
+        sums = ops.einsum("bkc,bkd->kcd", onehot, embeddings)  # (K, C, D)
+        centers = ops.cast(self.centers, "float32")
+        step = (counts * centers - sums) / (1.0 + counts)
+        self.centers.assign(ops.cast(centers - self.update_rate * step, self.centers.dtype))
 
     def compute_output_shape(self, embeddings_shape, labels_shape=None):
         return ()

@@ -270,7 +270,7 @@ class MultiTaskFaceModel(keras.Model):
                     total = total + weight * masked_sparse_categorical_crossentropy(y[task.name], z[:, start:end])
         center = getattr(self, "center_loss", None)
         if center is not None and y is not None and "_embeddings" in y_pred and self.model_config.center_loss_weight > 0:
-            total = total + center(y_pred["_embeddings"], self.center_labels(y))
+            total = total + center(y_pred["_embeddings"], self.center_labels(y), training=training)
         if y is not None and "_group_masks" in y_pred and "_group_masks" in y and self.model_config.mask_loss_weight > 0:
             valid = y.get("_has_landmarks", ops.ones((ops.shape(y["_group_masks"])[0],)))
             total = total + self.model_config.mask_loss_weight * masked_bce_dice(
@@ -363,11 +363,12 @@ class MultiTaskFaceModel(keras.Model):
         return super().call(inputs, training=training, mask=mask)
 
     def center_labels(self, y):
-        """(B, K) int labels of the tasks with embeddings, -1 where missing."""
+        """(B, K) int labels of the tasks with embeddings, -1 where missing
+        and for a task of loss weight 0 (not trained)."""
         batch = None
         columns = []
-        for task in self.schema:
-            if task.name in y:
+        for task, weight in zip(self.schema, self.task_weights):
+            if task.name in y and weight != 0.0:
                 column = ops.cast(ops.reshape(y[task.name], (-1,)), "int32")
                 batch = column
             else:
