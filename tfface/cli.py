@@ -470,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--limit", type=_positive_int, metavar="N",
         help="score only N images of the data (of the --split part when given): the same N on every run, chosen "
-        "by a seeded hash of the image file names, not the first N; metrics.json and report.md record the limit "
+        "by a seeded hash of the image file names (of the pixels for generated sources), not the first N; metrics.json and report.md record the limit "
         "(default: every image)",
     )
     p.set_defaults(func=_cmd_evaluate)

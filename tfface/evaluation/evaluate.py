@@ -5,7 +5,7 @@ One pass over the data collects every task's probabilities
 same numbers come out whether the model ran here or predictions were
 stored: per-task and headline metrics (`compute_metrics`), accuracy by
 gender, age group and race (`subgroup_metrics`), and `evaluate_model`, which
-also writes `metrics.json`, PNG plots and `report.md` to a folder.
+also writes `metrics.json`, PNG plots, `report.md` and `model_card.md` to a folder.
 
 Metrics only count labelled entries (-1 is missing). Binary decisions are
 `probability >= threshold` with each task's threshold from the schema
