@@ -162,6 +162,23 @@ def test_missing_landmarks_give_zero_masks():
     assert group_masks_numpy(negative_row, 20, 30).shape == (20, 30, 8)
 
 
+def test_a_face_the_crop_cuts_on_any_side_keeps_its_masks():
+    # A landmark left of or above the crop made every mask zero while the
+    # face still counted as having landmarks (the mask loss trained towards
+    # empty masks), and a flip turned a face cut on the right into that.
+    shift = TEMPLATE_5PT[:, 0].min() + 0.05  # moves the leftmost point to x = -0.05
+    cut_left = TEMPLATE_5PT - [shift, 0.0]
+    cut_top = TEMPLATE_5PT - [0.0, TEMPLATE_5PT[:, 1].min() + 0.05]
+    cut_right = TEMPLATE_5PT + [1.0 - TEMPLATE_5PT[:, 0].max() + 0.05, 0.0]
+    masks = group_masks_tf(np.stack([cut_left, cut_top, cut_right]).astype(np.float32), 32).numpy()
+    for i, name in enumerate(["left", "top", "right"]):
+        assert masks[i].max() == 1.0 and masks[i][..., -1].mean() > 0.1, name  # drawn, the whole face included
+    assert masks[0].sum(axis=(0, 1)).min() > 0  # cut on the left: every group still shows
+    # The left-cut face is the right-cut one flipped: its masks are the flipped masks.
+    flipped = np.stack([1.0 - cut_right[:, 0], cut_right[:, 1]], axis=1)[[1, 0, 2, 4, 3]]
+    np.testing.assert_allclose(group_masks_tf(flipped.astype(np.float32), 32).numpy(), masks[2][:, ::-1], atol=1e-4)
+
+
 def test_bad_shapes_are_rejected():
     with pytest.raises(ValueError, match=r"\(5, 2\)"):
         group_masks_numpy(np.zeros((4, 2)), 10, 10)

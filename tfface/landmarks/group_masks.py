@@ -60,6 +60,14 @@ GROUP_COLORS = (
 )
 
 
+# A row of landmarks all equal to this marks a face without landmarks (the
+# pipeline's marker); so does any NaN. A point merely outside the image, as
+# the centre crop or an augmentation leaves it, is drawn where it falls: a
+# negative coordinate used to blank every mask of a face cut off on the left
+# or top (and of a face cut off on the right once flipped).
+MISSING_MARK = -1.0
+
+
 class _NumpyOps:
     stack = staticmethod(np.stack)
     sqrt = staticmethod(np.sqrt)
@@ -72,7 +80,7 @@ class _NumpyOps:
     @staticmethod
     def valid_rows(lm):
         with np.errstate(invalid="ignore"):
-            return np.all(np.isfinite(lm) & (lm >= 0), axis=(1, 2))
+            return np.all(np.isfinite(lm), axis=(1, 2)) & ~np.all(lm == MISSING_MARK, axis=(1, 2))
 
     @staticmethod
     def where_rows(valid, a, b):
@@ -94,7 +102,7 @@ class _TFOps:
 
     @staticmethod
     def valid_rows(lm):
-        return tf.reduce_all(tf.math.is_finite(lm) & (lm >= 0), axis=[1, 2])
+        return tf.reduce_all(tf.math.is_finite(lm), axis=[1, 2]) & ~tf.reduce_all(tf.equal(lm, MISSING_MARK), axis=[1, 2])
 
     @staticmethod
     def where_rows(valid, a, b):
@@ -226,7 +234,8 @@ def _masks(lm, xs, ys, extent, ops):
 def group_masks_numpy(landmarks, height: int, width: int) -> np.ndarray:
     """float32 (H, W, 8) group masks for pixel landmarks (5, 2) of an H x W image.
 
-    Landmarks with a NaN or a negative coordinate give all-zero masks.
+    Landmarks with a NaN, or all -1, give all-zero masks; points outside the
+    image are drawn where they fall.
     """
     lm = np.asarray(landmarks, np.float32)
     if lm.shape != (5, 2):
@@ -243,8 +252,9 @@ def group_masks_tf(landmarks, size: int) -> tf.Tensor:
 
     Args:
         landmarks: (B, 5, 2) or (5, 2) (x, y) in [0, 1] of the model input
-            (after any crop/flip/resize); NaN or negative rows mean missing
-            and give all-zero masks.
+            (after any crop/flip/resize), possibly outside [0, 1] for a face
+            the crop cuts; rows with a NaN or all -1 mean missing and give
+            all-zero masks.
         size: side of the square masks, in pixels (a Python int).
 
     Returns:
