@@ -274,6 +274,11 @@ def _epoch_of(csv_line: str) -> int:
         return -1  # not a row (a blank line): kept
 
 
+# The files `keras.callbacks.BackupAndRestore` writes in its folder: the
+# newest weights, and (double_checkpoint) the ones before as NAME.bkp.
+BACKUP_WEIGHTS = "latest.weights.h5"
+
+
 def _readable_weights(path: Path) -> bool:
     """Whether every array of a weights file reads back (a kill or a full
     disk during the write leaves one that h5py opens but cannot read)."""
@@ -299,10 +304,10 @@ def _settle_backup(backup_dir: Path) -> None:
     short by a full disk raises other errors). A backup with no finished
     epoch (the first one, torn) is removed: the run starts again. One with
     epochs but nothing readable is left for `_restore_backup` to name."""
-    latest = backup_dir / "latest.weights.h5"
+    latest = backup_dir / BACKUP_WEIGHTS
     if not latest.is_file() or _readable_weights(latest):
         return
-    earlier = backup_dir / "latest.weights.h5.bkp"
+    earlier = backup_dir / (BACKUP_WEIGHTS + ".bkp")
     metadata = backup_dir / "training_metadata.json"
     earlier_metadata = backup_dir / "training_metadata.json.bkp"
     if earlier.is_file() and _readable_weights(earlier):
@@ -392,8 +397,8 @@ class BackupSpaceCheck(keras.callbacks.Callback):
         self.backup_dir = Path(backup_dir)
 
     def on_epoch_end(self, epoch, logs=None):
-        newest = self.backup_dir / "latest.weights.h5"
-        before = self.backup_dir / "latest.weights.h5.bkp"
+        newest = self.backup_dir / BACKUP_WEIGHTS
+        before = self.backup_dir / (BACKUP_WEIGHTS + ".bkp")
         size = newest.stat().st_size if newest.is_file() else self._estimated_size()
         needed = int(size * 1.1) + (1 << 20)
         folder = self.backup_dir if self.backup_dir.is_dir() else self.backup_dir.parent
@@ -641,13 +646,14 @@ def _train_in(out, config, strategy, schema, train_sources, val_sources, landmar
     best_so_far = max(earlier) if earlier and zipfile.is_zipfile(best_model) else None
     callbacks = []
     if chief:
-        for saved in ("last.keras", "model.keras"):
-            discard_leftovers(out / saved)  # the partial saves of a killed run
+        last_model = out / "last.keras"
+        for saved in (last_model, best_model):
+            discard_leftovers(saved)  # the partial saves of a killed run
         # Before the backup, so every epoch the backup holds is logged and saved.
         callbacks += [
             keras.callbacks.CSVLogger(str(history_file), append=resuming),
             keras.callbacks.TensorBoard(str(out / "logs"), update_freq="epoch"),
-            AtomicModelCheckpoint(out / "last.keras"),
+            AtomicModelCheckpoint(last_model),
         ]
         if val_ds is not None:
             callbacks.append(AtomicModelCheckpoint(best_model, monitor=MONITOR, initial_value_threshold=best_so_far))
