@@ -284,6 +284,24 @@ def test_an_image_that_does_not_decode_is_named_and_earlier_outputs_kept(tiny_mo
     assert (out / "metrics.json").read_text() == "{}"
 
 
+def test_skip_bad_images_scores_the_rest_and_names_what_it_left_out(tiny_model, tmp_path):
+    from tfface.data.synthetic import write_synthetic_folder
+
+    folder = write_synthetic_folder(synthetic_source(n=8), tmp_path / "faces")
+    victims = sorted((folder / "images").iterdir())[2:4]
+    victims[0].write_bytes(b"")
+    data = victims[1].read_bytes()
+    victims[1].write_bytes(data[:40] + bytes(len(data) - 40))
+    metrics = evaluate_model(tiny_model, str(folder), tmp_path / "eval", batch_size=4, skip_bad_images=True)
+    assert metrics["n_images"] == 6
+    (problem,) = metrics["data"][0]["problems"]
+    assert problem.startswith("left out 2 of 8 image(s) that do not decode")
+    assert all(str(victim) in problem for victim in victims)
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["data"][0]["problems"] == [problem]
+    assert f"- **Reading faces:** {problem}" in (tmp_path / "eval" / "report.md").read_text()
+
+
 @pytest.mark.parametrize(
     "content, message",
     [(b"", "empty image file: "), (b"hello, not pixels", r"not an image file \(JPEG, PNG.*\): ")],
@@ -294,7 +312,7 @@ def test_a_file_that_is_no_image_is_named_in_one_line(tiny_model, tmp_path, cont
     folder = write_synthetic_folder(synthetic_source(n=8), tmp_path / "faces")
     victim = sorted((folder / "images").iterdir())[2]
     victim.write_bytes(content)
-    with pytest.raises(ValueError, match=f"^{message}{re.escape(str(victim))}; fix or remove it$"):
+    with pytest.raises(ValueError, match=f"^{message}{re.escape(str(victim))}; fix or remove it \\(or leave out every such image: .*--skip-bad-images\\)$"):
         evaluate_model(tiny_model, str(folder), tmp_path / "eval", batch_size=4)
 
 

@@ -179,6 +179,33 @@ def test_undecodable_images_lists_the_bad_files_in_order_up_to_the_limit(tmp_pat
     assert undecodable_images([_utk_source()]) == []  # in-memory images: no files to check
 
 
+def test_drop_undecodable_images_keeps_the_split_and_names_what_it_left_out(tmp_path):
+    from tfface.data.pipeline import drop_undecodable_images
+    from tfface.data.source import DataError
+    from tfface.data.splits import split_source
+
+    source = _celeba_source(tmp_path, n=8)
+    for i in (1, 6):
+        Path(source.image_paths[i]).write_bytes(b"")
+    bad = {source.image_paths[1], source.image_paths[6]}
+    kept = drop_undecodable_images(source)
+    assert list(kept.image_paths) == [p for p in source.image_paths if p not in bad]
+    assert kept.columns["Smiling"].tolist() == [v for p, v in zip(source.image_paths, source.columns["Smiling"]) if p not in bad]
+    (problem,) = kept.problems
+    assert "left out 2 of 8 image(s) that do not decode" in problem and all(p in problem for p in bad)
+
+    splits = split_source(source, val_fraction=0.5, seed=3)
+    dropped = drop_undecodable_images(source, splits)
+    for name, part in splits.items():
+        assert list(dropped[name].image_paths) == [p for p in part.image_paths if p not in bad]
+        assert dropped[name].problems == [problem]
+    assert drop_undecodable_images(_utk_source()).problems == []  # in-memory images: nothing to drop
+    for path in source.image_paths:
+        Path(path).write_bytes(b"")
+    with pytest.raises(DataError, match="none of its 8 images decodes"):
+        drop_undecodable_images(source)
+
+
 def test_undecodable_images_are_the_ones_training_refuses(tmp_path):
     # A compressed BMP decodes (to noise) with tf.io.decode_image but stops
     # training: `data summary --check-images` must list it.

@@ -832,6 +832,49 @@ def test_a_split_that_leaves_one_side_empty_is_named(tmp_path):
         load_sources(config.data)
 
 
+def _synthetic_folder_with_bad_images(tmp_path, n=160):
+    from tfface.data.synthetic import generate_synthetic_faces
+    from tfface.data.synthetic import write_synthetic_folder
+
+    folder = write_synthetic_folder(generate_synthetic_faces(n, image_size=32), tmp_path / "faces")
+    victims = sorted((folder / "images").iterdir())[5:7]
+    victims[0].write_bytes(b"")
+    data = victims[1].read_bytes()
+    victims[1].write_bytes(data[:40] + bytes(len(data) - 40))
+    return folder, victims
+
+
+def test_skip_bad_images_trains_on_the_rest_and_a_stopped_run_resumes_with_it(tmp_path):
+    from tfface.data.source import DataError
+    from tfface.training.trainer import train
+
+    folder, victims = _synthetic_folder_with_bad_images(tmp_path)
+    raw = json.loads(json.dumps(TINY))
+    raw["data"]["sources"] = [{"path": str(folder)}]
+    raw["train"].update(epochs=1, output_dir=str(tmp_path / "run"))
+    with pytest.raises(DataError, match=rf"{victims[0].name}.*--skip-bad-images"):
+        train(ExperimentConfig.from_dict(raw), verbose=0)
+    raw["data"]["sources"][0]["skip_bad_images"] = True
+    summary = train(ExperimentConfig.from_dict(raw), verbose=0)
+    (problem,) = summary["sources"][0]["problems"]
+    assert "left out 2 of 160 image(s) that do not decode" in problem
+    assert all(str(victim) in problem for victim in victims)
+    assert summary["train_examples"] + summary["val_examples"] == 158
+
+
+def test_a_resume_may_turn_on_skip_bad_images_but_not_change_the_data(tmp_path):
+    from tfface.training.trainer import check_resumable
+
+    raw = json.loads(json.dumps(TINY))
+    raw["train"]["output_dir"] = str(tmp_path / "run")
+    run = _run_folder(ExperimentConfig.from_dict(raw))
+    raw["data"]["sources"][0]["skip_bad_images"] = True
+    check_resumable(run, ExperimentConfig.from_dict(raw))
+    raw["data"]["sources"][0]["skip_bad_rows"] = True
+    with pytest.raises(ConfigError, match=r"differs in \['data.sources.0.skip_bad_rows'\]"):
+        check_resumable(run, ExperimentConfig.from_dict(raw))
+
+
 def test_the_time_budget_counts_the_mask_pretraining():
     from tfface.training.trainer import TimeBudget
 

@@ -104,7 +104,7 @@ def _cmd_data_summary(args):
 
         bad = undecodable_images([source], limit=len(source))
         if bad:
-            note(source.problems, f"{len(bad)} image(s) do not decode (train and evaluate stop at them): {'; '.join(bad[:3])}")
+            note(source.problems, f"{len(bad)} image(s) do not decode (train and evaluate stop at them unless told to skip them: skip_bad_images, --skip-bad-images): {'; '.join(bad[:3])}")
     summary = summarize_source(source, all_sizes=args.all_sizes)
     print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
 
@@ -236,12 +236,16 @@ def _cmd_evaluate(args):
             # consistent and a limited run stays short.
             val_sources, _, chosen = limit_sources(val_sources, args.limit)
             on = f"{chosen['n_images_scored']} of the {chosen['n_images_available']} validation images (--limit)"
+        if args.skip_bad_images:
+            from tfface.data.pipeline import drop_undecodable_images
+
+            val_sources = [drop_undecodable_images(source) for source in val_sources]
         thresholds = calibrate_model(model, val_sources)
         print(f"calibrated {len(thresholds)} thresholds on {on}")
     with _terminate_unwinds():
         metrics = evaluate_model(
             model, data, args.out, batch_size=args.batch_size, split=args.split, model_path=args.model,
-            limit=args.limit, **split_options,
+            limit=args.limit, skip_bad_images=args.skip_bad_images, **split_options,
         )
     print_metrics(metrics)
     print(f"wrote {args.out}/metrics.json and report.md")
@@ -466,6 +470,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--skip-bad-rows", action="store_true",
         help="skip malformed label rows and missing images instead of stopping; metrics.json lists what was skipped",
+    )
+    p.add_argument(
+        "--skip-bad-images", action="store_true",
+        help="decode every image once first and leave out those that do not decode (corrupt, cut short, an "
+        "unsupported kind) instead of stopping at them; metrics.json lists them",
     )
     p.add_argument(
         "--limit", type=_positive_int, metavar="N",

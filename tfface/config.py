@@ -75,6 +75,10 @@ class SourceConfig:
     # Skip malformed label rows and missing images of a folder (each skip is
     # logged and listed in train_summary.json) instead of stopping at the first.
     skip_bad_rows: bool = False
+    # Leave out the images that do not decode (corrupt, cut short, an
+    # unsupported kind), found by decoding every image once before training
+    # and listed in train_summary.json, instead of stopping at the first.
+    skip_bad_images: bool = False
 
 
 @dataclasses.dataclass

@@ -32,6 +32,7 @@ import shutil
 import tempfile
 import weakref
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
@@ -284,10 +285,11 @@ _DECODE_FAILURES = ("DecodeImage", "DecodeJpeg", "DecodePng", "Invalid PNG data"
 
 
 _UNDECODABLE_LIMIT = 10  # files named in one error
+_SKIP_HINT = " (or leave out every such image: `skip_bad_images: true` on a training source, evaluate's --skip-bad-images)"
 
 
-def undecodable_images(sources, limit: int = _UNDECODABLE_LIMIT) -> list:
-    """Paths of the first `limit` images of `sources` that the training
+def undecodable_images(sources, limit: Optional[int] = _UNDECODABLE_LIMIT) -> list:
+    """Paths of the first `limit` images (all when None) of `sources` that the training
     pipeline's decoding refuses (`_checked_decode`: corrupt, cut short, or
     of a kind TensorFlow cannot read), for error reports.
 
@@ -311,6 +313,38 @@ def undecodable_images(sources, limit: int = _UNDECODABLE_LIMIT) -> list:
     return [path for path in paths if path not in good][:limit]
 
 
+def drop_undecodable_images(source: FaceSource, splits: Optional[dict] = None):
+    """`source` without the images the pipeline cannot decode, so that a
+    few corrupt files in a large folder do not stop a run at the first of
+    them (`skip_bad_images`).
+
+    Given `splits` (`split_source`'s dict of parts of `source`), returns
+    that dict with the images left out of each part instead, so the split
+    stays the one of the whole source. Decodes every image once; what it
+    leaves out is logged and listed in `problems` (of every part), and so in
+    `train_summary.json` or `metrics.json`.
+    """
+    from tfface.data.source import DataError
+
+    parts = {"all": source} if splits is None else dict(splits)
+    bad = set(undecodable_images([source], limit=None)) if source.image_paths is not None else set()
+    if not bad:
+        return source if splits is None else parts
+    if len(bad) == len(source):
+        raise DataError(f"{source.root or source.name}: none of its {len(source)} images decodes")
+    named = sorted(bad)
+    more = f" and {len(named) - _UNDECODABLE_LIMIT} more" if len(named) > _UNDECODABLE_LIMIT else ""
+    message = (
+        f"left out {len(named)} of {len(source)} image(s) that do not decode (skip_bad_images): "
+        f"{', '.join(named[:_UNDECODABLE_LIMIT])}{more}"
+    )
+    log.warning("%s: %s", source.root or source.name, message)
+    for name, part in parts.items():
+        parts[name] = part.subset([i for i, path in enumerate(part.image_paths) if str(path) not in bad])
+        parts[name].problems.append(message)
+    return parts["all"] if splits is None else parts
+
+
 @contextlib.contextmanager
 def naming_undecodable_images(sources):
     """Turns an image-decoding failure inside a `tf.data` pipeline (whose
@@ -323,7 +357,7 @@ def naming_undecodable_images(sources):
     except tf.errors.InvalidArgumentError as error:
         named = _FILE_PROBLEM.search(str(error))
         if named:  # the file checks named it already, inside TensorFlow's error
-            raise DataError(f"{named.group(1)}; fix or remove it") from None
+            raise DataError(f"{named.group(1)}; fix or remove it{_SKIP_HINT}") from None
         if not any(marker in str(error) for marker in _DECODE_FAILURES):
             raise
         logging.getLogger(__name__).warning("an image does not decode: looking for it (decodes every image once)")
@@ -331,7 +365,9 @@ def naming_undecodable_images(sources):
         if not bad:
             raise
         more = " (and maybe more)" if len(bad) >= _UNDECODABLE_LIMIT else ""
-        raise DataError(f"corrupt image file(s) that cannot be decoded{more}: {', '.join(bad)}; fix or remove them") from None
+        raise DataError(
+            f"corrupt image file(s) that cannot be decoded{more}: {', '.join(bad)}; fix or remove them{_SKIP_HINT}"
+        ) from None
 
 
 def _normalised_landmarks(landmarks, height, width):

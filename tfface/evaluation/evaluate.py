@@ -456,6 +456,7 @@ def evaluate_model(
     split_seed: int | None = None,
     model_path: str | None = None,
     limit: int | None = None,
+    skip_bad_images: bool = False,
 ) -> dict:
     """Evaluates a model and writes `metrics.json`, PNG plots and `report.md`.
 
@@ -478,6 +479,9 @@ def evaluate_model(
             `limit_sources`); all of them when there are no more. `n_images`
             stays the number scored; "limit" in `metrics.json` records the
             request and how many images there were (None: no limit).
+        skip_bad_images: leave out the images that do not decode (after
+            the split and the limit; listed under the source's `problems`)
+            instead of stopping at them.
 
     Returns:
         The metrics dict also saved as `metrics.json`.
@@ -496,7 +500,8 @@ def evaluate_model(
         _check_limit(limit)  # before anything is written
     with replaced_folder(out_dir, is_evaluation_file, marker=METRICS_FILE) as staging:
         metrics, files = _evaluation(
-            model, model_path, data_spec_or_sources, batch_size, thresholds, split, val_fraction, split_seed, limit
+            model, model_path, data_spec_or_sources, batch_size, thresholds, split, val_fraction, split_seed, limit,
+            skip_bad_images,
         )
         for name, data in files.items():
             (staging / name).write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
@@ -518,7 +523,7 @@ def is_evaluation_file(name: str) -> bool:
 
 
 def _evaluation(model, model_path, data_spec_or_sources, batch_size, thresholds, split, val_fraction, split_seed,
-                limit=None):
+                limit=None, skip_bad_images=False):
     """(metrics, file name -> contents) of one evaluation."""
     from tfface.evaluation import plots
     from tfface.evaluation.model_card import model_card
@@ -532,6 +537,10 @@ def _evaluation(model, model_path, data_spec_or_sources, batch_size, thresholds,
     available = [len(s) for s in sources]
     if limit is not None:
         sources, available, limit_record = limit_sources(sources, limit)
+    if skip_bad_images:
+        from tfface.data.pipeline import drop_undecodable_images
+
+        sources = [drop_undecodable_images(source) for source in sources]
     labelled = {t.name for s in sources for t in schema.labelled_by(s.format)}
     if not labelled:
         raise ValueError(

@@ -55,6 +55,9 @@ def markdown_report(metrics: dict) -> str:
             for d in data
         )
         lines.append(f"- **Data:** {described}")
+    # What reading the data skipped (bad rows, images that do not decode):
+    # the scores are of the rest.
+    lines += [f"- **Reading {d['name']}:** {problem}" for d in data for problem in d.get("problems") or []]
     lines.append(f"- **Images evaluated:** {metrics.get('n_images', 0)}")
     limit = limit_line(metrics.get("limit"))
     if limit:

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -46,6 +47,7 @@ from tfface.atomic_files import write_atomic
 from tfface.config import ConfigError
 from tfface.config import ExperimentConfig
 from tfface.data.pipeline import choose_cache
+from tfface.data.pipeline import drop_undecodable_images
 from tfface.data.pipeline import make_dataset
 from tfface.data.pipeline import naming_undecodable_images
 from tfface.data.splits import split_method_problem
@@ -70,18 +72,21 @@ def load_sources(data_config):
         if source_config.landmarks:
             options["landmarks_file"] = source_config.landmarks
         source = open_source(source_config.path, **options)
-        if data_config.val_fraction > 0:
-            parts = split_source(source, val_fraction=data_config.val_fraction, seed=data_config.split_seed)
-            for side in ("train", "val"):
-                if len(parts[side]) == 0:
-                    raise ConfigError(
-                        f"{source_config.path}: the split by person (data.val_fraction {data_config.val_fraction:g}) "
-                        f"leaves no {side} images of {len(source)}; use more images or another data.val_fraction"
-                    )
-            train.append(parts["train"])
-            val.append(parts["val"])
-        else:
-            train.append(source)
+        if data_config.val_fraction <= 0:
+            train.append(drop_undecodable_images(source) if source_config.skip_bad_images else source)
+            continue
+        parts = split_source(source, val_fraction=data_config.val_fraction, seed=data_config.split_seed)
+        if source_config.skip_bad_images:
+            # Left out after the split, which stays that of a run that stopped at them.
+            parts = drop_undecodable_images(source, parts)
+        for side in ("train", "val"):
+            if len(parts[side]) == 0:
+                raise ConfigError(
+                    f"{source_config.path}: the split by person (data.val_fraction {data_config.val_fraction:g}) "
+                    f"leaves no {side} images of {len(source)}; use more images or another data.val_fraction"
+                )
+        train.append(parts["train"])
+        val.append(parts["val"])
     return train, val
 
 
@@ -122,7 +127,16 @@ def check_mask_supervision(config: ExperimentConfig, train_sources) -> Optional[
 
 # Settings a resumed run may change: where it lives, its name, its budget,
 # where its decoded images are cached (the cache is lossless).
-RESUMABLE_CHANGES = ("name", "train.output_dir", "train.time_budget_minutes", "data.cache")
+RESUMABLE_CHANGES = (
+    "name", "train.output_dir", "train.time_budget_minutes", "data.cache",
+    # A run stopped at a corrupt image goes on without it (the split is the
+    # same: images are left out after it).
+    "data.sources.N.skip_bad_images",
+)
+
+
+def _resumable_change(key: str) -> bool:
+    return re.sub(r"^data\.sources\.\d+\.", "data.sources.N.", key) in RESUMABLE_CHANGES
 
 
 def check_resumable(out: Path, config: ExperimentConfig) -> None:
@@ -147,7 +161,7 @@ def check_resumable(out: Path, config: ExperimentConfig) -> None:
         raise ConfigError(
             f"{out} holds a run whose config cannot be read ({e}); choose another train.output_dir"
         ) from None
-    changed = [key for key in _differing_keys(previous, config.to_dict()) if key not in RESUMABLE_CHANGES]
+    changed = [key for key in _differing_keys(previous, config.to_dict()) if not _resumable_change(key)]
     if changed:
         raise ConfigError(
             f"{out} holds a run with a different config (differs in {changed}); choose another "
