@@ -246,11 +246,26 @@ def test_model_card_takes_licences_from_the_recorded_source_formats(tiny_model, 
     run = tmp_path / "run"
     run.mkdir()
     # A folder name that says nothing about the data: only the recorded format does.
-    summary = {"sources": [{"path": "faces_v2", "name": "faces_v2", "format": "utkface", "train_examples": 10}]}
+    summary = {"sources": [{"path": "faces_v2", "name": "faces_v2", "format": "utkface", "train_examples": 10}],
+               "train_examples": 10}
     (run / "train_summary.json").write_text(json.dumps(summary))
     card = model_card(tiny_model, {"model": {"path": str(run / "model.keras")}, "data": []})
     assert "faces_v2" in card and "UTKFace: non-commercial" in card
     assert "CelebA (MMLAB" not in card
+    assert "under-represents Black faces" in card and "Trained from scratch on 10 images" in card
+
+
+def test_the_model_card_of_a_model_trained_on_synthetic_faces_says_so(tiny_model, tmp_path):
+    from tfface.evaluation.model_card import model_card
+
+    run = tmp_path / "run"
+    run.mkdir()
+    summary = {"sources": [{"path": "synthetic:200", "name": "synthetic", "format": "synthetic"}], "train_examples": 170}
+    (run / "train_summary.json").write_text(json.dumps(summary))
+    card = model_card(tiny_model, {"model": {"path": str(run / "model.keras")}, "data": [], "tfface_version": "9.9"})
+    assert "synthetic faces only" in card and "Evaluated with tfface 9.9." in card
+    assert "under-represents Black faces" not in card and "non-commercial research only" not in card
+    assert "Trained from scratch" not in card
 
 
 def test_evaluate_model_failure_leaves_previous_outputs(tiny_model, tmp_path, monkeypatch):

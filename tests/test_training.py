@@ -277,6 +277,57 @@ def test_cli_missing_config_file(tmp_path, capsys):
     assert "nope.yaml" in capsys.readouterr().err
 
 
+def test_a_missing_config_is_named_before_tensorflow_loads_with_a_hint_for_the_example_folders(tmp_path):
+    # A fresh process: this one has TensorFlow loaded already.
+    script = (
+        "import sys; from tfface.cli import main; code = main(sys.argv[1:]); "
+        "print('tensorflow' in sys.modules); sys.exit(code)"
+    )
+    for argv, hint in ((["train", "--config", "configs/nope.yaml"], "example configs/ folder comes with a clone"),
+                       (["tune", "--config", "tuning/nope.yaml"], "example tuning/ folder comes with a clone"),
+                       (["train", "--config", "nope.yaml"], None)):
+        done = subprocess.run([sys.executable, "-c", script, *argv], cwd=tmp_path, env=_env(), capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 2 and done.stdout.strip() == "False", (done.stdout, done.stderr)
+        assert "nope.yaml" in done.stderr
+        assert (hint in done.stderr) if hint else ("clone" not in done.stderr)
+
+
+def test_cli_version_also_as_python_m_tfface(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"tfface {tfface.__version__}"
+    done = subprocess.run([sys.executable, "-m", "tfface", "--version"], env=_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert (done.returncode, done.stdout.strip()) == (0, f"tfface {tfface.__version__}")
+    import importlib.metadata
+
+    assert importlib.metadata.version("tfface") == tfface.__version__  # pyproject reads it from the package
+
+
+def test_a_missing_dependency_is_one_line_naming_what_to_install(monkeypatch, capsys):
+    import importlib
+
+    import tfface.cli
+
+    def needs_keras_tuner(args):
+        importlib.import_module("keras_tuner_not_installed")
+
+    monkeypatch.setattr(tfface.cli, "_cmd_tune", needs_keras_tuner)
+    monkeypatch.setitem(tfface.cli._PIP_NAMES, "keras_tuner_not_installed", "keras-tuner-x")
+    assert cli_main(["tune", "--config", "x.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tfface tune: error: the Python package 'keras-tuner-x' (module 'keras_tuner_not_installed')")
+    assert "`pip install keras-tuner-x`" in err and "Traceback" not in err
+
+    def broken_import_inside_tfface(args):
+        importlib.import_module("tfface.no_such_module")
+
+    monkeypatch.setattr(tfface.cli, "_cmd_tune", broken_import_inside_tfface)
+    with pytest.raises(ModuleNotFoundError):  # a bug of tfface's own keeps its traceback
+        cli_main(["tune", "--config", "x.yaml"])
+
+
 def test_cli_help_lists_every_command(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["--help"])

@@ -16,6 +16,8 @@ import os
 import signal
 import sys
 
+from tfface import __version__
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # OSError covers missing files and folders, a file where a folder belongs
@@ -26,14 +28,28 @@ USER_ERRORS = (OSError, ValueError, KeyError)
 def _user_errors():
     """USER_ERRORS plus the package's own run-time failures that name their cause."""
     errors = list(USER_ERRORS)
-    try:
-        from tfface.export.saved_model import ExportError
-        from tfface.tuning.search import TuningError
-
-        errors += [ExportError, TuningError]
-    except ImportError:  # pragma: no cover
-        pass
+    # Only a module already loaded can have raised its error: importing one
+    # here would load TensorFlow just to print a missing config file's name.
+    for module, name in (("tfface.export.saved_model", "ExportError"), ("tfface.tuning.search", "TuningError")):
+        if sys.modules.get(module) is not None:
+            errors.append(getattr(sys.modules[module], name))
     return tuple(errors)
+
+
+# Import name -> the name pip installs it by, where they differ.
+_PIP_NAMES = {
+    "grpc": "grpcio", "keras_tuner": "keras-tuner", "PIL": "pillow", "tensorflow_datasets": "tensorflow-datasets",
+    "tensorflow_serving": "tensorflow-serving-api", "yaml": "pyyaml",
+}
+
+
+def _missing_package(module: str) -> str:
+    top = module.split(".")[0]
+    package = _PIP_NAMES.get(top, top)
+    return (
+        f"the Python package {package!r} (module {top!r}) is not installed, and this command needs it; "
+        f"`pip install {package}`, or reinstall tfface with its dependencies"
+    )
 
 
 def _positive_int(text):
@@ -190,9 +206,10 @@ def _cmd_data_masks(args):
 
 def _cmd_train(args):
     from tfface.config import ExperimentConfig
+
+    config = ExperimentConfig.load(args.config)  # a bad config is named before TensorFlow loads
     from tfface.training.trainer import train
 
-    config = ExperimentConfig.load(args.config)
     if args.output_dir is not None:
         if not args.output_dir.strip():
             raise ValueError("--output-dir is empty: give a folder (or leave the option out for train.output_dir)")
@@ -393,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
         "export to TF Serving, a local gRPC server and client, KerasTuner search, prediction on photos.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="show debug logging")
+    parser.add_argument("--version", action="version", version=f"tfface {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = sub.add_parser("data", help="inspect, generate and annotate datasets")
@@ -571,6 +589,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:
+        if os.environ.get("TFFACE_DEBUG") or not e.name or e.name.split(".")[0] == "tfface":
+            raise
+        print(f"tfface {args.command}: error: {_missing_package(e.name)}", file=sys.stderr)
+        return 2
     except MemoryError as e:
         if os.environ.get("TFFACE_DEBUG"):
             raise

@@ -390,13 +390,27 @@ class ExperimentConfig:
         write_atomic(path, yaml.safe_dump(_plain(self.to_dict()), sort_keys=False))
 
 
+# Folders of example files in the tfface repository; an installed wheel
+# holds the package only.
+EXAMPLE_FOLDERS = ("configs", "tuning")
+
+
+def _example_folder_hint(path: Path) -> str:
+    if path.is_absolute() or not path.parts or path.parts[0] not in EXAMPLE_FOLDERS:
+        return ""
+    return (
+        f" (relative to the working directory {Path.cwd()}; the example {path.parts[0]}/ folder comes with a "
+        "clone of the tfface repository, not with the installed package: run from the clone, or write your own)"
+    )
+
+
 def read_structured_file(path, what: str, error=None):
     """A YAML or JSON file (by suffix) as data; a missing file or a parse
     error is reported naming `what` and the path."""
     error = error or ConfigError
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}{_example_folder_hint(path)}")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

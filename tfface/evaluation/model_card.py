@@ -51,6 +51,7 @@ def model_card(model, metrics: dict) -> str:
             train_sources.append(source["path"])
             name = str(source["path"]).lower()
             formats.add("synthetic" if name.startswith("synthetic") else "utkface" if "utk" in name else "celeba")
+    trained_on = set(formats) if summary else None  # None: not recorded
     for source in metrics.get("data", []):
         formats.add(source.get("format"))
     lines = [
@@ -104,15 +105,37 @@ def model_card(model, metrics: dict) -> str:
         "- Batch analysis of consenting subjects' face crops where errors have no consequence for them.",
         "",
         "## Limits and out-of-scope uses",
-        "- The CelebA and UTKFace data are for **non-commercial research only**; so is any model trained on them.",
-        "- Not for decisions about people (hiring, access, policing, credit) or for identifying anyone.",
-        "- Many CelebA attributes are subjective (Attractive, Oval_Face, Pointy_Nose) and noisily labelled; "
-        "gender is predicted as a binary label, which does not describe everyone.",
-        "- Accuracy differs by subgroup (see above and `report.md`); the UTKFace copy here under-represents "
-        "Black faces (about 4%) and over-represents infants.",
-        "- Trained from scratch on a few thousand images: well below published models trained on 160,000 "
-        "CelebA images with pretrained backbones.",
     ]
+    lines += _limits(config, summary, trained_on)
     if config_text:
         lines += ["", "## Training config", "", "```yaml", config_text.rstrip(), "```"]
+    if metrics.get("tfface_version"):
+        lines += ["", f"Evaluated with tfface {metrics['tfface_version']}."]
     return "\n".join(lines) + "\n"
+
+
+def _limits(config, summary, trained_on) -> list:
+    """The limits that apply to this model's training data (all of them
+    when the data was not recorded)."""
+    known = trained_on is not None
+    lines = []
+    if not known or trained_on & {"celeba", "utkface"}:
+        lines.append("- The CelebA and UTKFace data are for **non-commercial research only**; so is any model trained on them.")
+    lines.append("- Not for decisions about people (hiring, access, policing, credit) or for identifying anyone.")
+    lines.append(
+        "- Many CelebA attributes are subjective (Attractive, Oval_Face, Pointy_Nose) and noisily labelled; "
+        "gender is predicted as a binary label, which does not describe everyone."
+    )
+    subgroups = "- Accuracy differs by subgroup (see above and `report.md`)"
+    if not known or "utkface" in trained_on:
+        subgroups += "; the UTKFace copy here under-represents Black faces (about 4%) and over-represents infants"
+    lines.append(subgroups + ".")
+    if known and trained_on == {"synthetic"}:
+        lines.append("- Trained on synthetic faces only: its predictions on photos of real people mean nothing.")
+    elif not config.backbone_weights:
+        images = f"{summary['train_examples']:,} images" if summary and summary.get("train_examples") else "a few thousand images"
+        lines.append(
+            f"- Trained from scratch on {images}: well below published models trained on 160,000 CelebA images "
+            "with pretrained backbones."
+        )
+    return lines

@@ -1,0 +1,5 @@
+"""`python -m tfface` is the `tfface` command."""
+
+from tfface.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Training runs: `train` (the `tfface train` command), resume, checkpoints."""
