@@ -433,7 +433,7 @@ def test_summary_lists_files_training_cannot_read_instead_of_stopping(celeba_csv
 
     assert cli_main(["data", "summary", str(celeba_csv), "--check-images"]) == 0
     out = capsys.readouterr().out
-    assert "3 image(s) do not decode (train and evaluate stop at them)" in out
+    assert "3 image(s) do not decode (train and evaluate stop at them unless told to skip them: skip_bad_images, --skip-bad-images)" in out
     assert "000004.jpg" in out
 
 
