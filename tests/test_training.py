@@ -223,16 +223,108 @@ def _run_two_local_workers(argv_of, timeout):
 @pytest.mark.slow
 def test_multi_worker_training_on_two_local_workers(tmp_path):
     # Early stopping on: its scores are shared from the chief before fit.
+    # One output folder for both, as on a shared file system: the workers
+    # wrote the same backup files and crashed about half the time.
     config = _write_config(tmp_path, epochs=1, strategy="multi_worker", early_stopping_patience=2)
     _run_two_local_workers(
         lambda index: [
-            sys.executable, "-m", "tfface.cli", "train", "--config", str(config), "--output-dir", str(tmp_path / f"run{index}")
+            sys.executable, "-m", "tfface.cli", "train", "--config", str(config), "--output-dir", str(tmp_path / "run")
         ],
         timeout=400,
     )
-    # Worker 0 is the chief: it alone writes the model.
-    assert (tmp_path / "run0" / "model.keras").is_file()
-    assert not (tmp_path / "run1" / "model.keras").exists()
+    # Worker 0 is the chief: it alone writes the run's files; worker 1 keeps
+    # its own config and resume state in a folder of its own.
+    run = tmp_path / "run"
+    assert (run / "model.keras").is_file() and _epochs_logged(run) == [0]
+    assert sorted(p.name for p in (run / "worker1").iterdir()) == ["config.yaml", "split.json"]
+    assert not (run / "worker1" / "model.keras").exists()
+
+
+def test_tf_config_is_read_only_by_multi_worker_runs_and_named_when_wrong(tmp_path, monkeypatch):
+    from tfface.training.trainer import _is_chief
+    from tfface.training.trainer import _tf_config
+    from tfface.training.trainer import _worker_folder
+
+    worker1 = {"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 1}}
+    monkeypatch.setenv("TF_CONFIG", json.dumps(worker1))
+    # A TF_CONFIG left in the environment made a default run a non-chief that saved nothing.
+    assert _is_chief("default") and _is_chief("mirrored") and _worker_folder(tmp_path, "default") == tmp_path
+    assert not _is_chief("multi_worker") and _worker_folder(tmp_path, "multi_worker") == tmp_path / "worker1"
+    for text, message in [
+        ("", "needs the TF_CONFIG environment variable"),
+        ("{bad json", "TF_CONFIG is not valid JSON"),
+        ('{"task": {"type": "worker", "index": 0}}', 'TF_CONFIG has no "cluster"'),
+        ('{"cluster": {"worker": ["a:1"]}}', 'TF_CONFIG has no "task"'),
+        ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 5}}',
+         r"TF_CONFIG's task worker 5 is not in its cluster \(2 worker address\(es\)\)"),
+    ]:
+        monkeypatch.setenv("TF_CONFIG", text)
+        with pytest.raises(ConfigError, match=message):
+            _tf_config()
+        assert _is_chief("default")
+
+
+def test_mixed_precision_on_a_cpu_warns_and_the_callers_policy_comes_back(tmp_path, caplog):
+    from tfface.training.trainer import train
+
+    raw = json.loads(json.dumps(TINY))
+    raw["train"].update(epochs=1, mixed_precision="on", output_dir=str(tmp_path / "run"))
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        summary = train(ExperimentConfig.from_dict(raw), verbose=0)
+        assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert summary["mixed_precision"] is True
+    assert "train.mixed_precision is on without a GPU" in caplog.text
+
+
+_MIRRORED_ON_TWO_DEVICES = """
+import json
+import tensorflow as tf
+
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras
+import numpy as np
+
+from tfface.config import ModelConfig
+from tfface.models.build import build_model
+from tfface.schema import get_schema
+
+schema = get_schema("synthetic")
+rng = np.random.default_rng(0)
+x = rng.integers(0, 256, (16, 32, 32, 3)).astype("float32")
+y = {t.name: rng.integers(0, 2 if t.is_binary else t.num_classes, 16).astype("int32") for t in schema}
+
+
+def run(strategy):
+    keras.utils.set_random_seed(0)
+    with strategy.scope():
+        model = build_model(schema, ModelConfig(image_size=32, backbone_widths=[8, 16, 32, 64], embedding_dim=16,
+                                                center_loss_weight=0.0, dropout=0.0))
+        model.compile(optimizer=keras.optimizers.SGD(0.1))
+    data = tf.data.Dataset.from_tensor_slices(({"image": x}, y)).batch(16)
+    loss = model.evaluate(data, verbose=0, return_dict=True)["loss"]
+    heads = model.get_layer("task_heads").kernel
+    before = heads.numpy()
+    model.fit(data, epochs=1, verbose=0)
+    return loss, float(np.linalg.norm(heads.numpy() - before))
+
+
+print(json.dumps([run(tf.distribute.get_strategy()), run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))]))
+"""
+
+
+@pytest.mark.slow
+def test_two_replicas_log_the_loss_and_step_as_one_device_does():
+    done = subprocess.run([sys.executable, "-c", _MIRRORED_ON_TWO_DEVICES], env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (one_loss, one_step), (two_loss, two_step) = json.loads(done.stdout.strip().splitlines()[-1])
+    # Each replica's loss was not divided by the replica count: twice the loss, twice the step.
+    assert two_loss == pytest.approx(one_loss, rel=1e-5)
+    assert 0.9 < two_step / one_step < 1.1  # batch normalisation sees 8 images per replica, not 16
 
 
 _SHARE_SCORES = """

@@ -79,6 +79,24 @@ def task_outputs(schema: Schema, logits) -> dict:
     return {name: outputs[name] for name in schema.task_names}
 
 
+def _per_replica(loss):
+    """The share of one replica in a synchronous `tf.distribute` step.
+
+    Each replica's loss is the mean over its own batch; Keras sums the
+    replicas' gradients and multiplies the logged loss back by their count,
+    so, as Keras's own losses do, the loss is divided by that count here.
+    Without it a two-worker run logged twice the loss and stepped on twice
+    the gradient.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if replicas > 1:
+            loss = loss / replicas
+    return loss
+
+
 def warn_if_unit_range(x) -> None:
     """Warns when in-memory images look scaled to 0..1: the models take
     0..255 and rescale inside, so such images would all read as near-black
@@ -278,7 +296,7 @@ class MultiTaskFaceModel(keras.Model):
             )
         for extra in self.losses:
             total = total + ops.cast(extra, "float32")
-        return total
+        return _per_replica(total)
 
     def _check_labels(self, y, training):
         """Fails at trace time, naming the problem, where Keras would report a

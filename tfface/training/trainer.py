@@ -489,10 +489,36 @@ def _strategy(name):
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
-        if "TF_CONFIG" not in os.environ:
-            raise ValueError("train.strategy 'multi_worker' needs the TF_CONFIG environment variable")
+        _tf_config()  # named here, before TensorFlow's own less clear errors
         return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+def _tf_config() -> dict:
+    """The cluster of a multi-worker run, from $TF_CONFIG, checked."""
+    text = os.environ.get("TF_CONFIG")
+    if not text:
+        raise ConfigError(
+            "train.strategy 'multi_worker' needs the TF_CONFIG environment variable (JSON with 'cluster' and "
+            "'task'), set on every worker"
+        )
+    try:
+        tf_config = json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"TF_CONFIG is not valid JSON ({e})") from None
+    cluster = tf_config.get("cluster") if isinstance(tf_config, dict) else None
+    task = tf_config.get("task") if isinstance(tf_config, dict) else None
+    if not isinstance(cluster, dict) or not any(isinstance(cluster.get(k), list) and cluster[k] for k in ("chief", "worker")):
+        raise ConfigError('TF_CONFIG has no "cluster" with a list of "worker" (or "chief") addresses')
+    if not isinstance(task, dict) or not isinstance(task.get("type"), str) or not isinstance(task.get("index"), int):
+        raise ConfigError('TF_CONFIG has no "task" with a "type" ("worker" or "chief") and an integer "index"')
+    addresses = cluster.get(task["type"])
+    if not isinstance(addresses, list) or not 0 <= task["index"] < len(addresses):
+        raise ConfigError(
+            f"TF_CONFIG's task {task['type']} {task['index']} is not in its cluster "
+            f"({len(addresses) if isinstance(addresses, list) else 0} {task['type']} address(es))"
+        )
+    return tf_config
 
 
 def _chief_scores(strategy, scores, capacity: int) -> list:
@@ -502,7 +528,7 @@ def _chief_scores(strategy, scores, capacity: int) -> list:
     equal share: workers have no history of their own to read.
     """
     values = np.zeros(capacity + 1, np.float64)
-    if _is_chief():
+    if _is_chief("multi_worker"):
         scores = list(scores)[-capacity:]
         values[0] = len(scores)
         values[1 : 1 + len(scores)] = scores
@@ -530,21 +556,34 @@ def _rank_one_logs(model):
 
 
 def _mixed_precision(mode):
-    on = mode == "on" or (mode == "auto" and tf.config.list_physical_devices("GPU"))
+    gpu = bool(tf.config.list_physical_devices("GPU"))
+    on = mode == "on" or (mode == "auto" and gpu)
+    if on and not gpu:
+        log.warning("train.mixed_precision is on without a GPU: float16 on a CPU is slower than float32 ('auto' picks)")
     keras.mixed_precision.set_global_policy("mixed_float16" if on else "float32")
     return bool(on)
 
 
-def _is_chief():
-    """Only the chief writes files in multi-worker training (TF_CONFIG)."""
-    tf_config = json.loads(os.environ.get("TF_CONFIG", "{}"))
-    task = tf_config.get("task")
-    if not task:
+def _is_chief(strategy_name: str) -> bool:
+    """Only the chief writes the run's files in multi-worker training; any
+    other strategy ignores a TF_CONFIG left in the environment."""
+    if strategy_name != "multi_worker":
         return True
-    if task.get("type") == "chief":
+    tf_config = _tf_config()
+    task = tf_config["task"]
+    if task["type"] == "chief":
         return True
-    has_chief = "chief" in tf_config.get("cluster", {})
-    return task.get("type") == "worker" and task.get("index", 0) == 0 and not has_chief
+    return task["type"] == "worker" and task["index"] == 0 and "chief" not in tf_config["cluster"]
+
+
+def _worker_folder(out: Path, strategy_name: str) -> Path:
+    """Where this process keeps its files: the run folder for the chief, a
+    folder of its own inside it for another worker (its resume backup and
+    config), so workers given one shared folder never write the same file."""
+    if _is_chief(strategy_name):
+        return out
+    task = _tf_config()["task"]
+    return out / f"{task['type']}{task['index']}"
 
 
 def make_datasets(config: ExperimentConfig, schema, train_sources, val_sources):
@@ -580,7 +619,7 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
     config.validate()
     # Collective ops (multi-worker) must be configured before any other op.
     strategy = _strategy(config.train.strategy)
-    out = Path(config.train.output_dir)
+    out = _worker_folder(Path(config.train.output_dir), config.train.strategy)
     # Open the data before writing anything, so a bad source leaves an
     # existing run folder as it was.
     schema = get_schema(config.data.schema)
@@ -595,10 +634,15 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
     )
     # Locked by the chief: a second `tfface train` into the folder is refused
     # instead of resuming the running run and mixing its files with it.
-    with claimed_folder(out, busy, lock=_is_chief()):
-        check_resumable(out, config)
-        _settle_backup(out / "backup")
-        return _train_in(out, config, strategy, schema, train_sources, val_sources, landmark_coverage, verbose)
+    policy = keras.mixed_precision.global_policy()
+    try:
+        with claimed_folder(out, busy, lock=_is_chief(config.train.strategy)):
+            check_resumable(out, config)
+            _settle_backup(out / "backup")
+            return _train_in(out, config, strategy, schema, train_sources, val_sources, landmark_coverage, verbose)
+    finally:
+        # train.mixed_precision is the run's: layers the caller makes next get the caller's policy.
+        keras.mixed_precision.set_global_policy(policy)
 
 
 def check_backbone_weights(model_config) -> None:
@@ -623,7 +667,7 @@ def _train_in(out, config, strategy, schema, train_sources, val_sources, landmar
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2
 
-    chief = _is_chief()
+    chief = _is_chief(config.train.strategy)
     pretraining_file = out / "mask_pretraining.json"
     with strategy.scope():
         model = build_model(schema, config.model, training_labels(schema, train_sources))
