@@ -850,6 +850,42 @@ def test_a_backup_cut_short_falls_back_to_the_one_before_whatever_h5py_raises(tm
     assert json.loads((backup / "training_metadata.json").read_text())["epoch"] == 1
 
 
+def test_a_backup_whose_metadata_a_kill_emptied_falls_back_to_the_one_before(tmp_path):
+    from tfface.training.trainer import _settle_backup
+
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    latest, earlier = backup / "latest.weights.h5", backup / "latest.weights.h5.bkp"
+    _weights_file(latest, 2.0)
+    _weights_file(earlier, 1.0)
+    (backup / "training_metadata.json").write_text("")  # Keras opens it with "w", then writes
+    (backup / "training_metadata.json.bkp").write_text('{"epoch": 1, "batch": 0}')
+    _settle_backup(backup)  # it used to be refused, with the advice to remove the whole backup
+    assert latest.read_bytes() == earlier.read_bytes()
+    assert json.loads((backup / "training_metadata.json").read_text())["epoch"] == 1
+
+
+def test_a_resumed_run_draws_its_data_from_a_seed_of_its_own(tmp_path, monkeypatch):
+    from tfface.training import trainer
+
+    seeds = []
+    make = trainer.make_datasets
+
+    def recording(*args, seed=None, **kwargs):
+        seeds.append(seed)
+        return make(*args, seed=seed, **kwargs)
+
+    monkeypatch.setattr(trainer, "make_datasets", recording)
+    raw = json.loads(json.dumps(TINY))
+    raw["train"].update(epochs=3, output_dir=str(tmp_path / "run"), time_budget_minutes=0.0001, seed=5)
+    trainer.train(ExperimentConfig.from_dict(raw), verbose=0)  # stopped by its budget after epoch 1
+    raw["train"]["time_budget_minutes"] = 30
+    summary = trainer.train(ExperimentConfig.from_dict(raw), verbose=0)
+    assert summary["epochs_run"] == 3 and _epochs_logged(tmp_path / "run") == [0, 1, 2]
+    # Same seed again: the continuation replayed epoch 0's order and augmentation.
+    assert seeds == [5, 6]
+
+
 def test_a_first_backup_cut_short_starts_the_run_again(tmp_path):
     from tfface.training.trainer import _settle_backup
 

@@ -319,11 +319,18 @@ def _settle_backup(backup_dir: Path) -> None:
     epoch (the first one, torn) is removed: the run starts again. One with
     epochs but nothing readable is left for `_restore_backup` to name."""
     latest = backup_dir / BACKUP_WEIGHTS
-    if not latest.is_file() or _readable_weights(latest):
-        return
     earlier = backup_dir / (BACKUP_WEIGHTS + ".bkp")
     metadata = backup_dir / "training_metadata.json"
     earlier_metadata = backup_dir / "training_metadata.json.bkp"
+    if latest.is_file() and metadata.is_file() and _backup_epoch(metadata) is None:
+        # Keras empties the file before writing it: a kill in between.
+        if earlier.is_file() and _readable_weights(earlier) and _backup_epoch(earlier_metadata) is not None:
+            log.warning("the newest resume backup's %s does not read (cut short); resuming from the one before", metadata.name)
+            shutil.copyfile(earlier, latest)
+            shutil.copyfile(earlier_metadata, metadata)
+        return
+    if not latest.is_file() or _readable_weights(latest):
+        return
     if earlier.is_file() and _readable_weights(earlier):
         log.warning("the newest resume backup %s does not read (cut short); resuming from the one before", latest)
         shutil.copyfile(earlier, latest)
@@ -334,6 +341,16 @@ def _settle_backup(backup_dir: Path) -> None:
     elif not metadata.is_file() and not earlier_metadata.is_file():
         log.warning("the resume backup %s holds no finished epoch (cut short); the run starts again", latest)
         shutil.rmtree(backup_dir)
+
+
+def _backup_epoch(metadata: Path) -> Optional[int]:
+    """The epoch a backup's `training_metadata.json` records, or None when
+    it is missing or does not read."""
+    try:
+        epoch = json.loads(metadata.read_text()).get("epoch")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return epoch if isinstance(epoch, int) else None
 
 
 def _restore_backup(backup: keras.callbacks.BackupAndRestore, model) -> int:
@@ -586,7 +603,9 @@ def _worker_folder(out: Path, strategy_name: str) -> Path:
     return out / f"{task['type']}{task['index']}"
 
 
-def make_datasets(config: ExperimentConfig, schema, train_sources, val_sources):
+def make_datasets(config: ExperimentConfig, schema, train_sources, val_sources, seed=None):
+    """The training and validation streams of a run; `seed` (default
+    `train.seed`) orders and augments the training stream."""
     data = config.data
     with_masks = data.with_masks or config.model.type == "mask_guided"
     weights = [s.weight for s in data.sources] if len(train_sources) > 1 else None
@@ -604,7 +623,7 @@ def make_datasets(config: ExperimentConfig, schema, train_sources, val_sources):
         with_masks=with_masks,
         cache=cache,
         steps_per_epoch=config.train.steps_per_epoch,
-        seed=config.train.seed,
+        seed=config.train.seed if seed is None else seed,
     )
     val_ds = None
     if val_sources:
@@ -658,12 +677,17 @@ def _train_in(out, config, strategy, schema, train_sources, val_sources, landmar
     """`train` once its run folder is claimed and checked."""
     config.save(out / "config.yaml")
     write_atomic(out / SPLIT_FILE, json.dumps(split_record(config.data.val_fraction, config.data.split_seed), indent=2))
-    keras.utils.set_random_seed(config.train.seed)
+    resuming = _is_resuming(out)
+    # A resumed run draws its data order, augmentation and dropout from a
+    # seed of its own: with the run's seed it would replay those of epoch 0
+    # onwards (its weights come from the backup).
+    resumed_at = max(1, _backup_epoch(out / "backup" / "training_metadata.json") or 0) if resuming else 0
+    seed = config.train.seed + resumed_at
+    keras.utils.set_random_seed(seed)
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()
     mixed = _mixed_precision(config.train.mixed_precision)
-    train_ds, val_ds = make_datasets(config, schema, train_sources, val_sources)
-    resuming = _is_resuming(out)
+    train_ds, val_ds = make_datasets(config, schema, train_sources, val_sources, seed=seed)
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2
 
