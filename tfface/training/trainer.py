@@ -317,7 +317,8 @@ def _settle_backup(backup_dir: Path) -> None:
     (Keras does this itself only when loading raises OSError; a file cut
     short by a full disk raises other errors). A backup with no finished
     epoch (the first one, torn) is removed: the run starts again. One with
-    epochs but nothing readable is left for `_restore_backup` to name."""
+    epochs but nothing readable is left for `_restore_backup` to name. A
+    newest backup whose metadata does not read goes back to the pair before."""
     latest = backup_dir / BACKUP_WEIGHTS
     earlier = backup_dir / (BACKUP_WEIGHTS + ".bkp")
     metadata = backup_dir / "training_metadata.json"
