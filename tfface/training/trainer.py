@@ -289,8 +289,10 @@ def _epoch_of(csv_line: str) -> int:
 
 
 # The files `keras.callbacks.BackupAndRestore` writes in its folder: the
-# newest weights, and (double_checkpoint) the ones before as NAME.bkp.
+# newest weights and the epoch they hold, and (double_checkpoint) the ones
+# before as NAME.bkp.
 BACKUP_WEIGHTS = "latest.weights.h5"
+BACKUP_METADATA = "training_metadata.json"
 
 
 def _readable_weights(path: Path) -> bool:
@@ -321,8 +323,8 @@ def _settle_backup(backup_dir: Path) -> None:
     newest backup whose metadata does not read goes back to the pair before."""
     latest = backup_dir / BACKUP_WEIGHTS
     earlier = backup_dir / (BACKUP_WEIGHTS + ".bkp")
-    metadata = backup_dir / "training_metadata.json"
-    earlier_metadata = backup_dir / "training_metadata.json.bkp"
+    metadata = backup_dir / BACKUP_METADATA
+    earlier_metadata = backup_dir / (BACKUP_METADATA + ".bkp")
     if latest.is_file() and metadata.is_file() and _backup_epoch(metadata) is None:
         # Keras empties the file before writing it: a kill in between.
         if earlier.is_file() and _readable_weights(earlier) and _backup_epoch(earlier_metadata) is not None:
@@ -682,7 +684,7 @@ def _train_in(out, config, strategy, schema, train_sources, val_sources, landmar
     # A resumed run draws its data order, augmentation and dropout from a
     # seed of its own: with the run's seed it would replay those of epoch 0
     # onwards (its weights come from the backup).
-    resumed_at = max(1, _backup_epoch(out / "backup" / "training_metadata.json") or 0) if resuming else 0
+    resumed_at = max(1, _backup_epoch(out / "backup" / BACKUP_METADATA) or 0) if resuming else 0
     seed = config.train.seed + resumed_at
     keras.utils.set_random_seed(seed)
     if config.train.deterministic:
