@@ -62,14 +62,17 @@ def main(out_dir, gate="input_conditioned"):
     restored = reloaded.predict({"image": images}, verbose=0)
     max_diff = {k: float(np.max(np.abs(original[k] - restored[k]))) for k in original}
     extra = {}
-    from tfface.export import ExportError
-    from tfface.export import export_saved_model
-
     try:
-        export_saved_model(model, os.path.join(out_dir, "exports"), "m", warmup_images=[])
-        extra["export_refused"] = None
-    except ExportError as e:
+        from tfface.export import ExportError
+        from tfface.export import export_saved_model
+    except ModuleNotFoundError as e:  # a JAX-only machine (the GPU one): export needs TensorFlow
         extra["export_refused"] = str(e)
+    else:
+        try:
+            export_saved_model(model, os.path.join(out_dir, "exports"), "m", warmup_images=[])
+            extra["export_refused"] = None
+        except ExportError as e:
+            extra["export_refused"] = str(e)
     if gate == "mask_guided":
         # The mask loss is part of the step's loss: without the mask labels
         # the same prediction costs less.
