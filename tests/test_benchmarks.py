@@ -5,10 +5,12 @@ import argparse
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -64,3 +66,77 @@ def test_bad_sizes_and_missing_inputs_are_one_line_errors(common, tmp_path):
     assert startup.returncode == 2 and f"--baseline-tree {tmp_path} is not a tfface checkout" in startup.stderr
     schema = refuse(str(BENCHMARKS / "train_startup.py"), "--schemas", "fused,nope")
     assert schema.returncode == 2 and "'nope'" in schema.stderr and "Traceback" not in schema.stderr
+
+
+needs_jax = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
+
+
+@needs_jax
+def test_the_jax_port_of_the_augmentation_warps_as_the_training_pipeline_does(monkeypatch):
+    """capacity_jax.py trains on the GPU machine (no TensorFlow) with its own
+    port of augment_example: its affine warp must be the pipeline's."""
+    import tensorflow as tf
+
+    from tfface.data.pipeline import affine_example
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import capacity_jax
+
+    image = np.random.default_rng(0).uniform(0, 255, (32, 32, 3)).astype("float32")
+    y = {"_landmarks": tf.zeros((68, 2)), "_has_landmarks": tf.constant(0.0)}
+    for scale, angle, shift in [(1.07, 0.14, (0.03, -0.02)), (0.93, -0.16, (-0.04, 0.04))]:
+        expected, _ = affine_example(tf.constant(image), y, tf.constant(scale), tf.constant(angle), tf.constant(shift))
+        warped = np.asarray(capacity_jax.affine(image, scale, angle, np.asarray(shift, np.float32)))
+        assert np.abs(warped - expected.numpy()).max() < 0.05  # of 255, borders included
+        assert np.abs(warped - image).mean() > 10  # it did warp
+
+
+@needs_jax
+@pytest.mark.slow
+def test_a_split_exported_for_the_gpu_machine_trains_there_under_jax(tmp_path):
+    """export_split_arrays.py then capacity_jax.py, as on the GPU machine:
+    the second runs under KERAS_BACKEND=jax with TensorFlow unimportable."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        "name: tiny\ndata: {sources: ['synthetic:160'], schema: synthetic, image_size: 32, batch_size: 16, "
+        "val_fraction: 0.25}\nmodel: {type: gated, image_size: 32, backbone_widths: [8, 16, 32, 64], embedding_dim: 16}\n"
+        "train: {epochs: 2, warmup_epochs: 1}\n"
+    )
+    split = tmp_path / "split.npz"
+    exported = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "export_split_arrays.py"), "--config", str(config), "--out", str(split)],
+        cwd=BENCHMARKS, capture_output=True, text=True, timeout=300,
+    )
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert "mean absolute error" in exported.stdout and split.is_file()
+    arrays = np.load(split)
+    assert len(arrays["train/jpeg_offsets"]) - 1 == len(arrays["train/_source"]) > len(arrays["val/_source"]) > 0
+
+    block_tensorflow = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'tensorflow':\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        f"sys.argv = ['capacity_jax.py', '--data', {str(split)!r}, '--config', {str(config)!r}, '--runs', '2', "
+        f"'--results-dir', {str(tmp_path / 'results')!r}]\n"
+        "import runpy\n"
+        "runpy.run_path('capacity_jax.py', run_name='__main__')\n"
+    )
+    env = dict(
+        os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+        PYTHONPATH=os.pathsep.join([str(BENCHMARKS.parent), str(BENCHMARKS)]),
+        XLA_FLAGS="--xla_backend_optimization_level=0",
+    )
+    trained = subprocess.run(
+        [sys.executable, "-c", block_tensorflow], cwd=BENCHMARKS, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    (result_file,) = (tmp_path / "results").glob("capacity_tiny_*.json")
+    result = json.loads(result_file.read_text())
+    (run,) = result["runs"]
+    assert result["backend"] == "jax" and run["epochs_trained"] == 2 and len(run["history"]) == 2
+    # Synthetic sources: no CelebA rows, so the best epoch is picked on every validation image.
+    assert run["best"]["celeba_mean_accuracy"] is None and 0 <= run["best"]["mean_balanced_accuracy"] <= 1
+    assert (tmp_path / "results" / "capacity_tiny.md").is_file()
