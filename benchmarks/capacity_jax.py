@@ -221,8 +221,8 @@ def train_one(spec, config, schema, sources, parts, augment, deadline, seed):
     task_labels = {task.name: train_labels[task.name] for task in schema}
     model = build_model(schema, model_config, task_labels)
     batch = config.data.batch_size
-    steps = max(1, len(train_images) // batch)
     train = config.train
+    steps = train.steps_per_epoch or max(1, len(train_images) // batch)
     schedule = keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=0.0 if train.warmup_epochs > 0 else train.learning_rate,
         decay_steps=spec.epochs * steps,
@@ -230,7 +230,14 @@ def train_one(spec, config, schema, sources, parts, augment, deadline, seed):
         warmup_steps=int(train.warmup_epochs * steps),
         alpha=0.05,
     )
-    model.compile(optimizer=keras.optimizers.AdamW(learning_rate=schedule, weight_decay=train.weight_decay))
+    # The trainer's choice (tfface.training.trainer._optimizer, which needs TensorFlow to import).
+    if train.optimizer == "adamw":
+        optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=train.weight_decay)
+    elif train.optimizer == "adam":
+        optimizer = keras.optimizers.Adam(learning_rate=schedule)
+    else:
+        optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=0.9)
+    model.compile(optimizer=optimizer)
     streams = SourceStreams(train_labels["_source"], [s.weight for s in config.data.sources], seed)
     rows, best, best_weights = [], None, None
     started = time.perf_counter()
@@ -238,7 +245,9 @@ def train_one(spec, config, schema, sources, parts, augment, deadline, seed):
         if time.perf_counter() > deadline:
             break
         picked = streams.draw(steps * batch)
-        images = augment(seed * 100_003 + epoch, train_images[picked])
+        images = train_images[picked].astype(np.float32)
+        if config.data.augment:
+            images = augment(seed * 100_003 + epoch, images)
         history = model.fit(
             {"image": images}, {k: v[picked] for k, v in train_labels.items()},
             batch_size=batch, epochs=1, shuffle=False, verbose=0,
