@@ -238,14 +238,57 @@ def test_a_request_answered_by_a_version_that_does_not_turn_photos_is_sent_again
 
 
 class RpcFailure(grpc.RpcError):
-    def __init__(self, code):
+    def __init__(self, code, details=None):
         self._code = code
+        self._details = details
 
     def code(self):
         return self._code
 
     def details(self):
-        return f"stand-in {self._code.name}"
+        return self._details or f"stand-in {self._code.name}"
+
+
+def test_failures_that_waiting_cannot_mend_are_not_retried(monkeypatch):
+    client = ServingClient("127.0.0.1:1", model_name="faces", tls=True)
+    monkeypatch.setattr(client_module.time, "sleep", lambda s: pytest.fail("retried a lasting failure"))
+    for details, hint in (
+        ("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Ssl handshake failed: "
+         "SSL_ERROR_SSL: error:1000007d:SSL routines:OPENSSL_internal:CERTIFICATE_VERIFY_FAILED", "--root-certificates"),
+        ("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Ssl handshake failed: "
+         "SSL_ERROR_SSL: error:100000f7:SSL routines:OPENSSL_internal:WRONG_VERSION_NUMBER", "drop --tls"),
+        ("DNS resolution failed for nosuchhost:8500: C-ares status is not ARES_SUCCESS", "host name and port"),
+    ):
+        calls = []
+
+        def method(request, timeout):
+            calls.append(timeout)
+            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, details)
+
+        with pytest.raises(ServingError, match="cannot reach") as info:
+            client._call(method, None, "Predict")
+        assert len(calls) == 1 and hint in str(info.value)
+    client.close()
+    # A huge retry count waits at most max_backoff_s each time instead of overflowing a float.
+    many = ServingClient("127.0.0.1:1", model_name="faces", retries=2000)
+    assert len(many.backoff_waits()) == 2000 and max(many.backoff_waits()) == many.max_backoff_s
+    many.close()
+    with pytest.raises(ValueError, match="timeout_s must be in"):  # gRPC fails a 1e10 s deadline at once
+        ServingClient("127.0.0.1:1", model_name="faces", timeout_s=1e10)
+
+
+def test_a_request_refused_for_its_size_is_not_sent_again_image_by_image(served, monkeypatch):
+    small = LocalModelServer(served["root"] / "faces", max_batch_size=2)
+    port = small.start()
+    client = ServingClient(f"127.0.0.1:{port}", model_name="faces")
+    monkeypatch.setattr(client, "_name_refused_image", lambda *a: pytest.fail("ran every image to name none"))
+    try:
+        with pytest.raises(ServingError, match="at most 2 per request.*--batch-size"):
+            client.predict(random_pngs(5), batch_size=5)
+        assert len(client.predict(random_pngs(5), batch_size=2)) == 5
+    finally:
+        client.close()
+        small.stop()
 
 
 def test_retries_ride_out_a_restart_only_after_unavailable(monkeypatch):
@@ -315,7 +358,7 @@ def test_query_takes_retries_and_timeout(served, tmp_path, capsys):
     assert query_main(argparse.Namespace(**{**vars(dead), "retries": -1})) == 2
     assert "retries must be >= 0" in capsys.readouterr().err
     assert query_main(argparse.Namespace(**{**vars(dead), "timeout": float("inf")})) == 2  # not "no answer within inf s"
-    assert "timeout_s must be positive and finite" in capsys.readouterr().err
+    assert "timeout_s must be in" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # and the command line says so first
         parse(["query", "--model", "faces", "--timeout", "inf", "x.png"])
     assert "must be a finite number > 0, got inf" in capsys.readouterr().err

@@ -212,6 +212,11 @@ BAD_REQUESTS = {
         grpc.StatusCode.INVALID_ARGUMENT,
         "must be string, got float32",
     ),
+    "a dtype number no dtype has": (
+        lambda: request(tensor=tensor_pb2.TensorProto(dtype=999)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "must be string, got dtype enum 999",
+    ),
     "wrong shape": (
         lambda: request(
             signature="serving_uint8", key="images_uint8", tensor=tf.make_tensor_proto(np.zeros((1, 8, 8, 3), np.uint8))
@@ -701,8 +706,11 @@ def test_a_client_reads_the_class_names_of_the_version_that_answered(tmp_path):
         first.stop()
         with LocalModelServer(tmp_path / "faces", port=port, versions=[2]):
             [after] = client.predict(random_pngs(1))
+            metadata = client.metadata()
         assert after["age_group"]["label"] in renamed
         assert set(after["age_group"]["probabilities"]) == set(renamed)
+        # The metadata pairs version 2 with its own schema, not the one read first.
+        assert metadata["version"] == 2 and metadata["schema"]["tasks"][1]["classes"] == renamed
     finally:
         client.close()
         first.stop()
@@ -720,6 +728,10 @@ def test_query_hosts_without_a_port_get_tf_servings_port_and_exif_rotation_is_ap
     assert with_default_port("[::1]:7000") == "[::1]:7000"
     assert with_default_port("dns:///serving:8500") == "dns:///serving:8500"
     assert with_default_port("ipv4:10.0.0.5:9000") == "ipv4:10.0.0.5:9000"
+    # gRPC would wrap 84036 to 18500, another server, and retry "abc" for 20 s as unreachable.
+    for bad in ("127.0.0.1:84036", "127.0.0.1:abc", "127.0.0.1:0", "127.0.0.1:", ":8500", "[::1]:99999", "host:8500/", " "):
+        with pytest.raises(ValueError, match="HOST:PORT with PORT a number in 1..65535|address is empty"):
+            with_default_port(bad)
 
     pixels = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
     plain = pil_encoded(pixels, "JPEG")

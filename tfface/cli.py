@@ -19,6 +19,8 @@ import sys
 from tfface import __version__
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# gRPC core logs every failed TLS handshake at INFO level; tfface says what failed in one line.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 # OSError covers missing files and folders, a file where a folder belongs
 # (and back), permissions and a full disk: all name the path.

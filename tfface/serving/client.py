@@ -56,6 +56,9 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_RETRIES = 8
 DEFAULT_BACKOFF_S = 0.25
 DEFAULT_MAX_BACKOFF_S = 4.0
+# Longest deadline a call takes: gRPC fails a call of a far larger one
+# (1e10 s) at once, as "no answer within" it.
+MAX_TIMEOUT_S = 1e6
 # What a request holds besides the image bytes: the model spec, the input's
 # name, dtype and shape (REQUEST_MARGIN), and each image's tag and length
 # (PER_IMAGE_OVERHEAD). gRPC refuses to send a request over its limit.
@@ -117,8 +120,8 @@ class ServingClient:
             raise ValueError("pass either version or version_label, not both")
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
-        if not 0 < timeout_s < float("inf"):  # gRPC ends a call of infinite deadline at once
-            raise ValueError(f"timeout_s must be positive and finite, got {timeout_s}")
+        if not 0 < timeout_s <= MAX_TIMEOUT_S:  # gRPC ends a call of infinite (or 1e10 s) deadline at once
+            raise ValueError(f"timeout_s must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {timeout_s}")
         if not 0 <= backoff_s <= max_backoff_s:
             raise ValueError(f"need 0 <= backoff_s <= max_backoff_s, got {backoff_s} and {max_backoff_s}")
         target = with_default_port(target)
@@ -140,7 +143,8 @@ class ServingClient:
             ("grpc.min_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1000),
         ]
-        if tls or root_certificates is not None:
+        self.tls = bool(tls or root_certificates is not None)
+        if self.tls:
             if root_certificates is not None and not isinstance(root_certificates, bytes):
                 path = Path(root_certificates)
                 if not path.is_file():
@@ -182,7 +186,8 @@ class ServingClient:
 
     def backoff_waits(self) -> list[float]:
         """Seconds waited before each retry after UNAVAILABLE."""
-        return [min(self.backoff_s * 2**attempt, self.max_backoff_s) for attempt in range(self.retries)]
+        # 2**attempt is capped: a float overflows past 2**1023, the wait long before.
+        return [min(self.backoff_s * 2 ** min(attempt, 64), self.max_backoff_s) for attempt in range(self.retries)]
 
     def _call(self, method, request, what: str):
         waits = self.backoff_waits()
@@ -193,7 +198,7 @@ class ServingClient:
             except grpc.RpcError as e:
                 code = e.code() if hasattr(e, "code") else None
                 details = e.details() if hasattr(e, "details") else str(e)
-                if code == grpc.StatusCode.UNAVAILABLE and attempt < len(waits):
+                if code == grpc.StatusCode.UNAVAILABLE and attempt < len(waits) and not _is_lasting(details):
                     time.sleep(waits[attempt])
                     continue
                 message = self._explain(what, code, details, attempt + 1, time.monotonic() - started)
@@ -206,11 +211,15 @@ class ServingClient:
             model += f" version {self.version}"
         elif self.version_label:
             model += f" (label {self.version_label!r})"
+        if code == grpc.StatusCode.UNAVAILABLE and _is_lasting(details):
+            return f"{what}: cannot reach {self.target}: {details}. {_lasting_hint(details, self.tls)}"
         if code == grpc.StatusCode.UNAVAILABLE:
             return (
                 f"{what}: TF Serving at {self.target} is unavailable after {attempts} attempt(s) "
                 f"over {seconds:.1f} s: {details}. "
                 "Is the server running (`tfface serve` or `docker compose up`) and is the address right?"
+                + ("" if self.tls or "socket closed" not in details.lower() else
+                   " A server that speaks TLS closes plain connections: if it does, pass --tls.")
             )
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return f"{what}: {self.target} gave no answer within {self.timeout_s:g} s (raise the timeout for large batches)"
@@ -257,7 +266,7 @@ class ServingClient:
         try:
             response = self._call(self._prediction.Predict, self._predict_request(chunk, input_name), what)
         except ServingError as e:
-            if e.code != grpc.StatusCode.INVALID_ARGUMENT or len(chunk) == 1:
+            if e.code != grpc.StatusCode.INVALID_ARGUMENT or len(chunk) == 1 or _refuses_request_size(str(e)):
                 raise
             self._name_refused_image(chunk, start, images, input_name)
             raise
@@ -475,13 +484,17 @@ class ServingClient:
             }
             for name, sig in sorted(signature_map.signature_def.items())
         }
-        schema = self.schema().to_dict() if SCHEMA_SIGNATURE in signatures else None
+        schema = info = None
+        if SCHEMA_SIGNATURE in signatures:
+            # Those of the version that answered: the server may have loaded
+            # another since the client first read them.
+            schema, info = self._export_of(_answering_version(response), self.schema())
         return {
             "model": response.model_spec.name,
             "version": response.model_spec.version.value,
             "signatures": signatures,
-            "schema": schema,
-            "export_info": self.export_info() if schema is not None else None,
+            "schema": schema.to_dict() if schema is not None else None,
+            "export_info": info,
         }
 
     def status(self) -> list[dict]:
@@ -504,6 +517,34 @@ class ServingClient:
         ]
 
 
+# UNAVAILABLE that waiting does not mend: a failed TLS handshake, a name
+# that does not resolve, an address gRPC cannot parse.
+_LASTING_FAILURES = ("handshake failed", "ssl_error", "hostname lookup", "dns resolution failed", "failed to parse")
+
+
+def _is_lasting(details) -> bool:
+    return any(text in (details or "").lower() for text in _LASTING_FAILURES)
+
+
+def _lasting_hint(details, tls: bool) -> str:
+    text = (details or "").lower()
+    if "handshake" in text or "ssl" in text:
+        if "certificate" in text:
+            return "The server's certificate is not signed by the given root certificates (--root-certificates)."
+        if tls:
+            return "The server may not speak TLS: drop --tls, or check the port."
+        return "The TLS handshake failed."
+    return "Check the host name and port."
+
+
+def _refuses_request_size(message: str) -> bool:
+    """Whether a refusal is of the request's size (tfface serve's
+    max_batch_size, TF Serving's batching limit): sending its images one by
+    one would only run them all to name none."""
+    text = message.lower()
+    return "per request (max_batch_size)" in text or "larger than maximum" in text
+
+
 def _answering_version(response) -> Optional[int]:
     """The version a response says answered (None when the server does not say)."""
     return response.model_spec.version.value if response.model_spec.HasField("version") else None
@@ -513,14 +554,29 @@ _GRPC_SCHEMES = ("dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock")
 
 
 def with_default_port(target: str, port: int = 8500) -> str:
-    """HOST -> HOST:8500 (TF Serving's gRPC port); gRPC alone would try 443."""
+    """HOST -> HOST:8500 (TF Serving's gRPC port); gRPC alone would try 443.
+
+    A HOST:PORT whose port is not a number in 1..65535 is refused: gRPC
+    would wrap 84036 to 18500 (another server) or retry a non-number as
+    unreachable."""
     if "://" in target or target.split(":", 1)[0] in _GRPC_SCHEMES:
         return target  # gRPC's own forms: dns:///host:port, unix:/path, ipv4:1.2.3.4:5 ...
+    if not target.strip():
+        raise ValueError("the server address is empty; expected HOST or HOST:PORT, e.g. localhost:8500")
     if target.startswith("["):  # [IPv6] or [IPv6]:PORT
-        return target if "]:" in target else f"{target}:{port}"
-    if target.count(":") > 1:  # a bare IPv6 address
+        if "]:" not in target:
+            return f"{target}:{port}"
+        host, given = target.rsplit("]:", 1)
+        host += "]"
+    elif target.count(":") > 1:  # a bare IPv6 address
         return f"[{target}]:{port}"
-    return target if ":" in target else f"{target}:{port}"
+    elif ":" not in target:
+        return f"{target}:{port}"
+    else:
+        host, given = target.rsplit(":", 1)
+    if not given.isdigit() or not 1 <= int(given) <= 65535 or not host:
+        raise ValueError(f"server address {target!r}: expected HOST:PORT with PORT a number in 1..65535")
+    return target
 
 
 def _where(item, index: int) -> str:

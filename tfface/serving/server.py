@@ -77,6 +77,16 @@ class RequestError(Exception):
         self.message = message
 
 
+def _dtype_name(enum: int) -> str:
+    """A request's dtype for a message; a number no dtype has is named as such."""
+    if not enum:
+        return "an unset dtype"
+    try:
+        return tf.dtypes.as_dtype(enum).name
+    except TypeError:
+        return f"dtype enum {enum} (no TensorFlow dtype)"
+
+
 def _invalid(message):
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
@@ -700,7 +710,7 @@ class LocalModelServer:
         for key, spec in signature.inputs.items():
             proto = inputs[key]
             if proto.dtype != spec.dtype.as_datatype_enum:
-                got = tf.dtypes.as_dtype(proto.dtype).name if proto.dtype else "an unset dtype"
+                got = _dtype_name(proto.dtype)
                 raise _invalid(f"input {key!r} must be {spec.dtype.name}, got {got}")
             _check_values_match_shape(key, proto)
             try:
@@ -724,7 +734,8 @@ class LocalModelServer:
                 # images (a 3 MB request of tiny PNGs took 1.4 GB).
                 raise _invalid(
                     f"input {key!r} holds {batch} images; this server takes at most {self.max_batch_size} "
-                    "per request (max_batch_size): split it, e.g. ServingClient.predict(..., batch_size=N)"
+                    "per request (max_batch_size): split it, e.g. ServingClient.predict(..., batch_size=N) "
+                    "or tfface query --batch-size N"
                 )
             if spec.dtype == tf.string and array.ndim == 1:
                 self._check_images(key, array)
