@@ -347,6 +347,28 @@ def test_versions_increment_and_existing_versions_are_refused(model, tmp_path):
     assert load_model_info(tmp_path / "m")["version"] == 4  # the model folder resolves to the latest
 
 
+def test_versions_are_what_tf_serving_reads_them_as(model, tmp_path):
+    import shutil
+
+    from tfface.export.saved_model import MAX_VERSION
+
+    # TF Serving reads folder names as int64: a larger version would never be served.
+    with pytest.raises(ExportError, match="version must be an integer in 1..9223372036854775807"):
+        export_saved_model(model, tmp_path, "m", version=MAX_VERSION + 1, warmup_images=[])
+    last = export_saved_model(model, tmp_path, "m", version=MAX_VERSION, warmup_images=[])
+    with pytest.raises(ExportError, match="beyond int64"):  # the default would be one past it
+        export_saved_model(model, tmp_path, "m", warmup_images=[])
+    assert list_versions(tmp_path / "m") == [MAX_VERSION]
+    # "007" is version 7 to TF Serving, which serves one of two such folders; "²" and "١٢" are none.
+    shutil.copytree(last, tmp_path / "m2" / "007")
+    for name in ("²", "١٢"):
+        (tmp_path / "m2" / name).mkdir()
+    assert list_versions(tmp_path / "m2") == [7]
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        export_saved_model(model, tmp_path, "m2", version=7, warmup_images=[])
+    assert export_saved_model(model, tmp_path, "m2", warmup_images=[]).name == "8"
+
+
 def test_an_export_that_finishes_second_takes_the_next_version(model, tmp_path, monkeypatch):
     # Another export of the same name completes while this one writes: this
     # one takes the next free version instead of failing (or overwriting).
@@ -526,3 +548,62 @@ def test_the_serving_preprocessing_turns_images_upright(orientation):
     out = preprocess_encoded_images(tf.constant([tagged, png(upright)]), 8, max_side=64).numpy()
     np.testing.assert_array_equal(out[0], preprocess_image(shown, 8).numpy())
     np.testing.assert_array_equal(out[1], preprocess_image(upright, 8).numpy())
+
+
+MODEL_SIZE = 32  # the smallest a tfface model takes
+
+
+def _tfface_model(kind):
+    from tfface.config import ModelConfig
+    from tfface.models.build import build_model
+
+    keras.utils.set_random_seed(4)
+    small = dict(image_size=MODEL_SIZE, backbone_widths=(8, 16, 32, 64), embedding_dim=16)
+    if kind == "gated":
+        config = ModelConfig(type="gated", gate="input_conditioned", gate_hidden=8, correlation=True, **small)
+    else:
+        config = ModelConfig(type="mask_guided", fusion="group_global", mask_channels=(8, 16, 32), **small)
+    return build_model("synthetic", config)
+
+
+@pytest.mark.parametrize("kind", ["gated", "mask_guided"])
+def test_a_tfface_model_round_trips_through_each_signature(kind, tmp_path):
+    """The real models (not the stand-in): every task's probabilities and
+    labels from both signatures equal the Keras model's."""
+    model = _tfface_model(kind)
+    model.predict(np.zeros((4, MODEL_SIZE, MODEL_SIZE, 3), np.float32), verbose=0)
+    moving = [v for v in model.non_trainable_variables if "moving" in v.path]
+    assert moving  # batch-norm statistics away from their initial values, as after training
+    for variable in moving:
+        variable.assign(np.random.default_rng(1).uniform(0.5, 1.5, variable.shape).astype("float32"))
+    path = export_saved_model(model, tmp_path, kind, warmup_images=[])
+    loaded, schema = load_exported(path)
+    assert schema == model.schema
+    images = np.stack(random_images(3, shapes=[(MODEL_SIZE, MODEL_SIZE)] * 3, seed=5))
+    outputs = model({"image": images.astype(np.float32)}, training=False)
+    expected = {k: keras.ops.convert_to_numpy(v) for k, v in outputs.items()}
+    results = {
+        "serving_uint8": loaded.signatures["serving_uint8"](images_uint8=tf.constant(images)),
+        # PNGs at the model's size: the in-graph crop and resize leave them as they are.
+        "serving_default": loaded.signatures["serving_default"](images=tf.constant([png(i) for i in images])),
+    }
+    for signature, result in results.items():
+        for task in schema:
+            got = result[f"{task.name}_probabilities"].numpy()
+            p = expected[task.name]
+            want = np.stack([1 - p, p], -1) if task.is_binary else p
+            np.testing.assert_allclose(got, want, atol=1e-5, err_msg=f"{signature}: {task.name}")
+            ids = (p >= task.threshold).astype(np.int64) if task.is_binary else p.argmax(-1)
+            np.testing.assert_array_equal(result[f"{task.name}_class_id"].numpy(), ids)
+        assert not any(k.startswith("_") for k in result)
+
+
+def test_a_mask_guided_model_on_landmark_masks_is_refused_with_the_way_to_export_it(tmp_path):
+    from tfface.models.mask_guided_model import landmark_mask_variant
+
+    on_landmarks = landmark_mask_variant(_tfface_model("mask_guided"), True)
+    with pytest.raises(ExportError, match=r"it has 2; .*landmark_mask_variant\(model, False\)"):
+        export_saved_model(on_landmarks, tmp_path, "m", warmup_images=[])
+    assert not (tmp_path / "m").exists()
+    path = export_saved_model(landmark_mask_variant(on_landmarks, False), tmp_path, "m", warmup_images=[])
+    assert path.name == "1"

@@ -72,6 +72,9 @@ WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 DEFAULT_MAX_IMAGE_SIDE = 4096
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_VERSION_NAME = re.compile(r"[0-9]+")
+# TF Serving reads version folder names as int64 and skips any it cannot.
+MAX_VERSION = 2**63 - 1
 
 
 class ExportError(RuntimeError):
@@ -90,7 +93,8 @@ def list_versions(model_dir) -> list[int]:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    # ASCII digits only ("²".isdigit() is true too); TF Serving reads the names as int64.
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and _VERSION_NAME.fullmatch(p.name))
 
 
 def resolve_version_dir(path, version: Optional[int] = None) -> Path:
@@ -170,8 +174,10 @@ def export_saved_model(
         )
     if name.isdigit():
         raise ExportError(f"model name {name!r} must not be all digits (TF Serving would read it as a version)")
-    if version is not None and (not isinstance(version, (int, np.integer)) or version < 1):
-        raise ExportError(f"version must be a positive integer, got {version!r}")
+    if version is not None and (not isinstance(version, (int, np.integer)) or not 1 <= version <= MAX_VERSION):
+        raise ExportError(
+            f"version must be an integer in 1..{MAX_VERSION} (TF Serving skips folders beyond int64), got {version!r}"
+        )
     if int(max_image_side) < 1:
         raise ExportError(f"max_image_side must be positive, got {max_image_side}")
 
@@ -181,7 +187,8 @@ def export_saved_model(
     model_dir = Path(export_root) / name
     created_model_dir = not model_dir.exists()
     model_dir.mkdir(parents=True, exist_ok=True)
-    if version is not None and (model_dir / str(version)).exists():
+    # By number: a folder "007" is version 7 to TF Serving, which serves one of two such folders.
+    if version is not None and ((model_dir / str(version)).exists() or int(version) in list_versions(model_dir)):
         raise FileExistsError(
             f"{model_dir / str(version)} already exists: versions are never overwritten; "
             f"pick another version (existing: {list_versions(model_dir)})"
@@ -197,8 +204,13 @@ def export_saved_model(
             # two exports of one name at once take consecutive versions.
             with folder_lock(model_dir):
                 chosen = int(version) if version is not None else (list_versions(model_dir) or [0])[-1] + 1
+                if chosen > MAX_VERSION:
+                    raise ExportError(
+                        f"the next version after {chosen - 1} is beyond int64, which TF Serving cannot read; "
+                        "pass a version that is free (version=N, --version N)"
+                    )
                 target = model_dir / str(chosen)
-                if target.exists():
+                if target.exists() or chosen in list_versions(model_dir):
                     raise FileExistsError(f"{target} appeared while exporting; not overwriting it")
                 _write_assets(tmp, model, schema, image_size, name, chosen, int(max_image_side))
                 # mkdtemp makes the folder owner-only; a server running as another
@@ -306,7 +318,11 @@ def _check_outputs(model, schema: Schema, image_size: int) -> None:
     """Runs the model once on zeros so contract violations fail before writing."""
     inputs = getattr(model, "inputs", None) or []
     if len(inputs) > 1:
-        raise ExportError(f"the model must have exactly one input ('image'), it has {len(inputs)}")
+        raise ExportError(
+            f"the model must have exactly one input ('image'), it has {len(inputs)}; a mask-guided model that "
+            "takes landmark masks exports as tfface.models.mask_guided_model.landmark_mask_variant(model, False), "
+            "which predicts its masks"
+        )
     zeros = np.zeros((2, image_size, image_size, 3), np.float32)
     outputs = model(_model_input(model, zeros), training=False)
     if not isinstance(outputs, dict):
