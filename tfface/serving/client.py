@@ -517,9 +517,10 @@ class ServingClient:
         ]
 
 
-# UNAVAILABLE that waiting does not mend: a failed TLS handshake, a name
-# that does not resolve, an address gRPC cannot parse.
-_LASTING_FAILURES = ("handshake failed", "ssl_error", "hostname lookup", "dns resolution failed", "failed to parse")
+# UNAVAILABLE that waiting does not mend: a failed TLS handshake, an
+# address gRPC cannot parse. A name that does not resolve is retried: a
+# headless Kubernetes service has no address until a server is ready.
+_LASTING_FAILURES = ("handshake failed", "ssl_error", "failed to parse")
 
 
 def _is_lasting(details) -> bool:
@@ -534,7 +535,7 @@ def _lasting_hint(details, tls: bool) -> str:
         if tls:
             return "The server may not speak TLS: drop --tls, or check the port."
         return "The TLS handshake failed."
-    return "Check the host name and port."
+    return "Check the address: HOST:PORT."
 
 
 def _refuses_request_size(message: str) -> bool:
