@@ -72,23 +72,32 @@ needs_jax = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="
 
 
 @needs_jax
-def test_the_jax_port_of_the_augmentation_warps_as_the_training_pipeline_does(monkeypatch):
+def test_the_jax_port_of_the_augmentation_warps_as_the_training_pipeline_does():
     """capacity_jax.py trains on the GPU machine (no TensorFlow) with its own
-    port of augment_example: its affine warp must be the pipeline's."""
-    import tensorflow as tf
-
-    from tfface.data.pipeline import affine_example
-
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    import capacity_jax
-
-    image = np.random.default_rng(0).uniform(0, 255, (32, 32, 3)).astype("float32")
-    y = {"_landmarks": tf.zeros((68, 2)), "_has_landmarks": tf.constant(0.0)}
-    for scale, angle, shift in [(1.07, 0.14, (0.03, -0.02)), (0.93, -0.16, (-0.04, 0.04))]:
-        expected, _ = affine_example(tf.constant(image), y, tf.constant(scale), tf.constant(angle), tf.constant(shift))
-        warped = np.asarray(capacity_jax.affine(image, scale, angle, np.asarray(shift, np.float32)))
-        assert np.abs(warped - expected.numpy()).max() < 0.05  # of 255, borders included
-        assert np.abs(warped - image).mean() > 10  # it did warp
+    port of augment_example: its affine warp must be the pipeline's. In a
+    subprocess: JAX's threads must not be in a pytest worker that forks."""
+    script = """
+import json, numpy as np, tensorflow as tf
+import capacity_jax
+from tfface.data.pipeline import affine_example
+image = np.random.default_rng(0).uniform(0, 255, (32, 32, 3)).astype("float32")
+y = {"_landmarks": tf.zeros((68, 2)), "_has_landmarks": tf.constant(0.0)}
+rows = []
+for scale, angle, shift in [(1.07, 0.14, (0.03, -0.02)), (0.93, -0.16, (-0.04, 0.04))]:
+    expected, _ = affine_example(tf.constant(image), y, tf.constant(scale), tf.constant(angle), tf.constant(shift))
+    warped = np.asarray(capacity_jax.affine(image, scale, angle, np.asarray(shift, np.float32)))
+    rows.append([float(np.abs(warped - expected.numpy()).max()), float(np.abs(warped - image).mean())])
+print(json.dumps(rows))
+"""
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+        PYTHONPATH=os.pathsep.join([str(BENCHMARKS.parent), str(BENCHMARKS)]),
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=BENCHMARKS, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for difference, change in json.loads(done.stdout.strip().splitlines()[-1]):
+        assert difference < 0.05  # of 255, borders included
+        assert change > 10  # it did warp
 
 
 @needs_jax
