@@ -210,6 +210,7 @@ def train_one(spec, config, schema, sources, parts, augment, deadline, seed):
 
     from tfface.evaluation.calibration import calibrate_thresholds
     from tfface.models.build import build_model
+    from tfface.training.optimizer import make_optimizer
 
     keras.mixed_precision.set_global_policy("mixed_float16" if spec.mixed else "float32")
     keras.utils.set_random_seed(seed)
@@ -223,21 +224,8 @@ def train_one(spec, config, schema, sources, parts, augment, deadline, seed):
     batch = config.data.batch_size
     train = config.train
     steps = train.steps_per_epoch or max(1, len(train_images) // batch)
-    schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0 if train.warmup_epochs > 0 else train.learning_rate,
-        decay_steps=spec.epochs * steps,
-        warmup_target=train.learning_rate if train.warmup_epochs > 0 else None,
-        warmup_steps=int(train.warmup_epochs * steps),
-        alpha=0.05,
-    )
-    # The trainer's choice (tfface.training.trainer._optimizer, which needs TensorFlow to import).
-    if train.optimizer == "adamw":
-        optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=train.weight_decay)
-    elif train.optimizer == "adam":
-        optimizer = keras.optimizers.Adam(learning_rate=schedule)
-    else:
-        optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=0.9)
-    model.compile(optimizer=optimizer)
+    # The trainer's optimizer and schedule, decaying over this run's epochs.
+    model.compile(optimizer=make_optimizer(dataclasses.replace(train, epochs=spec.epochs), steps))
     streams = SourceStreams(train_labels["_source"], [s.weight for s in config.data.sources], seed)
     rows, best, best_weights = [], None, None
     started = time.perf_counter()
@@ -296,8 +284,7 @@ def write_markdown(result, path):
         "The same model, identity-disjoint split, augmentation and schedule as the 30-minute CPU run, "
         f"trained for more epochs or wider. {result['train_images']} training and {result['val_images']} validation "
         "images, stored as JPEG (quality 95; the pixel error is printed by export_split_arrays.py). "
-        "'best' is the epoch with the highest CelebA validation balanced accuracy (the trainer keeps that epoch's "
-        "model too), so it is chosen on the images it is scored on and reads slightly high (the trainer's model.keras is chosen the same way); 'last' is not.",
+        "'best' is the epoch with the highest CelebA validation balanced accuracy, so it is chosen on the images it is scored on and reads slightly high (the trainer's model.keras is chosen the same way); 'last' is not.",
         "",
         "| run | seed | params | s/epoch | CelebA acc. (last) | CelebA bal. acc. (last) | CelebA acc. (best) | "
         "CelebA bal. acc. (best) | best epoch | calibrated acc. / bal. acc. (best) | UTK gender (best) | "

@@ -55,6 +55,7 @@ from tfface.data.splits import split_record
 from tfface.models.backbones import local_weights_file
 from tfface.models.build import build_model
 from tfface.schema import get_schema
+from tfface.training.optimizer import make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -847,17 +848,4 @@ def _history_json(history) -> dict:
 
 def _optimizer(config, train_ds):
     train = config.train
-    steps = train.steps_per_epoch or int(train_ds.cardinality().numpy())
-    steps = max(1, steps)
-    schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=train.learning_rate if train.warmup_epochs <= 0 else 0.0,
-        decay_steps=max(1, train.epochs * steps),
-        warmup_target=train.learning_rate if train.warmup_epochs > 0 else None,
-        warmup_steps=int(train.warmup_epochs * steps),
-        alpha=0.05,
-    )
-    if train.optimizer == "adamw":
-        return keras.optimizers.AdamW(learning_rate=schedule, weight_decay=train.weight_decay)
-    if train.optimizer == "adam":
-        return keras.optimizers.Adam(learning_rate=schedule)
-    return keras.optimizers.SGD(learning_rate=schedule, momentum=0.9)
+    return make_optimizer(train, train.steps_per_epoch or int(train_ds.cardinality().numpy()))
