@@ -71,11 +71,21 @@ def test_bad_sizes_and_missing_inputs_are_one_line_errors(common, tmp_path):
 needs_jax = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
 
 
+def run_python(script, **env):
+    """`script` in a fresh Python in benchmarks/, tfface and the benchmarks
+    importable, JAX on the CPU: JAX's threads must not be in a pytest
+    worker that forks."""
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+        PYTHONPATH=os.pathsep.join([str(BENCHMARKS.parent), str(BENCHMARKS)]), **env,
+    )
+    return subprocess.run([sys.executable, "-c", script], cwd=BENCHMARKS, env=env, capture_output=True, text=True, timeout=300)
+
+
 @needs_jax
 def test_the_jax_port_of_the_augmentation_warps_as_the_training_pipeline_does():
     """capacity_jax.py trains on the GPU machine (no TensorFlow) with its own
-    port of augment_example: its affine warp must be the pipeline's. In a
-    subprocess: JAX's threads must not be in a pytest worker that forks."""
+    port of augment_example: its affine warp must be the pipeline's."""
     script = """
 import json, numpy as np, tensorflow as tf
 import capacity_jax
@@ -89,11 +99,7 @@ for scale, angle, shift in [(1.07, 0.14, (0.03, -0.02)), (0.93, -0.16, (-0.04, 0
     rows.append([float(np.abs(warped - expected.numpy()).max()), float(np.abs(warped - image).mean())])
 print(json.dumps(rows))
 """
-    env = dict(
-        os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-        PYTHONPATH=os.pathsep.join([str(BENCHMARKS.parent), str(BENCHMARKS)]),
-    )
-    done = subprocess.run([sys.executable, "-c", script], cwd=BENCHMARKS, env=env, capture_output=True, text=True, timeout=300)
+    done = run_python(script)
     assert done.returncode == 0, done.stderr[-3000:]
     for difference, change in json.loads(done.stdout.strip().splitlines()[-1]):
         assert difference < 0.05  # of 255, borders included
@@ -133,14 +139,7 @@ def test_a_split_exported_for_the_gpu_machine_trains_there_under_jax(tmp_path):
         "import runpy\n"
         "runpy.run_path('capacity_jax.py', run_name='__main__')\n"
     )
-    env = dict(
-        os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-        PYTHONPATH=os.pathsep.join([str(BENCHMARKS.parent), str(BENCHMARKS)]),
-        XLA_FLAGS="--xla_backend_optimization_level=0",
-    )
-    trained = subprocess.run(
-        [sys.executable, "-c", block_tensorflow], cwd=BENCHMARKS, env=env, capture_output=True, text=True, timeout=300
-    )
+    trained = run_python(block_tensorflow, KERAS_BACKEND="jax", XLA_FLAGS="--xla_backend_optimization_level=0")
     assert trained.returncode == 0, trained.stderr[-3000:]
     (result_file,) = (tmp_path / "results").glob("capacity_tiny_*.json")
     result = json.loads(result_file.read_text())
