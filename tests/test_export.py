@@ -145,9 +145,9 @@ def test_preprocess_encoded_images_equals_decoding_and_preprocessing_each(shapes
         np.testing.assert_array_equal(row, preprocess_image(decode_image(data), 8).numpy())
 
 
-def test_preprocess_encoded_images_of_an_empty_batch_is_empty():
-    out = preprocess_encoded_images(tf.constant([], tf.string), 8, max_side=64)
-    assert out.shape == (0, 8, 8, 3)
+def test_preprocess_encoded_images_refuses_an_empty_batch_by_name():
+    with pytest.raises(tf.errors.InvalidArgumentError, match="empty batch: send at least one image"):
+        preprocess_encoded_images(tf.constant([], tf.string), 8, max_side=64)
 
 
 def test_decode_image_gives_rgb_uint8_and_rejects_garbage():
@@ -596,6 +596,15 @@ def test_a_tfface_model_round_trips_through_each_signature(kind, tmp_path):
             ids = (p >= task.threshold).astype(np.int64) if task.is_binary else p.argmax(-1)
             np.testing.assert_array_equal(result[f"{task.name}_class_id"].numpy(), ids)
         assert not any(k.startswith("_") for k in result)
+    # Run through these models, oneDNN's CPU batch norm failed an empty batch with
+    # "Incompatible shapes: [C] vs. [0,S,S,3]"; both signatures now name the problem.
+    empty = {
+        "serving_uint8": dict(images_uint8=tf.zeros([0, MODEL_SIZE, MODEL_SIZE, 3], tf.uint8)),
+        "serving_default": dict(images=tf.constant([], tf.string)),
+    }
+    for signature, inputs in empty.items():
+        with pytest.raises(tf.errors.InvalidArgumentError, match="empty batch: send at least one image"):
+            loaded.signatures[signature](**inputs)
 
 
 def test_a_mask_guided_model_on_landmark_masks_is_refused_with_the_way_to_export_it(tmp_path):

@@ -26,6 +26,7 @@ Outputs of the two image signatures, for every task T of the schema:
 ``T_probabilities`` float32 (B, C) (binary tasks: C = 2, [1 - p, p]),
 ``T_label`` tf.string (B,) the class name (binary: positive iff
 p >= task.threshold; multiclass: argmax) and ``T_class_id`` int64 (B,).
+Both refuse an empty batch (B = 0) with INVALID_ARGUMENT "empty batch".
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import keras
 from tfface.atomic_files import current_umask
 from tfface.atomic_files import folder_lock
 from tfface.atomic_files import working_folder
+from tfface.data.image_ops import EMPTY_BATCH_MESSAGE
 from tfface.data.image_ops import preprocess_encoded_images
 from tfface.schema import Schema
 
@@ -236,11 +238,14 @@ def build_export_archive(model, schema: Schema, image_size: int, max_image_side:
         outputs = model(_model_input(model, images_float), training=False)
         return postprocess_outputs(outputs, schema)
 
-    def serve_bytes(images):
+    def serve_bytes(images):  # refuses an empty batch in its header checks
         return run_model(preprocess_encoded_images(images, image_size, max_image_side))
 
     def serve_uint8(images_uint8):
-        return run_model(tf.cast(images_uint8, tf.float32))
+        # Run through the model, oneDNN's CPU batch norm fails an empty batch with
+        # "Incompatible shapes: [C] vs. [0,S,S,3]"; this names the problem.
+        with tf.control_dependencies([tf.Assert(tf.shape(images_uint8)[0] > 0, [EMPTY_BATCH_MESSAGE])]):
+            return run_model(tf.cast(images_uint8, tf.float32))
 
     info_json = json.dumps(export_info(image_size, max_image_side), sort_keys=True)
 
