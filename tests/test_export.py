@@ -499,6 +499,23 @@ def test_an_interrupt_wrapped_by_tensorflow_ends_export_as_interrupted(monkeypat
         main(argv)
 
 
+def test_cli_export_sets_the_largest_image_side_served(model, monkeypatch, tmp_path, capsys):
+    """Photos beyond 4096 px were refused with no way to raise the limit from the CLI."""
+    from tfface.cli import main
+    from tfface.models import saving as saving_lib
+
+    monkeypatch.setattr(saving_lib, "load_model", lambda path: model)
+    argv = ["export", "--model", "m.keras", "--name", "faces", "--export-root", str(tmp_path), "--max-image-side", "40"]
+    assert main(argv) == 0
+    path = tmp_path / "faces" / "1"
+    assert f"exported to {path}" in capsys.readouterr().out
+    assert load_model_info(path)["max_image_side"] == 40
+    serve = load_exported(path)[0].signatures["serving_default"]
+    assert serve(images=tf.constant([png(np.zeros((40, 8, 3)))]))["Smiling_label"].shape == (1,)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"maximum side of 40 pixels \(header\)"):
+        serve(images=tf.constant([png(np.zeros((41, 8, 3)))]))
+
+
 def _with_exif(pixels, orientation, fmt, byte_order=">"):
     """Encoded `pixels` whose EXIF first directory holds two other tags and
     then `orientation`, in either TIFF byte order."""

@@ -507,6 +507,19 @@ def test_cli_refuses_counts_below_one(capsys, argv):
     assert "must be" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["export", "query"])
+@pytest.mark.parametrize("version", ["0", "-3", str(2**63), "99999999999999999999"])
+def test_cli_refuses_versions_tf_serving_cannot_read_naming_the_option(capsys, command, version):
+    """TF Serving reads versions as int64 above 0; `query --version 1e20` used to
+    fail in protobuf with a bare "Value out of range"."""
+    argv = {"export": ["export", "--model", "m.keras", "--name", "m"], "query": ["query", "x.jpg", "--model", "m"]}
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(argv[command] + ["--version", version])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--version" in err and f"must be in 1..{2**63 - 1}" in err
+
+
 def test_cli_outputs_never_replace_inputs_or_models(model_files, tmp_path, capsys, monkeypatch):
     from PIL import Image
 

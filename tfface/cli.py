@@ -100,6 +100,19 @@ def _version_label(text):
     return model.strip() or None, label.strip(), int(version)
 
 
+def _model_version(text):
+    """argparse type: a model version, which TF Serving reads as an int64 above 0."""
+    from tfface.export.saved_model import MAX_VERSION
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 1 <= value <= MAX_VERSION:
+        raise argparse.ArgumentTypeError(f"must be in 1..{MAX_VERSION} (TF Serving reads versions as int64), got {value}")
+    return value
+
+
 def _positive_float(text):
     try:
         value = float(text)
@@ -329,7 +342,9 @@ def _cmd_export(args):
 
     model = load_model(args.model)
     with _terminate_unwinds():
-        path = export_saved_model(model, args.export_root, args.name, version=args.version)
+        path = export_saved_model(
+            model, args.export_root, args.name, version=args.version, max_image_side=args.max_image_side
+        )
     print(f"exported to {path}")
 
 
@@ -507,8 +522,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a TF Serving SavedModel to saved_models/NAME/VERSION")
     p.add_argument("--model", required=True, help=".keras file or a training output dir")
     p.add_argument("--name", required=True, help="model name, as TF Serving's config names it")
-    p.add_argument("--version", type=int, help="version number, never an existing one (default: the next free number)")
+    p.add_argument(
+        "--version", type=_model_version, help="version number, never an existing one (default: the next free number)"
+    )
     p.add_argument("--export-root", default="saved_models", help="folder holding NAME/VERSION")
+    p.add_argument(
+        "--max-image-side", type=_positive_int, default=4096,
+        help="serving_default refuses images with a longer side (INVALID_ARGUMENT; default 4096)",
+    )
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("serve", help="local gRPC server with TF Serving's API (development, tests)")
@@ -548,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tls", action="store_true", help="connect over TLS")
     p.add_argument("--root-certificates", help="PEM file for TLS")
-    p.add_argument("--version", type=int, help="model version (default: latest)")
+    p.add_argument("--version", type=_model_version, help="model version (default: latest)")
     p.add_argument("--version-label", help="model version label, e.g. stable")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="images per request")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -762,7 +762,8 @@ class LocalModelServer:
             size = image_size_from_header(data)
             if size is not None and max(size) > self.max_image_side:
                 raise _invalid(
-                    f"{key}[{i}] is {size[1]}x{size[0]} pixels; the largest side allowed is {self.max_image_side}"
+                    f"{key}[{i}] is {size[1]}x{size[0]} pixels; the largest side allowed is {self.max_image_side} "
+                    "(tfface serve --max-image-side; the export's own limit: tfface export --max-image-side)"
                 )
 
     def run(self, servable: _Servable, signature: _Signature, arrays: dict, size: int, timeout_s=None) -> dict:
