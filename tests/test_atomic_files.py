@@ -41,6 +41,24 @@ def test_a_failed_folder_leaves_the_old_one_whole(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["eval"]
 
 
+def test_a_replaced_folder_is_on_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    import os
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("sync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a), str(b))) or real_replace(a, b))
+    out = tmp_path / "eval"
+    with replaced_folder(out, lambda name: name.endswith(".json"), marker="metrics.json") as staging:
+        (staging / "plots").mkdir()
+        (staging / "plots" / "a.json").write_text("{}")
+        (staging / "metrics.json").write_text("new")
+    (index,) = [i for i, e in enumerate(events) if e[0] == "replace" and e[2] == str(out)]
+    synced = {e[1] for e in events[:index] if e[0] == "sync"}
+    assert {str(staging), str(staging / "plots"), str(staging / "plots" / "a.json"), str(staging / "metrics.json")} <= synced
+    assert ("sync", str(tmp_path)) in events[index:]
+
+
 def test_only_an_earlier_output_of_the_same_kind_is_replaced(tmp_path, monkeypatch):
     def accept_png(name):
         return name.endswith(".png")

@@ -415,6 +415,26 @@ def test_failure_mid_export_leaves_nothing_behind(model, tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["1"]
 
 
+def test_every_file_of_a_version_is_on_disk_before_its_rename(model, tmp_path, monkeypatch):
+    """Without fsync, a power cut can keep the rename and lose the files' contents:
+    TF Serving would then find a complete-looking version of empty files."""
+    events = []
+    real_fsync, real_rename = os.fsync, os.rename
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("sync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd))
+    monkeypatch.setattr(os, "rename", lambda a, b: events.append(("rename", str(a), str(b))) or real_rename(a, b))
+    path = export_saved_model(model, tmp_path, "m")
+    renames = [i for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(path)]
+    assert len(renames) == 1
+    tmp = events[renames[0]][1]
+    synced_before = {e[1] for e in events[: renames[0]] if e[0] == "sync"}
+    written = [p for p in path.rglob("*")]
+    assert any(p.name == "saved_model.pb" for p in written) and any(p.name == "tf_serving_warmup_requests" for p in written)
+    for item in written:
+        assert os.path.join(tmp, os.path.relpath(item, path)) in synced_before, item
+    assert tmp in synced_before
+    assert ("sync", str(path.parent)) in events[renames[0]:]  # the rename itself
+
+
 def test_contract_violations_are_named(model, tmp_path):
     with pytest.raises(ExportError, match="must not be all digits"):
         export_saved_model(model, tmp_path, "123")

@@ -92,6 +92,36 @@ def save_model_atomic(model, path) -> Path:
     return path
 
 
+def sync_folder(folder) -> None:
+    """fsync every file and folder under `folder`, deepest first, and the
+    folder itself: a folder renamed into place after this holds its data
+    after a power cut too (without it, the rename can reach the disk before
+    the files' contents, leaving a complete-looking folder of empty files)."""
+    folder = Path(folder)
+    for root, dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+        sync_directory(root)
+
+
+def sync_directory(folder) -> None:
+    """fsync a folder's entries (the names renamed or created in it), where
+    the system allows it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot sync a folder
+        pass
+    finally:
+        os.close(fd)
+
+
 def discard_leftovers(path) -> list:
     """Removes the temporary files `atomic_path` writes beside `path` that a
     killed process left (`.NAME.*.tmp*`); returns their names. Only for a
@@ -156,8 +186,10 @@ def replaced_folder(out_dir, may_replace: Callable[[str], bool], marker: str):
         try:
             yield staging
             os.chmod(staging, mode)
+            sync_folder(staging)
             if not out_dir.exists():
                 os.replace(staging, out_dir)
+                sync_directory(out_dir.parent)
                 return
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             try:
@@ -170,6 +202,7 @@ def replaced_folder(out_dir, may_replace: Callable[[str], bool], marker: str):
             except BaseException:
                 os.replace(old, out_dir)  # put the earlier output back
                 raise
+            sync_directory(out_dir.parent)
             shutil.rmtree(old, ignore_errors=True)
         except BaseException:
             _discard(staging)

@@ -46,6 +46,8 @@ import keras
 
 from tfface.atomic_files import current_umask
 from tfface.atomic_files import folder_lock
+from tfface.atomic_files import sync_directory
+from tfface.atomic_files import sync_folder
 from tfface.atomic_files import working_folder
 from tfface.data.image_ops import EMPTY_BATCH_MESSAGE
 from tfface.data.image_ops import preprocess_encoded_images
@@ -219,7 +221,9 @@ def export_saved_model(
                 # mkdtemp makes the folder owner-only; a server running as another
                 # user (docker --user, runAsNonRoot) must be able to read the version.
                 os.chmod(tmp, 0o777 & ~current_umask())
+                sync_folder(tmp)
                 os.rename(tmp, target)
+                sync_directory(model_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             if created_model_dir:
