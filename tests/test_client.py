@@ -301,9 +301,9 @@ def test_a_request_refused_for_its_size_is_not_sent_again_image_by_image(served,
 
 
 def test_retries_ride_out_a_restart_only_after_unavailable(monkeypatch):
-    client = ServingClient("127.0.0.1:1", model_name="faces")
+    client = ServingClient("127.0.0.1:1", model_name="faces", backoff_jitter=0)
     waits = client.backoff_waits()
-    assert 15 <= sum(waits) <= 25 and max(waits) <= 4  # a restart of ~15 s, never one long wait
+    assert 0.8 * sum(waits) >= 15 and max(waits) <= 4  # a restart of ~15 s even at -20% jitter, never one long wait
     slept = []
     monkeypatch.setattr(client_module.time, "sleep", slept.append)
     for code, attempts, message in (
@@ -323,6 +323,34 @@ def test_retries_ride_out_a_restart_only_after_unavailable(monkeypatch):
     client.close()
     with pytest.raises(ValueError, match="backoff_s"):
         ServingClient("127.0.0.1:1", model_name="faces", backoff_s=5, max_backoff_s=1)
+    with pytest.raises(ValueError, match="backoff_jitter"):
+        ServingClient("127.0.0.1:1", model_name="faces", backoff_jitter=1)
+    with pytest.raises(ValueError, match=r"version must be in 1\.\.9223372036854775807"):
+        ServingClient("127.0.0.1:1", model_name="faces", version=2**63)
+
+
+def test_clients_dropped_together_do_not_retry_in_lockstep(monkeypatch):
+    """By default each wait is drawn within +-20% of its nominal value, as
+    gRPC's reconnect backoff: a restart no longer brings every client back at
+    the same instant."""
+    slept = []
+    monkeypatch.setattr(client_module.time, "sleep", slept.append)
+
+    def method(request, timeout):
+        raise RpcFailure(grpc.StatusCode.UNAVAILABLE)
+
+    runs = []
+    for _ in range(2):
+        client = ServingClient("127.0.0.1:1", model_name="faces")
+        slept.clear()
+        with pytest.raises(ServingError):
+            client._call(method, None, "Predict")
+        nominal = client.backoff_waits()
+        assert len(slept) == len(nominal)
+        assert all(0.8 * w <= s <= 1.2 * w for s, w in zip(slept, nominal))
+        runs.append(list(slept))
+        client.close()
+    assert runs[0] != runs[1] and runs[0] != nominal
 
 
 def test_default_settings_ride_out_a_server_restart(served):

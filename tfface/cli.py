@@ -564,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--retries",
         type=int,
-        help="attempts after UNAVAILABLE, waiting 0.25 s, 0.5 s, ... up to 4 s between them (default 8: rides out "
+        help="attempts after UNAVAILABLE, waiting about 0.25 s, 0.5 s, ... up to 4 s between them, +-20%% (default 8: rides out "
         "a server restart of about 15 s; 0: fail at once)",
     )
     p.add_argument("--tls", action="store_true", help="connect over TLS")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,7 @@ from tfface.data.image_ops import (
 from tfface.export.saved_model import (
     CLASS_ID_SUFFIX,
     EXPORT_INFO_OUTPUT,
+    MAX_VERSION,
     PROBABILITIES_SUFFIX,
     SCHEMA_INPUT,
     SCHEMA_OUTPUT,
@@ -56,6 +58,10 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_RETRIES = 8
 DEFAULT_BACKOFF_S = 0.25
 DEFAULT_MAX_BACKOFF_S = 4.0
+# Each wait is drawn within +-20% of its nominal value (gRPC's own reconnect
+# backoff does the same), so clients a restart dropped at once do not all
+# come back in the same instant.
+DEFAULT_BACKOFF_JITTER = 0.2
 # Longest deadline a call takes: gRPC fails a call of a far larger one
 # (1e10 s) at once, as "no answer within" it.
 MAX_TIMEOUT_S = 1e6
@@ -91,6 +97,9 @@ class ServingClient:
             are never retried. The defaults wait 19.75 s in all, riding out
             a server restart of about 15 s; a call gives up after at most
             (retries + 1) * timeout_s plus those waits.
+        backoff_jitter: each wait is drawn uniformly within this fraction of
+            its nominal value (default 0.2: 15.8 to 23.7 s in all), so many
+            clients dropped by one restart do not retry in lockstep.
         tls, root_certificates: use TLS; root certificates as PEM bytes or
             a file path (None: the system's).
         version, version_label: pin a version ("stable"/"canary" labels
@@ -113,6 +122,7 @@ class ServingClient:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         backoff_s: float = DEFAULT_BACKOFF_S,
         max_backoff_s: float = DEFAULT_MAX_BACKOFF_S,
+        backoff_jitter: float = DEFAULT_BACKOFF_JITTER,
     ):
         if not model_name:
             raise ValueError("model_name is required (the model's folder name on the server)")
@@ -124,6 +134,10 @@ class ServingClient:
             raise ValueError(f"timeout_s must be in (0, {MAX_TIMEOUT_S:g}] seconds, got {timeout_s}")
         if not 0 <= backoff_s <= max_backoff_s:
             raise ValueError(f"need 0 <= backoff_s <= max_backoff_s, got {backoff_s} and {max_backoff_s}")
+        if not 0 <= backoff_jitter < 1:
+            raise ValueError(f"backoff_jitter must be in [0, 1), got {backoff_jitter}")
+        if version is not None and not 1 <= version <= MAX_VERSION:  # protobuf's "Value out of range" names nothing
+            raise ValueError(f"version must be in 1..{MAX_VERSION} (TF Serving reads versions as int64), got {version}")
         target = with_default_port(target)
         self.target = target
         self.model_name = model_name
@@ -134,6 +148,8 @@ class ServingClient:
         self.version_label = version_label or None
         self.backoff_s = float(backoff_s)
         self.max_backoff_s = float(max_backoff_s)
+        self.backoff_jitter = float(backoff_jitter)
+        self._jitter = random.Random()
         self.max_message_bytes = int(max_message_bytes)
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
@@ -185,7 +201,8 @@ class ServingClient:
         return spec
 
     def backoff_waits(self) -> list[float]:
-        """Seconds waited before each retry after UNAVAILABLE."""
+        """Nominal seconds waited before each retry after UNAVAILABLE (each
+        wait is drawn within `backoff_jitter` of its value)."""
         # 2**attempt is capped: a float overflows past 2**1023, the wait long before.
         return [min(self.backoff_s * 2 ** min(attempt, 64), self.max_backoff_s) for attempt in range(self.retries)]
 
@@ -199,7 +216,7 @@ class ServingClient:
                 code = e.code() if hasattr(e, "code") else None
                 details = e.details() if hasattr(e, "details") else str(e)
                 if code == grpc.StatusCode.UNAVAILABLE and attempt < len(waits) and not _is_lasting(details):
-                    time.sleep(waits[attempt])
+                    time.sleep(waits[attempt] * self._jitter.uniform(1 - self.backoff_jitter, 1 + self.backoff_jitter))
                     continue
                 message = self._explain(what, code, details, attempt + 1, time.monotonic() - started)
                 raise ServingError(message, code) from None
