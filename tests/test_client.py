@@ -3,6 +3,7 @@ requests split by size, and retries that ride out a server restart."""
 
 import argparse
 import io
+import json
 import struct
 import threading
 import time
@@ -172,6 +173,40 @@ def test_a_call_is_split_into_requests_under_the_message_limit(served, tmp_path,
     with pytest.raises(ValueError, match=r"^image #1 \(bytes\): [0-9,]+ bytes exceed .* max_message_bytes=300,000"):
         nothing_listens.predict([images[0], png(rng.integers(0, 256, (400, 400, 3)))])  # refused before any request
     nothing_listens.close()
+
+
+def test_the_message_limit_is_set_from_the_command_line(served, tmp_path, capsys):
+    """`tfface serve` and `tfface query --max-message-bytes`: the server refuses a larger
+    request, and a client given the same limit splits its call to stay under it."""
+    from tfface.cli import build_parser
+    from tfface.cli import main as cli_main
+    from tfface.serving.server import serve_main
+
+    limit = 300_000
+    rng = np.random.default_rng(8)
+    files = []
+    for i in range(4):  # ~120 KB each
+        files.append(tmp_path / f"{i}.png")
+        files[-1].write_bytes(png(rng.integers(0, 256, (200, 200, 3))))
+    stop = threading.Event()
+    port = free_port()
+    args = build_parser().parse_args(
+        ["serve", "--model-dir", str(served["root"] / "faces"), "--port", str(port), "--max-message-bytes", str(limit)]
+    )
+    thread = threading.Thread(target=serve_main, args=(args, stop), daemon=True)
+    thread.start()
+    try:
+        query = ["query", *map(str, files), "--model", "faces", "--host", f"127.0.0.1:{port}", "--json"]
+        assert cli_main(query) == 1  # one request of 480 KB
+        assert "RESOURCE_EXHAUSTED" in capsys.readouterr().err
+        assert cli_main(query + ["--max-message-bytes", str(limit)]) == 0
+        assert len(json.loads(capsys.readouterr().out)) == 4
+    finally:
+        stop.set()
+        thread.join(30)
+    with pytest.raises(SystemExit):
+        cli_main(["serve", "--model-dir", "m", "--max-message-bytes", str(2**31)])
+    assert "must be in 4096..2147483647 bytes" in capsys.readouterr().err
 
 
 def tagged_photo():

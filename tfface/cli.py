@@ -113,6 +113,14 @@ def _model_version(text):
     return value
 
 
+def _message_bytes(text):
+    """argparse type: a gRPC message limit, which gRPC holds in a 32-bit int."""
+    value = _positive_int(text)
+    if not 4096 <= value <= 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"must be in 4096..{2**31 - 1} bytes (gRPC's int32), got {value}")
+    return value
+
+
 def _positive_float(text):
     try:
         value = float(text)
@@ -553,6 +561,10 @@ def build_parser() -> argparse.ArgumentParser:
         "model served, faces:stable=1 only the model 'faces'",
     )
     p.add_argument("--max-image-side", type=_positive_int, default=4096, help="reject larger images (INVALID_ARGUMENT)")
+    p.add_argument(
+        "--max-message-bytes", type=_message_bytes, default=64 * 1024 * 1024,
+        help="largest gRPC request and answer; a larger one is refused (RESOURCE_EXHAUSTED)",
+    )
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("query", help="send images to a TF Serving (or local) server over gRPC")
@@ -572,6 +584,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=_model_version, help="model version (default: latest)")
     p.add_argument("--version-label", help="model version label, e.g. stable")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="images per request")
+    p.add_argument(
+        "--max-message-bytes", type=_message_bytes, default=64 * 1024 * 1024,
+        help="largest gRPC request and answer: requests are split to stay under it (match the server's limit)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_query)
 

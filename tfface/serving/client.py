@@ -767,6 +767,7 @@ def query_main(args) -> int:
             version_label=getattr(args, "version_label", None),
             tls=bool(getattr(args, "tls", False)),
             root_certificates=getattr(args, "root_certificates", None),
+            max_message_bytes=_arg(args, "max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES),
         )
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

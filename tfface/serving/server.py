@@ -947,8 +947,7 @@ def serve_main(args, stop_event: Optional[threading.Event] = None) -> int:
     Reads `model_dir`, and optionally `host`, `port`, `max_batch_size`,
     `batch_timeout_ms`, `no_batching`, `versions` ("latest"/"all"),
     `version_labels` (a dict, or (model or None, label, version) triples),
-    `max_image_side`
-    from `args`. `stop_event` stops it too (embedding,
+    `max_image_side`, `max_message_bytes` from `args`. `stop_event` stops it too (embedding,
     tests). Returns the exit code: 0; 2 after printing why it could not
     start for a bad folder, argument or taken port; 1 for other failures.
     """
@@ -979,6 +978,7 @@ def serve_main(args, stop_event: Optional[threading.Event] = None) -> int:
             versions=arg("versions", "latest"),
             version_labels=labels,
             max_image_side=arg("max_image_side", 4096),
+            max_message_bytes=arg("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES),
         )
         server.start()
     except (OSError, ValueError) as e:  # a missing or bad model folder, a taken port
