@@ -397,6 +397,31 @@ def test_cli_version_also_as_python_m_tfface(capsys):
     assert importlib.metadata.version("tfface") == tfface.__version__  # pyproject reads it from the package
 
 
+def test_cli_errors_are_not_buried_under_tensorflow_load_notices(tmp_path):
+    """TensorFlow's C++ library printed 5 lines (oneDNN, CUDA drivers, CPU
+    instructions) before every command's own output, errors included."""
+    not_an_image = tmp_path / "notes.txt"
+    not_an_image.write_text("hello")
+    done = subprocess.run(
+        [sys.executable, "-m", "tfface", "query", "--model", "m", "--retries", "0", str(not_an_image)],
+        env=_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [f"error: {not_an_image} is not an image file (expected one of jpeg, png, gif, bmp, webp, jxl)"]
+
+
+def test_only_expected_tensorflow_load_lines_are_dropped():
+    from tfface.cli import _tensorflow_load_notice
+
+    no_driver = "I0000 cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU will not be used.\n"
+    cuinit = "E0000 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: UNKNOWN ERROR (303)\n"
+    onednn = "I0000 port.cc:153] oneDNN custom operations are on. You may see slightly different results\n"
+    assert _tensorflow_load_notice(onednn, onednn)
+    assert _tensorflow_load_notice(cuinit, no_driver + cuinit)  # a CPU machine: expected
+    assert not _tensorflow_load_notice(cuinit, cuinit)  # a driver that fails: news
+    assert not _tensorflow_load_notice("W0000 something else entirely\n", onednn + no_driver)
+
+
 def test_a_missing_dependency_is_one_line_naming_what_to_install(monkeypatch, capsys):
     import importlib
 

@@ -22,6 +22,82 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # gRPC core logs every failed TLS handshake at INFO level; tfface says what failed in one line.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
+# What TensorFlow's C++ library prints while it loads, before its logging can
+# be configured (TF_CPP_MIN_LOG_LEVEL does not reach these lines): notices
+# about the build, the same on every run. The CLI drops them (`-v` keeps
+# them); any other line printed while TensorFlow loads is passed on.
+_TENSORFLOW_LOAD_NOTICES = (
+    "All log messages before absl::InitializeLog() is called are written to STDERR",
+    "oneDNN custom operations are on",
+    "This TensorFlow binary is optimized to use available CPU instructions",
+    "To enable the following instructions:",
+)
+_NO_CUDA_DRIVER = "Could not find cuda drivers on your machine, GPU will not be used"
+
+
+def _tensorflow_load_notice(line: str, printed: str) -> bool:
+    """Whether a line TensorFlow printed while loading is a notice to drop.
+    Without a CUDA driver, the driver line and cuInit's failure are expected
+    (a CPU machine); with one, a cuInit failure is news and is kept."""
+    if any(notice in line for notice in _TENSORFLOW_LOAD_NOTICES):
+        return True
+    return _NO_CUDA_DRIVER in printed and (_NO_CUDA_DRIVER in line or "failed call to cuInit" in line)
+
+
+class _QuietTensorFlowLoad:
+    """A `sys.meta_path` finder that lets TensorFlow be imported as usual
+    (only by the commands that need it, so `tfface data summary` stays fast)
+    but filters what its C++ library writes to stderr while it loads."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        import importlib.util
+
+        sys.meta_path.remove(self)  # once; also keeps find_spec below from coming back here
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            load = spec.loader.exec_module
+
+            def exec_module(module):
+                with _filtered_native_stderr(_tensorflow_load_notice):
+                    load(module)
+                    module.config.list_physical_devices("GPU")  # cuInit's lines come now, not at the first op
+
+            spec.loader.exec_module = exec_module
+        return spec
+
+
+@contextlib.contextmanager
+def _filtered_native_stderr(is_notice):
+    """Holds file descriptor 2 (where C++ code writes) in a temporary file
+    for the block, then writes back each line for which `is_notice(line,
+    everything printed)` is false (every line, if the block failed)."""
+    import tempfile
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real stderr (an embedding host): nothing to filter
+        yield
+        return
+    failed = True
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+            failed = False
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            printed = held.read().decode("utf-8", "replace")
+            for line in printed.splitlines(keepends=True):
+                if failed or not is_notice(line, printed):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
 # OSError covers missing files and folders, a file where a folder belongs
 # (and back), permissions and a full disk: all name the path.
 USER_ERRORS = (OSError, ValueError, KeyError)
@@ -618,6 +694,11 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        if "tensorflow" not in sys.modules:
+            sys.meta_path.insert(0, _QuietTensorFlowLoad())
+        for library in ("tensorflow", "jax", "absl"):  # "Assets written to ...", "Unable to initialize backend 'tpu'"
+            logging.getLogger(library).setLevel(logging.WARNING)
     try:
         code = args.func(args)
     except _user_errors() as e:
