@@ -259,6 +259,22 @@ def test_an_int_with_log_sampling_and_no_step_registers():
     assert 8 <= hp.get("embedding_dim") <= 64
 
 
+def test_every_value_of_a_stepped_float_range_is_sampled_the_top_included():
+    """KerasTuner counts (max - min) // step + 1 values, and 0.5 // 0.05 is 9 in
+    floating point: the shipped dropout range never tried 0.5."""
+    space = SearchSpace.from_dict({"dropout": {"type": "float", "min": 0.0, "max": 0.5, "step": 0.05}})
+    hp = kt.HyperParameters()
+    space.declare(hp)
+    [declared] = hp.space
+    values = sorted(round(v, 9) for v in declared.values)
+    assert values == [round(0.05 * k, 9) for k in range(11)]
+    assert max(declared.random_sample(seed=seed) for seed in range(400)) == pytest.approx(0.5)
+    off_grid = SearchSpace.from_dict({"dropout": {"type": "float", "min": 0.0, "max": 0.5, "step": 0.2}})
+    hp = kt.HyperParameters()
+    off_grid.declare(hp)
+    assert sorted(round(v, 9) for v in hp.space[0].values) == [0.0, 0.2, 0.4]
+
+
 def test_resuming_over_another_space_or_experiment_is_refused(resumed_search, tmp_path):
     import shutil
 

@@ -130,7 +130,7 @@ class HyperParameterSpec:
     def _register(self, hp):
         if self.type == "float":
             return hp.Float(
-                self.name, self.min, self.max, step=self.step, sampling=self.sampling, default=self.default
+                self.name, self.min, self._tuner_max(), step=self.step, sampling=self.sampling, default=self.default
             )
         if self.type == "int":
             return hp.Int(
@@ -145,6 +145,19 @@ class HyperParameterSpec:
         if self.type == "boolean":
             return hp.Boolean(self.name, default=bool(self.default))
         return hp.Fixed(self.name, self.value)
+
+    def _tuner_max(self) -> float:
+        """The float range's top as KerasTuner must be told it. It counts the
+        values of a stepped linear range as `(max - min) // step + 1`, and in
+        floating point `0.5 // 0.05` is 9: the top (dropout 0.5) was never
+        tried. A top on the step grid is raised by a billionth of a step,
+        which gives the right count and no value beyond the top."""
+        if self.sampling != "linear" or not self.step:
+            return self.max
+        steps = (self.max - self.min) / self.step
+        if abs(steps - round(steps)) > 1e-6:
+            return self.max  # a top off the grid is not a value either way
+        return self.max + self.step * 1e-9
 
     def describe(self) -> str:
         if self.type in ("float", "int"):
