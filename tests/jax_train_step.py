@@ -53,6 +53,7 @@ def main(out_dir, gate="input_conditioned"):
     model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.05))
     before = {k: keras.ops.convert_to_numpy(v) for k, v in watched.items()}
     history = model.fit({"image": images}, labels, batch_size=4, epochs=1, verbose=0)
+    steps = int(model.optimizer.iterations)
     changed = {k: bool(np.any(keras.ops.convert_to_numpy(v) != before[k])) for k, v in watched.items()}
 
     path = os.path.join(out_dir, "model_jax.keras")
@@ -73,6 +74,7 @@ def main(out_dir, gate="input_conditioned"):
             extra["export_refused"] = None
         except ExportError as e:
             extra["export_refused"] = str(e)
+    extra["survives"] = survives_refusals(model, images, labels, original)
     if gate == "mask_guided":
         # The mask loss is part of the step's loss: without the mask labels
         # the same prediction costs less.
@@ -88,7 +90,7 @@ def main(out_dir, gate="input_conditioned"):
             {
                 "backend": keras.backend.backend(),
                 "loss": [float(v) for v in history.history["loss"]],
-                "steps": int(model.optimizer.iterations),
+                "steps": steps,
                 "changed": changed,
                 "max_diff": max_diff,
                 "output_keys": sorted(original),
@@ -97,6 +99,53 @@ def main(out_dir, gate="input_conditioned"):
             }
         )
     )
+
+
+class StopAfterFirstBatch(keras.callbacks.Callback):
+    def on_test_batch_end(self, batch, logs=None):
+        raise KeyboardInterrupt
+
+    on_train_batch_end = on_predict_batch_end = on_test_batch_end
+
+
+def survives_refusals(model, images, labels, original):
+    """Keras's JAX trainer empties the variables while fit, evaluate and
+    predict run; a call refused in its first step (while the step compiles)
+    left them empty, breaking the trained model for good. For each failed
+    call: whether the model afterwards predicts what it did before (fit
+    stopped after a step predicts what that step left, finite)."""
+    failing = {
+        "fit_sample_weight": lambda: model.fit({"image": images}, labels, sample_weight=np.ones(8), verbose=0),
+        "evaluate_unknown_task": lambda: model.evaluate({"image": images}, dict(labels, smiling=labels["left_bright"]), verbose=0),
+        "evaluate_no_labels": lambda: model.evaluate({"image": images}, verbose=0),
+        "evaluate_interrupted_after_a_step": lambda: model.evaluate(
+            {"image": images}, labels, batch_size=4, verbose=0, callbacks=[StopAfterFirstBatch()]
+        ),
+        "predict_interrupted_after_a_step": lambda: model.predict(
+            {"image": images}, batch_size=4, verbose=0, callbacks=[StopAfterFirstBatch()]
+        ),
+        "fit_interrupted_after_a_step": lambda: model.fit(
+            {"image": images}, labels, batch_size=4, verbose=0, callbacks=[StopAfterFirstBatch()]
+        ),
+    }
+    survived = {}
+    for name, call in failing.items():
+        try:
+            call()
+            survived[name] = "not refused"
+            continue
+        except (ValueError, KeyboardInterrupt):
+            pass
+        try:
+            now = model.predict({"image": images}, verbose=0)
+        except Exception as e:  # the defect: "'NoneType' object is not callable"
+            survived[name] = f"{type(e).__name__}: {e}"
+            continue
+        if name.startswith("fit_interrupted"):
+            survived[name] = all(np.isfinite(v).all() for v in now.values())
+        else:
+            survived[name] = all(np.array_equal(now[k], original[k]) for k in original)
+    return survived
 
 
 def mask_guided_case():

@@ -312,8 +312,15 @@ def test_fit_names_label_mistakes():
     with pytest.raises(ValueError, match="do not take sample_weight"):
         model.fit({"image": images}, labels, sample_weight=np.ones(8), epochs=1, verbose=0)
     out_of_range = dict(labels, age_group=np.full(8, 7, "int32"))  # 3 classes
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"labels out of range.*\(left_bright, never_labelled, age_group\):\] \[0 0 1\]"):
+    # Arrays are checked on the host (the step's check is TensorFlow's only) ...
+    with pytest.raises(ValueError, match=r"labels\['age_group'\] holds 7, out of range: -1 for missing, else 0..2 \(3 classes\); 8 such"):
         model.fit({"image": images}, out_of_range, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match=r"labels\['left_bright'\] holds 2, out of range: -1 for missing, else 0..1 \(binary\)"):
+        model.evaluate({"image": images}, dict(labels, left_bright=np.full(8, 2.0, "float32")), verbose=0)
+    # ... a dataset's in the step.
+    dataset = tf.data.Dataset.from_tensor_slices(({"image": images}, out_of_range)).batch(8)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"labels out of range.*\(left_bright, never_labelled, age_group\):\] \[0 0 1\]"):
+        model.fit(dataset, epochs=1, verbose=0)
 
 
 def test_wrong_image_shapes_are_named_even_after_retracing():
@@ -471,7 +478,7 @@ def test_fit_and_evaluate_name_more_label_mistakes():
     # first in a gather with "indices[..] = 7 is not in [0, 3)").
     bad = dict(labels, age_group=np.where(labels["age_group"] < 0, 0, 7).astype("int32"))
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"labels out of range"):
-        model.fit({"image": images}, bad, epochs=1, verbose=0)
+        model.fit(tf.data.Dataset.from_tensor_slices(({"image": images}, bad)).batch(4), epochs=1, verbose=0)
     with pytest.raises(ValueError, match="evaluation needs labels"):
         model.evaluate({"image": images}, verbose=0)
     one_hot = dict(labels, age_group=np.eye(3, dtype="float32")[np.maximum(labels["age_group"], 0)])

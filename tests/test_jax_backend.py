@@ -73,5 +73,7 @@ def test_model_fits_and_round_trips_under_jax(variant, state, outputs, tmp_path)
     if variant == "mask_guided":
         assert report["mask_loss"] > 0  # the mask loss takes part in the step
     assert max(report["max_diff"].values()) == 0.0, report["max_diff"]
+    # A refused or interrupted call leaves the trained model whole (it emptied every variable).
+    assert report["survives"] == {k: True for k in report["survives"]} and len(report["survives"]) == 6
     # A SavedModel is a TensorFlow graph: refused up front, not a JAX TypeError from inside Keras.
     assert "export under KERAS_BACKEND=tensorflow" in report["export_refused"]

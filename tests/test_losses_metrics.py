@@ -288,6 +288,13 @@ def test_multitask_metrics_config_round_trip():
         assert float(to_numpy(revived.result())[key]) == pytest.approx(float(value))
 
 
+def test_multitask_metrics_refuse_sample_weight_rather_than_ignore_it():
+    metric = MultiTaskMetrics(SPECS, name="attrs")
+    y_true, y_pred = make_batch(np.random.default_rng(2), 8)
+    with pytest.raises(ValueError, match="takes no sample_weight"):
+        metric.update_state(y_true, y_pred, sample_weight=np.ones(8, "float32"))
+
+
 def test_family_loss_weights_reach_their_tasks_in_every_schema():
     from tfface.models.multitask_model import task_loss_weights
     from tfface.schema import get_schema

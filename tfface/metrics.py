@@ -57,6 +57,10 @@ class MultiTaskMetrics(keras.metrics.Metric):
         return [(n, c) for n, c, _, kind in self.task_specs if kind != "binary"]
 
     def update_state(self, y_true, y_pred, sample_weight=None):
+        if sample_weight is not None:  # rather than counting every image once without a word
+            raise ValueError(
+                "MultiTaskMetrics takes no sample_weight: it counts every labelled image once (-1 marks a missing label)"
+            )
         labelled = [y_true[name] for name, _ in self.binary if name in y_true]
         if labelled:
             # All binary tasks as columns of one (B, N) matrix: a chain of

@@ -416,7 +416,77 @@ class MultiTaskFaceModel(keras.Model):
                     "one-hot labels: take argmax over the last axis"
                 )
 
+    # --- JAX: a failed call must not take the weights with it ------------------------
+    def _purge_model_variables(self, **which):
+        """Keras's JAX trainer empties the variables at the start of fit,
+        evaluate and predict (their values travel through the compiled step)
+        and puts them back from the last finished step. A call that fails in
+        its first step (a refusal raised while the step compiles, Ctrl+C)
+        has none, and left every variable empty: the model, trained or not,
+        then failed every later call. The values are held here to put back."""
+        held = getattr(self, "_held_jax_values", None)
+        if held is not None:
+            groups = {
+                "trainable_variables": self.trainable_variables,
+                "non_trainable_variables": self.non_trainable_variables,
+                "optimizer_variables": self.optimizer.variables if which.get("optimizer_variables") else [],
+                "metrics_variables": self.metrics_variables,
+            }
+            for group, variables in groups.items():
+                if which.get(group):
+                    held.extend((v, v._value) for v in variables if v._value is not None)
+        return super()._purge_model_variables(**which)
+
+    def _keeping_jax_state(self, call, *args, **kwargs):
+        if keras.backend.backend() != "jax":
+            return call(*args, **kwargs)
+        outer = getattr(self, "_held_jax_values", None)  # fit runs evaluate for validation
+        held = [] if outer is None else outer
+        # Past Keras's attribute tracking: a list of variables set on a layer
+        # would join its variables.
+        object.__setattr__(self, "_held_jax_values", held)
+        try:
+            return call(*args, **kwargs)
+        except BaseException:
+            if outer is None:
+                # Past its first step, a failed evaluate (unlike fit) leaves the last
+                # step's state unsynced; before it, the values held at the purge
+                # are still whole (the step donates them only when it runs).
+                self.jax_state_sync()
+                self._jax_state = None
+                for variable, value in reversed(held):
+                    if variable._value is None:
+                        variable._value = value
+            raise
+        finally:
+            if outer is None:
+                object.__setattr__(self, "_held_jax_values", None)
+
+    def _check_label_values(self, labels) -> None:
+        """Class ids of labels given as arrays, checked on the host. The step
+        checks them too, but only on TensorFlow: under JAX an id past the
+        last class gave a NaN loss, and a binary label of 2 trained without a
+        word towards an infinite logit."""
+        for task in self.schema:
+            values = labels.get(task.name)
+            if not isinstance(values, (np.ndarray, list, tuple)):
+                continue  # tensors and datasets: the step's check (TensorFlow)
+            values = np.asarray(values, dtype=np.float64).reshape(-1)
+            top = 1 if task.is_binary else task.num_classes - 1
+            wrong = values[(values < -1) | (values > top)]
+            if wrong.size:
+                raise ValueError(
+                    f"labels[{task.name!r}] holds {wrong[0]:g}, out of range: -1 for missing, else 0..{top} "
+                    f"({'binary' if task.is_binary else f'{task.num_classes} classes'}); {wrong.size} such label(s)"
+                )
+
     def fit(self, x=None, y=None, *args, **kwargs):
+        return self._keeping_jax_state(self._fit, x, y, *args, **kwargs)
+
+    def evaluate(self, x=None, y=None, *args, **kwargs):
+        return self._keeping_jax_state(self._evaluate, x, y, *args, **kwargs)
+
+    def _fit(self, x=None, y=None, *args, **kwargs):
         if kwargs.get("class_weight") is not None:
             raise ValueError(
                 "tfface models do not take class_weight: weight tasks with ModelConfig.loss_weights "
@@ -428,6 +498,7 @@ class MultiTaskFaceModel(keras.Model):
         labels = y if y is not None else (spec[1] if isinstance(spec, tuple) and len(spec) > 1 else None)
         if isinstance(labels, Mapping):
             self._check_label_shapes(labels)
+            self._check_label_values(labels)
         if spec is not None and len(args) < 7:  # shuffle is fit's 7th argument after x and y
             # A dataset shuffles itself; Keras warns about its default True.
             kwargs.setdefault("shuffle", False)
@@ -438,7 +509,9 @@ class MultiTaskFaceModel(keras.Model):
             kwargs["validation_data"] = (self._named_images(validation[0]),) + validation[1:]
         return super().fit(self._named_images(x), y, *args, **kwargs)
 
-    def evaluate(self, x=None, y=None, *args, **kwargs):
+    def _evaluate(self, x=None, y=None, *args, **kwargs):
+        if isinstance(y, Mapping):
+            self._check_label_values(y)
         self._check_input_images(x)
         warn_if_unit_range(x)
         return super().evaluate(self._named_images(x), y, *args, **kwargs)
@@ -474,6 +547,9 @@ class MultiTaskFaceModel(keras.Model):
 
     # --- prediction -------------------------------------------------------------
     def predict(self, x, *args, **kwargs):
+        return self._keeping_jax_state(self._predict, x, *args, **kwargs)
+
+    def _predict(self, x, *args, **kwargs):
         self._check_input_images(x)
         warn_if_unit_range(x)
         return super().predict(self._named_images(x), *args, **kwargs)
