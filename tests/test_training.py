@@ -545,6 +545,14 @@ def test_cli_refuses_versions_tf_serving_cannot_read_naming_the_option(capsys, c
     assert "--version" in err and f"must be in 1..{2**63 - 1}" in err
 
 
+@pytest.mark.parametrize("label", ["stable=0", f"stable={2**63}", "stable=x", "=1", ":stable=1"])
+def test_cli_refuses_version_labels_tf_serving_cannot_read(capsys, label):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["serve", "--model-dir", "m", "--version-label", label])
+    assert exit_info.value.code == 2
+    assert "--version-label: expected [MODEL:]LABEL=VERSION" in capsys.readouterr().err
+
+
 def test_cli_outputs_never_replace_inputs_or_models(model_files, tmp_path, capsys, monkeypatch):
     from PIL import Image
 

@@ -141,35 +141,40 @@ def _positive_int(text):
     return value
 
 
+def _in_range(text, kind, low, high, expected: str, unit: str = ""):
+    """An argparse value parsed by `kind` and checked to lie in low..high."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not low <= value <= high:  # also refuses NaN
+        show = (lambda x: f"{x:g}") if kind is float else str
+        raise argparse.ArgumentTypeError(f"must be in {show(low)}..{show(high)}{unit}, got {text}")
+    return value
+
+
 def _batch_timeout(text):
     """argparse type: milliseconds a batch waits; NaN or infinity would stall every request."""
     from tfface.serving.server import MAX_BATCH_TIMEOUT_MS
 
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected milliseconds, got {text!r}") from None
-    if not 0 <= value <= MAX_BATCH_TIMEOUT_MS:
-        raise argparse.ArgumentTypeError(f"must be in 0..{MAX_BATCH_TIMEOUT_MS:g} ms, got {text}")
-    return value
+    return _in_range(text, float, 0.0, MAX_BATCH_TIMEOUT_MS, "milliseconds", " ms")
 
 
 def _port(text):
     """argparse type: a TCP port (gRPC would silently wrap 99999 to 34463)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be in 0..65535, got {value}")
-    return value
+    return _in_range(text, int, 0, 65535, "a port number")
 
 
 def _version_label(text):
     """argparse type: [MODEL:]LABEL=VERSION, as (model or None, label, version)."""
+    from tfface.export.saved_model import MAX_VERSION
+
     label, sep, version = text.partition("=")
     model, colon, label = label.rpartition(":")
-    if not sep or not label.strip() or not version.strip().isdigit() or int(version) < 1 or (colon and not model.strip()):
+    if (
+        not sep or not label.strip() or not version.strip().isdigit() or not 1 <= int(version) <= MAX_VERSION
+        or (colon and not model.strip())
+    ):
         raise argparse.ArgumentTypeError(
             f"expected [MODEL:]LABEL=VERSION with VERSION a positive integer, e.g. stable=1 or faces:stable=1; got {text!r}"
         )
@@ -180,21 +185,12 @@ def _model_version(text):
     """argparse type: a model version, which TF Serving reads as an int64 above 0."""
     from tfface.export.saved_model import MAX_VERSION
 
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 1 <= value <= MAX_VERSION:
-        raise argparse.ArgumentTypeError(f"must be in 1..{MAX_VERSION} (TF Serving reads versions as int64), got {value}")
-    return value
+    return _in_range(text, int, 1, MAX_VERSION, "a whole number", " (TF Serving reads versions as int64)")
 
 
 def _message_bytes(text):
     """argparse type: a gRPC message limit, which gRPC holds in a 32-bit int."""
-    value = _positive_int(text)
-    if not 4096 <= value <= 2**31 - 1:
-        raise argparse.ArgumentTypeError(f"must be in 4096..{2**31 - 1} bytes (gRPC's int32), got {value}")
-    return value
+    return _in_range(text, int, 4096, 2**31 - 1, "a whole number", " bytes (gRPC's int32)")
 
 
 def _positive_float(text):
@@ -691,12 +687,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Before parsing: checking --version loads TensorFlow (for TF Serving's limit).
+    if "tensorflow" not in sys.modules and not {"-v", "--verbose"} & set(argv):
+        sys.meta_path.insert(0, _QuietTensorFlowLoad())
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
-        if "tensorflow" not in sys.modules:
-            sys.meta_path.insert(0, _QuietTensorFlowLoad())
         for library in ("tensorflow", "jax", "absl"):  # "Assets written to ...", "Unable to initialize backend 'tpu'"
             logging.getLogger(library).setLevel(logging.WARNING)
     try:
