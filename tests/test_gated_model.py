@@ -317,6 +317,10 @@ def test_fit_names_label_mistakes():
         model.fit({"image": images}, out_of_range, epochs=1, verbose=0)
     with pytest.raises(ValueError, match=r"labels\['left_bright'\] holds 2, out of range: -1 for missing, else 0..1 \(binary\)"):
         model.evaluate({"image": images}, dict(labels, left_bright=np.full(8, 2.0, "float32")), verbose=0)
+    steps = int(model.optimizer.iterations)
+    with pytest.raises(ValueError, match=r"labels\['age_group'\] holds 7"):
+        model.fit({"image": images}, labels, validation_data=({"image": images}, out_of_range), epochs=1, verbose=0)
+    assert int(model.optimizer.iterations) == steps  # refused before an epoch of training, not after it
     # ... a dataset's in the step.
     dataset = tf.data.Dataset.from_tensor_slices(({"image": images}, out_of_range)).batch(8)
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"labels out of range.*\(left_bright, never_labelled, age_group\):\] \[0 0 1\]"):

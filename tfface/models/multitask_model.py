@@ -505,6 +505,8 @@ class MultiTaskFaceModel(keras.Model):
         self._check_input_images(x)
         warn_if_unit_range(x)
         validation = kwargs.get("validation_data")
+        if isinstance(validation, tuple) and len(validation) > 1 and isinstance(validation[1], Mapping):
+            self._check_label_values(validation[1])
         if isinstance(validation, tuple) and validation:
             kwargs["validation_data"] = (self._named_images(validation[0]),) + validation[1:]
         return super().fit(self._named_images(x), y, *args, **kwargs)
