@@ -240,3 +240,15 @@ def rle8_bmp(width=4, height=3) -> bytes:
     struct.pack_into("<I", data, 2, len(data))
     struct.pack_into("<II", data, 30, 1, len(rle))  # compression BI_RLE8, image size
     return bytes(data)
+
+
+def log_syncs_and_moves(monkeypatch, move: str) -> list:
+    """Records, in order, ("sync", path) for each `os.fsync` and (move, source,
+    target) for each `os.<move>` ("rename" or "replace"); both still run."""
+    import os
+
+    events = []
+    real_fsync, real_move = os.fsync, getattr(os, move)
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("sync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd))
+    monkeypatch.setattr(os, move, lambda a, b: events.append((move, str(a), str(b))) or real_move(a, b))
+    return events

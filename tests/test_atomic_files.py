@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import log_syncs_and_moves
 from tfface.atomic_files import atomic_path
 from tfface.atomic_files import replaced_folder
 from tfface.atomic_files import working_folder
@@ -42,12 +43,7 @@ def test_a_failed_folder_leaves_the_old_one_whole(tmp_path):
 
 
 def test_a_replaced_folder_is_on_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
-    import os
-
-    events = []
-    real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("sync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd))
-    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(a), str(b))) or real_replace(a, b))
+    events = log_syncs_and_moves(monkeypatch, "replace")
     out = tmp_path / "eval"
     with replaced_folder(out, lambda name: name.endswith(".json"), marker="metrics.json") as staging:
         (staging / "plots").mkdir()

@@ -13,6 +13,7 @@ import tensorflow as tf
 
 import keras
 
+from harness import log_syncs_and_moves
 from harness import pil_encoded
 from harness import rle8_bmp
 from tfface.data import image_ops
@@ -418,10 +419,7 @@ def test_failure_mid_export_leaves_nothing_behind(model, tmp_path, monkeypatch):
 def test_every_file_of_a_version_is_on_disk_before_its_rename(model, tmp_path, monkeypatch):
     """Without fsync, a power cut can keep the rename and lose the files' contents:
     TF Serving would then find a complete-looking version of empty files."""
-    events = []
-    real_fsync, real_rename = os.fsync, os.rename
-    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("sync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd))
-    monkeypatch.setattr(os, "rename", lambda a, b: events.append(("rename", str(a), str(b))) or real_rename(a, b))
+    events = log_syncs_and_moves(monkeypatch, "rename")
     path = export_saved_model(model, tmp_path, "m")
     renames = [i for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(path)]
     assert len(renames) == 1
