@@ -426,14 +426,9 @@ class MultiTaskFaceModel(keras.Model):
         then failed every later call. The values are held here to put back."""
         held = getattr(self, "_held_jax_values", None)
         if held is not None:
-            groups = {
-                "trainable_variables": self.trainable_variables,
-                "non_trainable_variables": self.non_trainable_variables,
-                "optimizer_variables": self.optimizer.variables if which.get("optimizer_variables") else [],
-                "metrics_variables": self.metrics_variables,
-            }
-            for group, variables in groups.items():
-                if which.get(group):
+            for group, purged in which.items():  # trainable_variables=True, optimizer_variables=True, ...
+                if purged:
+                    variables = self.optimizer.variables if group == "optimizer_variables" else getattr(self, group)
                     held.extend((v, v._value) for v in variables if v._value is not None)
         return super()._purge_model_variables(**which)
 
