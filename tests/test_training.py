@@ -410,6 +410,15 @@ def test_cli_errors_are_not_buried_under_tensorflow_load_notices(tmp_path):
     assert done.stderr.splitlines() == [f"error: {not_an_image} is not an image file (expected one of jpeg, png, gif, bmp, webp, jxl)"]
 
 
+def test_cli_defaults_are_the_librarys():
+    from tfface import cli
+    from tfface.export import saved_model
+    from tfface.serving import client, server
+
+    assert cli.DEFAULT_MAX_IMAGE_SIDE == saved_model.DEFAULT_MAX_IMAGE_SIDE
+    assert cli.DEFAULT_MAX_MESSAGE_BYTES == client.DEFAULT_MAX_MESSAGE_BYTES == server.DEFAULT_MAX_MESSAGE_BYTES
+
+
 def test_only_expected_tensorflow_load_lines_are_dropped():
     from tfface.cli import _tensorflow_load_notice
 

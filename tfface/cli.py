@@ -98,6 +98,11 @@ def _filtered_native_stderr(is_notice):
             sys.stderr.flush()
 
 
+# The library's defaults (tfface.export / tfface.serving), here without
+# importing them: they load TensorFlow, and `tfface --help` must not.
+DEFAULT_MAX_IMAGE_SIDE = 4096
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
 # OSError covers missing files and folders, a file where a folder belongs
 # (and back), permissions and a full disk: all name the path.
 USER_ERRORS = (OSError, ValueError, KeyError)
@@ -607,8 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--export-root", default="saved_models", help="folder holding NAME/VERSION")
     p.add_argument(
-        "--max-image-side", type=_positive_int, default=4096,
-        help="serving_default refuses images with a longer side (INVALID_ARGUMENT; default 4096)",
+        "--max-image-side", type=_positive_int, default=DEFAULT_MAX_IMAGE_SIDE,
+        help="serving_default refuses images with a longer side (INVALID_ARGUMENT; default %(default)s)",
     )
     p.set_defaults(func=_cmd_export)
 
@@ -632,9 +637,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve VERSION under LABEL too, as TF Serving's version_labels (repeatable); stable=1 labels every "
         "model served, faces:stable=1 only the model 'faces'",
     )
-    p.add_argument("--max-image-side", type=_positive_int, default=4096, help="reject larger images (INVALID_ARGUMENT)")
     p.add_argument(
-        "--max-message-bytes", type=_message_bytes, default=64 * 1024 * 1024,
+        "--max-image-side", type=_positive_int, default=DEFAULT_MAX_IMAGE_SIDE, help="reject larger images (INVALID_ARGUMENT)"
+    )
+    p.add_argument(
+        "--max-message-bytes", type=_message_bytes, default=DEFAULT_MAX_MESSAGE_BYTES,
         help="largest gRPC request and answer; a larger one is refused (RESOURCE_EXHAUSTED)",
     )
     p.set_defaults(func=_cmd_serve)
@@ -657,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version-label", help="model version label, e.g. stable")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="images per request")
     p.add_argument(
-        "--max-message-bytes", type=_message_bytes, default=64 * 1024 * 1024,
+        "--max-message-bytes", type=_message_bytes, default=DEFAULT_MAX_MESSAGE_BYTES,
         help="largest gRPC request and answer: requests are split to stay under it (match the server's limit)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

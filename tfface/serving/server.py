@@ -49,6 +49,7 @@ from tensorflow_serving.apis import (
 
 from tfface.data.image_ops import DECODABLE_FORMATS, image_format, image_size_from_header, refused_image_reason
 from tfface.export.saved_model import (
+    DEFAULT_MAX_IMAGE_SIDE,
     SERVING_DEFAULT,
     WARMUP_FILE,
     list_versions,
@@ -510,7 +511,7 @@ class LocalModelServer:
         batch_timeout_ms: float = 0.0,
         enable_batching: bool = True,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        max_image_side: int = 4096,
+        max_image_side: int = DEFAULT_MAX_IMAGE_SIDE,
         versions: Union[str, list] = "latest",
         version_labels: Optional[dict] = None,
         max_workers: Optional[int] = None,
@@ -977,7 +978,7 @@ def serve_main(args, stop_event: Optional[threading.Event] = None) -> int:
             enable_batching=not arg("no_batching", False),
             versions=arg("versions", "latest"),
             version_labels=labels,
-            max_image_side=arg("max_image_side", 4096),
+            max_image_side=arg("max_image_side", DEFAULT_MAX_IMAGE_SIDE),
             max_message_bytes=arg("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES),
         )
         server.start()
