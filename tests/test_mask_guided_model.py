@@ -229,6 +229,18 @@ def test_model_outputs(model):
     assert np.abs(emb[:, 0] - emb[:, 3]).max() > 0
 
 
+def test_variable_paths_are_unique():
+    # The mask predictor and the small_cnn backbone both have a "stem_conv";
+    # repeated paths made get_state_tree (JAX's stateless training) fail.
+    model = MaskGuidedMultiTaskModel(schema=tiny_schema(), config=tiny_config())
+    model.compile()
+    paths = [v.path for v in model.variables]
+    assert len(paths) == len(set(paths))
+    assert "mask_predictor/stem_conv/kernel" in paths
+    tree = model.get_state_tree()
+    assert "mask_predictor" in tree["trainable_variables"]
+
+
 def test_global_fusion_has_no_masks_and_landmark_masks_need_groups():
     baseline = MaskGuidedMultiTaskModel(schema=tiny_schema(), config=tiny_config(fusion="global"))
     assert "_group_masks" not in baseline({"image": images(1)})

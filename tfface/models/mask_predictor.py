@@ -65,25 +65,30 @@ def build_mask_predictor(image_size, channels=(16, 32, 64), num_groups=len(GROUP
         )
     if int(num_groups) < 1:
         raise ValueError(f"num_groups must be positive, got {num_groups}")
-    image = keras.Input((image_size, image_size, 3), name="image")
-    x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="normalize")(image)
-    x = layers.Conv2D(channels[0], MASK_STRIDE, strides=MASK_STRIDE, use_bias=False, name="stem_conv")(x)
-    x = layers.BatchNormalization(momentum=BN_MOMENTUM, name="stem_bn")(x)
-    x = layers.ReLU(name="stem_relu")(x)
-    x = _conv_bn_relu(x, channels[0], 1, "down0")
-    skips = [x]
-    for i, width in enumerate(channels[1:], start=1):
-        x = _conv_bn_relu(x, width, 2, f"down{i}_a")
-        x = _conv_bn_relu(x, width, 1, f"down{i}_b")
-        skips.append(x)
-    for i in range(len(channels) - 2, -1, -1):
-        x = layers.Conv2D(channels[i], 1, use_bias=False, name=f"up{i}_reduce")(x)
-        x = layers.UpSampling2D(2, interpolation="bilinear", name=f"up{i}_resize")(x)
-        x = layers.Add(name=f"up{i}_skip")([x, skips[i]])
-        x = _conv_bn_relu(x, channels[i], 1, f"up{i}")
-    masks = layers.Conv2D(num_groups, 1, name="mask_logits")(x)
-    masks = layers.Activation("sigmoid", dtype="float32", name="masks")(masks)
-    return keras.Model(image, masks, name=name)
+    # Built under its own name scope: the variable paths ("mask_predictor/
+    # stem_conv/kernel") must not repeat the backbone's ("stem_conv/kernel"),
+    # or `get_state_tree` and path-keyed tools fail on the mask-guided model.
+    with keras.name_scope(name):
+        image = keras.Input((image_size, image_size, 3), name="image")
+        x = layers.Rescaling(1.0 / 127.5, offset=-1.0, name="normalize")(image)
+        x = layers.Conv2D(channels[0], MASK_STRIDE, strides=MASK_STRIDE, use_bias=False, name="stem_conv")(x)
+        x = layers.BatchNormalization(momentum=BN_MOMENTUM, name="stem_bn")(x)
+        x = layers.ReLU(name="stem_relu")(x)
+        x = _conv_bn_relu(x, channels[0], 1, "down0")
+        skips = [x]
+        for i, width in enumerate(channels[1:], start=1):
+            x = _conv_bn_relu(x, width, 2, f"down{i}_a")
+            x = _conv_bn_relu(x, width, 1, f"down{i}_b")
+            skips.append(x)
+        for i in range(len(channels) - 2, -1, -1):
+            x = layers.Conv2D(channels[i], 1, use_bias=False, name=f"up{i}_reduce")(x)
+            x = layers.UpSampling2D(2, interpolation="bilinear", name=f"up{i}_resize")(x)
+            x = layers.Add(name=f"up{i}_skip")([x, skips[i]])
+            x = _conv_bn_relu(x, channels[i], 1, f"up{i}")
+        masks = layers.Conv2D(num_groups, 1, name="mask_logits")(x)
+        masks = layers.Activation("sigmoid", dtype="float32", name="masks")(masks)
+        model = keras.Model(image, masks, name=name)
+    return model
 
 
 def mask_iou(masks_true, masks_pred, valid=None, threshold=0.5):
