@@ -36,7 +36,7 @@ def masked_sparse_categorical_crossentropy(labels, logits):
     safe = ops.maximum(labels, 0)
     log_probs = ops.log_softmax(logits, axis=-1)
     picked = ops.take_along_axis(log_probs, ops.expand_dims(safe, -1), axis=-1)[:, 0]
-    return -ops.sum(picked * mask) / ops.maximum(ops.sum(mask), 1.0)
+    return ops.sum(-picked * mask) / ops.maximum(ops.sum(mask), 1.0)
 
 
 def masked_bce_dice(masks_true, masks_pred, valid, smooth=1.0):
