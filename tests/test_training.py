@@ -3,6 +3,7 @@
 import csv
 import dataclasses
 import json
+import logging
 import os
 import re
 import signal
@@ -262,6 +263,40 @@ def test_tf_config_is_read_only_by_multi_worker_runs_and_named_when_wrong(tmp_pa
         with pytest.raises(ConfigError, match=message):
             _tf_config()
         assert _is_chief("default")
+
+
+def test_a_multi_worker_run_says_which_workers_it_waits_for(caplog):
+    # TensorFlow's own "waiting for tasks" lines are hidden by the CLI's log
+    # level: a worker whose peer never started looked hung.
+    from tfface.training.trainer import _log_cluster_wait
+
+    cluster = {"chief": ["h0:1"], "worker": ["h1:1", "h2:1"]}
+    with caplog.at_level(logging.INFO, logger="tfface.training.trainer"):
+        _log_cluster_wait({"cluster": cluster, "task": {"type": "worker", "index": 0}})
+    assert "worker 0 of 3 waiting for chief 0 (h0:1), worker 1 (h2:1) to start" in caplog.text
+    assert "only SIGKILL" in caplog.text
+
+
+SIGTERM_AFTER_STRATEGY = """
+import json, os, signal, socket, sys, time
+probe = socket.socket(); probe.bind(("127.0.0.1", 0)); port = probe.getsockname()[1]; probe.close()
+os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": [f"127.0.0.1:{port}"]}, "task": {"type": "worker", "index": 0}})
+from tfface.training import trainer
+trainer._strategy("multi_worker")
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(5)
+print("survived SIGTERM")
+"""
+
+
+def test_a_multi_worker_run_stops_on_sigterm():
+    # TensorFlow's coordination service put a handler of its own on SIGTERM
+    # that only notes a preemption: the worker ran on until a SIGKILL.
+    result = subprocess.run(
+        [sys.executable, "-c", SIGTERM_AFTER_STRATEGY], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == -signal.SIGTERM, result.stdout + result.stderr[-2000:]
+    assert "survived" not in result.stdout
 
 
 def test_mixed_precision_on_a_cpu_warns_and_the_callers_policy_comes_back(tmp_path, caplog):

@@ -29,7 +29,9 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -510,9 +512,39 @@ def _strategy(name):
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
-        _tf_config()  # named here, before TensorFlow's own less clear errors
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        tf_config = _tf_config()  # named here, before TensorFlow's own less clear errors
+        _log_cluster_wait(tf_config)
+        with _sigterm_handler_kept():
+            return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+@contextlib.contextmanager
+def _sigterm_handler_kept():
+    """Puts back the SIGTERM handling TensorFlow's coordination service
+    replaces with a preemption notice of its own (which tfface does not
+    read): with it, a multi-worker run ignored SIGTERM for its whole life
+    (a cluster manager's stop, `timeout`), waiting for a SIGKILL."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _log_cluster_wait(tf_config) -> None:
+    """Says what a worker waits for before TensorFlow blocks on it: its own
+    "waiting for tasks" lines are below the CLI's log level, so a worker
+    whose peer never starts (a wrong address in TF_CONFIG) looked hung."""
+    task = tf_config["task"]
+    members = [(job, i, address) for job in ("chief", "worker") for i, address in enumerate(tf_config["cluster"].get(job) or [])]
+    others = [f"{job} {i} ({address})" for job, i, address in members if (job, i) != (task["type"], task["index"])]
+    log.info(
+        "multi_worker: %s %d of %d waiting for %s to start the same command (no time limit; only SIGKILL "
+        "stops a worker while it waits)",
+        task["type"], task["index"], len(members), ", ".join(others) or "no other worker",
+    )
 
 
 def _tf_config() -> dict:
