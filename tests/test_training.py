@@ -826,6 +826,49 @@ def test_a_run_killed_around_its_backup_resumes_with_one_row_per_epoch(tmp_path,
     assert len(summary["history"]["loss"]) == 2  # this call: epochs 2 and 3
 
 
+_MULTI_WORKER_KILLED_BEFORE_BACKUP = """
+import csv, json, os, socket, sys
+import keras
+probe = socket.socket(); probe.bind(("127.0.0.1", 0)); port = probe.getsockname()[1]; probe.close()
+os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": [f"127.0.0.1:{port}"]}, "task": {"type": "worker", "index": 0}})
+from tfface.config import ExperimentConfig
+from tfface.training.trainer import train
+config = ExperimentConfig.load(sys.argv[1])
+back_up = keras.callbacks.BackupAndRestore.on_epoch_end
+
+def killed_at_second_epoch(self, epoch, logs=None):
+    if epoch == 1:
+        raise KeyboardInterrupt("killed after the history row, before the backup")
+    back_up(self, epoch, logs)
+
+keras.callbacks.BackupAndRestore.on_epoch_end = killed_at_second_epoch
+try:
+    train(config, verbose=0)
+except KeyboardInterrupt:
+    pass
+keras.callbacks.BackupAndRestore.on_epoch_end = back_up
+def logged():
+    with open(os.path.join(config.train.output_dir, "history.csv")) as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f)]
+print("KILLED", json.dumps(logged()))
+train(config, verbose=0)
+print("RESUMED", json.dumps(logged()))
+"""
+
+
+@pytest.mark.slow
+def test_a_multi_worker_run_killed_before_its_backup_resumes_with_one_row_per_epoch(tmp_path):
+    # The single-process resume trims history.csv; a multi-worker chief kept
+    # the row of the epoch it then trained again (logged twice).
+    config = _write_config(tmp_path, epochs=3, strategy="multi_worker")
+    done = subprocess.run([sys.executable, "-c", _MULTI_WORKER_KILLED_BEFORE_BACKUP, str(config)], env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines() if line.startswith(("KILLED", "RESUMED")))
+    assert json.loads(lines["KILLED"]) == [0, 1]
+    assert json.loads(lines["RESUMED"]) == [0, 1, 2]
+
+
 @pytest.mark.slow
 def test_a_run_killed_after_its_last_epoch_writes_its_summary_without_training_again(tmp_path, monkeypatch):
     from tfface.training import trainer

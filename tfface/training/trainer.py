@@ -595,10 +595,18 @@ def _chief_scores(strategy, scores, capacity: int) -> list:
     return [float(v) for v in shared[1 : 1 + int(round(shared[0]))]]
 
 
+def _cluster_size() -> int:
+    """The chief and workers in TF_CONFIG."""
+    cluster = _tf_config()["cluster"]
+    return sum(len(cluster.get(job) or []) for job in ("chief", "worker"))
+
+
 def _rank_one_logs(model):
     """Keras 3 averages each step's logs across workers with `axis=0`, which
     fails on scalars (tensorflow/tensorflow#72388); shape (1,) logs average
-    to the same scalar."""
+    to the same scalar. Only for a cluster of several: one worker is not in
+    multi-worker mode, its logs are not averaged and would stay (1,), which
+    TensorBoard refuses."""
     for name in ("train_step", "test_step"):
         step = getattr(model, name)
 
@@ -735,7 +743,7 @@ def _train_in(out, config, strategy, schema, train_sources, val_sources, landmar
         mask_pretraining = None if resuming else pretrain_masks(config, model, train_ds, val_ds, verbose)
         optimizer = _optimizer(config, train_ds)
         model.compile(optimizer=optimizer)
-        if config.train.strategy == "multi_worker":
+        if config.train.strategy == "multi_worker" and _cluster_size() > 1:
             _rank_one_logs(model)
 
     pretrained_seconds = mask_pretraining["seconds"] if mask_pretraining else 0.0
@@ -753,6 +761,12 @@ def _train_in(out, config, strategy, schema, train_sources, val_sources, landmar
         with strategy.scope():  # the optimizer's variables are built here
             start_epoch = _restore_backup(backup, model)
             _trim_history(history_file, start_epoch)
+    elif resuming and chief:
+        # Every worker restores its backup in fit, together; the chief's
+        # history still loses the rows of epochs its backup had not finished.
+        backed_up = _backup_epoch(out / "backup" / BACKUP_METADATA)
+        if backed_up is not None:
+            _trim_history(history_file, backed_up)
     # BackupAndRestore brings back weights, optimizer and epoch only; the
     # best score so far and early stopping's count come from the history,
     # so a resumed run neither overwrites a better model.keras nor waits
