@@ -299,6 +299,19 @@ def test_frozen_layers_stay_frozen_with_their_state_and_optimizer_after_reload(t
         tfface.models.load_model(tmp_path / "plain.keras")
 
 
+def test_a_model_frozen_whole_reloads_frozen_and_unfreezes(tmp_path):
+    # Reloaded with only its layers frozen, the model read as trainable, so
+    # `trainable = True` changed nothing (Keras skips a value it already has).
+    model = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config())
+    model.trainable = False
+    model.save(tmp_path / "frozen.keras")
+    reloaded = tfface.models.load_model(tmp_path / "frozen.keras")
+    assert not reloaded.trainable and reloaded.trainable_weights == []
+    reloaded.trainable = True
+    fresh = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config())
+    assert len(reloaded.trainable_weights) == len(fresh.trainable_weights) > 0
+
+
 def test_fit_names_label_mistakes():
     model = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config())
     model.compile()

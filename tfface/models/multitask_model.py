@@ -594,6 +594,11 @@ class MultiTaskFaceModel(keras.Model):
         frozen = [path for path, layer, parent_frozen in _layer_paths(self) if not layer.trainable and not parent_frozen]
         if frozen:
             config["frozen_layers"] = frozen
+        if not self.trainable:
+            # `model.trainable = False` as a whole: reloaded with only its
+            # layers frozen, the model read as trainable, so a later
+            # `model.trainable = True` changed nothing and nothing trained.
+            config["trainable"] = False
         return config
 
     def _freeze_layers(self, paths) -> None:
@@ -616,4 +621,8 @@ class MultiTaskFaceModel(keras.Model):
             config = dict(config, config=dict(model_config, backbone_weights=None))
         # `restoring`: the weights come from the file, so nothing that
         # construction would compute from training data is needed.
-        return cls(**config, restoring=True)
+        trainable = config.get("trainable", True)
+        model = cls(**{k: v for k, v in config.items() if k != "trainable"}, restoring=True)
+        if not trainable:
+            model.trainable = False
+        return model
