@@ -330,7 +330,11 @@ def test_fit_names_label_mistakes():
         model.fit({"image": images}, out_of_range, epochs=1, verbose=0)
     with pytest.raises(ValueError, match=r"labels\['left_bright'\] holds 2, out of range: -1 for missing, else 0..1 \(binary\)"):
         model.evaluate({"image": images}, dict(labels, left_bright=np.full(8, 2.0, "float32")), verbose=0)
+    with pytest.raises(ValueError, match=r"labels\['age_group'\] holds 1.5: class ids are whole numbers"):
+        model.fit({"image": images}, dict(labels, age_group=np.full(8, 1.5)), epochs=1, verbose=0)
     steps = int(model.optimizer.iterations)
+    with pytest.raises(ValueError, match="validation_data has a third item"):
+        model.fit({"image": images}, labels, validation_data=({"image": images}, labels, np.ones(8)), epochs=1, verbose=0)
     with pytest.raises(ValueError, match=r"labels\['age_group'\] holds 7"):
         model.fit({"image": images}, labels, validation_data=({"image": images}, out_of_range), epochs=1, verbose=0)
     assert int(model.optimizer.iterations) == steps  # refused before an epoch of training, not after it
@@ -338,6 +342,22 @@ def test_fit_names_label_mistakes():
     dataset = tf.data.Dataset.from_tensor_slices(({"image": images}, out_of_range)).batch(8)
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"labels out of range.*\(left_bright, never_labelled, age_group\):\] \[0 0 1\]"):
         model.fit(dataset, epochs=1, verbose=0)
+
+
+def test_celeba_minus_one_plus_one_labels_are_refused_not_read_as_missing():
+    # Taken as is, every -1 of CelebA's file encoding was a missing label:
+    # no negatives were left, and balanced accuracy read 1.0.
+    model = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config())
+    model.compile()
+    images, labels = toy_data(16, seed=3)
+    signs = dict(labels, left_bright=np.tile([-1.0, 1.0], 8))
+    with pytest.raises(ValueError, match=r"labels\['left_bright'\] are -1 and 1 with no 0.*\(labels \+ 1\) // 2"):
+        model.fit({"image": images}, signs, epochs=1, verbose=0)
+    with pytest.raises(ValueError, match="are -1 and 1 with no 0"):
+        model.evaluate({"image": images}, signs, verbose=0)
+    # A few labels of one batch may miss the 0s by chance: accepted.
+    few = {k: v[:4] for k, v in dict(labels, left_bright=np.array([-1.0, 1.0, 1.0, -1.0] * 4)).items()}
+    model.evaluate({"image": images[:4]}, few, verbose=0)
 
 
 def test_wrong_image_shapes_are_named_even_after_retracing():

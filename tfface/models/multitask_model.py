@@ -122,6 +122,10 @@ def _layer_paths(layer, prefix="", frozen=False):
         yield from _layer_paths(sub, path + "/", frozen or not sub.trainable)
 
 
+# Labels of each sign, and no 0, before a binary task's -1/1 reads as
+# CelebA's encoding rather than a chance draw of a few labels.
+SIGN_ENCODED_MIN = 8
+
 # `compile` arguments a `.keras` file keeps besides the optimizer.
 _SAVED_COMPILE_SETTINGS = ("steps_per_execution", "jit_compile")
 
@@ -474,6 +478,21 @@ class MultiTaskFaceModel(keras.Model):
                     f"labels[{task.name!r}] holds {wrong[0]:g}, out of range: -1 for missing, else 0..{top} "
                     f"({'binary' if task.is_binary else f'{task.num_classes} classes'}); {wrong.size} such label(s)"
                 )
+            if not task.is_binary:
+                fractional = values[values != np.round(values)]
+                if fractional.size:  # the step casts to int: 3.5 trained as class 3
+                    raise ValueError(
+                        f"labels[{task.name!r}] holds {fractional[0]:g}: class ids are whole numbers "
+                        f"(-1 for missing, else 0..{top}); {fractional.size} such label(s)"
+                    )
+            elif min((values == -1).sum(), (values == 1).sum()) >= SIGN_ENCODED_MIN and not (values == 0).any():
+                # CelebA's list_attr_celeba.txt writes -1/+1: taken as is, every
+                # negative reads as missing and the scores are all 1.0.
+                raise ValueError(
+                    f"labels[{task.name!r}] are -1 and 1 with no 0: tfface takes 0/1 with -1 for missing, so "
+                    "every -1 would be left out as unlabelled. CelebA's -1/+1 encoding converts with "
+                    "(labels + 1) // 2"
+                )
 
     def fit(self, x=None, y=None, *args, **kwargs):
         return self._keeping_jax_state(self._fit, x, y, *args, **kwargs)
@@ -500,6 +519,12 @@ class MultiTaskFaceModel(keras.Model):
         self._check_input_images(x)
         warn_if_unit_range(x)
         validation = kwargs.get("validation_data")
+        if isinstance(validation, tuple) and len(validation) == 3:
+            # Else refused by compute_loss only once the first epoch is trained.
+            raise ValueError(
+                "validation_data has a third item (sample weights): tfface models do not take sample_weight; "
+                "pass (images, labels), with -1 for missing labels"
+            )
         if isinstance(validation, tuple) and len(validation) > 1 and isinstance(validation[1], Mapping):
             self._check_label_values(validation[1])
         if isinstance(validation, tuple) and validation:
