@@ -1,6 +1,7 @@
 """Mask-guided model (MGMTN): mask predictor, masked pooling, fusion, model."""
 
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -375,6 +376,32 @@ def test_pretrain_needs_group_masks():
     ).batch(4)
     with pytest.raises(ValueError, match="_group_masks"):
         pretrain_mask_predictor(predictor, no_masks, epochs=1, verbose=0)
+
+
+def test_fitting_a_trainable_predictor_without_mask_labels_warns_once():
+    net = MaskGuidedMultiTaskModel(schema=tiny_schema(), config=tiny_config())
+    net.compile()
+    x, y = images(8), {"Smiling": np.ones(8, "float32")}
+    with pytest.warns(UserWarning, match="masks get no supervision") as caught:
+        net.fit({"image": x}, y, epochs=2, batch_size=4, verbose=0)
+    assert sum("no supervision" in str(w.message) for w in caught) == 1
+    frozen = MaskGuidedMultiTaskModel(schema=tiny_schema(), config=tiny_config())
+    frozen.get_layer("mask_predictor").trainable = False
+    frozen.compile()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*no supervision")
+        frozen.fit({"image": x}, y, epochs=1, batch_size=4, verbose=0)
+
+
+def test_pretraining_on_images_without_landmarks_is_refused_not_frozen():
+    # The real data has no landmarks until annotated: the loss was 0 for
+    # every step, and an untrained predictor was frozen into the model.
+    net = MaskGuidedMultiTaskModel(schema=tiny_schema(), config=tiny_config())
+    y = {"_group_masks": np.zeros((8, MASK, MASK, len(GROUPS)), "float32"), "_has_landmarks": np.zeros(8, "float32")}
+    unlabelled = tf.data.Dataset.from_tensor_slices(({"image": images(8)}, y)).batch(4)
+    with pytest.raises(ValueError, match="no training image had landmarks"):
+        pretrain_mask_predictor(net, unlabelled, epochs=1, verbose=0)
+    assert net.get_layer("mask_predictor").trainable and net.model_config.mask_trainable
 
 
 @pytest.mark.slow

@@ -182,6 +182,15 @@ def pretrain_mask_predictor(
         verbose=verbose,
         callbacks=callbacks,
     )
+    if all(loss == 0.0 for loss in history.history.get("loss", [])):
+        # The masked loss is exactly 0 only when no image had landmarks:
+        # nothing was learned, and freezing would keep random masks.
+        predictor.trainable = was_trainable
+        raise ValueError(
+            "no training image had landmarks (y['_has_landmarks'] was 0 for every one), so the mask predictor "
+            "learned nothing and was left as it was, not frozen: detect landmarks first (tfface data annotate "
+            "SOURCE) and build the dataset with with_masks=True"
+        )
     predictor.trainable = was_trainable and not freeze
     if freeze and hasattr(model, "model_config"):
         model.model_config = dataclasses.replace(model.model_config, mask_trainable=False)

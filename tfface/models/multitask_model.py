@@ -293,6 +293,8 @@ class MultiTaskFaceModel(keras.Model):
         center = getattr(self, "center_loss", None)
         if center is not None and y is not None and "_embeddings" in y_pred and self.model_config.center_loss_weight > 0:
             total = total + center(y_pred["_embeddings"], self.center_labels(y), training=training)
+        if training and "_group_masks" in y_pred and "_group_masks" not in (y or {}):
+            self._warn_unsupervised_masks()
         if y is not None and "_group_masks" in y_pred and "_group_masks" in y and self.model_config.mask_loss_weight > 0:
             valid = y.get("_has_landmarks", ops.ones((ops.shape(y["_group_masks"])[0],)))
             total = total + self.model_config.mask_loss_weight * masked_bce_dice(
@@ -301,6 +303,27 @@ class MultiTaskFaceModel(keras.Model):
         for extra in self.losses:
             total = total + ops.cast(extra, "float32")
         return _per_replica(total)
+
+    def _warn_unsupervised_masks(self) -> None:
+        """Once per model, at tracing: a trainable mask predictor trained
+        without mask labels learns only from the attribute losses, not the
+        face parts the design asks it to find (Adaptive Mask Learning)."""
+        if self.model_config.mask_loss_weight <= 0 or getattr(self, "_warned_unsupervised_masks", False):
+            return
+        try:
+            if not self.get_layer("mask_predictor").trainable:
+                return  # pretrained and frozen: no mask labels needed
+        except ValueError:
+            return
+        object.__setattr__(self, "_warned_unsupervised_masks", True)
+        warnings.warn(
+            "training a mask-guided model with a trainable mask predictor but no '_group_masks' labels: its masks "
+            "get no supervision. Build the dataset with make_dataset(..., with_masks=True) from sources with "
+            "landmarks (tfface data annotate), or pretrain the predictor first (pretrain_mask_predictor), which "
+            "freezes it",
+            UserWarning,
+            stacklevel=2,
+        )
 
     def _check_labels(self, y, training):
         """Fails at trace time, naming the problem, where Keras would report a
