@@ -312,6 +312,22 @@ def test_a_model_frozen_whole_reloads_frozen_and_unfreezes(tmp_path):
     assert len(reloaded.trainable_weights) == len(fresh.trainable_weights) > 0
 
 
+def test_the_legacy_h5_format_is_refused_on_save_and_named_on_load(tmp_path):
+    # Keras saved it with a warning, and no tfface loader read it back.
+    model = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config())
+    with pytest.raises(ValueError, match=r"tfface models save as \.keras"):
+        model.save(tmp_path / "model.h5")
+    assert not (tmp_path / "model.h5").exists()
+    keras.Model.save(model, tmp_path / "earlier.h5")  # as a tfface before 0.2.8 let it be written
+    with pytest.raises(ValueError, match="legacy HDF5 format") as refused:
+        tfface.models.load_model(tmp_path / "earlier.h5")
+    # The recovery the message gives works.
+    assert "custom_objects={'GatedMultiTaskModel'" in str(refused.value)
+    recovered = keras.models.load_model(tmp_path / "earlier.h5", custom_objects={"GatedMultiTaskModel": GatedMultiTaskModel})
+    images = toy_data(2, seed=0)[0]
+    np.testing.assert_allclose(recovered.predict_tasks(images)["age_group"], model.predict_tasks(images)["age_group"], atol=1e-6)
+
+
 def test_fit_names_label_mistakes():
     model = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config())
     model.compile()

@@ -630,6 +630,17 @@ class MultiTaskFaceModel(keras.Model):
         return list(self.schema.task_names)
 
     # --- serialisation ------------------------------------------------------------
+    def save(self, filepath, *args, **kwargs):
+        if str(filepath).lower().endswith((".h5", ".hdf5")):
+            # Keras writes its legacy format with a warning, but neither
+            # tfface.models.load_model nor keras.saving.load_model reads a
+            # tfface model back from it: work saved that way looked lost.
+            raise ValueError(
+                f"{filepath}: tfface models save as .keras (model.save('model.keras')); the weights alone "
+                "go to a .weights.h5 file (model.save_weights('model.weights.h5'))"
+            )
+        return super().save(filepath, *args, **kwargs)
+
     def get_config(self):
         config = {
             "name": self.name,

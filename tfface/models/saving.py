@@ -11,6 +11,13 @@ def load_model(path):
         path = path / "model.keras"
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
+    if path.suffix.lower() in (".h5", ".hdf5") and not path.name.endswith(".weights.h5"):
+        raise ValueError(
+            f"{path}: Keras's legacy HDF5 format, which tfface does not load (tfface saves models as .keras); "
+            "a file saved so by an earlier tfface loads with keras.models.load_model(path, custom_objects="
+            "{'GatedMultiTaskModel': tfface.models.GatedMultiTaskModel}) (or MaskGuidedMultiTaskModel): "
+            "then save it as .keras"
+        )
     if path.suffix != ".keras":
         raise ValueError(f"{path}: expected a .keras model file (tfface saves models as .keras)")
     if not zipfile.is_zipfile(path):  # Keras would call it "File not found"
