@@ -2,7 +2,7 @@
 
 import importlib
 
-__version__ = "0.2.7"
+__version__ = "0.2.8"
 
 # Subpackages load on first use (`tfface.models.GatedMultiTaskModel` after a
 # plain `import tfface`), so `import tfface` and `tfface --help` stay fast.
