@@ -511,16 +511,32 @@ def test_images_scaled_to_unit_range_get_a_warning():
     images, labels = toy_data(4, seed=9)
     with pytest.warns(UserWarning, match="take pixel values 0..255"):
         model.predict_tasks(images / 255.0)
-    with pytest.warns(UserWarning, match="take pixel values 0..255"):
+    with pytest.warns(UserWarning, match="take pixel values 0..255") as caught:
         model.predict({"image": images / 255.0}, verbose=0)
-    with pytest.warns(UserWarning, match="take pixel values 0..255"):
+    with pytest.warns(UserWarning, match="take pixel values 0..255") as caught_in_fit:
         model.fit({"image": images / 255.0}, labels, epochs=1, verbose=0)
+    # Each names the caller's line, not tfface's.
+    assert {w.filename for w in [*caught, *caught_in_fit] if "0..255" in str(w.message)} == {__file__}
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # 0..255 images, float or uint8, pass silently
         model.predict_tasks(images)
         model.predict_tasks(images.astype("uint8"))
+
+
+def test_datasets_of_bare_images_are_taken_without_keras_structure_warnings():
+    model = GatedMultiTaskModel(schema=SCHEMA, config=tiny_config())
+    model.compile()
+    images, labels = toy_data(8, seed=4)
+    labelled = tf.data.Dataset.from_tensor_slices((images, labels)).batch(4)
+    bare = tf.data.Dataset.from_tensor_slices(images).batch(4)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*structure of `inputs`")
+        model.fit(labelled, validation_data=labelled, epochs=1, verbose=0)
+        model.evaluate(labelled, verbose=0)
+        predicted = model.predict(bare, verbose=0)
+    np.testing.assert_allclose(predicted["age_group"], model.predict_tasks(images)["age_group"], atol=1e-6)
 
 
 def test_fit_and_evaluate_name_more_label_mistakes():

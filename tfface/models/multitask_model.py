@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 import warnings
 from collections.abc import Mapping
 
@@ -97,6 +98,21 @@ def _per_replica(loss):
     return loss
 
 
+# Packages a warning looks past to reach the user's line: tfface's own and
+# those between a user's `fit` and a traced step.
+_LIBRARY_PACKAGES = frozenset({"tfface", "keras", "tensorflow", "jax", "jaxlib", "optree", "contextlib", "functools"})
+
+
+def user_stacklevel() -> int:
+    """The `warnings.warn` stacklevel, for its caller, of the first frame
+    outside tfface and the libraries tracing a step, so a warning names the
+    user's line, not ours."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] in _LIBRARY_PACKAGES:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def warn_if_unit_range(x) -> None:
     """Warns when in-memory images look scaled to 0..1: the models take
     0..255 and rescale inside, so such images would all read as near-black
@@ -109,7 +125,7 @@ def warn_if_unit_range(x) -> None:
             "images are in [-1, 1] (or [0, 1]) but tfface models take pixel values 0..255 and rescale them "
             "inside; multiply by 255 (tfface.data.image_ops.preprocess_image gives 0..255)",
             UserWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
 
 
@@ -322,7 +338,7 @@ class MultiTaskFaceModel(keras.Model):
             "landmarks (tfface data annotate), or pretrain the predictor first (pretrain_mask_predictor), which "
             "freezes it",
             UserWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
 
     def _check_labels(self, y, training):
@@ -552,6 +568,8 @@ class MultiTaskFaceModel(keras.Model):
             self._check_label_values(validation[1])
         if isinstance(validation, tuple) and validation:
             kwargs["validation_data"] = (self._named_images(validation[0]),) + validation[1:]
+        elif validation is not None:
+            kwargs["validation_data"] = self._named_images(validation)
         return super().fit(self._named_images(x), y, *args, **kwargs)
 
     def _evaluate(self, x=None, y=None, *args, **kwargs):
@@ -565,9 +583,17 @@ class MultiTaskFaceModel(keras.Model):
         """A bare batch of images (an array or tensor) as the model's one
         named input: Keras takes it either way, but warns on every call
         that its structure differs from the model's inputs."""
-        if x is None or isinstance(x, Mapping) or hasattr(x, "element_spec") or not hasattr(x, "shape"):
-            return x
         if [getattr(t, "name", None) for t in self.inputs] != ["image"]:
+            return x
+        spec = getattr(x, "element_spec", None)
+        if spec is not None and hasattr(x, "map"):  # a tf.data dataset of bare images
+            first = spec[0] if isinstance(spec, tuple) else spec
+            if isinstance(first, Mapping) or not hasattr(first, "shape"):
+                return x
+            if isinstance(spec, tuple):
+                return x.map(lambda images, *rest: ({"image": images}, *rest))
+            return x.map(lambda images: {"image": images})
+        if x is None or isinstance(x, Mapping) or not hasattr(x, "shape"):
             return x
         return {"image": x}
 
