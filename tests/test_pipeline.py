@@ -97,6 +97,63 @@ def test_training_stream_mixes_sources_with_weights_and_has_fixed_epoch_length(t
     assert 0.8 < share < 0.97
 
 
+def _indexed_source(n, labels):
+    """In-memory 8 px images whose pixels carry their row index."""
+    rows = np.arange(n)
+    images = np.zeros((n, 8, 8, 3), np.uint8)
+    images[..., 0] = (rows % 256)[:, None, None]
+    images[..., 1] = (rows // 256)[:, None, None]
+    return FaceSource("indexed", "synthetic", {"Smiling": np.asarray(labels, np.int32)}, images=images)
+
+
+def _rows_drawn(images):
+    return images[:, 0, 0, 0].astype(int) + 256 * images[:, 0, 0, 1].astype(int)
+
+
+def test_short_epochs_can_draw_every_row_not_only_the_first(monkeypatch):
+    # Each epoch restarted the stream at row 0 in file order, shuffled only
+    # within a buffer: with fewer draws than rows, the rows past buffer +
+    # draws were never trained on (UTKFace's oldest people, by file name).
+    from tfface.data import pipeline
+
+    monkeypatch.setattr(pipeline, "_SHUFFLE_BUFFER", 16)
+    n = 400
+    dataset = make_dataset([_indexed_source(n, np.arange(n) % 2)], get_schema("synthetic"), 8, batch_size=16,
+                           training=True, augment=False, steps_per_epoch=2, seed=3)
+    drawn = np.concatenate([_rows_drawn(x["image"].numpy()) for _ in range(10) for x, _ in dataset])
+    assert drawn.max() >= 0.9 * n and len(set(drawn)) > 0.4 * n
+    # Pairing of image and label holds.
+    x, y = next(iter(dataset))
+    np.testing.assert_array_equal(y["Smiling"].numpy(), _rows_drawn(x["image"].numpy()) % 2)
+
+
+def test_images_keep_their_labels_when_tf_data_may_reorder():
+    # Images were mapped in parallel and zipped with the labels afterwards:
+    # with deterministic=False off, a sixth of them got another's label.
+    n = 2000
+    options = tf.data.Options()
+    options.deterministic = False
+    source = _indexed_source(n, np.arange(n) % 2)
+    for training in (False, True):
+        dataset = make_dataset([source], get_schema("synthetic"), 8, batch_size=100, training=training,
+                               augment=False, seed=1).with_options(options)
+        for x, y in dataset:
+            np.testing.assert_array_equal(y["Smiling"].numpy(), _rows_drawn(x["image"].numpy()) % 2)
+
+
+def test_a_cached_source_sorted_by_label_is_mixed_from_the_first_batch(monkeypatch):
+    from tfface.data import pipeline
+
+    monkeypatch.setattr(pipeline, "_SHUFFLE_BUFFER", 16)
+    n = 256
+    sorted_labels = (np.arange(n) >= n // 2).astype(int)  # as a label file sorted by name can be
+    dataset = make_dataset([_indexed_source(n, sorted_labels)], get_schema("synthetic"), 8, batch_size=16,
+                           training=True, augment=False, seed=5, cache="memory")
+    for _ in range(2):  # the first pass fills the cache, the second reads it
+        first_quarter = np.concatenate([y["Smiling"].numpy() for _, y in dataset.take(n // 16 // 4)])
+        assert 0.25 < first_quarter.mean() < 0.75
+
+
 def test_flip_mirrors_image_and_landmarks_and_swaps_sides():
     image = np.zeros((SIZE, SIZE, 3), np.float32)
     image[5, 3] = 255.0  # a bright pixel left of centre

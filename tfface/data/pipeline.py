@@ -383,26 +383,32 @@ def _normalised_landmarks(landmarks, height, width):
     return (landmarks - offset + 0.5) / side
 
 
-def _source_images(source: FaceSource, image_size: int) -> tf.data.Dataset:
-    """Yields (image uint8 (S, S, 3), height, width) for every row."""
-    if source.images is not None:
-        images = tf.data.Dataset.from_tensor_slices(source.images)
+# How a per-source dataset orders its rows (`source_dataset(order=...)`).
+ROW_ORDERS = ("file", "permuted", "shuffled")
 
-        def resize(image):
-            shape = tf.shape(image)
-            resized = preprocess_image(image, image_size)
-            return tf.cast(tf.round(resized), tf.uint8), shape[0], shape[1]
 
-        return images.map(resize, num_parallel_calls=AUTOTUNE)
-    paths = tf.data.Dataset.from_tensor_slices([str(p) for p in source.image_paths])
+def _source_seed(seed, source_id: int):
+    """Each source its own stream from one seed (two sources of one size
+    would otherwise be shuffled alike)."""
+    return None if seed is None else int(seed) * 7919 + int(source_id)
 
-    def load(path):
-        image = _checked_decode(path)
-        shape = tf.shape(image)
-        resized = preprocess_image(image, image_size)
-        return tf.cast(tf.round(resized), tf.uint8), shape[0], shape[1]
 
-    return paths.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
+def _row_indices(n: int, order: str, seed) -> tf.data.Dataset:
+    """The row indices a per-source dataset reads, in `order`.
+
+    "file" keeps the rows' order (evaluation). "permuted" is one seeded
+    permutation, the same every pass: what a training cache records. Label
+    files are sorted by name (UTKFace names start with the age), so a
+    training stream over them in file order, shuffled only within a buffer,
+    ordered every epoch by age, and a stream restarted each epoch with
+    fewer draws than rows never reached the rows past the buffer.
+    "shuffled" is a fresh permutation on every pass (uncached training):
+    each epoch may draw any row.
+    """
+    if order == "shuffled":
+        return tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True)
+    rows = np.arange(n) if order == "file" else np.random.default_rng(seed).permutation(n)
+    return tf.data.Dataset.from_tensor_slices(rows.astype(np.int64))
 
 
 def source_dataset(
@@ -412,10 +418,17 @@ def source_dataset(
     source_id: int = 0,
     cache: bool = True,
     cache_file=None,
+    order: str = "file",
+    seed=None,
 ) -> tf.data.Dataset:
-    """One source as a dataset of (image uint8, labels dict), unbatched,
-    cached in memory (`cache`), in files starting with `cache_file` (which
-    must be new to this dataset), or not at all."""
+    """One source as a dataset of (image uint8, labels dict), unbatched, its
+    rows in `order` (`ROW_ORDERS`; `seed` for the two random ones), cached
+    in memory (`cache`), in files starting with `cache_file` (which must be
+    new to this dataset), or not at all."""
+    if order not in ROW_ORDERS:
+        raise ValueError(f"order must be one of {list(ROW_ORDERS)}, got {order!r}")
+    if order == "shuffled" and (cache or cache_file is not None):
+        raise ValueError('order "shuffled" draws a new order every pass: a cache would keep the first')
     n = len(source)
     labels = schema.encode_labels(source.format, source.columns, n)
     if source.landmarks is not None:
@@ -424,23 +437,32 @@ def source_dataset(
         landmarks = np.full((n, 5, 2), np.nan, np.float32)
     has_landmarks = np.isfinite(landmarks).all(axis=(1, 2)).astype(np.float32)
     landmarks = np.where(np.isfinite(landmarks), landmarks, 0.0).astype(np.float32)
-    meta = tf.data.Dataset.from_tensor_slices(
-        (labels, landmarks, has_landmarks, np.full((n,), source_id, np.int32))
-    )
-    images = _source_images(source, image_size)
+    labels = {name: tf.constant(values) for name, values in labels.items()}
+    landmarks, has_landmarks = tf.constant(landmarks), tf.constant(has_landmarks)
+    if source.images is not None:
+        pixels = tf.constant(source.images)
+        read = lambda row: tf.gather(pixels, row)  # noqa: E731
+    else:
+        paths = tf.constant([str(p) for p in source.image_paths])
+        read = lambda row: _checked_decode(tf.gather(paths, row))  # noqa: E731
 
-    def combine(image_info, meta_row):
-        image, height, width = image_info
-        row_labels, row_landmarks, row_has, row_source = meta_row
-        norm = _normalised_landmarks(row_landmarks, height, width)
-        norm = tf.where(row_has > 0, norm, -tf.ones_like(norm))
-        y = dict(row_labels)
-        y["_landmarks"] = norm
-        y["_has_landmarks"] = row_has
-        y["_source"] = row_source
+    def example(row):
+        # Image and labels come from one row in one function: their pairing
+        # does not depend on the order a parallel map delivers rows in.
+        image = read(row)
+        shape = tf.shape(image)
+        image = tf.cast(tf.round(preprocess_image(image, image_size)), tf.uint8)
+        has = tf.gather(has_landmarks, row)
+        norm = _normalised_landmarks(tf.gather(landmarks, row), shape[0], shape[1])
+        y = {name: tf.gather(values, row) for name, values in labels.items()}
+        y["_landmarks"] = tf.where(has > 0, norm, -tf.ones_like(norm))
+        y["_has_landmarks"] = has
+        y["_source"] = tf.constant(source_id, tf.int32)
         return image, y
 
-    dataset = tf.data.Dataset.zip((images, meta)).map(combine, num_parallel_calls=AUTOTUNE)
+    dataset = _row_indices(n, order, _source_seed(seed, source_id)).map(
+        example, num_parallel_calls=AUTOTUNE, deterministic=True
+    )
     if cache_file is not None:
         dataset = dataset.cache(str(cache_file))
     elif cache:
@@ -552,8 +574,10 @@ def make_dataset(
     Training streams shuffle, repeat and mix the sources with `weights`
     (default: proportional to their sizes); an epoch is `steps_per_epoch`
     batches (default: one pass over all examples), so plain
-    `model.fit(dataset)` works. Evaluation streams visit every example once,
-    in order.
+    `model.fit(dataset)` works. A cached source is read in one seeded
+    permutation, varied by a shuffle buffer; an uncached one in a fresh
+    permutation every pass, so epochs shorter than a source may draw any
+    of its rows. Evaluation streams visit every example once, in order.
 
     `cache`: the decoded, resized images are kept after the first pass,
     "memory", in files ("disk": a fresh folder under `cache_dir`, default
@@ -614,6 +638,7 @@ def make_dataset(
                 cached[i] = False
     if any(cached):
         mode = choose_cache(mode, [s for s, c in zip(sources, cached) if c], image_size, cache_dir)
+    cached = [c and mode != "none" for c in cached]
     folder = new_cache_folder(cache_dir) if mode == "disk" and any(cached) else None
     per_source = [
         source_dataset(
@@ -621,18 +646,26 @@ def make_dataset(
             cache=cached[i] and mode == "memory",
             # One file prefix per source, in a folder of this dataset only.
             cache_file=folder / f"source{i}" if folder is not None and cached[i] else None,
+            # A cache records one order; an uncached training source draws
+            # a new permutation every pass.
+            order="file" if not training else "permuted" if cached[i] else "shuffled",
+            seed=seed,
         )
         for i, s in enumerate(sources)
     ]
     if training:
         streams = [
+            # Cached: every epoch reads it whole; the buffer varies the order.
             ds.shuffle(min(len(s), _SHUFFLE_BUFFER), seed=seed, reshuffle_each_iteration=True).repeat()
-            for ds, s in zip(per_source, sources)
+            if cached[i] else ds.repeat()
+            for i, (ds, s) in enumerate(zip(per_source, sources))
         ]
         dataset = (
             streams[0]
             if len(streams) == 1
-            else tf.data.Dataset.sample_from_datasets(streams, weights=weights, seed=seed)
+            else tf.data.Dataset.sample_from_datasets(
+                streams, weights=weights, seed=seed, rerandomize_each_iteration=True
+            )
         )
         if augment:
             dataset = dataset.map(augment_example, num_parallel_calls=AUTOTUNE)
