@@ -222,6 +222,18 @@ def test_corrupt_image_error_names_the_file(tmp_path):
         _collect(make_dataset([source], get_schema("fused"), SIZE, batch_size=4))
 
 
+def test_a_jpeg_with_data_after_its_end_marker_decodes(tmp_path):
+    # Phones append data after FF D9 (Samsung's SEFT trailer): only the last
+    # 64 bytes were searched for the marker, and such photos were "corrupt".
+    source = _celeba_source(tmp_path)
+    path = source.image_paths[1]
+    clean = _collect(make_dataset([source], get_schema("fused"), SIZE, batch_size=6))[0]
+    with open(path, "ab") as f:
+        f.write(b"SEFH" + bytes(4096))
+    trailed = _collect(make_dataset([source], get_schema("fused"), SIZE, batch_size=6))[0]
+    np.testing.assert_array_equal(trailed, clean)
+
+
 def test_undecodable_images_lists_the_bad_files_in_order_up_to_the_limit(tmp_path):
     from tfface.data.pipeline import undecodable_images
 

@@ -58,7 +58,6 @@ _SHUFFLE_BUFFER = 4096  # rows per source
 FLIP_PERMUTATION = (1, 0, 2, 4, 3)
 
 _JPEG_START = b"\xff\xd8"
-_JPEG_END = b"\xff\xd9"
 _PNG_START = b"\x89PNG"
 
 
@@ -259,10 +258,11 @@ def _checked_decode(path):
     is_jpeg = starts_with(head, 0, _JPEG_START)
     is_png = starts_with(head, 0, _PNG_START)
     length = tf.strings.length(data)
-    # A JPEG cut short loses its end-of-image marker FF D9 (some encoders
-    # pad after it, so look for it within the last 64 bytes).
-    tail = tf.io.decode_raw(tf.strings.substr(data, tf.maximum(length - 64, 0), 64), tf.uint8)
-    jpeg_end_ok = tf.reduce_any(tf.logical_and(tf.equal(tail[:-1], 0xFF), tf.equal(tail[1:], 0xD9)))
+    # A JPEG cut short loses its end-of-image marker FF D9. Anywhere in the
+    # file: phones append data after it (Samsung's SEFT trailer, often
+    # hundreds of bytes), which the last 64 bytes missed, refusing good photos.
+    body = tf.io.decode_raw(data, tf.uint8)
+    jpeg_end_ok = tf.reduce_any(tf.logical_and(tf.equal(body[:-1], 0xFF), tf.equal(body[1:], 0xD9)))
     # The other formats tf.io.decode_image reads; anything else would fail
     # inside the decoder without naming the file.
     is_other = has_other_decodable_header(data)
