@@ -1117,6 +1117,26 @@ def test_mask_pretraining_trains_the_predictor_first_and_keeps_it_frozen(tmp_pat
         np.testing.assert_array_equal(after, before)
 
 
+def test_a_corrupt_image_met_during_mask_pretraining_is_named(tmp_path, monkeypatch):
+    # Only the attribute training named a file that did not decode; the
+    # mask pretraining stopped with TensorFlow's bare "Invalid PNG data".
+    import tensorflow as tf
+
+    from tfface.data.source import DataError
+    from tfface.training import trainer
+
+    raw = json.loads(json.dumps(TINY))
+    raw["model"].update(type="mask_guided", mask_channels=[8, 16, 32], mask_trainable=False)
+    raw["train"].update(epochs=1, mask_pretrain_epochs=1, output_dir=str(tmp_path / "run"))
+
+    def undecodable(*args, **kwargs):
+        raise tf.errors.InvalidArgumentError(None, None, "[corrupt or truncated image file: /faces/000007.png]")
+
+    monkeypatch.setattr(trainer, "pretrain_masks", undecodable)
+    with pytest.raises(DataError, match=r"corrupt or truncated image file: /faces/000007.png; fix or remove it"):
+        trainer.train(ExperimentConfig.from_dict(raw), verbose=0)
+
+
 @pytest.mark.parametrize(
     "model, train_keys, message",
     [

@@ -740,7 +740,9 @@ def _train_in(out, config, strategy, schema, train_sources, val_sources, landmar
     with strategy.scope():
         model = build_model(schema, config.model, training_labels(schema, train_sources))
         # A resumed run's backup holds the pretrained predictor already.
-        mask_pretraining = None if resuming else pretrain_masks(config, model, train_ds, val_ds, verbose)
+        # A corrupt image stops the pretraining as it stops training: named.
+        with naming_undecodable_images(train_sources + val_sources):
+            mask_pretraining = None if resuming else pretrain_masks(config, model, train_ds, val_ds, verbose)
         optimizer = _optimizer(config, train_ds)
         model.compile(optimizer=optimizer)
         if config.train.strategy == "multi_worker" and _cluster_size() > 1:
