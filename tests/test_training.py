@@ -199,17 +199,30 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _worker_env(workers, index):
+    """The environment of worker `index` of a TF_CONFIG cluster of `workers`
+    (addresses; `_free_port()` ones on 127.0.0.1)."""
+    env = _env()
+    env["TF_CONFIG"] = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
+    return env
+
+
+def _local_workers(count):
+    return [f"127.0.0.1:{_free_port()}" for _ in range(count)]
+
+
 def _run_two_local_workers(argv_of, timeout):
     """Runs `argv_of(index)` as workers 0 and 1 of one TF_CONFIG cluster on
     127.0.0.1; returns their outputs once both exited 0."""
-    workers = [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]
+    workers = _local_workers(2)
     procs = []
     try:
         for index in range(2):
-            env = _env()
-            env["TF_CONFIG"] = json.dumps({"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}})
             procs.append(
-                subprocess.Popen(argv_of(index), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                subprocess.Popen(
+                    argv_of(index), env=_worker_env(workers, index), stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT, text=True,
+                )
             )
         outputs = [p.communicate(timeout=timeout)[0] for p in procs]
     finally:
@@ -278,9 +291,7 @@ def test_a_multi_worker_run_says_which_workers_it_waits_for(caplog):
 
 
 SIGTERM_AFTER_STRATEGY = """
-import json, os, signal, socket, sys, time
-probe = socket.socket(); probe.bind(("127.0.0.1", 0)); port = probe.getsockname()[1]; probe.close()
-os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": [f"127.0.0.1:{port}"]}, "task": {"type": "worker", "index": 0}})
+import os, signal, time
 from tfface.training import trainer
 trainer._strategy("multi_worker")
 os.kill(os.getpid(), signal.SIGTERM)
@@ -293,7 +304,8 @@ def test_a_multi_worker_run_stops_on_sigterm():
     # TensorFlow's coordination service put a handler of its own on SIGTERM
     # that only notes a preemption: the worker ran on until a SIGKILL.
     result = subprocess.run(
-        [sys.executable, "-c", SIGTERM_AFTER_STRATEGY], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", SIGTERM_AFTER_STRATEGY], env=_worker_env(_local_workers(1), 0), capture_output=True,
+        text=True, timeout=120,
     )
     assert result.returncode == -signal.SIGTERM, result.stdout + result.stderr[-2000:]
     assert "survived" not in result.stdout
@@ -827,10 +839,8 @@ def test_a_run_killed_around_its_backup_resumes_with_one_row_per_epoch(tmp_path,
 
 
 _MULTI_WORKER_KILLED_BEFORE_BACKUP = """
-import csv, json, os, socket, sys
+import csv, json, os, sys
 import keras
-probe = socket.socket(); probe.bind(("127.0.0.1", 0)); port = probe.getsockname()[1]; probe.close()
-os.environ["TF_CONFIG"] = json.dumps({"cluster": {"worker": [f"127.0.0.1:{port}"]}, "task": {"type": "worker", "index": 0}})
 from tfface.config import ExperimentConfig
 from tfface.training.trainer import train
 config = ExperimentConfig.load(sys.argv[1])
@@ -861,8 +871,8 @@ def test_a_multi_worker_run_killed_before_its_backup_resumes_with_one_row_per_ep
     # The single-process resume trims history.csv; a multi-worker chief kept
     # the row of the epoch it then trained again (logged twice).
     config = _write_config(tmp_path, epochs=3, strategy="multi_worker")
-    done = subprocess.run([sys.executable, "-c", _MULTI_WORKER_KILLED_BEFORE_BACKUP, str(config)], env=_env(),
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", _MULTI_WORKER_KILLED_BEFORE_BACKUP, str(config)],
+                          env=_worker_env(_local_workers(1), 0), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = dict(line.split(" ", 1) for line in done.stdout.splitlines() if line.startswith(("KILLED", "RESUMED")))
     assert json.loads(lines["KILLED"]) == [0, 1]

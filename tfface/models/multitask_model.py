@@ -558,15 +558,15 @@ class MultiTaskFaceModel(keras.Model):
         self._check_input_images(x)
         warn_if_unit_range(x)
         validation = kwargs.get("validation_data")
-        if isinstance(validation, tuple) and len(validation) == 3:
-            # Else refused by compute_loss only once the first epoch is trained.
-            raise ValueError(
-                "validation_data has a third item (sample weights): tfface models do not take sample_weight; "
-                "pass (images, labels), with -1 for missing labels"
-            )
-        if isinstance(validation, tuple) and len(validation) > 1 and isinstance(validation[1], Mapping):
-            self._check_label_values(validation[1])
         if isinstance(validation, tuple) and validation:
+            if len(validation) == 3:
+                # Else refused by compute_loss only once the first epoch is trained.
+                raise ValueError(
+                    "validation_data has a third item (sample weights): tfface models do not take sample_weight; "
+                    "pass (images, labels), with -1 for missing labels"
+                )
+            if len(validation) > 1 and isinstance(validation[1], Mapping):
+                self._check_label_values(validation[1])
             kwargs["validation_data"] = (self._named_images(validation[0]),) + validation[1:]
         elif validation is not None:
             kwargs["validation_data"] = self._named_images(validation)

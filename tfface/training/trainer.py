@@ -538,7 +538,7 @@ def _log_cluster_wait(tf_config) -> None:
     "waiting for tasks" lines are below the CLI's log level, so a worker
     whose peer never starts (a wrong address in TF_CONFIG) looked hung."""
     task = tf_config["task"]
-    members = [(job, i, address) for job in ("chief", "worker") for i, address in enumerate(tf_config["cluster"].get(job) or [])]
+    members = _cluster_members(tf_config)
     others = [f"{job} {i} ({address})" for job, i, address in members if (job, i) != (task["type"], task["index"])]
     log.info(
         "multi_worker: %s %d of %d waiting for %s to start the same command (no time limit; only SIGKILL "
@@ -595,10 +595,10 @@ def _chief_scores(strategy, scores, capacity: int) -> list:
     return [float(v) for v in shared[1 : 1 + int(round(shared[0]))]]
 
 
-def _cluster_size() -> int:
-    """The chief and workers in TF_CONFIG."""
-    cluster = _tf_config()["cluster"]
-    return sum(len(cluster.get(job) or []) for job in ("chief", "worker"))
+def _cluster_members(tf_config) -> list:
+    """(job, index, address) of the chief and every worker of a TF_CONFIG."""
+    cluster = tf_config["cluster"]
+    return [(job, i, address) for job in ("chief", "worker") for i, address in enumerate(cluster.get(job) or [])]
 
 
 def _rank_one_logs(model):
@@ -745,7 +745,7 @@ def _train_in(out, config, strategy, schema, train_sources, val_sources, landmar
             mask_pretraining = None if resuming else pretrain_masks(config, model, train_ds, val_ds, verbose)
         optimizer = _optimizer(config, train_ds)
         model.compile(optimizer=optimizer)
-        if config.train.strategy == "multi_worker" and _cluster_size() > 1:
+        if config.train.strategy == "multi_worker" and len(_cluster_members(_tf_config())) > 1:
             _rank_one_logs(model)
 
     pretrained_seconds = mask_pretraining["seconds"] if mask_pretraining else 0.0
