@@ -49,6 +49,7 @@ from tfface.data.image_ops import starts_with
 from tfface.data.source import FaceSource
 from tfface.data.sources import open_source
 from tfface.data.sources import user_cache_dir
+from tfface.schema import MISSING
 from tfface.schema import Schema
 from tfface.schema import get_schema
 
@@ -543,6 +544,20 @@ def augment_example(image, y):
 # --- the fused stream -----------------------------------------------------------------
 
 
+def _blank_examples(element_spec, count: int) -> tf.data.Dataset:
+    """`count` black images whose labels are all missing: no loss, no
+    metric and no mask loss counts them (`_has_landmarks` 0)."""
+
+    def blank(spec, key=None):
+        if key == "_has_landmarks" or key is None:  # the image, and "no landmarks"
+            return tf.zeros(spec.shape, spec.dtype)
+        return tf.fill(spec.shape, tf.constant(MISSING, spec.dtype))
+
+    image_spec, label_spec = element_spec
+    example = (blank(image_spec), {key: blank(spec, key) for key, spec in label_spec.items()})
+    return tf.data.Dataset.from_tensors(example).repeat(count)
+
+
 def _to_model_inputs(image, y, with_masks: bool, image_size: int):
     image = tf.cast(image, tf.float32)
     if with_masks:
@@ -568,6 +583,7 @@ def make_dataset(
     steps_per_epoch: int | None = None,
     seed: int | None = None,
     cache_dir=None,
+    pad_last_batch: bool = False,
 ) -> tf.data.Dataset:
     """A batched `(x, y)` dataset over the fused sources.
 
@@ -586,6 +602,13 @@ def make_dataset(
     `choose_cache`); False decodes every epoch. A training stream does not
     cache a source an epoch reads less than once (logged): every epoch
     restarts the stream, so that cache would be discarded unfilled each time.
+
+    `pad_last_batch`: an evaluation stream's partial last batch is filled
+    with blank examples whose labels are all missing (-1, `_source` -1),
+    so metrics are unchanged (Keras's `loss` weighs that batch as a full
+    one); training batches are always full. Needed under a distribution
+    strategy of several replicas: a replica handed no example of the last
+    batch fails in TensorFlow's CPU batch norm ("Incompatible shapes").
     """
     if isinstance(sources, (FaceSource, str)):
         sources = [sources]
@@ -674,6 +697,8 @@ def make_dataset(
         dataset = per_source[0]
         for extra in per_source[1:]:
             dataset = dataset.concatenate(extra)
+        if pad_last_batch and total % batch_size:
+            dataset = dataset.concatenate(_blank_examples(dataset.element_spec, -total % batch_size))
         dataset = dataset.batch(batch_size)
     dataset = dataset.map(
         lambda image, y: _to_model_inputs(image, y, with_masks, image_size),

@@ -647,9 +647,11 @@ def _worker_folder(out: Path, strategy_name: str) -> Path:
     return out / f"{task['type']}{task['index']}"
 
 
-def make_datasets(config: ExperimentConfig, schema, train_sources, val_sources, seed=None):
+def make_datasets(config: ExperimentConfig, schema, train_sources, val_sources, seed=None, replicas: int = 1):
     """The training and validation streams of a run; `seed` (default
-    `train.seed`) orders and augments the training stream."""
+    `train.seed`) orders and augments the training stream. Over several
+    `replicas` the validation stream's last batch is padded (see
+    `make_dataset(pad_last_batch=)`)."""
     data = config.data
     with_masks = data.with_masks or config.model.type == "mask_guided"
     weights = [s.weight for s in data.sources] if len(train_sources) > 1 else None
@@ -672,7 +674,8 @@ def make_datasets(config: ExperimentConfig, schema, train_sources, val_sources, 
     val_ds = None
     if val_sources:
         val_ds = make_dataset(
-            val_sources, schema, data.image_size, batch_size=data.batch_size, with_masks=with_masks, cache=cache
+            val_sources, schema, data.image_size, batch_size=data.batch_size, with_masks=with_masks, cache=cache,
+            pad_last_batch=replicas > 1,
         )
     return train_ds, val_ds
 
@@ -731,7 +734,9 @@ def _train_in(out, config, strategy, schema, train_sources, val_sources, landmar
     if config.train.deterministic:
         tf.config.experimental.enable_op_determinism()
     mixed = _mixed_precision(config.train.mixed_precision)
-    train_ds, val_ds = make_datasets(config, schema, train_sources, val_sources, seed=seed)
+    train_ds, val_ds = make_datasets(
+        config, schema, train_sources, val_sources, seed=seed, replicas=strategy.num_replicas_in_sync
+    )
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2
 
