@@ -428,8 +428,8 @@ def _row_indices(n: int, order: str, seed) -> tf.data.Dataset:
 def _row_reader(images: np.ndarray):
     """Reads one row of an in-memory image array from the array itself.
     Captured as a tensor, a 555 MB array cost 1.2 GB more memory held and
-    1.7 GB at peak (a copy, and tf.data's serialized graph of it);
-    CelebA's 4 GiB at 64 px would not fit a 12 GB notebook. The decoded
+    1.7 GB at peak (a copy, and tf.data's serialized graph of it): the
+    4 GiB `tfds:celeb_a` may load would not fit a 12 GB notebook. The decoded
     rows are cached as usual (`cache`), so only a first pass reads here."""
     images = np.asarray(images)
     shape, dtype = images.shape[1:], tf.as_dtype(images.dtype)
@@ -574,14 +574,10 @@ def augment_example(image, y):
 def _blank_examples(element_spec, count: int) -> tf.data.Dataset:
     """`count` black images whose labels are all missing: no loss, no
     metric and no mask loss counts them (`_has_landmarks` 0)."""
-
-    def blank(spec, key=None):
-        if key == "_has_landmarks" or key is None:  # the image, and "no landmarks"
-            return tf.zeros(spec.shape, spec.dtype)
-        return tf.fill(spec.shape, tf.constant(MISSING, spec.dtype))
-
     image_spec, label_spec = element_spec
-    example = (blank(image_spec), {key: blank(spec, key) for key, spec in label_spec.items()})
+    labels = {key: tf.fill(spec.shape, tf.constant(MISSING, spec.dtype)) for key, spec in label_spec.items()}
+    labels["_has_landmarks"] = tf.zeros_like(labels["_has_landmarks"])
+    example = (tf.zeros(image_spec.shape, image_spec.dtype), labels)
     return tf.data.Dataset.from_tensors(example).repeat(count)
 
 
