@@ -172,6 +172,32 @@ print("batches", batches, "held", memory("VmRSS") - held, "peak", memory("VmHWM"
     assert held < 150 and peak < 150, run.stdout
 
 
+@pytest.mark.parametrize(
+    "images, message",
+    [
+        (np.zeros((2, 40, 40), np.uint8), r"shape \(N, height, width, 3\), RGB, got shape \(2, 40, 40\); for grayscale"),
+        (np.zeros((2, 40, 40, 4), np.uint8), r"got shape \(2, 40, 40, 4\); for RGBA drop the alpha channel"),
+        (np.zeros((2, 40, 40, 3), bool), "must be numbers 0-255 \\(uint8\\), got dtype bool"),
+        (np.full((2, 40, 40, 3), 0.5, np.float32), "floats no larger than 1.0; the pipeline reads pixels as 0-255"),
+    ],
+)
+def test_an_in_memory_image_array_of_the_wrong_kind_is_named(images, message):
+    # A wrong shape failed deep inside the resize, at the first batch.
+    with pytest.raises(ValueError, match=message) as error:
+        FaceSource(name="faces", format="utkface", columns={"age": np.array([1, 2])}, images=images)
+    assert str(error.value).startswith("faces: images ")
+
+
+def test_in_memory_images_of_other_number_types_and_lists_read_as_uint8_ones():
+    base = np.random.default_rng(0).integers(0, 255, (3, 40, 40, 3), dtype=np.uint8)
+    read = []
+    for images in (base, base.astype(np.float32), base.astype(np.int64), list(base)):
+        source = FaceSource(name="faces", format="utkface", columns={"age": np.array([1, 2, 3])}, images=images)
+        read.append(_collect(make_dataset([source], get_schema("fused"), SIZE, batch_size=2, cache=False))[0])
+    for other in read[1:]:
+        np.testing.assert_array_equal(other, read[0])
+
+
 def test_landmarks_follow_the_centre_crop(tmp_path):
     schema = get_schema("fused")
     _, y = _collect(make_dataset([_celeba_source(tmp_path)], schema, SIZE, batch_size=6))

@@ -36,6 +36,26 @@ class DataError(ValueError):
     """Bad user data: names the file (and line) at fault."""
 
 
+def _checked_images(images, name: str) -> np.ndarray:
+    """An in-memory image array as the pipeline reads it, or an error that
+    says what is wrong (a wrong shape failed deep inside the resize)."""
+    images = images if isinstance(images, np.ndarray) else np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(
+            f"{name}: images must be an array of shape (N, height, width, 3), RGB, got shape {images.shape}"
+            + ("; for grayscale stack three channels (np.repeat(images[..., None], 3, axis=-1))" if images.ndim == 3 else "")
+            + ("; for RGBA drop the alpha channel (images[..., :3])" if images.ndim == 4 and images.shape[-1] == 4 else "")
+        )
+    if images.dtype.kind not in "uif":
+        raise ValueError(f"{name}: images must be numbers 0-255 (uint8), got dtype {images.dtype}")
+    if images.dtype.kind == "f" and images.size and float(np.nanmax(images)) <= 1.0:
+        raise ValueError(
+            f"{name}: images are floats no larger than 1.0; the pipeline reads pixels as 0-255 "
+            "(pass (images * 255).astype(np.uint8))"
+        )
+    return images
+
+
 @dataclasses.dataclass
 class FaceSource:
     """A labelled face dataset.
@@ -45,7 +65,8 @@ class FaceSource:
         format: "celeba", "utkface" or "synthetic" (see `tfface.schema`).
         columns: raw label column -> array of shape (N,); -1 means missing.
         image_paths: (N,) file paths, or None when `images` is given.
-        images: (N, H, W, 3) uint8, or None when `image_paths` is given.
+        images: (N, H, W, 3) RGB, 0-255 (uint8 or another number type; read
+            from the array itself, not copied), or None when `image_paths` is given.
         identities: (N,) int person ids, or None when unknown.
         landmarks: (N, 5, 2) float32 pixel (x, y) in the *original image*
             as shown (its EXIF orientation applied, as the pipeline decodes it),
@@ -73,6 +94,8 @@ class FaceSource:
     def __post_init__(self):
         if (self.image_paths is None) == (self.images is None):
             raise ValueError("FaceSource needs exactly one of image_paths or images")
+        if self.images is not None:
+            self.images = _checked_images(self.images, self.name)
         n = len(self)
         for key, values in self.columns.items():
             if len(values) != n:
