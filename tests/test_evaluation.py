@@ -289,8 +289,8 @@ def test_an_image_that_does_not_decode_is_named_and_earlier_outputs_kept(tiny_mo
     folder = write_synthetic_folder(synthetic_source(n=8), tmp_path / "faces")
     victim = sorted((folder / "images").iterdir())[3]
     data = victim.read_bytes()
-    # Header and length pass the cheap checks; the pixels do not decode.
-    victim.write_bytes(data[:40] + bytes(len(data) - 40))
+    # Header, length and end chunk (IEND) pass the cheap checks; the pixels do not decode.
+    victim.write_bytes(data[:40] + bytes(len(data) - 52) + data[-12:])
     out = tmp_path / "eval"
     out.mkdir()
     (out / "metrics.json").write_text("{}")
