@@ -29,7 +29,6 @@ def _seed():
     keras.utils.set_random_seed(0)
 
 
-
 def pytest_unconfigure(config):
     # pytest then runs gc.collect() 5 times over the worker's heap (600k+
     # objects, ~0.3 s each, more late in the suite). xdist's execnet sends a
