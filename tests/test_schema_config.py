@@ -220,6 +220,8 @@ def test_unknown_config_keys_are_refused_by_name(raw, key):
         ({"train": {"weight_decay": -1e-4}}, "train.weight_decay"),
         ({"train": {"early_stopping_patience": -2}}, "train.early_stopping_patience"),
         ({"train": {"time_budget_minutes": 0}}, "train.time_budget_minutes"),
+        ({"train": {"cluster_wait_minutes": -1}}, r"train.cluster_wait_minutes must be > 0 \(or null\)"),
+        ({"train": {"cluster_wait_minutes": "10"}}, "train.cluster_wait_minutes"),
         # NaN and infinity pass every `< 0` check; refused by name instead.
         ({"train": {"learning_rate": float("nan")}}, "train.learning_rate must be a finite number"),
         ({"train": {"warmup_epochs": float("inf")}}, "train.warmup_epochs must be a finite number"),

@@ -291,9 +291,36 @@ def test_a_multi_worker_run_says_which_workers_it_waits_for(caplog):
 
     cluster = {"chief": ["h0:1"], "worker": ["h1:1", "h2:1"]}
     with caplog.at_level(logging.INFO, logger="tfface.training.trainer"):
-        _log_cluster_wait({"cluster": cluster, "task": {"type": "worker", "index": 0}})
+        _log_cluster_wait({"cluster": cluster, "task": {"type": "worker", "index": 0}}, 15.0)
     assert "worker 0 of 3 waiting for chief 0 (h0:1), worker 1 (h2:1) to start" in caplog.text
-    assert "only SIGKILL" in caplog.text
+    assert "up to 15 min, train.cluster_wait_minutes; only SIGKILL" in caplog.text
+
+
+LONE_WORKER = """
+from tfface.training import trainer
+trainer._strategy("multi_worker", 0.05)
+print("strategy made")
+"""
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_a_worker_whose_peers_never_start_gives_up_after_cluster_wait_minutes(index):
+    # TensorFlow waits for the others with no limit on worker 0 (the GIL
+    # held, SIGTERM taken), so a wrong address or a forgotten worker hung.
+    workers = _local_workers(2)
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", LONE_WORKER], env=_worker_env(workers, index), capture_output=True, text=True,
+        timeout=240,
+    )
+    assert result.returncode == -signal.SIGKILL, result.stdout + result.stderr[-2000:]
+    assert "strategy made" not in result.stdout
+    other = workers[1 - index]
+    assert (
+        f"tfface: error: multi_worker: worker {index} waited 0.05 min (train.cluster_wait_minutes) for the other "
+        f"workers of TF_CONFIG's cluster (worker {1 - index} ({other}))" in result.stderr
+    )
+    assert time.monotonic() - start < 120
 
 
 SIGTERM_AFTER_STRATEGY = """

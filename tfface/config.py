@@ -211,6 +211,9 @@ class TrainConfig:
     # the mask pretraining's time counts toward it.
     time_budget_minutes: Optional[float] = None
     strategy: str = "default"  # "default", "mirrored", "multi_worker"
+    # multi_worker: how long a worker waits for the others to start before it
+    # gives up with an error (null: no limit).
+    cluster_wait_minutes: Optional[float] = 15.0
     mixed_precision: str = "auto"  # "auto" (on with a GPU), "on", "off"
     seed: int = 0
     # The same seed gives the same split, initial weights, data order and
@@ -272,6 +275,8 @@ class ExperimentConfig:
             raise ConfigError(f"train.steps_per_epoch must be >= 1 (or null for one pass), got {self.train.steps_per_epoch}")
         if self.train.time_budget_minutes is not None and self.train.time_budget_minutes <= 0:
             raise ConfigError(f"train.time_budget_minutes must be > 0 (or null), got {self.train.time_budget_minutes}")
+        if self.train.cluster_wait_minutes is not None and self.train.cluster_wait_minutes <= 0:
+            raise ConfigError(f"train.cluster_wait_minutes must be > 0 (or null), got {self.train.cluster_wait_minutes}")
         for key in ("weight_decay", "warmup_epochs", "early_stopping_patience", "mask_pretrain_epochs"):
             if getattr(self.train, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(self.train, key)}")

@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -129,9 +130,10 @@ def check_mask_supervision(config: ExperimentConfig, train_sources) -> Optional[
 
 
 # Settings a resumed run may change: where it lives, its name, its budget,
-# where its decoded images are cached (the cache is lossless).
+# how long its workers wait for each other, where its decoded images are
+# cached (the cache is lossless).
 RESUMABLE_CHANGES = (
-    "name", "train.output_dir", "train.time_budget_minutes", "data.cache",
+    "name", "train.output_dir", "train.time_budget_minutes", "train.cluster_wait_minutes", "data.cache",
     # A run stopped at a corrupt image goes on without it (the split is the
     # same: images are left out after it).
     "data.sources.N.skip_bad_images",
@@ -508,15 +510,57 @@ class TimeBudget(keras.callbacks.Callback):
             self.stopped = True
 
 
-def _strategy(name):
+def _strategy(name, cluster_wait_minutes=None):
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     if name == "multi_worker":
         tf_config = _tf_config()  # named here, before TensorFlow's own less clear errors
-        _log_cluster_wait(tf_config)
+        _log_cluster_wait(tf_config, cluster_wait_minutes)
         with _sigterm_handler_kept():
-            return tf.distribute.MultiWorkerMirroredStrategy()
+            return _wait_for_cluster(tf_config, cluster_wait_minutes)
     return tf.distribute.get_strategy()
+
+
+# Run in a child process: it ends a worker still waiting at the deadline.
+# The parent closes the child's stdin when the wait is over; a parent that
+# dies closes it too, so the child never outlives its worker.
+_CLUSTER_WAIT_WATCHDOG = """
+import os, select, signal, sys
+parent, seconds, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+if not select.select([sys.stdin], [], [], seconds)[0]:
+    sys.stderr.write(message + "\\n")
+    sys.stderr.flush()
+    os.kill(parent, signal.SIGKILL)
+"""
+
+
+def _wait_for_cluster(tf_config, minutes):
+    """Makes the multi-worker strategy, which blocks until every worker has
+    started; with `minutes`, a worker still waiting then is ended.
+
+    TensorFlow waits with no time limit on worker 0, holding the GIL and
+    with its own SIGTERM handler in place: nothing in this process can stop
+    the wait, so a watchdog process ends it (SIGKILL, after saying why)
+    instead of the worker hanging until someone kills it.
+    """
+    if minutes is None:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    task = tf_config["task"]
+    message = (
+        f"tfface: error: multi_worker: {task['type']} {task['index']} waited {minutes:g} min "
+        f"(train.cluster_wait_minutes) for the other workers of TF_CONFIG's cluster ({_other_members(tf_config)}) "
+        "to start the same command; they did not, so this worker is stopped (SIGKILL: TensorFlow's wait cannot be "
+        "interrupted). Start every worker, check their addresses, or raise train.cluster_wait_minutes (null: no limit)"
+    )
+    watchdog = subprocess.Popen(
+        [sys.executable, "-c", _CLUSTER_WAIT_WATCHDOG, str(os.getpid()), str(minutes * 60), message],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    finally:
+        watchdog.stdin.close()
+        watchdog.wait()
 
 
 @contextlib.contextmanager
@@ -533,17 +577,25 @@ def _sigterm_handler_kept():
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
-def _log_cluster_wait(tf_config) -> None:
+def _other_members(tf_config) -> str:
+    task = tf_config["task"]
+    others = [
+        f"{job} {i} ({address})" for job, i, address in _cluster_members(tf_config)
+        if (job, i) != (task["type"], task["index"])
+    ]
+    return ", ".join(others) or "no other worker"
+
+
+def _log_cluster_wait(tf_config, minutes=None) -> None:
     """Says what a worker waits for before TensorFlow blocks on it: its own
     "waiting for tasks" lines are below the CLI's log level, so a worker
     whose peer never starts (a wrong address in TF_CONFIG) looked hung."""
     task = tf_config["task"]
-    members = _cluster_members(tf_config)
-    others = [f"{job} {i} ({address})" for job, i, address in members if (job, i) != (task["type"], task["index"])]
+    limit = "no time limit" if minutes is None else f"up to {minutes:g} min, train.cluster_wait_minutes"
     log.info(
-        "multi_worker: %s %d of %d waiting for %s to start the same command (no time limit; only SIGKILL "
-        "stops a worker while it waits)",
-        task["type"], task["index"], len(members), ", ".join(others) or "no other worker",
+        "multi_worker: %s %d of %d waiting for %s to start the same command (%s; only SIGKILL stops a worker "
+        "while it waits)",
+        task["type"], task["index"], len(_cluster_members(tf_config)), _other_members(tf_config), limit,
     )
 
 
@@ -684,7 +736,7 @@ def train(config: ExperimentConfig, verbose="auto") -> dict:
     """Trains (or resumes) the run described by `config`; returns a summary."""
     config.validate()
     # Collective ops (multi-worker) must be configured before any other op.
-    strategy = _strategy(config.train.strategy)
+    strategy = _strategy(config.train.strategy, config.train.cluster_wait_minutes)
     out = _worker_folder(Path(config.train.output_dir), config.train.strategy)
     # Open the data before writing anything, so a bad source leaves an
     # existing run folder as it was.
