@@ -212,6 +212,30 @@ def run_model_saving_test(model, input_data, tmp_path, atol=1e-6, extra_weights=
     return reloaded
 
 
+def randomize_weights(model, seed=0, kernel_scale=2.0):
+    """Draws every float weight of `model` at random, batch-norm statistics
+    included, and returns the model.
+
+    An untrained model answers almost the same for any input, so a test
+    cannot tell which input an answer came from; and a weight still at its
+    initial value reloads equal even if it was never saved. Kernels are drawn
+    `kernel_scale` times wider than He's so that answers depend on the input.
+    """
+    rng = np.random.default_rng(seed)
+    for weight in model.weights:
+        if not str(weight.dtype).startswith(("float", "bfloat")):
+            continue
+        shape = tuple(weight.shape)
+        if len(shape) >= 2:
+            value = rng.normal(0.0, kernel_scale / np.sqrt(max(1, int(np.prod(shape[:-1])))), shape)
+        elif weight.path.endswith(("moving_variance", "gamma")):
+            value = rng.uniform(0.5, 1.5, shape)
+        else:
+            value = rng.normal(0.0, 0.1, shape)
+        weight.assign(value.astype(str(weight.dtype)))
+    return model
+
+
 def pil_encoded(image, fmt, mode=None, **options) -> bytes:
     """A PIL image, or an (H, W, 3) uint8 array, encoded by PIL (e.g. as a
     GIF or a 1-bit BMP, `mode="1"`); `options` go to `Image.save`."""

@@ -21,6 +21,8 @@ from tfface.schema import Schema
 from tfface.schema import Task
 from tfface.schema import get_schema
 
+from harness import randomize_weights
+
 SIZE = 32
 
 
@@ -410,6 +412,35 @@ def test_a_keras_file_of_another_project_is_named(tmp_path):
         archive.writestr("metadata.json", "{}")
     with pytest.raises(ValueError, match="no_config.keras: cannot load it as a tfface model"):
         load_model(broken)
+
+
+def test_evaluate_scores_each_image_with_its_own_prediction_and_labels(tmp_path):
+    # compute_metrics is checked on hand-made numbers above; this checks what
+    # evaluate_model feeds it. Predictions out of order within a batch went
+    # unnoticed: the untrained model answers about the same for every image.
+    import tfface.models
+    from tfface.config import ModelConfig
+    from tfface.evaluation.evaluate import collect_predictions
+
+    schema = get_schema("synthetic")
+    model = randomize_weights(tfface.models.GatedMultiTaskModel(
+        schema=schema, config=ModelConfig(image_size=SIZE, backbone_widths=(8, 16, 32, 64), embedding_dim=16),
+    ))
+    source = synthetic_source(n=24)  # images at the model's size: the pipeline leaves them as they are
+    expected_labels = schema.encode_labels("synthetic", source.columns, 24)
+    expected_probs = model.predict_tasks(source.images.astype(np.float32))
+    assert max(np.abs(p - p[::-1]).max() for p in expected_probs.values()) > 0.01  # answers differ per image
+
+    labels, probs, extras = collect_predictions(model, [source], batch_size=16)
+    for task in schema:
+        np.testing.assert_array_equal(labels[task.name], expected_labels[task.name], err_msg=task.name)
+        np.testing.assert_allclose(probs[task.name], expected_probs[task.name], atol=1e-5, err_msg=task.name)
+    np.testing.assert_array_equal(extras["_source"], np.zeros(24))
+
+    metrics = evaluate_model(model, [source], tmp_path / "eval", batch_size=16)
+    direct = json.loads(json.dumps(compute_metrics(schema, expected_labels, expected_probs)))
+    assert metrics["tasks"] == direct["tasks"]
+    assert metrics["mean_accuracy"] == pytest.approx(direct["mean_accuracy"], abs=1e-6)
 
 
 def test_evaluate_limit_scores_a_fixed_hashed_subset_and_records_it(tiny_model, tmp_path, capsys):

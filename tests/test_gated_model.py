@@ -603,8 +603,15 @@ def test_mixed_precision_trains_with_correlation_and_center_loss(tmp_path):
         history = model.fit({"image": images}, labels, batch_size=16, epochs=1, verbose=0).history
         assert np.isfinite(history["loss"]).all()
         assert model.get_layer("correlation").moving_mean.dtype == "float32"
+        assert model.center_loss.centers.dtype == "float32"
         model.save(tmp_path / "mixed.keras")
+        expected = model.predict_tasks(images[:2])
     finally:
         keras.mixed_precision.set_global_policy("float32")
-    outputs = keras.saving.load_model(tmp_path / "mixed.keras").predict_tasks(images[:2])
+    reloaded = keras.saving.load_model(tmp_path / "mixed.keras")
+    assert reloaded.center_loss.centers.dtype == "float32"
+    np.testing.assert_array_equal(reloaded.center_loss.centers.numpy(), model.center_loss.centers.numpy())
+    outputs = reloaded.predict_tasks(images[:2])
     assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in outputs.values())
+    for name, value in outputs.items():  # float16 compute before the save, float32 after: float16's precision
+        np.testing.assert_allclose(value, expected[name], atol=5e-3, err_msg=name)

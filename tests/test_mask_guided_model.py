@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from harness import randomize_weights
 from harness import run_layer_test
 
 from tfface.config import ConfigError
@@ -254,7 +255,9 @@ def test_global_fusion_has_no_masks_and_landmark_masks_need_groups():
 def test_save_load_round_trip(tmp_path, use_landmark_masks):
     fusion = "group" if use_landmark_masks else "group_global"
     config = tiny_config(use_landmark_masks=use_landmark_masks, fusion=fusion)
-    net = MaskGuidedMultiTaskModel(schema=tiny_schema(), config=config)
+    # Every weight drawn at random, BN statistics included: a weight left at
+    # its initial value would reload equal even if it were never saved.
+    net = randomize_weights(MaskGuidedMultiTaskModel(schema=tiny_schema(), config=config), kernel_scale=1.0)
     net.compile()
     x = {"image": images(3)}
     if use_landmark_masks:
@@ -268,6 +271,9 @@ def test_save_load_round_trip(tmp_path, use_landmark_masks):
     assert set(before) == set(after)
     for key in before:
         np.testing.assert_allclose(after[key], before[key], rtol=1e-6, atol=1e-6)
+    assert [w.path for w in loaded.weights] == [w.path for w in net.weights]
+    for restored, original in zip(loaded.weights, net.weights):
+        np.testing.assert_array_equal(np.asarray(restored), np.asarray(original), err_msg=original.path)
 
 
 def test_landmark_variant_with_predicted_masks_matches(model):

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from harness import randomize_weights
+
 from tfface.config import ModelConfig
 from tfface.landmarks import TEMPLATE_5PT
 from tfface.models import GatedMultiTaskModel
@@ -135,6 +137,25 @@ def test_every_task_has_a_label_and_a_confidence(results, model):
             assert sum(probs.values()) == pytest.approx(1.0, abs=1e-3)
             assert probs[value["label"]] == max(probs.values())
     assert set(face["attributes"]) == {t.name for t in schema.binary_tasks}
+
+
+def test_each_face_gets_the_models_answer_for_its_own_aligned_crop(detector, photos):
+    # Nothing else ties a face's probabilities to that face: the untrained
+    # model answers about the same for any input, so a crop of the wrong
+    # face, or no face at all, went unnoticed.
+    model = randomize_weights(GatedMultiTaskModel(schema=get_schema("synthetic"), config=TINY))
+    faces = FaceAnalyzer(model, detector=detector).analyze([photos[2]])[0]["faces"]
+    detections = detector.detect_batch([photos[2]])[0]
+    assert len(detections) == len(faces) == 2
+    crops = [align_for_model(photos[2], np.asarray(d.landmarks, np.float64), TINY.image_size)[0] for d in detections]
+    expected = model.predict_tasks(np.stack(crops).astype(np.float32))
+    for row, face in enumerate(faces):
+        probs = face["age_group"]["probabilities"]
+        assert list(probs.values()) == pytest.approx(expected["age_group"][row].tolist(), abs=2e-4)
+        for name in ("Smiling", "gender"):
+            assert face["attributes"][name]["probability"] == pytest.approx(float(expected[name][row]), abs=2e-4)
+    # The two faces' answers differ by far more than that tolerance.
+    assert max(np.abs(v[0] - v[1]).max() for v in expected.values()) > 0.05
 
 
 def test_thresholds_decide_binary_labels(model, detector, photos, monkeypatch):

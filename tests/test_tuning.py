@@ -97,8 +97,6 @@ def _sample(space, forced, seed):
 
 @pytest.mark.parametrize("model_type,switch", [("gated", "gate"), ("mask_guided", "fusion")])
 def test_shipped_search_space_builds_a_model_for_sampled_values(model_type, switch):
-    if model_type == "mask_guided":
-        pytest.importorskip("tfface.models.mask_guided_model")
     base = ExperimentConfig.from_dict(tiny_experiment(model_type, schema="synthetic"))
     space = SearchSpace.load(SPACES[model_type]).check(base)
     wanted = {"loss_weights.attributes", "loss_weights.age_group", "loss_weights.gender", "dropout", "learning_rate"}
