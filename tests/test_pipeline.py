@@ -533,6 +533,26 @@ def test_training_images_are_upright_as_exif_shows_them(tmp_path):
     assert not np.array_equal(images[0], images[0][:, ::-1])  # the check above could tell a mirror
 
 
+def test_python_side_readers_see_16_bit_grey_as_the_pipeline_decodes_it(tmp_path):
+    """Landmark detection (`read_upright_rgb`), `tfface predict` and the
+    TFDS builder read images with PIL, whose RGB conversion clipped every
+    16-bit grey level above 255 to white: a blank face for the detector and
+    a white image in a converted dataset, where training saw the face."""
+    from tfface.data.image_ops import decode_image
+    from tfface.data.image_ops import read_upright_rgb
+    from tfface.predict import load_image
+
+    levels = np.random.default_rng(4).integers(0, 65536, (20, 30), dtype=np.uint16)
+    levels[0, :4] = (255, 256, 65280, 65535)  # where shifting and rounding differ
+    path = tmp_path / "grey16.png"
+    Image.fromarray(levels).save(path)
+    assert Image.open(path).mode.startswith("I")
+    decoded = decode_image(tf.io.read_file(str(path))).numpy()
+    assert 0 < decoded.mean() < 250  # not white
+    np.testing.assert_array_equal(read_upright_rgb(path)[0], decoded)
+    np.testing.assert_array_equal(load_image(path.read_bytes(), "grey16"), decoded)
+
+
 # --- where the decoded images are cached (data.cache) -------------------------------------
 
 

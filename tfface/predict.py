@@ -43,6 +43,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from tfface.data.image_ops import pil_rgb_array
 from tfface.landmarks.alignment import TEMPLATE_5PT, align_face, similarity_transform, transform_points
 from tfface.landmarks.detector import LandmarkError, check_rgb_image
 
@@ -68,30 +69,13 @@ def _to_rgb_array(array, name: str) -> np.ndarray:
     return np.ascontiguousarray(check_rgb_image(array, name))
 
 
-def _wide_grey_to_rgb(raw, name: str) -> np.ndarray:
-    values = np.asarray(raw, np.float64)
-    if not np.all(np.isfinite(values)):
-        raise LandmarkError(f"{name}: greyscale image with non-finite values")
-    if np.asarray(raw).dtype.kind == "f" and values.max() <= 1.0:
-        scaled = values * 255.0  # float images in 0..1
-    else:
-        top = 65535.0 if values.max() > 255 else 255.0
-        scaled = values * (255.0 / top)
-    grey = np.clip(np.round(scaled), 0, 255).astype(np.uint8)
-    return np.repeat(grey[..., None], 3, axis=-1)
-
-
 def _decode(data, name: str) -> np.ndarray:
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(data) as image:
-            image = ImageOps.exif_transpose(image)  # phone photos: honour the EXIF rotation
-            if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-                # 16-bit or float greyscale: PIL's RGB conversion clips every
-                # value above 255 to white; scale to 8 bits instead.
-                return _wide_grey_to_rgb(np.asarray(image), name)
-            return np.asarray(image.convert("RGB"))
+            # Phone photos: honour the EXIF rotation. 16-bit grey as TensorFlow reads it, not clipped to white.
+            return pil_rgb_array(ImageOps.exif_transpose(image))
     except Image.DecompressionBombError as e:
         raise LandmarkError(f"{name}: image too large to decode safely ({e})") from None
     except UnidentifiedImageError:

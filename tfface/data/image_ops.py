@@ -180,12 +180,41 @@ def read_upright_rgb(path) -> tuple:
     """(uint8 (H, W, 3) array, EXIF orientation) of an image file as shown:
     its EXIF rotation applied, as the pipeline decodes it, so landmarks and
     drawings made from it line up with training. (Python side, PIL.)"""
-    import numpy as np
     from PIL import Image, ImageOps
 
     with Image.open(path) as image:
         orientation = file_exif_orientation(image)
-        return np.asarray(ImageOps.exif_transpose(image).convert("RGB")), orientation
+        return pil_rgb_array(ImageOps.exif_transpose(image)), orientation
+
+
+# PIL's modes for 16-bit (and 32-bit integer) greyscale.
+_WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def pil_rgb_array(image):
+    """uint8 (H, W, 3) pixels of an opened PIL image, as `decode_image`
+    gives them, for the Python-side readers (landmarks, `tfface predict`,
+    the gRPC client's conversions).
+
+    PIL's own `convert("RGB")` clips every 16-bit grey level above 255 to
+    white; TensorFlow keeps each level's high byte, and so does this (PIL
+    reads 16-bit RGB to 8 bits that way already). Float greyscale (TIFF,
+    which TensorFlow does not read) is scaled from 0..1, or from 0..65535
+    when it holds larger values. Raises ValueError on non-finite floats.
+    """
+    import numpy as np
+
+    if image.mode in _WIDE_GREY_MODES:
+        grey = (np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+    elif image.mode == "F":
+        values = np.asarray(image, np.float64)
+        if not np.all(np.isfinite(values)):
+            raise ValueError("greyscale image with non-finite values")
+        top = 1.0 if values.max() <= 1.0 else 65535.0 if values.max() > 255 else 255.0
+        grey = np.clip(np.round(values * (255.0 / top)), 0, 255).astype(np.uint8)
+    else:
+        return np.asarray(image.convert("RGB"))
+    return np.repeat(grey[..., None], 3, axis=-1)
 
 
 def encode_png(image) -> bytes:

@@ -36,6 +36,7 @@ from tfface.data.image_ops import (
     exif_orientation,
     file_exif_orientation,
     image_format,
+    pil_rgb_array,
     refused_image_reason,
 )
 from tfface.export.saved_model import (
@@ -665,21 +666,14 @@ def exif_orientation_of(data: bytes) -> int:
         return 1
 
 
-_SIXTEEN_BIT_GREY = ("I", "I;16", "I;16B", "I;16L", "I;16N")
-
-
 def _rgb_png(image) -> bytes:
     """A PIL image as 8-bit RGB PNG, with the pixels TensorFlow's decoder
-    gives for the original: 16-bit grey levels keep their high byte, as
-    `decode_image(..., dtype=uint8)` keeps it, where `convert("RGB")` would
-    clip them to white. (PIL reads 16-bit RGB(A) to 8 bits the same way.)"""
+    gives for the original (`pil_rgb_array`: 16-bit grey levels keep their
+    high byte, where `convert("RGB")` would clip them to white)."""
     from PIL import Image
 
-    if image.mode in _SIXTEEN_BIT_GREY:
-        levels = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
-        image = Image.fromarray(levels.astype(np.uint8))
     buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="PNG")
+    Image.fromarray(pil_rgb_array(image)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
