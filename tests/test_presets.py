@@ -88,3 +88,21 @@ def test_docstring_style_access_through_the_package(tmp_path):
     assert tfface.models.load_model(tmp_path / "m.keras").schema == model.schema
     with pytest.raises(AttributeError, match="no attribute 'modles'"):
         tfface.modles
+
+
+def test_data_and_training_name_their_entry_points():
+    # `tfface.training` said it holds `train`, and `tfface.data` exported
+    # nothing: users had to know the module of each function.
+    import tfface
+    from tfface.data.pipeline import make_dataset
+    from tfface.data.source import FaceSource
+    from tfface.training.trainer import train
+
+    assert tfface.data.make_dataset is make_dataset and tfface.data.FaceSource is FaceSource
+    assert tfface.training.train is train
+    for package in (tfface.data, tfface.training):
+        assert set(package.__all__) <= set(dir(package))
+        for name in package.__all__:
+            assert callable(getattr(package, name)), name
+    with pytest.raises(AttributeError, match="no attribute 'make_datset'"):
+        tfface.data.make_datset
