@@ -1,12 +1,8 @@
 """Face data: sources (CelebA, UTKFace, synthetic, your own arrays), the
-person-disjoint split and the fused tf.data pipeline.
+person-disjoint split and the fused tf.data pipeline. The names below load
+on first use (`tfface.lazy_exports`)."""
 
-The names below load on first use, as the subpackages of `tfface` do: the
-modules of this package import one another, and the gRPC client needs
-only `image_ops`.
-"""
-
-import importlib
+from tfface.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "FaceSource": "tfface.data.source",
@@ -16,13 +12,4 @@ _EXPORTS = {
     "write_synthetic_folder": "tfface.data.synthetic",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

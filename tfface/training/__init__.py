@@ -1,20 +1,8 @@
 """Training runs: `train` (the `tfface train` command), resume, checkpoints.
+The names below load on first use (`tfface.lazy_exports`)."""
 
-`train` and `make_datasets` load on first use, as the subpackages of
-`tfface` do.
-"""
-
-import importlib
+from tfface.lazy_exports import lazy_exports
 
 _EXPORTS = {"make_datasets": "tfface.training.trainer", "train": "tfface.training.trainer"}
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
