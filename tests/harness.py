@@ -9,6 +9,10 @@ round trip for a whole model. Both compare numbers, not just "it loaded".
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+from pathlib import Path
+
 import numpy as np
 
 import keras
@@ -234,6 +238,23 @@ def randomize_weights(model, seed=0, kernel_scale=2.0):
             value = rng.normal(0.0, 0.1, shape)
         weight.assign(value.astype(str(weight.dtype)))
     return model
+
+
+@contextlib.contextmanager
+def small_disk(folder, size: str):
+    """`folder` as a tmpfs of `size` (e.g. "64k") for the block, to fill a
+    disk for real; skips the test where mounting is not allowed (not root)."""
+    import pytest
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("needs a tmpfs of its own (mount, as root)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
 def pil_encoded(image, fmt, mode=None, **options) -> bytes:

@@ -1,11 +1,13 @@
 """Outputs are written whole or not at all (tfface.atomic_files)."""
 
+import errno
 import sys
 from pathlib import Path
 
 import pytest
 
 from harness import log_syncs_and_moves
+from harness import small_disk
 from tfface.atomic_files import atomic_path
 from tfface.atomic_files import replaced_folder
 from tfface.atomic_files import working_folder
@@ -173,3 +175,23 @@ def test_a_replaced_folder_keeps_its_permissions_and_needs_a_writable_parent(tmp
         with replaced_folder(out, lambda name: name.endswith(".json"), marker="metrics.json"):
             pytest.fail("refused before the block runs")
     assert (out / "metrics.json").read_text() == "new"
+
+
+def test_a_full_disk_names_the_output_it_could_not_write_and_keeps_the_old_one(tmp_path):
+    # A write() call's ENOSPC names no file: users read "[Errno 28] No space
+    # left on device" with no idea which of a command's outputs failed.
+    with small_disk(tmp_path / "disk", "64k") as disk:
+        target = disk / "metrics.json"
+        target.write_text("old")
+        with pytest.raises(OSError) as failed:
+            write_atomic(target, b"x" * 200_000)
+        assert failed.value.errno == errno.ENOSPC
+        assert str(failed.value) == (
+            f"[Errno 28] No space left on device, writing {target} (anything there before is unchanged)"
+        )
+        out = disk / "eval"
+        with pytest.raises(OSError, match=f"No space left on device, writing {out} "):
+            with replaced_folder(out, lambda name: True, marker="metrics.json") as staging:
+                (staging / "metrics.json").write_bytes(b"x" * 200_000)
+        assert target.read_text() == "old"
+        assert sorted(p.name for p in disk.iterdir()) == ["metrics.json"]  # no temporary left

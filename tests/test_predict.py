@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from harness import randomize_weights
+from harness import small_disk
 
 from tfface.config import ModelConfig
 from tfface.landmarks import TEMPLATE_5PT
@@ -313,3 +314,26 @@ def test_wide_greyscale_images_are_scaled_not_clipped_to_white():
         # PIL's own RGB conversion would make nearly every pixel 255.
         assert image.min() == 0 and image.max() == 255
         assert abs(int(image[32, 32, 0]) - 128) <= 2
+
+
+def test_results_cut_short_by_a_full_disk_keep_whole_lines_and_name_the_file(tmp_path, capsys):
+    # The notice was lost (closing the file failed again) and the last record
+    # was cut off mid-JSON.
+    from tfface.predict import _results_file
+
+    with small_disk(tmp_path / "disk", "64k") as disk:
+        out = disk / "faces.jsonl"
+        record = json.dumps({"image": "x.jpg", "faces": [{"box": [1.0] * 4, "pad": "y" * 700}]})
+        written = 0
+        with pytest.raises(OSError) as failed:
+            with _results_file(out) as stream:
+                while True:
+                    stream.write(record + "\n")
+                    written += 1
+        partial = disk / "faces.jsonl.partial"
+        assert str(failed.value).startswith(f"[Errno 28] No space left on device, writing {partial}")
+        assert f"the results so far are in {partial}" in capsys.readouterr().err
+        lines = partial.read_text().splitlines(keepends=True)
+        assert 0 < len(lines) <= written and all(line.endswith("\n") for line in lines)
+        assert all(json.loads(line) == json.loads(record) for line in lines)
+        assert not out.exists()

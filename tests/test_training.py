@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import yaml
 
+from harness import small_disk
+
 import tfface
 from tfface.cli import main as cli_main
 from tfface.config import ConfigError
@@ -1409,13 +1411,8 @@ sys.exit(main(["train", "--config", sys.argv[1]]))
 def test_a_disk_that_fills_during_the_backup_is_one_error_line_and_the_rerun_recovers(tmp_path):
     # HDF5 crashed the process (exit 139) when the disk filled in the middle
     # of the backup; the room is checked before it is written.
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    config = _write_config(tmp_path, epochs=2, output_dir=str(disk / "run"))
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip("needs a tmpfs of its own (mount, as root)")
-    try:
+    with small_disk(tmp_path / "disk", "64m") as disk:
+        config = _write_config(tmp_path, epochs=2, output_dir=str(disk / "run"))
         ballast = disk / "ballast"
         full = subprocess.run(
             [sys.executable, "-c", _FILL_THE_DISK_BEFORE_THE_BACKUP, str(config), str(ballast)],
@@ -1432,5 +1429,4 @@ def test_a_disk_that_fills_during_the_backup_is_one_error_line_and_the_rerun_rec
         )
         assert again.returncode == 0, again.stderr[-2000:]
         assert _epochs_logged(disk / "run") == [0, 1]
-    finally:
-        subprocess.run(["umount", str(disk)])
+

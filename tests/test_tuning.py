@@ -82,6 +82,15 @@ def write_tuning(folder: Path, name="search.yaml", **overrides) -> Path:
     return path
 
 
+def subprocess_env(**extra) -> dict:
+    """The environment of a `tfface` subprocess: this checkout first on the
+    path, TensorFlow's start-up lines quiet."""
+    return dict(
+        os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        **extra,
+    )
+
+
 # --- search-space files ----------------------------------------------------------------
 
 
@@ -159,8 +168,7 @@ def test_a_hyperband_continuation_rebuilds_a_fresh_trial_model_from_its_build_co
     configs = [tiny_experiment(t)["model"] for t in ("gated", "mask_guided")]
     done = subprocess.run(
         [sys.executable, "-c", _REBUILD_FRESH, json.dumps(configs)],
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
-                 PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")),
+        env=subprocess_env(),
         capture_output=True, text=True, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -624,8 +632,7 @@ def test_search_killed_mid_trial_resumes_with_the_same_command(tmp_path):
     trial_1 = tmp_path / "killed" / "trial_1" / "trial.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "tfface.cli", "tune", "--config", str(config)],
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
-                 PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")),
+        env=subprocess_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -750,13 +757,7 @@ def _free_port():
 @pytest.mark.slow
 def test_distributed_search_with_chief_and_two_workers(tmp_path):
     config = write_tuning(tmp_path, project="distributed", max_trials=2)
-    env = dict(
-        os.environ,
-        KERASTUNER_ORACLE_IP="127.0.0.1",
-        KERASTUNER_ORACLE_PORT=str(_free_port()),
-        TF_CPP_MIN_LOG_LEVEL="2",
-        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-    )
+    env = subprocess_env(KERASTUNER_ORACLE_IP="127.0.0.1", KERASTUNER_ORACLE_PORT=str(_free_port()))
     procs, logs = {}, {}
     try:
         for tuner_id in ("chief", "tuner0", "tuner1"):
@@ -918,3 +919,29 @@ def test_a_trial_killed_before_the_oracle_recorded_it_is_drawn_again(tmp_path):
     result = run_search(write_tuning(tmp_path, project="unrecorded", max_trials=2), verbose=0)
     assert result["trials_run"] == ["1"]
     assert [r["status"] for r in result["trials"]] == ["COMPLETED", "COMPLETED"]
+
+
+@pytest.mark.slow
+def test_a_disk_too_full_for_a_trials_checkpoint_is_one_error_line_and_the_rerun_resumes(tmp_path):
+    # KerasTuner writes each trial's checkpoint in place with HDF5: a disk
+    # that filled in the middle of it crashed the search (segfault) after 23
+    # tracebacks. The room is checked before the write.
+    from harness import small_disk
+
+    with small_disk(tmp_path / "disk", "1500k") as disk:
+        config = write_tuning(tmp_path, directory=str(disk), experiment={**tiny_experiment(), "data": {
+            **tiny_experiment()["data"], "sources": ["synthetic:64"]}})
+        command = [sys.executable, "-m", "tfface.cli", "tune", "--config", str(config)]
+        full = subprocess.run(command, capture_output=True, text=True, timeout=400, env=subprocess_env())
+        assert full.returncode == 2, full.stderr[-3000:]
+        assert (
+            f"tfface tune: error: search search stopped: [Errno 28] not enough free space for trial 0's checkpoint in "
+            f"{disk / 'search' / 'trial_0'}"
+        ) in full.stderr
+        assert "Traceback" not in full.stderr
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        again = subprocess.run(command, capture_output=True, text=True, timeout=400, env=subprocess_env())
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert (disk / "search" / "best_config.yaml").is_file()
+        assert sorted(json.loads((disk / "search" / "results.json").read_text())["trials"][i]["status"]
+                      for i in range(2)) == ["COMPLETED", "COMPLETED"]

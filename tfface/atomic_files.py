@@ -16,6 +16,7 @@ import glob
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -38,6 +39,24 @@ def _discard(path: Path) -> None:
             path.unlink()
 
 
+# Write failures whose error names no file when a write() call raises them
+# (a full disk: "[Errno 28] No space left on device"), or names the
+# temporary file beside the target instead of the target.
+_WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+@contextlib.contextmanager
+def naming_the_target(target):
+    """Re-raises a write failure in the block as one that names `target`
+    and says that what was there is unchanged."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _WRITE_FAILURES or isinstance(e, FolderBusyError):
+            raise
+        raise OSError(e.errno, f"{e.strerror or os.strerror(e.errno)}, writing {target} (anything there before is unchanged)") from e
+
+
 @contextlib.contextmanager
 def atomic_path(path, suffix: str = ""):
     """Yields a temporary path beside `path` to write to; it replaces
@@ -53,17 +72,18 @@ def atomic_path(path, suffix: str = ""):
         return
     if not path.parent.is_dir():
         raise FileNotFoundError(f"folder not found for {path}")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        # mkstemp makes the file private; give it the usual permissions.
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        _discard(tmp)
-        raise
+    with naming_the_target(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
+        os.close(fd)
+        tmp = Path(tmp)
+        try:
+            yield tmp
+            # mkstemp makes the file private; give it the usual permissions.
+            os.chmod(tmp, 0o666 & ~current_umask())
+            os.replace(tmp, path)
+        except BaseException:
+            _discard(tmp)
+            raise
 
 
 def write_atomic(path, data) -> Path:
@@ -182,7 +202,7 @@ def replaced_folder(out_dir, may_replace: Callable[[str], bool], marker: str):
             f"cannot write in {out_dir.parent}: the output is written in a new folder beside {out_dir.name} "
             "and renamed into place, so its parent folder must be writable"
         )
-    with working_folder(out_dir.parent, f".{out_dir.name}.tmp-") as staging:
+    with working_folder(out_dir.parent, f".{out_dir.name}.tmp-") as staging, naming_the_target(out_dir):
         try:
             yield staging
             os.chmod(staging, mode)
@@ -207,6 +227,56 @@ def replaced_folder(out_dir, may_replace: Callable[[str], bool], marker: str):
         except BaseException:
             _discard(staging)
             raise
+
+
+@contextlib.contextmanager
+def closing_files_of_a_failed_write():
+    """A write that fails inside Keras (a full disk during a resume backup)
+    leaves its HDF5 file open, held by the traceback. Released later, in
+    whatever order the garbage collector picks, its objects crashed the
+    process (segfault, after the error was printed); closed here the way
+    h5py closes a file (its objects first), quietly. (Where KerasTuner has
+    caught the failed write itself, the file is past closing: only
+    `require_free_space` before the write avoids that crash.)"""
+    try:
+        yield
+    except OSError:
+        import h5py
+
+        hook = sys.unraisablehook
+        sys.unraisablehook = lambda unraisable: None  # h5py reports the failed close again
+        try:
+            for file_id in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE):
+                with contextlib.suppress(Exception):
+                    h5py.File(file_id).close()
+        finally:
+            sys.unraisablehook = hook
+        raise
+
+
+def estimated_weights_file_bytes(variables) -> int:
+    """Bytes a `.weights.h5` of `variables` takes: their values plus HDF5's
+    bookkeeping (about 4 KiB each)."""
+    import numpy as np
+
+    return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize + 4096 for v in variables)
+
+
+def require_free_space(folder, needed: int, what: str, freed: int = 0, hint: str = "") -> None:
+    """Raises OSError(ENOSPC) naming `what` and `folder` unless the disk
+    holding `folder` has `needed` bytes free, counting `freed` bytes the
+    write removes first. Checked before HDF5 writes: HDF5 crashed the
+    process (segfault) when the disk filled in the middle of its file."""
+    folder = Path(folder)
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free + freed < needed:
+        raise OSError(
+            errno.ENOSPC,
+            f"not enough free space for {what} in {folder}: it needs about {needed / 2**20:.1f} MB, "
+            f"{free / 2**20:.1f} MB are free" + (f"; {hint}" if hint else ""),
+        )
 
 
 try:

@@ -555,12 +555,35 @@ def _results_file(out_path):
     stream = open(partial, "w")
     try:
         yield stream
-    except BaseException:
-        stream.close()
+        stream.close()  # flushes: a full disk fails here too
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            stream.close()  # a full disk fails the flush again
+        _trim_to_whole_lines(partial)
         print(f"predict: stopped; the results so far are in {partial} ({out} is unchanged)", file=sys.stderr)
+        if isinstance(e, OSError) and e.errno is not None and not e.filename:
+            raise OSError(e.errno, f"{e.strerror}, writing {partial}") from e
         raise
-    stream.close()
     os.replace(partial, out)
+
+
+def _trim_to_whole_lines(path) -> None:
+    """Cuts a results file back to its last complete line: a write that
+    failed half-way (a full disk) left a record cut off mid-JSON."""
+    with contextlib.suppress(OSError), open(path, "r+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        keep, position = 0, end
+        while position > 0:
+            start = max(0, position - 65536)
+            f.seek(start)
+            block = f.read(position - start)
+            newline = block.rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            position = start
+        if keep < end:
+            f.truncate(keep)
 
 
 # Marks a --draw folder as tfface's own, so a later run may replace its

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import errno
 import json
 import logging
 import math
@@ -44,7 +43,10 @@ import tensorflow as tf
 
 import tfface
 from tfface.atomic_files import claimed_folder
+from tfface.atomic_files import closing_files_of_a_failed_write
 from tfface.atomic_files import discard_leftovers
+from tfface.atomic_files import estimated_weights_file_bytes
+from tfface.atomic_files import require_free_space
 from tfface.atomic_files import save_model_atomic
 from tfface.atomic_files import write_atomic
 from tfface.config import ConfigError
@@ -401,29 +403,6 @@ class ResumedEarlyStopping(keras.callbacks.EarlyStopping):
         return len(self.earlier) > 1 and self._replayed()[1] >= self.patience
 
 
-@contextlib.contextmanager
-def _closing_files_of_a_failed_write():
-    """A write that fails inside Keras (a full disk during the resume
-    backup) leaves its HDF5 file open, held by the traceback. Released
-    later, in whatever order the garbage collector picks, its objects
-    crashed the process (segfault, after the error was printed); closed
-    here the way h5py closes a file (its objects first), quietly."""
-    try:
-        yield
-    except OSError:
-        import h5py
-
-        hook = sys.unraisablehook
-        sys.unraisablehook = lambda unraisable: None  # h5py reports the failed close again
-        try:
-            for file_id in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE):
-                with contextlib.suppress(Exception):
-                    h5py.File(file_id).close()
-        finally:
-            sys.unraisablehook = hook
-        raise
-
-
 class BackupSpaceCheck(keras.callbacks.Callback):
     """Refuses, with ENOSPC, a resume backup the disk cannot hold, just
     before `BackupAndRestore` writes it: HDF5 crashed the process
@@ -438,22 +417,13 @@ class BackupSpaceCheck(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         newest = self.backup_dir / BACKUP_WEIGHTS
         before = self.backup_dir / (BACKUP_WEIGHTS + ".bkp")
-        size = newest.stat().st_size if newest.is_file() else self._estimated_size()
-        needed = int(size * 1.1) + (1 << 20)
-        folder = self.backup_dir if self.backup_dir.is_dir() else self.backup_dir.parent
-        free = shutil.disk_usage(folder).free
-        if free + (before.stat().st_size if before.is_file() else 0) < needed:
-            raise OSError(
-                errno.ENOSPC,
-                f"not enough free space for the resume backup in {self.backup_dir}: it needs about "
-                f"{needed / 2**20:.1f} MB, {free / 2**20:.1f} MB are free; free some space and run the same "
-                "command again (training resumes from the last backup)",
-            )
-
-    def _estimated_size(self) -> int:
-        """Bytes of the weights and optimizer state, plus HDF5's bookkeeping."""
         variables = list(self.model.weights) + list(getattr(self.model.optimizer, "variables", None) or [])
-        return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize + 4096 for v in variables)
+        size = newest.stat().st_size if newest.is_file() else estimated_weights_file_bytes(variables)
+        require_free_space(
+            self.backup_dir, int(size * 1.1) + (1 << 20), "the resume backup",
+            freed=before.stat().st_size if before.is_file() else 0,
+            hint="free some space and run the same command again (training resumes from the last backup)",
+        )
 
 
 class AtomicModelCheckpoint(keras.callbacks.Callback):
@@ -865,7 +835,7 @@ def _train_in(out, config, strategy, schema, train_sources, val_sources, landmar
         callbacks.append(budget)
 
     start = time.monotonic()
-    with naming_undecodable_images(train_sources + val_sources), _closing_files_of_a_failed_write():
+    with naming_undecodable_images(train_sources + val_sources), closing_files_of_a_failed_write():
         history = model.fit(
             train_ds,
             validation_data=val_ds,

@@ -43,6 +43,8 @@ from typing import Any, Callable, Optional
 
 from tfface.atomic_files import atomic_path
 from tfface.atomic_files import claimed_folder
+from tfface.atomic_files import estimated_weights_file_bytes
+from tfface.atomic_files import require_free_space
 from tfface.atomic_files import write_atomic
 from tfface.config import ConfigError
 from tfface.config import ExperimentConfig
@@ -464,9 +466,12 @@ class _FaceTunerMixin:
         import keras
 
         stopped = []
+        # Runs before KerasTuner's own checkpoint callback, which it appends.
+        space_check = _checkpoint_space_check(self._get_checkpoint_fname(trial.trial_id), trial.trial_id)
+        kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [space_check]
         if self.deadline:
             stop = _stop_at_deadline_callback(self.deadline, on_stop=lambda: stopped.append(True))
-            kwargs["callbacks"] = list(kwargs.get("callbacks") or []) + [stop]
+            kwargs["callbacks"] = kwargs["callbacks"] + [stop]
         histories = super().run_trial(trial, *args, **kwargs)
         if not isinstance(histories, list):
             histories = [histories]
@@ -496,6 +501,30 @@ class _FaceTunerMixin:
         _release_memory(getattr(self, "_gradients_before", None))
         if self.on_trial_end_hook is not None:
             self.on_trial_end_hook(trial)
+
+
+def _checkpoint_space_check(checkpoint, trial_id):
+    """A callback that stops the search, with one error naming the trial's
+    folder, when the disk cannot hold the trial's checkpoint: KerasTuner
+    writes it in place with HDF5, which crashed the process (segfault) when
+    the disk filled in the middle of it. A FatalError, so that KerasTuner
+    does not mark the trial failed and go on to fail the next ones."""
+    import keras
+    import keras_tuner
+
+    class CheckpointSpaceCheck(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            path = Path(checkpoint)
+            try:
+                require_free_space(
+                    path.parent, int(estimated_weights_file_bytes(self.model.weights) * 1.1) + (1 << 20),
+                    f"trial {trial_id}'s checkpoint", freed=path.stat().st_size if path.is_file() else 0,
+                    hint="free some space and run the same command again (the search resumes with this trial)",
+                )
+            except OSError as e:
+                raise keras_tuner.errors.FatalError(str(e)) from None
+
+    return CheckpointSpaceCheck()
 
 
 def _tuner_classes():
@@ -695,6 +724,7 @@ def run_search(
 def _search(tuning, base, space, role, data, verbose, on_trial_end) -> dict:
     """`run_search` once its project folder is claimed (except on a worker)."""
     import keras
+    import keras_tuner
 
     from tfface.tuning.hypermodels import hypermodel_for
 
@@ -739,6 +769,8 @@ def _search(tuning, base, space, role, data, verbose, on_trial_end) -> dict:
     aborted = None
     try:
         tuner.search(*fit_args, **fit_kwargs)
+    except keras_tuner.errors.FatalError as e:  # a checkpoint the disk cannot hold
+        raise TuningError(f"search {tuning.project} stopped: {e}") from None
     except RuntimeError as e:
         # KerasTuner gives up after a few failed trials in a row; report
         # them like any failed trial instead of with a traceback.
