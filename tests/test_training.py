@@ -1430,3 +1430,52 @@ def test_a_disk_that_fills_during_the_backup_is_one_error_line_and_the_rerun_rec
         assert again.returncode == 0, again.stderr[-2000:]
         assert _epochs_logged(disk / "run") == [0, 1]
 
+
+
+def test_tensorflow_errors_are_shown_as_tensorflows_own_words():
+    # The CLI printed the whole error: the Python frames where the op was
+    # defined, the node and a GPU-memory hint around the one line that says
+    # what happened.
+    import tensorflow as tf
+
+    from tfface.tf_errors import tensorflow_error_text
+
+    missing = "/nonexistent/tfface/face.jpg"
+    with pytest.raises(tf.errors.NotFoundError) as failed:
+        tf.function(lambda: tf.io.read_file(missing))()
+    assert "{{function_node" in str(failed.value) and "[Op:" in str(failed.value)
+    assert tensorflow_error_text(failed.value) == f"{missing}; No such file or directory"
+    # As model.fit raised it when the image cache's disk filled (frames shortened):
+    fit_error = tf.errors.ResourceExhaustedError(None, None, (
+        "Graph execution error:\n\nDetected at node IteratorGetNext defined at (most recent call last):\n"
+        '  File "<frozen runpy>", line 198, in _run_module_as_main\n\n'
+        '  File "/x/trainer.py", line 154, in multi_step_on_iterator\n\n'
+        "/cache/images/run-1/source0_0.data-00000-of-00001.tempstate127; No space left on device\n"
+        "\t [[{{node IteratorGetNext}}]]\nHint: If you want to see a list of allocated tensors when OOM happens, "
+        "add report_tensor_allocations_upon_oom to RunOptions for current allocation info.\n"
+        " [Op:__inference_multi_step_on_iterator_6816]"
+    ))
+    assert tensorflow_error_text(fit_error) == (
+        "/cache/images/run-1/source0_0.data-00000-of-00001.tempstate127; No space left on device"
+    )
+
+
+@pytest.mark.slow
+def test_a_cache_disk_that_fills_is_one_error_line_that_says_what_to_do(tmp_path):
+    # It was 35 lines of TensorFlow ending in a "tempstate" file name and a
+    # hint about GPU memory.
+    with small_disk(tmp_path / "cache", "200k") as cache:
+        raw = json.loads(json.dumps(TINY))
+        raw["data"]["cache"] = "disk"
+        raw["train"].update(epochs=1, output_dir=str(tmp_path / "run"))
+        config = tmp_path / "config.yaml"
+        config.write_text(yaml.safe_dump(raw))
+        done = subprocess.run(
+            [sys.executable, "-m", "tfface.cli", "train", "--config", str(config)],
+            env=dict(_env(), TFFACE_CACHE_DIR=str(cache)), capture_output=True, text=True, timeout=400,
+        )
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("tfface train: error: the decoded-image cache failed ("), errors
+    assert "No space left on device" in errors[0] and "or set data.cache: none" in errors[0]
+    assert "Detected at node" not in done.stderr and "Hint:" not in done.stderr

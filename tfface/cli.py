@@ -729,7 +729,9 @@ def main(argv=None) -> int:
         # Data errors raised inside TensorFlow (e.g. a corrupt image met
         # during training) carry their message; show it, not a traceback.
         if type(e).__module__.startswith("tensorflow") and not os.environ.get("TFFACE_DEBUG"):
-            print(f"tfface {args.command}: error: {e}", file=sys.stderr)
+            from tfface.tf_errors import tensorflow_error_text
+
+            print(f"tfface {args.command}: error: {tensorflow_error_text(e)}", file=sys.stderr)
             return 2
         raise
     return code if isinstance(code, int) else 0

@@ -52,6 +52,7 @@ from tfface.data.sources import user_cache_dir
 from tfface.schema import MISSING
 from tfface.schema import Schema
 from tfface.schema import get_schema
+from tfface.tf_errors import tensorflow_error_text
 
 AUTOTUNE = tf.data.AUTOTUNE
 _SHUFFLE_BUFFER = 4096  # rows per source
@@ -362,13 +363,23 @@ def drop_undecodable_images(source: FaceSource, splits: Optional[dict] = None):
 @contextlib.contextmanager
 def naming_undecodable_images(sources):
     """Turns an image-decoding failure inside a `tf.data` pipeline (whose
-    error names no file) into a `DataError` naming the files; other errors
-    pass unchanged."""
+    error names no file) into a `DataError` naming the files, and a failure
+    of the decoded-image cache (a full disk, a cache folder removed or
+    changed during the run) into one line that says what to do; other
+    errors pass unchanged."""
     from tfface.data.source import DataError
 
     try:
         yield
-    except tf.errors.InvalidArgumentError as error:
+    except tf.errors.OpError as error:
+        if _is_cache_failure(error):
+            raise DataError(
+                f"the decoded-image cache failed ({tensorflow_error_text(error)}); run the same command again "
+                f"(it writes a new cache), after freeing space if the disk is full, or set data.cache: none "
+                f"(cache folder: {cache_root()}, TFFACE_CACHE_DIR)"
+            ) from None
+        if not isinstance(error, tf.errors.InvalidArgumentError):
+            raise
         named = _FILE_PROBLEM.search(str(error))
         if named:  # the file checks named it already, inside TensorFlow's error
             raise DataError(f"{named.group(1)}; fix or remove it{_SKIP_HINT}") from None
@@ -382,6 +393,11 @@ def naming_undecodable_images(sources):
         raise DataError(
             f"corrupt image file(s) that cannot be decoded{more}: {', '.join(bad)}; fix or remove them{_SKIP_HINT}"
         ) from None
+
+
+def _is_cache_failure(error) -> bool:
+    text = str(error)
+    return str(cache_root()) in text or any(marker in text for marker in ("FileCacheImpl", "MemoryCacheImpl"))
 
 
 def _normalised_landmarks(landmarks, height, width):
