@@ -1460,6 +1460,21 @@ def test_tensorflow_errors_are_shown_as_tensorflows_own_words():
     )
 
 
+def test_only_the_caches_own_failures_are_called_cache_failures():
+    # Every error below the cache names it in its chain of iterators; a
+    # corrupt image was first taken for a cache failure.
+    import tensorflow as tf
+
+    from tfface.data.pipeline import _is_cache_failure
+
+    cut_short = ('Iterator "Iterator::Root::Prefetch::FiniteTake::MapAndBatch::ShuffleAndRepeat::FileCacheImpl" '
+                 "returned `OutOfRange`. This indicates an implementation error")
+    below = ("Error in user-defined function passed to ParallelMapDatasetV2:581 transformation with iterator: "
+             "Iterator::Root::Prefetch::MemoryCacheImpl::ParallelMapV2: assertion failed: [empty image file: x.png]")
+    assert _is_cache_failure(tf.errors.InternalError(None, None, cut_short))
+    assert not _is_cache_failure(tf.errors.InvalidArgumentError(None, None, below))
+
+
 @pytest.mark.slow
 def test_a_cache_disk_that_fills_is_one_error_line_that_says_what_to_do(tmp_path):
     # It was 35 lines of TensorFlow ending in a "tempstate" file name and a
@@ -1479,3 +1494,29 @@ def test_a_cache_disk_that_fills_is_one_error_line_that_says_what_to_do(tmp_path
     assert len(errors) == 1 and errors[0].startswith("tfface train: error: the decoded-image cache failed ("), errors
     assert "No space left on device" in errors[0] and "or set data.cache: none" in errors[0]
     assert "Detected at node" not in done.stderr and "Hint:" not in done.stderr
+
+
+def test_paths_of_the_wrong_kind_are_named(tmp_path, capsys):
+    # mkdir said "[Errno 17] File exists" or "[Errno 20] Not a directory" for a
+    # file in the way of an output folder, and a config path that is a folder
+    # was "not found".
+    import errno
+
+    from tfface.cli import _error_text
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    assert cli_main(["data", "generate", "--out", str(blocker / "faces"), "--num-images", "4"]) == 2
+    assert f"error: {blocker} is a file, where a folder is needed" in capsys.readouterr().err
+    deeper = NotADirectoryError(errno.ENOTDIR, "Not a directory", str(blocker / "x" / "y"))
+    assert _error_text(deeper) == f"cannot make the folder for {blocker / 'x' / 'y'}: {blocker} is a file, not a folder"
+    assert cli_main(["train", "--config", str(tmp_path)]) == 2
+    assert f"error: {tmp_path} is a folder, not a config file: name the file" in capsys.readouterr().err
+    from tfface.cli import _check_new_model_file
+
+    model = tmp_path / "model.keras"
+    with pytest.raises(NotADirectoryError, match=f"--calibrate {blocker}/c.keras: {blocker} is a file, not a folder"):
+        _check_new_model_file(blocker / "c.keras", model)
+    with pytest.raises(IsADirectoryError, match="is a folder; name the .keras file"):
+        (tmp_path / "c.keras").mkdir()
+        _check_new_model_file(tmp_path / "c.keras", model)

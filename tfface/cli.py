@@ -108,6 +108,23 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 USER_ERRORS = (OSError, ValueError, KeyError)
 
 
+def _error_text(error) -> str:
+    """The error's message; for a folder that cannot be made because a file
+    is in its way, which file: mkdir says only "[Errno 17] File exists:
+    'x'" or "[Errno 20] Not a directory: 'x/y/z'"."""
+    import errno
+    from pathlib import Path
+
+    if isinstance(error, OSError) and error.errno in (errno.EEXIST, errno.ENOTDIR) and error.filename:
+        path = Path(os.fsdecode(error.filename))
+        blocking = next((p for p in (path, *path.parents) if p.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            if blocking == path:
+                return f"{path} is a file, where a folder is needed"
+            return f"cannot make the folder for {path}: {blocking} is a file, not a folder"
+    return str(error)
+
+
 def _user_errors():
     """USER_ERRORS plus the package's own run-time failures that name their cause."""
     errors = list(USER_ERRORS)
@@ -417,8 +434,15 @@ def _check_new_model_file(path, source_model):
         raise ValueError(f"--calibrate {path}: the calibrated model is a .keras file")
     if path.exists() and path.resolve() in (source.resolve(), (source / "model.keras").resolve()):
         raise FileExistsError(f"--calibrate {path} is the model being evaluated; save the calibrated model elsewhere")
+    if path.is_dir():
+        raise IsADirectoryError(f"--calibrate {path} is a folder; name the .keras file to write")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise NotADirectoryError(f"--calibrate {path}: {path.parent} is a file, not a folder")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"--calibrate {path}: folder {path.parent} not found")
+    # Checked before the calibration and evaluation, which the write comes after.
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"--calibrate {path}: cannot write in {path.parent} (read-only or not yours)")
 
 
 def _cmd_export(args):
@@ -709,7 +733,7 @@ def main(argv=None) -> int:
     except _user_errors() as e:
         if os.environ.get("TFFACE_DEBUG"):
             raise
-        print(f"tfface {args.command}: error: {e}", file=sys.stderr)
+        print(f"tfface {args.command}: error: {_error_text(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

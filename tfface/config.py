@@ -414,6 +414,8 @@ def read_structured_file(path, what: str, error=None):
     error is reported naming `what` and the path."""
     error = error or ConfigError
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a {what}: name the file")
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}{_example_folder_hint(path)}")
     try:

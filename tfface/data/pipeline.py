@@ -372,6 +372,9 @@ def naming_undecodable_images(sources):
     try:
         yield
     except tf.errors.OpError as error:
+        named = _FILE_PROBLEM.search(str(error)) if isinstance(error, tf.errors.InvalidArgumentError) else None
+        if named:  # the file checks named it already, inside TensorFlow's error
+            raise DataError(f"{named.group(1)}; fix or remove it{_SKIP_HINT}") from None
         if _is_cache_failure(error):
             raise DataError(
                 f"the decoded-image cache failed ({tensorflow_error_text(error)}); run the same command again "
@@ -380,9 +383,6 @@ def naming_undecodable_images(sources):
             ) from None
         if not isinstance(error, tf.errors.InvalidArgumentError):
             raise
-        named = _FILE_PROBLEM.search(str(error))
-        if named:  # the file checks named it already, inside TensorFlow's error
-            raise DataError(f"{named.group(1)}; fix or remove it{_SKIP_HINT}") from None
         if not any(marker in str(error) for marker in _DECODE_FAILURES):
             raise
         logging.getLogger(__name__).warning("an image does not decode: looking for it (decodes every image once)")
@@ -396,8 +396,11 @@ def naming_undecodable_images(sources):
 
 
 def _is_cache_failure(error) -> bool:
+    """A cache file's path in the error, or the cache as the iterator that
+    failed (an error further down the pipeline names the cache in its chain
+    of iterators too, followed by its own)."""
     text = str(error)
-    return str(cache_root()) in text or any(marker in text for marker in ("FileCacheImpl", "MemoryCacheImpl"))
+    return str(cache_root()) in text or re.search(r'Iterator "[^"]*CacheImpl"', text) is not None
 
 
 def _normalised_landmarks(landmarks, height, width):
