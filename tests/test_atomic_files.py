@@ -195,3 +195,24 @@ def test_a_full_disk_names_the_output_it_could_not_write_and_keeps_the_old_one(t
                 (staging / "metrics.json").write_bytes(b"x" * 200_000)
         assert target.read_text() == "old"
         assert sorted(p.name for p in disk.iterdir()) == ["metrics.json"]  # no temporary left
+
+
+def test_only_failures_of_the_target_itself_are_named_with_it(tmp_path):
+    # An evaluation reads its images inside the block that writes its folder:
+    # a read error naming an image was reported as "writing OUT". A failure
+    # an inner block named (a drawing, inside predict's results file) is not
+    # named again.
+    from tfface.atomic_files import naming_the_target
+
+    image = str(tmp_path / "faces" / "000001.jpg")
+    with pytest.raises(PermissionError) as failed:
+        with replaced_folder(tmp_path / "eval", lambda name: True, marker="metrics.json"):
+            raise PermissionError(errno.EACCES, "Permission denied", image)
+    assert failed.value.filename == image and str(failed.value) == f"[Errno 13] Permission denied: '{image}'"
+    with pytest.raises(OSError) as failed:
+        with naming_the_target(tmp_path / "faces.jsonl.partial", note="faces.jsonl is unchanged"):
+            with naming_the_target(tmp_path / "drawn" / "a.png", note="the drawings before it are kept"):
+                raise OSError(errno.ENOSPC, "No space left on device")
+    assert str(failed.value) == (
+        f"[Errno 28] No space left on device, writing {tmp_path / 'drawn' / 'a.png'} (the drawings before it are kept)"
+    )

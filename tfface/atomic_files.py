@@ -46,15 +46,23 @@ _WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.ERO
 
 
 @contextlib.contextmanager
-def naming_the_target(target):
+def naming_the_target(target, temporary=None, note="anything there before is unchanged"):
     """Re-raises a write failure in the block as one that names `target`
-    and says that what was there is unchanged."""
+    and says `note`. Only a failure that names no file, or names one under
+    `temporary` (the path the target is written at first), is the
+    target's: a block that also reads (an evaluation reading its images)
+    keeps the errors that name other files as they are, and a failure an
+    inner block named already is not named again."""
     try:
         yield
     except OSError as e:
-        if e.errno not in _WRITE_FAILURES or isinstance(e, FolderBusyError):
+        named = os.fsdecode(e.filename) if e.filename is not None else None
+        ours = named is None or (temporary is not None and named.startswith(os.fspath(temporary)))
+        if e.errno not in _WRITE_FAILURES or not ours or isinstance(e, FolderBusyError) or hasattr(e, "target"):
             raise
-        raise OSError(e.errno, f"{e.strerror or os.strerror(e.errno)}, writing {target} (anything there before is unchanged)") from e
+        error = OSError(e.errno, f"{e.strerror or os.strerror(e.errno)}, writing {target} ({note})")
+        error.target = target
+        raise error from e
 
 
 @contextlib.contextmanager
@@ -72,7 +80,7 @@ def atomic_path(path, suffix: str = ""):
         return
     if not path.parent.is_dir():
         raise FileNotFoundError(f"folder not found for {path}")
-    with naming_the_target(path):
+    with naming_the_target(path, temporary=path.parent / f".{path.name}."):
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
         os.close(fd)
         tmp = Path(tmp)
@@ -202,7 +210,7 @@ def replaced_folder(out_dir, may_replace: Callable[[str], bool], marker: str):
             f"cannot write in {out_dir.parent}: the output is written in a new folder beside {out_dir.name} "
             "and renamed into place, so its parent folder must be writable"
         )
-    with working_folder(out_dir.parent, f".{out_dir.name}.tmp-") as staging, naming_the_target(out_dir):
+    with working_folder(out_dir.parent, f".{out_dir.name}.tmp-") as staging, naming_the_target(out_dir, staging):
         try:
             yield staging
             os.chmod(staging, mode)
@@ -262,11 +270,13 @@ def estimated_weights_file_bytes(variables) -> int:
     return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize + 4096 for v in variables)
 
 
-def require_free_space(folder, needed: int, what: str, freed: int = 0, hint: str = "") -> None:
+def require_free_space(folder, file_bytes: int, what: str, freed: int = 0, hint: str = "") -> None:
     """Raises OSError(ENOSPC) naming `what` and `folder` unless the disk
-    holding `folder` has `needed` bytes free, counting `freed` bytes the
-    write removes first. Checked before HDF5 writes: HDF5 crashed the
-    process (segfault) when the disk filled in the middle of its file."""
+    holding `folder` has room for a file of about `file_bytes` (10% and
+    1 MiB to spare), counting `freed` bytes the write removes first.
+    Checked before HDF5 writes: HDF5 crashed the process (segfault) when
+    the disk filled in the middle of its file."""
+    needed = int(file_bytes * 1.1) + (1 << 20)
     folder = Path(folder)
     while not folder.is_dir() and folder != folder.parent:
         folder = folder.parent

@@ -43,6 +43,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from tfface.atomic_files import naming_the_target
 from tfface.data.image_ops import pil_rgb_array
 from tfface.landmarks.alignment import TEMPLATE_5PT, align_face, similarity_transform, transform_points
 from tfface.landmarks.detector import LandmarkError, check_rgb_image
@@ -554,15 +555,14 @@ def _results_file(out_path):
         print(f"predict: an earlier stopped run's results were moved from {partial} to {kept}", file=sys.stderr)
     stream = open(partial, "w")
     try:
-        yield stream
-        stream.close()  # flushes: a full disk fails here too
-    except BaseException as e:
+        with naming_the_target(partial, note=f"{out} is unchanged"):
+            yield stream
+            stream.close()  # flushes: a full disk fails here too
+    except BaseException:
         with contextlib.suppress(OSError):
             stream.close()  # a full disk fails the flush again
         _trim_to_whole_lines(partial)
         print(f"predict: stopped; the results so far are in {partial} ({out} is unchanged)", file=sys.stderr)
-        if isinstance(e, OSError) and e.errno is not None and not e.filename:
-            raise OSError(e.errno, f"{e.strerror}, writing {partial}") from e
         raise
     os.replace(partial, out)
 
@@ -662,7 +662,8 @@ def predict_main(args) -> int:
             elif not result["faces"]:
                 counts["no_face"] += 1
             if drawings is not None and image is not None:
-                draw_faces(image, result, analyzer.schema).save(drawings[index])
+                with naming_the_target(drawings[index], note="the drawings before it are kept"):
+                    draw_faces(image, result, analyzer.schema).save(drawings[index])
     where = f" -> {out_path}" if out_path else ""
     drawn = f", drawings in {draw_dir}" if draw_dir is not None else ""
     print(
