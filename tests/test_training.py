@@ -1431,7 +1431,6 @@ def test_a_disk_that_fills_during_the_backup_is_one_error_line_and_the_rerun_rec
         assert _epochs_logged(disk / "run") == [0, 1]
 
 
-
 def test_tensorflow_errors_are_shown_as_tensorflows_own_words():
     # The CLI printed the whole error: the Python frames where the op was
     # defined, the node and a GPU-memory hint around the one line that says
@@ -1502,6 +1501,7 @@ def test_paths_of_the_wrong_kind_are_named(tmp_path, capsys):
     # was "not found".
     import errno
 
+    from tfface.cli import _check_new_model_file
     from tfface.cli import _error_text
 
     blocker = tmp_path / "afile"
@@ -1512,8 +1512,6 @@ def test_paths_of_the_wrong_kind_are_named(tmp_path, capsys):
     assert _error_text(deeper) == f"cannot make the folder for {blocker / 'x' / 'y'}: {blocker} is a file, not a folder"
     assert cli_main(["train", "--config", str(tmp_path)]) == 2
     assert f"error: {tmp_path} is a folder, not a config file: name the file" in capsys.readouterr().err
-    from tfface.cli import _check_new_model_file
-
     model = tmp_path / "model.keras"
     with pytest.raises(NotADirectoryError, match=f"--calibrate {blocker}/c.keras: {blocker} is a file, not a folder"):
         _check_new_model_file(blocker / "c.keras", model)

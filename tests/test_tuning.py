@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 import yaml
 
+from harness import small_disk
+
 from tfface.config import ConfigError
 from tfface.config import ExperimentConfig
 from tfface.data.sources import open_source
@@ -926,8 +928,6 @@ def test_a_disk_too_full_for_a_trials_checkpoint_is_one_error_line_and_the_rerun
     # KerasTuner writes each trial's checkpoint in place with HDF5: a disk
     # that filled in the middle of it crashed the search (segfault) after 23
     # tracebacks. The room is checked before the write.
-    from harness import small_disk
-
     with small_disk(tmp_path / "disk", "1500k") as disk:
         config = write_tuning(tmp_path, directory=str(disk), experiment={**tiny_experiment(), "data": {
             **tiny_experiment()["data"], "sources": ["synthetic:64"]}})

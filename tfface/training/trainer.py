@@ -420,7 +420,7 @@ class BackupSpaceCheck(keras.callbacks.Callback):
         variables = list(self.model.weights) + list(getattr(self.model.optimizer, "variables", None) or [])
         size = newest.stat().st_size if newest.is_file() else estimated_weights_file_bytes(variables)
         require_free_space(
-            self.backup_dir, int(size * 1.1) + (1 << 20), "the resume backup",
+            self.backup_dir, size, "the resume backup",
             freed=before.stat().st_size if before.is_file() else 0,
             hint="free some space and run the same command again (training resumes from the last backup)",
         )

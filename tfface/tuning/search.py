@@ -517,7 +517,7 @@ def _checkpoint_space_check(checkpoint, trial_id):
             path = Path(checkpoint)
             try:
                 require_free_space(
-                    path.parent, int(estimated_weights_file_bytes(self.model.weights) * 1.1) + (1 << 20),
+                    path.parent, estimated_weights_file_bytes(self.model.weights),
                     f"trial {trial_id}'s checkpoint", freed=path.stat().st_size if path.is_file() else 0,
                     hint="free some space and run the same command again (the search resumes with this trial)",
                 )
