@@ -295,7 +295,7 @@ def test_a_multi_worker_run_says_which_workers_it_waits_for(caplog):
     with caplog.at_level(logging.INFO, logger="tfface.training.trainer"):
         _log_cluster_wait({"cluster": cluster, "task": {"type": "worker", "index": 0}}, 15.0)
     assert "worker 0 of 3 waiting for chief 0 (h0:1), worker 1 (h2:1) to start" in caplog.text
-    assert "up to 15 min, train.cluster_wait_minutes; only SIGKILL" in caplog.text
+    assert "up to 15 min, train.cluster_wait_minutes; Ctrl+C or SIGKILL stops a worker while it waits" in caplog.text
 
 
 LONE_WORKER = """
@@ -323,6 +323,38 @@ def test_a_worker_whose_peers_never_start_gives_up_after_cluster_wait_minutes(in
         f"workers of TF_CONFIG's cluster (worker {1 - index} ({other}))" in result.stderr
     )
     assert time.monotonic() - start < 120
+
+
+WAITING_WORKER = """
+import logging
+logging.basicConfig(level=logging.INFO)
+from tfface.training import trainer
+trainer._strategy("multi_worker", 5)
+print("strategy made")
+"""
+
+
+def test_ctrl_c_ends_a_worker_waiting_for_its_cluster():
+    # TensorFlow's wait holds the GIL, so Python's Ctrl+C handler never ran:
+    # a worker whose peers never started could only be ended by SIGKILL.
+    process = subprocess.Popen(
+        [sys.executable, "-c", WAITING_WORKER], env=_worker_env(_local_workers(2), 0), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        for line in process.stderr:
+            if "waiting for worker 1" in line:
+                break
+        time.sleep(3)  # into TensorFlow's wait
+        os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl+C sends: the watchdog gets it too
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == -signal.SIGINT, stderr[-2000:]
+    assert "strategy made" not in stdout
+    assert "KeyboardInterrupt" not in stderr
 
 
 SIGTERM_AFTER_STRATEGY = """

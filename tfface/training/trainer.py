@@ -486,7 +486,7 @@ def _strategy(name, cluster_wait_minutes=None):
     if name == "multi_worker":
         tf_config = _tf_config()  # named here, before TensorFlow's own less clear errors
         _log_cluster_wait(tf_config, cluster_wait_minutes)
-        with _sigterm_handler_kept():
+        with _signals_kept_for_cluster_wait():
             return _wait_for_cluster(tf_config, cluster_wait_minutes)
     return tf.distribute.get_strategy()
 
@@ -496,6 +496,7 @@ def _strategy(name, cluster_wait_minutes=None):
 # dies closes it too, so the child never outlives its worker.
 _CLUSTER_WAIT_WATCHDOG = """
 import os, select, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl+C ends the worker, and with it this watchdog
 parent, seconds, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
 if not select.select([sys.stdin], [], [], seconds)[0]:
     sys.stderr.write(message + "\\n")
@@ -534,17 +535,28 @@ def _wait_for_cluster(tf_config, minutes):
 
 
 @contextlib.contextmanager
-def _sigterm_handler_kept():
-    """Puts back the SIGTERM handling TensorFlow's coordination service
-    replaces with a preemption notice of its own (which tfface does not
-    read): with it, a multi-worker run ignored SIGTERM for its whole life
-    (a cluster manager's stop, `timeout`), waiting for a SIGKILL."""
-    previous = signal.getsignal(signal.SIGTERM)
+def _signals_kept_for_cluster_wait():
+    """Ctrl+C ends a worker waiting for its cluster, and SIGTERM works again
+    once the wait is over.
+
+    While TensorFlow waits it holds the GIL, so Python's own Ctrl+C handler
+    never ran: the default action (end the process; nothing is written yet)
+    is put in its place for the wait. TensorFlow's coordination service
+    also replaces the SIGTERM handler with a preemption notice of its own
+    (which tfface does not read): that is undone after the wait, or a
+    multi-worker run ignored SIGTERM (a cluster manager's stop, `timeout`)
+    for its whole life.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         yield
     finally:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def _other_members(tf_config) -> str:
@@ -563,8 +575,8 @@ def _log_cluster_wait(tf_config, minutes=None) -> None:
     task = tf_config["task"]
     limit = "no time limit" if minutes is None else f"up to {minutes:g} min, train.cluster_wait_minutes"
     log.info(
-        "multi_worker: %s %d of %d waiting for %s to start the same command (%s; only SIGKILL stops a worker "
-        "while it waits)",
+        "multi_worker: %s %d of %d waiting for %s to start the same command (%s; Ctrl+C or SIGKILL stops a "
+        "worker while it waits, SIGTERM does not)",
         task["type"], task["index"], len(_cluster_members(tf_config)), _other_members(tf_config), limit,
     )
 
