@@ -1,5 +1,6 @@
 """SavedModel export: signatures match the Keras model, layout, versions, atomicity."""
 
+import errno
 import io
 import json
 import os
@@ -15,6 +16,7 @@ import keras
 
 from harness import log_syncs_and_moves
 from harness import pil_encoded
+from harness import small_disk
 from harness import rle8_bmp
 from tfface.data import image_ops
 from tfface.data.image_ops import (
@@ -414,6 +416,18 @@ def test_failure_mid_export_leaves_nothing_behind(model, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="simulated"):
         export_saved_model(model, tmp_path, "kept")
     assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["1"]
+
+
+def test_a_full_disk_is_named_as_the_export_not_a_temporary_variables_file(model, tmp_path):
+    # TensorFlow writes the variables and the warm-up file: its error named
+    # ".tmp-export-.../variables/variables_temp/part-...tempstate123".
+    with small_disk(tmp_path / "disk", "64k") as disk:
+        (disk / "m" / "1").mkdir(parents=True)
+        expected = r"No space left on device, writing a new version in .*m \(nothing was added\)"
+        with pytest.raises(OSError, match=expected) as caught:
+            export_saved_model(model, disk, "m")
+        assert caught.value.errno == errno.ENOSPC and ".tmp-export-" not in str(caught.value)
+        assert sorted(p.name for p in (disk / "m").iterdir()) == ["1"]
 
 
 def test_every_file_of_a_version_is_on_disk_before_its_rename(model, tmp_path, monkeypatch):

@@ -9,6 +9,9 @@ path and "No space left on device") is easy to miss.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import re
 
 _NOISE_PREFIXES = ("Graph execution error", "Detected at node", 'File "', "Hint:", "<stack traces unavailable>")
@@ -16,6 +19,10 @@ _NOISE_PREFIXES = ("Graph execution error", "Detected at node", 'File "', "Hint:
 
 def tensorflow_error_text(error) -> str:
     """TensorFlow's own words in `error`, on one line."""
+    return " ".join(_own_lines(error)) or str(error)
+
+
+def _own_lines(error) -> list:
     kept = []
     for line in str(getattr(error, "message", None) or error).splitlines():
         line = line.strip()
@@ -26,4 +33,31 @@ def tensorflow_error_text(error) -> str:
         line = re.sub(r"\s*\[Op:[^\]]*\]", "", line).strip()
         if line:
             kept.append(line)
-    return " ".join(kept) or str(error)
+    return kept
+
+
+# What TensorFlow's file system says after a path ("<path>; <strerror>") when
+# a write fails for a reason the user can act on.
+_FILE_FAILURES = {
+    os.strerror(code): code
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM)
+}
+
+
+@contextlib.contextmanager
+def file_errors_as_os_errors():
+    """Re-raises a TensorFlow op error that reports a failed file write as
+    the `OSError` Python would have raised (errno, path), so a writer's
+    usual handling (naming its target, not a temporary file) applies to
+    files TensorFlow writes: a SavedModel's variables, for one."""
+    import tensorflow as tf
+
+    try:
+        yield
+    except tf.errors.OpError as e:
+        for line in _own_lines(e):
+            match = re.search(r"(\S+); ([^;]+?)$", line)
+            if match and match.group(2) in _FILE_FAILURES:
+                code = _FILE_FAILURES[match.group(2)]
+                raise OSError(code, os.strerror(code), match.group(1)) from e
+        raise

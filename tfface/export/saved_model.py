@@ -46,12 +46,14 @@ import keras
 
 from tfface.atomic_files import current_umask
 from tfface.atomic_files import folder_lock
+from tfface.atomic_files import naming_the_target
 from tfface.atomic_files import sync_directory
 from tfface.atomic_files import sync_folder
 from tfface.atomic_files import working_folder
 from tfface.data.image_ops import EMPTY_BATCH_MESSAGE
 from tfface.data.image_ops import preprocess_encoded_images
 from tfface.schema import Schema
+from tfface.tf_errors import file_errors_as_os_errors
 
 SERVING_DEFAULT = "serving_default"
 SERVING_UINT8 = "serving_uint8"
@@ -201,29 +203,12 @@ def export_saved_model(
 
     with working_folder(model_dir, ".tmp-export-") as tmp:
         try:
-            archive = build_export_archive(model, schema, image_size, max_image_side=int(max_image_side))
-            archive.write_out(str(tmp), verbose=verbose)
-            if warmup:
-                write_warmup_requests(tmp / WARMUP_FILE, name, warmup, image_size=image_size)
-            # The version is picked when the export is complete, under a lock, so
-            # two exports of one name at once take consecutive versions.
-            with folder_lock(model_dir):
-                chosen = int(version) if version is not None else (list_versions(model_dir) or [0])[-1] + 1
-                if chosen > MAX_VERSION:
-                    raise ExportError(
-                        f"the next version after {chosen - 1} is beyond int64, which TF Serving cannot read; "
-                        "pass a version that is free (version=N, --version N)"
+            # TensorFlow writes most of the files; their errors name a temporary file.
+            with naming_the_target(f"a new version in {model_dir}", tmp, note="nothing was added"):
+                with file_errors_as_os_errors():
+                    target = _write_version(
+                        model, schema, image_size, name, version, int(max_image_side), warmup, model_dir, tmp, verbose
                     )
-                target = model_dir / str(chosen)
-                if target.exists() or chosen in list_versions(model_dir):
-                    raise FileExistsError(f"{target} appeared while exporting; not overwriting it")
-                _write_assets(tmp, model, schema, image_size, name, chosen, int(max_image_side))
-                # mkdtemp makes the folder owner-only; a server running as another
-                # user (docker --user, runAsNonRoot) must be able to read the version.
-                os.chmod(tmp, 0o777 & ~current_umask())
-                sync_folder(tmp)
-                os.rename(tmp, target)
-                sync_directory(model_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             if created_model_dir:
@@ -232,6 +217,35 @@ def export_saved_model(
                 except OSError:
                     pass
             raise
+    return target
+
+
+def _write_version(model, schema, image_size, name, version, max_image_side, warmup, model_dir, tmp, verbose) -> Path:
+    """Writes the export in `tmp` and renames it to the model's next version
+    (or `version`); the version folder's path."""
+    archive = build_export_archive(model, schema, image_size, max_image_side=max_image_side)
+    archive.write_out(str(tmp), verbose=verbose)
+    if warmup:
+        write_warmup_requests(tmp / WARMUP_FILE, name, warmup, image_size=image_size)
+    # The version is picked when the export is complete, under a lock, so
+    # two exports of one name at once take consecutive versions.
+    with folder_lock(model_dir):
+        chosen = int(version) if version is not None else (list_versions(model_dir) or [0])[-1] + 1
+        if chosen > MAX_VERSION:
+            raise ExportError(
+                f"the next version after {chosen - 1} is beyond int64, which TF Serving cannot read; "
+                "pass a version that is free (version=N, --version N)"
+            )
+        target = model_dir / str(chosen)
+        if target.exists() or chosen in list_versions(model_dir):
+            raise FileExistsError(f"{target} appeared while exporting; not overwriting it")
+        _write_assets(tmp, model, schema, image_size, name, chosen, max_image_side)
+        # mkdtemp makes the folder owner-only; a server running as another
+        # user (docker --user, runAsNonRoot) must be able to read the version.
+        os.chmod(tmp, 0o777 & ~current_umask())
+        sync_folder(tmp)
+        os.rename(tmp, target)
+        sync_directory(model_dir)
     return target
 
 
