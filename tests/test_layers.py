@@ -7,7 +7,8 @@ from keras import ops
 
 from harness import run_layer_test
 from harness import to_numpy
-from tfface.layers import CenterLoss, CorrelationRefinement, ExpertRouting, TaskGate, TaskHeads
+from tfface.layers import CenterLoss, CorrelationRefinement, ExpertRouting, TaskGate, TaskGroupSelector, TaskHeads
+from tfface.models.backbones import CaffePreprocessing
 
 
 def sigmoid(x):
@@ -161,6 +162,37 @@ def test_expert_routing_refuses_a_single_expert():
 
 
 # --- TaskHeads ------------------------------------------------------------
+
+
+# --- TaskGroupSelector (MGMTN heads) and ResNet50's input layer -------------
+
+
+def test_task_group_selector_hands_each_task_its_groups_row(tmp_path):
+    group_features = RNG.normal(size=(4, 3, 6)).astype("float32")  # (B, G, D)
+    output = run_layer_test(
+        TaskGroupSelector,
+        dict(task_groups=[2, 0, 2, 1]),
+        group_features,
+        expected_output_shape=(4, 4, 6),
+        num_trainable_params=0,
+        num_non_trainable_params=0,
+        tmp_path=tmp_path,
+    )
+    np.testing.assert_array_equal(to_numpy(output), group_features[:, [2, 0, 2, 1]])
+    with pytest.raises(ValueError, match="index past the 3 groups"):
+        TaskGroupSelector([0, 3])(group_features)
+
+
+def test_caffe_preprocessing_is_resnets_preprocess_input(tmp_path):
+    import keras
+
+    images = RNG.uniform(0, 255, size=(2, 5, 5, 3)).astype("float32")
+    output = run_layer_test(
+        CaffePreprocessing, {}, images, expected_output_shape=(2, 5, 5, 3), num_trainable_params=0, tmp_path=tmp_path
+    )
+    expected = images[..., ::-1] - np.array([103.939, 116.779, 123.68], "float32")  # BGR, ImageNet means
+    np.testing.assert_allclose(to_numpy(output), expected, atol=1e-4)
+    np.testing.assert_allclose(to_numpy(output), to_numpy(keras.applications.resnet.preprocess_input(images)), atol=1e-4)
 
 
 def test_task_heads_layer(tmp_path):

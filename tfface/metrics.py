@@ -119,7 +119,7 @@ class MultiTaskMetrics(keras.metrics.Metric):
         self.class_counts.assign(ops.zeros(self.class_counts.shape, self.class_counts.dtype))
 
     def get_config(self):
-        return {"task_specs": self.task_specs, "name": self.name, "dtype": self.dtype}
+        return {**super().get_config(), "task_specs": self.task_specs}
 
 
 def balanced_accuracy(labels, predictions, threshold=0.5):

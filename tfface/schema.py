@@ -316,9 +316,6 @@ class Schema:
     def multiclass_tasks(self) -> list[Task]:
         return [t for t in self.tasks if not t.is_binary]
 
-    def tasks_in_group(self, group: str) -> list[Task]:
-        return [t for t in self.tasks if t.group == group]
-
     def labelled_by(self, source_format: str) -> list[Task]:
         return [t for t in self.tasks if source_format in t.sources]
 

@@ -6,6 +6,7 @@ from tfface.layers.expert_routing import ExpertRouting
 from tfface.layers.group_global_fusion import GroupGlobalFusion
 from tfface.layers.masked_average_pooling import MaskedAveragePooling
 from tfface.layers.task_gate import TaskGate
+from tfface.layers.task_group_selector import TaskGroupSelector
 from tfface.layers.task_heads import TaskHeads
 
 __all__ = [
@@ -15,5 +16,6 @@ __all__ = [
     "GroupGlobalFusion",
     "MaskedAveragePooling",
     "TaskGate",
+    "TaskGroupSelector",
     "TaskHeads",
 ]

@@ -8,7 +8,9 @@ need without task-specific convolution branches (few extra parameters).
 import keras
 from keras import ops
 
-GATE_TYPES = ("none", "static", "input_conditioned")
+# model.gate's "mixture_of_experts" is not a gate of this layer: it routes
+# through ExpertRouting (expert_routing.py) instead.
+TASK_GATE_TYPES = ("none", "static", "input_conditioned")
 
 
 @keras.saving.register_keras_serializable(package="tfface")
@@ -27,8 +29,8 @@ class TaskGate(keras.layers.Layer):
 
     def __init__(self, num_tasks, gate_type="static", gate_init=2.0, hidden_units=64, **kwargs):
         super().__init__(**kwargs)
-        if gate_type not in GATE_TYPES:
-            raise ValueError(f"gate_type must be one of {GATE_TYPES}, got {gate_type!r}")
+        if gate_type not in TASK_GATE_TYPES:
+            raise ValueError(f"gate_type must be one of {TASK_GATE_TYPES}, got {gate_type!r}")
         self.num_tasks = int(num_tasks)
         self.gate_type = gate_type
         self.gate_init = float(gate_init)

@@ -58,6 +58,19 @@ def local_weights_file(weights) -> Optional[str]:
     return path
 
 
+@keras.saving.register_keras_serializable(package="tfface")
+class CaffePreprocessing(keras.layers.Layer):
+    """ResNet50's caffe-style input (BGR, ImageNet means subtracted) from
+    RGB 0..255, in the graph so every backbone takes the same images. A
+    layer rather than a Lambda so a saved model needs no pickled closure."""
+
+    def call(self, images):
+        return keras.applications.resnet.preprocess_input(images)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
 def _applications_model(name, inputs, weights):
     apps = keras.applications
     weights = local_weights_file(weights) or weights
@@ -71,7 +84,7 @@ def _applications_model(name, inputs, weights):
         model = apps.EfficientNetB0(**common)
     elif name == "resnet50":
         # ResNet50 expects caffe-style inputs; put the conversion in-graph.
-        x = layers.Lambda(lambda t: keras.applications.resnet.preprocess_input(t), name="caffe_preprocess")(inputs)
+        x = CaffePreprocessing(name="caffe_preprocess")(inputs)
         model = apps.ResNet50(include_top=False, weights=load, input_tensor=x)
     else:  # pragma: no cover - validated by ModelConfig
         raise ValueError(f"unknown backbone {name!r}")

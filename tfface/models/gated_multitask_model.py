@@ -65,8 +65,8 @@ class GatedMultiTaskModel(MultiTaskFaceModel):
             dtype="float32",  # a loss: float32 also under mixed precision
         )
         self.center_loss.build((None, len(self.schema), self.model_config.embedding_dim))
-        # Without the loss the centers get no gradient; freeze them rather
-        # than have the optimizer warn about them every step.
+        # Without the loss the centers are never read: a frozen layer skips
+        # their update rule in `call` (they are not the optimizer's).
         self.center_loss.trainable = self.model_config.center_loss_weight > 0
         self._freeze_layers(frozen_layers)
 

@@ -36,12 +36,12 @@ import warnings
 
 import keras
 from keras import layers
-from keras import ops
 
 from tfface.config import ConfigError
 from tfface.config import ModelConfig
 from tfface.layers.group_global_fusion import GroupGlobalFusion
 from tfface.layers.masked_average_pooling import MaskedAveragePooling
+from tfface.layers.task_group_selector import TaskGroupSelector
 from tfface.layers.task_heads import TaskHeads
 from tfface.models.backbones import build_backbone
 from tfface.models.mask_predictor import MASK_STRIDE
@@ -151,11 +151,7 @@ class MaskGuidedMultiTaskModel(MultiTaskFaceModel):
 
         # === Heads: each task reads its group's feature ===
         task_groups = [GROUPS.index(task.group) for task in schema]
-        embeddings = layers.Lambda(
-            lambda h: ops.take(h, task_groups, axis=1),
-            output_shape=(len(schema), dim),
-            name="embeddings",
-        )(fused)
+        embeddings = TaskGroupSelector(task_groups, name="embeddings")(fused)
         dropped = layers.Dropout(config.dropout, name="dropout")(embeddings)
         logits = TaskHeads(output_sizes(schema), name="task_heads")(dropped)
         outputs.update(task_outputs(schema, logits))
