@@ -45,10 +45,13 @@ import numpy as np
 
 from tfface.atomic_files import naming_the_target
 from tfface.data.image_ops import pil_rgb_array
+from tfface.data.sources import IMAGE_EXTENSIONS as DATASET_IMAGE_EXTENSIONS
 from tfface.landmarks.alignment import TEMPLATE_5PT, align_face, similarity_transform, transform_points
 from tfface.landmarks.detector import LandmarkError, check_rgb_image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# Photos are read with PIL, which also reads TIFF (TensorFlow's decoder, and
+# so a dataset, does not).
+IMAGE_EXTENSIONS = DATASET_IMAGE_EXTENSIONS + (".tif", ".tiff")
 NO_FACE_NOTE = "no face detected"
 # Face-level keys; a multiclass task may not take one of these names.
 FACE_KEYS = ("box", "landmarks", "detector_confidence", "attributes")
