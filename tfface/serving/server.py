@@ -14,27 +14,27 @@ default no wait, so the requests that queue while a batch runs form the
 next one), then split back. A bad request is rejected before it can join
 a batch, and if a merged call still fails the requests are rerun one by
 one, so one client's garbage never fails another client's request.
+
+The parts it is built from live beside it: `servables` (finding and
+loading exports), `batcher` (merging requests), `tensors` (checking a
+request's tensors) and `errors` (refusing a request with a gRPC status).
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
-import dataclasses
 import itertools
 import logging
-import numbers
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Optional, Union
 
 import grpc
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
@@ -48,424 +48,40 @@ from tensorflow_serving.apis import (
 )
 
 from tfface.data.image_ops import DECODABLE_FORMATS, image_format, image_size_from_header, refused_image_reason
-from tfface.export.saved_model import (
-    DEFAULT_MAX_IMAGE_SIDE,
-    SERVING_DEFAULT,
-    WARMUP_FILE,
-    list_versions,
-    read_warmup_requests,
+from tfface.export.saved_model import DEFAULT_MAX_IMAGE_SIDE, SERVING_DEFAULT
+from tfface.serving.batcher import MAX_BATCH_SIZES_KEPT, _Batcher
+from tfface.serving.errors import RequestError, _invalid, _not_found, _tf_error_to_request_error
+from tfface.serving.servables import (
+    _call_naming_bad_images,
+    _checked_version_labels,
+    _load_servable,
+    _Servable,
+    _Signature,
+    discover_models,
 )
+from tfface.serving.tensors import _check_values_match_shape, _dtype_name
 from tfface.serving.wire import ResponseEncoder
+
+# The public API of this module, as before the split: RequestError,
+# discover_models and MAX_BATCH_SIZES_KEPT now live in errors, servables and
+# batcher and are imported here so `tfface.serving.server` still offers them.
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "MAX_BATCH_SIZES_KEPT",
+    "MAX_BATCH_TIMEOUT_MS",
+    "LocalModelServer",
+    "RequestError",
+    "discover_models",
+    "logger",
+    "serve_main",
+]
 
 logger = logging.getLogger("tfface.serving")
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Waiting longer for company than a client's deadline helps no one.
 MAX_BATCH_TIMEOUT_MS = 60_000.0
-_GRPC_CODES = {code.value[0]: code for code in grpc.StatusCode}
 _SERVER_IDS = itertools.count(1)
-# Model calls whose batch sizes a batcher remembers: enough for a benchmark
-# run (about 20,000 calls), bounded for a server that runs for months.
-MAX_BATCH_SIZES_KEPT = 100_000
-
-
-class RequestError(Exception):
-    """A request the server refuses; carries the gRPC status to answer with."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def _dtype_name(enum: int) -> str:
-    """A request's dtype for a message; a number no dtype has is named as such."""
-    if not enum:
-        return "an unset dtype"
-    try:
-        return tf.dtypes.as_dtype(enum).name
-    except TypeError:
-        return f"dtype enum {enum} (no TensorFlow dtype)"
-
-
-def _invalid(message):
-    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-
-def _not_found(message):
-    return RequestError(grpc.StatusCode.NOT_FOUND, message)
-
-
-def _tf_error_to_request_error(error: Exception) -> RequestError:
-    if isinstance(error, RequestError):
-        return error
-    if isinstance(error, tf.errors.OpError):
-        # TF error codes are the gRPC status codes.
-        code = _GRPC_CODES.get(error.error_code, grpc.StatusCode.INTERNAL)
-        return RequestError(code, f"the model refused the input: {_clean_tf_message(error.message)}")
-    return RequestError(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
-
-
-def _call_naming_bad_images(signature: "_Signature", arrays: dict) -> dict:
-    """Runs `signature`; when a batch of encoded images fails to decode,
-    finds which image(s) by running each alone (only on that failure path),
-    so a client learns which of its photos is broken, not just that one is."""
-    try:
-        return signature(arrays)
-    except tf.errors.InvalidArgumentError:
-        images = [key for key, spec in signature.inputs.items() if spec.dtype == tf.string]
-        size = len(next(iter(arrays.values())))
-        if not images or size < 2:
-            raise
-        bad = []
-        for i in range(size):
-            try:
-                signature({key: value[i : i + 1] for key, value in arrays.items()})
-            except tf.errors.InvalidArgumentError as alone:
-                bad.append((i, _clean_tf_message(alone.message)))
-        if not bad:
-            raise
-        named = "; ".join(f"{images[0]}[{i}]: {message}" for i, message in bad[:3])
-        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
-        raise _invalid(f"the model refused the input: {named}{more}") from None
-
-
-def _clean_tf_message(message: str) -> str:
-    """The human part of a TF op error, without graph node and stack noise."""
-    noise = ("Graph execution error", "Detected at node", "<stack traces unavailable>", "[[")
-    lines = [line.strip() for line in message.splitlines()]
-    kept = [line for line in lines if line and not line.startswith(noise)]
-    return " ".join(kept) or message.strip()
-
-
-# --- loaded models ----------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _Signature:
-    name: str
-    function: object
-    inputs: dict  # input name -> tf.TensorSpec
-    outputs: list
-
-    def __call__(self, arrays: dict) -> dict:
-        tensors = {k: tf.constant(v, dtype=self.inputs[k].dtype) for k, v in arrays.items()}
-        return {k: v.numpy() for k, v in self.function(**tensors).items()}
-
-
-@dataclasses.dataclass
-class _Servable:
-    name: str
-    version: int
-    path: Path
-    loaded: object
-    signatures: dict  # name -> _Signature
-    signature_defs: dict  # name -> SignatureDef proto
-
-
-def _value_fields() -> dict:
-    """dtype enum -> the TensorProto field its values go in (tensor.proto)."""
-    fields = {
-        tf.half: "half_val",
-        tf.bfloat16: "half_val",
-        tf.float32: "float_val",
-        tf.float64: "double_val",
-        tf.int64: "int64_val",
-        tf.uint32: "uint32_val",
-        tf.uint64: "uint64_val",
-        tf.bool: "bool_val",
-        tf.string: "string_val",
-        tf.complex64: "scomplex_val",
-        tf.complex128: "dcomplex_val",
-    }
-    small_ints = (tf.int8, tf.int16, tf.int32, tf.uint8, tf.uint16, tf.qint8, tf.quint8, tf.qint16, tf.quint16, tf.qint32)
-    for dtype in small_ints:
-        fields[dtype] = "int_val"
-    return {dtype.as_datatype_enum: name for dtype, name in fields.items()}
-
-
-_VALUE_FIELDS = _value_fields()
-_NOT_VALUES = frozenset(("dtype", "tensor_shape", "version_number"))
-
-
-def _values_field(key: str, proto, dtype: tf.DType) -> Optional[str]:
-    """The one field `proto` carries its values in (None: no values), or
-    INVALID_ARGUMENT. `make_ndarray` reads only the dtype's own field (or
-    `tensor_content`), so pixels sent in another one would be taken for
-    zeros, and values in two fields would be half ignored."""
-    expected = _VALUE_FIELDS.get(dtype.as_datatype_enum)
-    used = [f.name for f, _ in proto.ListFields() if f.name not in _NOT_VALUES]
-    allowed = (expected,) if dtype == tf.string else (expected, "tensor_content")
-    for name in used:
-        if name not in allowed:
-            where = " or ".join(field for field in allowed if field)
-            raise _invalid(
-                f"input {key!r} is {dtype.name} but its values are in {name}; {dtype.name} values go in {where}"
-            )
-    if len(used) > 1:
-        raise _invalid(f"input {key!r} carries values in both {used[0]} and {used[1]}; send them in one")
-    return used[0] if used else None
-
-
-def _check_values_match_shape(key: str, proto) -> None:
-    """A tensor must carry every value its shape declares, in the field its
-    dtype reads. `make_ndarray` would fill a short one out (repeating the
-    last string, or zeros), so a request of a few bytes could declare, and
-    cost, thousands of images."""
-    dims = [d.size for d in proto.tensor_shape.dim]
-    if any(d < 0 for d in dims):
-        raise _invalid(f"input {key!r} has a negative dimension in its shape {dims}")
-    declared = int(np.prod(dims, dtype=np.int64)) if dims else 1
-    dtype = tf.dtypes.as_dtype(proto.dtype)
-    field = _values_field(key, proto, dtype)
-    if field is None:
-        sent = 0
-    elif field == "tensor_content":
-        sent = len(proto.tensor_content) / dtype.size
-    else:
-        sent = len(getattr(proto, field)) / (2 if dtype.is_complex else 1)  # complex: (real, imaginary) pairs
-    if sent != declared:
-        raise _invalid(f"input {key!r} declares shape {dims} ({declared} values) but carries {sent:g}")
-
-
-def _load_servable(name: str, version: int, path: Path) -> _Servable:
-    try:
-        loaded = tf.saved_model.load(str(path))
-    except Exception as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RuntimeError(f"cannot load SavedModel {path}: {first_line}") from e
-    signatures = {}
-    for sig_name, function in loaded.signatures.items():
-        _, kwargs = function.structured_input_signature
-        signatures[sig_name] = _Signature(
-            name=sig_name,
-            function=function,
-            inputs=dict(kwargs),
-            outputs=sorted(function.structured_outputs),
-        )
-    saved_model = saved_model_pb2.SavedModel()
-    saved_model.ParseFromString((path / "saved_model.pb").read_bytes())
-    signature_defs = {}
-    for meta_graph in saved_model.meta_graphs:
-        if "serve" in meta_graph.meta_info_def.tags:
-            signature_defs = {
-                k: v for k, v in meta_graph.signature_def.items() if not k.startswith("__")
-            }
-    servable = _Servable(name, version, path, loaded, signatures, signature_defs)
-    _run_warmup(servable)
-    return servable
-
-
-def _run_warmup(servable: _Servable) -> None:
-    """Replays assets.extra warm-up requests, as TF Serving does on load."""
-    warmup = servable.path / WARMUP_FILE
-    if not warmup.is_file():
-        return
-    for i, log in enumerate(read_warmup_requests(warmup)):
-        request = log.predict_log.request
-        signature = servable.signatures.get(request.model_spec.signature_name or SERVING_DEFAULT)
-        if signature is None:
-            raise RuntimeError(f"{warmup}: record {i} names unknown signature {request.model_spec.signature_name!r}")
-        try:
-            signature({k: tf.make_ndarray(v) for k, v in request.inputs.items()})
-        except Exception as e:
-            raise RuntimeError(f"{warmup}: warm-up record {i} failed: {e}") from e
-
-
-def discover_models(model_dir) -> dict:
-    """{model name: {version: folder}} for a model folder or a base folder.
-
-    Accepts `saved_models/NAME/VERSION` (one version), `saved_models/NAME`
-    (its versions) or `saved_models` (every NAME inside).
-    """
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"model folder not found: {model_dir}")
-
-    def versions_of(folder: Path) -> dict:
-        found = {}
-        for v in list_versions(folder):
-            if (folder / str(v) / "saved_model.pb").is_file():
-                found[v] = folder / str(v)
-            else:
-                logger.warning("skipping %s: no saved_model.pb", folder / str(v))
-        return found
-
-    if (model_dir / "saved_model.pb").is_file():
-        version = int(model_dir.name) if model_dir.name.isdigit() else 1
-        name = model_dir.parent.name if model_dir.name.isdigit() else model_dir.name
-        return {name: {version: model_dir}}
-    own = versions_of(model_dir)
-    if own:
-        return {model_dir.name: own}
-    models = {}
-    for child in sorted(model_dir.iterdir()):
-        if child.is_dir() and not child.name.startswith("."):
-            found = versions_of(child)
-            if found:
-                models[child.name] = found
-    if not models:
-        raise FileNotFoundError(
-            f"no exported models under {model_dir}: expected {model_dir}/VERSION/saved_model.pb "
-            f"or {model_dir}/NAME/VERSION/saved_model.pb (export one with `tfface export`)"
-        )
-    return models
-
-
-def _checked_version_labels(version_labels) -> dict:
-    """`version_labels` with every version a positive int, or ValueError."""
-
-    def version(where, value):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"version label {where}: the version must be a positive integer, got {value!r}")
-        return int(value)
-
-    checked = {}
-    for key, value in (version_labels or {}).items():
-        if isinstance(value, dict):
-            checked[str(key)] = {str(label): version(f"{key}:{label}", v) for label, v in value.items()}
-        else:
-            checked[str(key)] = version(str(key), value)
-    return checked
-
-
-# --- batching ----------------------------------------------------------------------
-
-
-class _Task:
-    __slots__ = ("arrays", "size", "event", "result", "error", "cancelled")
-
-    def __init__(self, arrays: dict, size: int):
-        self.arrays = arrays
-        self.size = size
-        self.event = threading.Event()
-        self.result = None
-        self.error = None
-        self.cancelled = False
-
-
-class _Batcher:
-    """Merges queued requests for one signature into batched model calls."""
-
-    def __init__(self, signature: _Signature, max_batch_size: int, timeout_s: float, label: str):
-        self._signature = signature
-        self._max_batch_size = max_batch_size
-        self._timeout_s = timeout_s
-        self._queue = collections.deque()
-        self._cond = threading.Condition()
-        self._stopped = False
-        self._running = []  # the tasks of the model call in progress
-        # Rows of the last MAX_BATCH_SIZES_KEPT model calls, for tests and benchmarks.
-        self.batch_sizes = collections.deque(maxlen=MAX_BATCH_SIZES_KEPT)
-        self._thread = threading.Thread(target=self._loop, name=label, daemon=True)
-        self._thread.start()
-
-    def submit(self, arrays: dict, size: int, timeout_s: Optional[float]) -> dict:
-        task = _Task(arrays, size)
-        with self._cond:
-            if self._stopped:
-                raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-            self._queue.append(task)
-            self._cond.notify_all()
-        if not task.event.wait(timeout_s):
-            task.cancelled = True
-            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while waiting for a batch")
-        if task.error is not None:
-            raise task.error
-        return task.result
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Fails what is queued or running (their RPCs are over by now) so no
-        handler thread waits for a model call, then joins the thread for at
-        most `timeout_s` (it is a daemon: a long call cannot hold the exit)."""
-        with self._cond:
-            self._stopped = True
-            waiting = list(self._queue) + list(self._running)
-            self._queue.clear()
-            self._cond.notify_all()
-        for task in waiting:
-            if not task.event.is_set():
-                task.error = RequestError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-                task.event.set()
-        self._thread.join(timeout_s)
-
-    def _next_batch(self) -> Optional[list]:
-        with self._cond:
-            while not self._queue:
-                if self._stopped:
-                    return None
-                self._cond.wait()
-            first = self._queue.popleft()
-            batch, total = [first], first.size
-            deadline = time.monotonic() + self._timeout_s
-            while total < self._max_batch_size:
-                if self._queue:
-                    if total + self._queue[0].size > self._max_batch_size:
-                        break
-                    task = self._queue.popleft()
-                    batch.append(task)
-                    total += task.size
-                    continue
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._stopped:
-                    break
-                self._cond.wait(remaining)
-            self._running = batch  # under the lock: stop() sees every task taken
-            return batch
-
-    def _loop(self) -> None:
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            batch = [t for t in batch if not t.cancelled]
-            try:
-                self._execute(batch)
-            except Exception as e:  # never let the batching thread die
-                for task in batch:
-                    if not task.event.is_set():
-                        task.error = _tf_error_to_request_error(e)
-                        task.event.set()
-
-    def _execute(self, batch: list) -> None:
-        if not batch:
-            return
-        if len(batch) == 1:
-            self._run_alone(batch[0])
-            return
-        try:
-            merged = {
-                key: np.concatenate([t.arrays[key] for t in batch], axis=0) for key in batch[0].arrays
-            }
-            total = sum(t.size for t in batch)
-            outputs = self._signature(merged)
-            self.batch_sizes.append(total)
-        except Exception:
-            # Someone's input broke the merged call: rerun one by one so only
-            # the culprit gets the error.
-            for task in batch:
-                self._run_alone(task)
-            return
-        offsets = np.cumsum([0] + [t.size for t in batch])
-        for i, task in enumerate(batch):
-            task.result = {
-                key: value[offsets[i] : offsets[i + 1]]
-                if value.ndim > 0 and value.shape[0] == total
-                else value
-                for key, value in outputs.items()
-            }
-            task.event.set()
-
-    def _run_alone(self, task: _Task) -> None:
-        try:
-            task.result = _call_naming_bad_images(self._signature, task.arrays)
-            self.batch_sizes.append(task.size)
-        except Exception as e:  # reported to the caller, never raised here
-            task.error = _tf_error_to_request_error(e)
-        task.event.set()
-
-
-# --- the server ---------------------------------------------------------------------
 
 
 class LocalModelServer:
