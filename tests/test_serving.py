@@ -33,7 +33,7 @@ from tfface.export.saved_model import export_saved_model, load_exported
 from tfface.schema import AGE_GROUPS, MULTICLASS, Schema, Task
 from tfface.serving.client import ServingClient, ServingError, format_results, query_main
 from tfface.serving import batcher as batcher_module
-from tfface.serving.batcher import _Batcher
+from tfface.serving.batcher import Batcher
 from tfface.serving.server import LocalModelServer, serve_main
 
 SIZE = 16
@@ -383,7 +383,7 @@ def test_without_a_timeout_requests_that_queue_during_a_model_call_form_the_next
             assert release.wait(20)
         return {"y": arrays["x"] * 2}
 
-    batcher = _Batcher(model, max_batch_size=8, timeout_s=0.0, label="test-batcher")
+    batcher = Batcher(model, max_batch_size=8, timeout_s=0.0, label="test-batcher")
     results = {}
 
     def submit(i):
@@ -408,7 +408,7 @@ def test_without_a_timeout_requests_that_queue_during_a_model_call_form_the_next
 
 def test_stopping_the_batcher_releases_callers_of_a_running_call_and_queued_ones():
     from tfface.serving.server import RequestError
-    from tfface.serving.batcher import _Batcher
+    from tfface.serving.batcher import Batcher
 
     running, release = threading.Event(), threading.Event()
 
@@ -417,7 +417,7 @@ def test_stopping_the_batcher_releases_callers_of_a_running_call_and_queued_ones
         release.wait(30)
         return {"y": arrays["x"]}
 
-    batcher = _Batcher(slow_model, max_batch_size=1, timeout_s=0.0, label="test-batcher-stop")
+    batcher = Batcher(slow_model, max_batch_size=1, timeout_s=0.0, label="test-batcher-stop")
     errors = {}
 
     def submit(i):
@@ -787,7 +787,7 @@ def test_pixels_in_int_val_or_tensor_content_give_the_same_answer(deployment, st
 
 def test_the_batcher_remembers_only_the_last_batch_sizes(monkeypatch):
     monkeypatch.setattr(batcher_module, "MAX_BATCH_SIZES_KEPT", 3)
-    batcher = _Batcher(lambda arrays: {"y": arrays["x"]}, max_batch_size=8, timeout_s=0.0, label="test-batcher")
+    batcher = Batcher(lambda arrays: {"y": arrays["x"]}, max_batch_size=8, timeout_s=0.0, label="test-batcher")
     try:
         for size in range(1, 6):
             batcher.submit({"x": np.zeros(size)}, size, 20)

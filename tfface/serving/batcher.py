@@ -16,8 +16,8 @@ from typing import Optional
 import grpc
 import numpy as np
 
-from tfface.serving.errors import RequestError, _tf_error_to_request_error
-from tfface.serving.servables import _call_naming_bad_images, _Signature
+from tfface.serving.errors import RequestError, tf_error_to_request_error
+from tfface.serving.servables import call_naming_bad_images, Signature
 
 # Model calls whose batch sizes a batcher remembers: enough for a benchmark
 # run (about 20,000 calls), bounded for a server that runs for months.
@@ -36,10 +36,10 @@ class _Task:
         self.cancelled = False
 
 
-class _Batcher:
+class Batcher:
     """Merges queued requests for one signature into batched model calls."""
 
-    def __init__(self, signature: _Signature, max_batch_size: int, timeout_s: float, label: str):
+    def __init__(self, signature: Signature, max_batch_size: int, timeout_s: float, label: str):
         self._signature = signature
         self._max_batch_size = max_batch_size
         self._timeout_s = timeout_s
@@ -116,7 +116,7 @@ class _Batcher:
             except Exception as e:  # never let the batching thread die
                 for task in batch:
                     if not task.event.is_set():
-                        task.error = _tf_error_to_request_error(e)
+                        task.error = tf_error_to_request_error(e)
                         task.event.set()
 
     def _execute(self, batch: list) -> None:
@@ -150,8 +150,8 @@ class _Batcher:
 
     def _run_alone(self, task: _Task) -> None:
         try:
-            task.result = _call_naming_bad_images(self._signature, task.arrays)
+            task.result = call_naming_bad_images(self._signature, task.arrays)
             self.batch_sizes.append(task.size)
         except Exception as e:  # reported to the caller, never raised here
-            task.error = _tf_error_to_request_error(e)
+            task.error = tf_error_to_request_error(e)
         task.event.set()

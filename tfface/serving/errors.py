@@ -24,25 +24,25 @@ class RequestError(Exception):
         self.message = message
 
 
-def _invalid(message):
+def invalid(message):
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
-def _not_found(message):
+def not_found(message):
     return RequestError(grpc.StatusCode.NOT_FOUND, message)
 
 
-def _tf_error_to_request_error(error: Exception) -> RequestError:
+def tf_error_to_request_error(error: Exception) -> RequestError:
     if isinstance(error, RequestError):
         return error
     if isinstance(error, tf.errors.OpError):
         # TF error codes are the gRPC status codes.
         code = _GRPC_CODES.get(error.error_code, grpc.StatusCode.INTERNAL)
-        return RequestError(code, f"the model refused the input: {_clean_tf_message(error.message)}")
+        return RequestError(code, f"the model refused the input: {clean_tf_message(error.message)}")
     return RequestError(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
 
 
-def _clean_tf_message(message: str) -> str:
+def clean_tf_message(message: str) -> str:
     """The human part of a TF op error, without graph node and stack noise."""
     noise = ("Graph execution error", "Detected at node", "<stack traces unavailable>", "[[")
     lines = [line.strip() for line in message.splitlines()]

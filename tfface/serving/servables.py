@@ -17,13 +17,13 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 from tfface.export.saved_model import SERVING_DEFAULT, WARMUP_FILE, list_versions, read_warmup_requests
-from tfface.serving.errors import _clean_tf_message, _invalid
+from tfface.serving.errors import clean_tf_message, invalid
 
 logger = logging.getLogger("tfface.serving")
 
 
 @dataclasses.dataclass
-class _Signature:
+class Signature:
     name: str
     function: object
     inputs: dict  # input name -> tf.TensorSpec
@@ -35,16 +35,16 @@ class _Signature:
 
 
 @dataclasses.dataclass
-class _Servable:
+class Servable:
     name: str
     version: int
     path: Path
     loaded: object
-    signatures: dict  # name -> _Signature
+    signatures: dict  # name -> Signature
     signature_defs: dict  # name -> SignatureDef proto
 
 
-def _call_naming_bad_images(signature: "_Signature", arrays: dict) -> dict:
+def call_naming_bad_images(signature: "Signature", arrays: dict) -> dict:
     """Runs `signature`; when a batch of encoded images fails to decode,
     finds which image(s) by running each alone (only on that failure path),
     so a client learns which of its photos is broken, not just that one is."""
@@ -60,15 +60,15 @@ def _call_naming_bad_images(signature: "_Signature", arrays: dict) -> dict:
             try:
                 signature({key: value[i : i + 1] for key, value in arrays.items()})
             except tf.errors.InvalidArgumentError as alone:
-                bad.append((i, _clean_tf_message(alone.message)))
+                bad.append((i, clean_tf_message(alone.message)))
         if not bad:
             raise
         named = "; ".join(f"{images[0]}[{i}]: {message}" for i, message in bad[:3])
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
-        raise _invalid(f"the model refused the input: {named}{more}") from None
+        raise invalid(f"the model refused the input: {named}{more}") from None
 
 
-def _load_servable(name: str, version: int, path: Path) -> _Servable:
+def load_servable(name: str, version: int, path: Path) -> Servable:
     try:
         loaded = tf.saved_model.load(str(path))
     except Exception as e:
@@ -77,7 +77,7 @@ def _load_servable(name: str, version: int, path: Path) -> _Servable:
     signatures = {}
     for sig_name, function in loaded.signatures.items():
         _, kwargs = function.structured_input_signature
-        signatures[sig_name] = _Signature(
+        signatures[sig_name] = Signature(
             name=sig_name,
             function=function,
             inputs=dict(kwargs),
@@ -91,12 +91,12 @@ def _load_servable(name: str, version: int, path: Path) -> _Servable:
             signature_defs = {
                 k: v for k, v in meta_graph.signature_def.items() if not k.startswith("__")
             }
-    servable = _Servable(name, version, path, loaded, signatures, signature_defs)
+    servable = Servable(name, version, path, loaded, signatures, signature_defs)
     _run_warmup(servable)
     return servable
 
 
-def _run_warmup(servable: _Servable) -> None:
+def _run_warmup(servable: Servable) -> None:
     """Replays assets.extra warm-up requests, as TF Serving does on load."""
     warmup = servable.path / WARMUP_FILE
     if not warmup.is_file():
@@ -152,7 +152,7 @@ def discover_models(model_dir) -> dict:
     return models
 
 
-def _checked_version_labels(version_labels) -> dict:
+def checked_version_labels(version_labels) -> dict:
     """`version_labels` with every version a positive int, or ValueError."""
 
     def version(where, value):

@@ -49,17 +49,17 @@ from tensorflow_serving.apis import (
 
 from tfface.data.image_ops import DECODABLE_FORMATS, image_format, image_size_from_header, refused_image_reason
 from tfface.export.saved_model import DEFAULT_MAX_IMAGE_SIDE, SERVING_DEFAULT
-from tfface.serving.batcher import MAX_BATCH_SIZES_KEPT, _Batcher
-from tfface.serving.errors import RequestError, _invalid, _not_found, _tf_error_to_request_error
+from tfface.serving.batcher import MAX_BATCH_SIZES_KEPT, Batcher
+from tfface.serving.errors import RequestError, invalid, not_found, tf_error_to_request_error
 from tfface.serving.servables import (
-    _call_naming_bad_images,
-    _checked_version_labels,
-    _load_servable,
-    _Servable,
-    _Signature,
+    call_naming_bad_images,
+    checked_version_labels,
+    load_servable,
+    Servable,
+    Signature,
     discover_models,
 )
-from tfface.serving.tensors import _check_values_match_shape, _dtype_name
+from tfface.serving.tensors import check_values_match_shape, dtype_name
 from tfface.serving.wire import ResponseEncoder
 
 # The public API of this module, as before the split: RequestError,
@@ -151,9 +151,9 @@ class LocalModelServer:
         self.max_message_bytes = int(max_message_bytes)
         self.max_image_side = int(max_image_side)
         self.versions = versions
-        self.version_labels = _checked_version_labels(version_labels)
+        self.version_labels = checked_version_labels(version_labels)
         self.max_workers = max_workers or max(16, 2 * self.max_batch_size + 4)
-        self.models = {}  # name -> {version: _Servable}
+        self.models = {}  # name -> {version: Servable}
         self._batchers = {}
         self._batchers_lock = threading.Lock()
         self._encoder = ResponseEncoder()
@@ -197,17 +197,17 @@ class LocalModelServer:
                 loaded = {}
                 for version in reversed(available):
                     try:
-                        loaded = {version: _load_servable(name, version, on_disk[version])}
+                        loaded = {version: load_servable(name, version, on_disk[version])}
                         break
                     except RuntimeError as e:
                         logger.warning("model %r: skipping version %d: %s", name, version, e)
                 if not loaded:
                     raise RuntimeError(f"model {name!r} in {self.model_dir}: no version loads (versions on disk: {available})")
                 for version in sorted(set(labels.values()) - set(loaded)):
-                    loaded[version] = _load_servable(name, version, on_disk[version])
+                    loaded[version] = load_servable(name, version, on_disk[version])
                 models[name] = dict(sorted(loaded.items()))
             else:
-                models[name] = {v: _load_servable(name, v, on_disk[v]) for v in sorted(wanted)}
+                models[name] = {v: load_servable(name, v, on_disk[v]) for v in sorted(wanted)}
             logger.info("loaded model %r versions %s", name, sorted(models[name]))
         self.models = models
 
@@ -281,75 +281,75 @@ class LocalModelServer:
         return labels
 
     # --- request handling ---------------------------------------------------
-    def resolve(self, model_spec) -> _Servable:
+    def resolve(self, model_spec) -> Servable:
         """The loaded version a ModelSpec asks for, or NOT_FOUND."""
         name = model_spec.name
         if not name:
-            raise _invalid(f"model_spec.name is empty (models served: {sorted(self.models)})")
+            raise invalid(f"model_spec.name is empty (models served: {sorted(self.models)})")
         versions = self.models.get(name)
         if versions is None:
-            raise _not_found(f"model {name!r} is not served (models: {sorted(self.models)})")
+            raise not_found(f"model {name!r} is not served (models: {sorted(self.models)})")
         has_version = model_spec.HasField("version")
         if has_version and model_spec.version_label:
-            raise _invalid("model_spec sets both version and version_label; set one")
+            raise invalid("model_spec sets both version and version_label; set one")
         if model_spec.version_label:
             label = model_spec.version_label
             labels = self.labels_of(name)
             if label not in labels:
-                raise _not_found(f"model {name!r} has no version label {label!r} (labels: {sorted(labels)})")
+                raise not_found(f"model {name!r} has no version label {label!r} (labels: {sorted(labels)})")
             version = labels[label]
         elif has_version:
             version = model_spec.version.value
         else:
             version = max(versions)
         if version not in versions:
-            raise _not_found(f"model {name!r} has no loaded version {version} (versions: {sorted(versions)})")
+            raise not_found(f"model {name!r} has no loaded version {version} (versions: {sorted(versions)})")
         return versions[version]
 
-    def _signature(self, servable: _Servable, name: str) -> _Signature:
+    def _signature(self, servable: Servable, name: str) -> Signature:
         signature = servable.signatures.get(name or SERVING_DEFAULT)
         if signature is None:
-            raise _not_found(
+            raise not_found(
                 f"model {servable.name!r} version {servable.version} has no signature {name!r} "
                 f"(signatures: {sorted(servable.signatures)})"
             )
         return signature
 
-    def _parse_inputs(self, signature: _Signature, inputs) -> tuple[dict, int]:
+    def _parse_inputs(self, signature: Signature, inputs) -> tuple[dict, int]:
         expected = sorted(signature.inputs)
         unknown = sorted(set(inputs) - set(expected))
         if unknown:
-            raise _invalid(f"unknown input(s) {unknown} for signature {signature.name!r}; expected {expected}")
+            raise invalid(f"unknown input(s) {unknown} for signature {signature.name!r}; expected {expected}")
         missing = sorted(set(expected) - set(inputs))
         if missing:
-            raise _invalid(f"missing input(s) {missing} for signature {signature.name!r}")
+            raise invalid(f"missing input(s) {missing} for signature {signature.name!r}")
         arrays, batch = {}, None
         for key, spec in signature.inputs.items():
             proto = inputs[key]
             if proto.dtype != spec.dtype.as_datatype_enum:
-                got = _dtype_name(proto.dtype)
-                raise _invalid(f"input {key!r} must be {spec.dtype.name}, got {got}")
-            _check_values_match_shape(key, proto)
+                got = dtype_name(proto.dtype)
+                raise invalid(f"input {key!r} must be {spec.dtype.name}, got {got}")
+            check_values_match_shape(key, proto)
             try:
                 array = tf.make_ndarray(proto)
             except Exception as e:
-                raise _invalid(f"input {key!r} is not a valid tensor: {e}") from None
+                raise invalid(f"input {key!r} is not a valid tensor: {e}") from None
             if not spec.shape.is_compatible_with(array.shape):
-                raise _invalid(
+                raise invalid(
                     f"input {key!r} has shape {list(array.shape)}, signature {signature.name!r} "
                     f"expects {spec.shape.as_list()} (None = any size)"
                 )
             if array.ndim == 0:
-                raise _invalid(f"input {key!r} must be a batch, got a scalar")
+                raise invalid(f"input {key!r} must be a batch, got a scalar")
             if array.shape[0] == 0:
-                raise _invalid(f"input {key!r} is an empty batch")
+                raise invalid(f"input {key!r} is an empty batch")
             if batch is not None and array.shape[0] != batch:
-                raise _invalid(f"inputs disagree on batch size ({batch} vs {array.shape[0]} for {key!r})")
+                raise invalid(f"inputs disagree on batch size ({batch} vs {array.shape[0]} for {key!r})")
             batch = array.shape[0]
             if batch > self.max_batch_size:
                 # As TF Serving's batching: one call's memory grows with its
                 # images (a 3 MB request of tiny PNGs took 1.4 GB).
-                raise _invalid(
+                raise invalid(
                     f"input {key!r} holds {batch} images; this server takes at most {self.max_batch_size} "
                     "per request (max_batch_size): split it, e.g. ServingClient.predict(..., batch_size=N) "
                     "or tfface query --batch-size N"
@@ -364,10 +364,10 @@ class LocalModelServer:
         images without decoding them."""
         for i, data in enumerate(array):
             if not data:
-                raise _invalid(f"{key}[{i}] is empty")
+                raise invalid(f"{key}[{i}] is empty")
             fmt = image_format(data)
             if fmt is None:
-                raise _invalid(
+                raise invalid(
                     f"{key}[{i}] is not an encoded image (expected one of {', '.join(DECODABLE_FORMATS)}; "
                     f"starts with {bytes(data[:8])!r})"
                 )
@@ -375,25 +375,25 @@ class LocalModelServer:
             # merged, and without naming the image.
             reason = refused_image_reason(data)
             if reason is not None:
-                raise _invalid(f"{key}[{i}] is {reason}")
+                raise invalid(f"{key}[{i}] is {reason}")
             size = image_size_from_header(data)
             if size is not None and max(size) > self.max_image_side:
-                raise _invalid(
+                raise invalid(
                     f"{key}[{i}] is {size[1]}x{size[0]} pixels; the largest side allowed is {self.max_image_side} "
                     "(tfface serve --max-image-side; the export's own limit: tfface export --max-image-side)"
                 )
 
-    def run(self, servable: _Servable, signature: _Signature, arrays: dict, size: int, timeout_s=None) -> dict:
+    def run(self, servable: Servable, signature: Signature, arrays: dict, size: int, timeout_s=None) -> dict:
         if not self.enable_batching:
             try:
-                return _call_naming_bad_images(signature, arrays)
+                return call_naming_bad_images(signature, arrays)
             except Exception as e:
-                raise _tf_error_to_request_error(e) from None
+                raise tf_error_to_request_error(e) from None
         key = (servable.name, servable.version, signature.name)
         with self._batchers_lock:
             batcher = self._batchers.get(key)
             if batcher is None:
-                batcher = _Batcher(
+                batcher = Batcher(
                     signature,
                     self.max_batch_size,
                     self.batch_timeout_ms / 1000.0,
@@ -420,10 +420,10 @@ class LocalModelServer:
         wanted = list(request.output_filter) or signature.outputs
         unknown = sorted(set(wanted) - set(signature.outputs))
         if unknown:
-            raise _invalid(f"output_filter names unknown output(s) {unknown}; outputs: {signature.outputs}")
+            raise invalid(f"output_filter names unknown output(s) {unknown}; outputs: {signature.outputs}")
         if len(set(wanted)) < len(wanted):  # as TF Serving, rather than answering one output twice
             twice = sorted(name for name, n in collections.Counter(wanted).items() if n > 1)
-            raise _invalid(f"duplicate output tensor alias {twice[0]!r} in output_filter")
+            raise invalid(f"duplicate output tensor alias {twice[0]!r} in output_filter")
         outputs = self.run(servable, signature, arrays, size, timeout_s)
         spec = model_pb2.ModelSpec()
         _fill_spec(spec, servable, signature.name)
@@ -433,10 +433,10 @@ class LocalModelServer:
         servable = self.resolve(request.model_spec)
         fields = list(request.metadata_field)
         if not fields:
-            raise _invalid("GetModelMetadataRequest must name at least one metadata_field ('signature_def')")
+            raise invalid("GetModelMetadataRequest must name at least one metadata_field ('signature_def')")
         unsupported = sorted(set(fields) - {"signature_def"})
         if unsupported:
-            raise _invalid(f"metadata field(s) {unsupported} not supported; supported: ['signature_def']")
+            raise invalid(f"metadata field(s) {unsupported} not supported; supported: ['signature_def']")
         response = get_model_metadata_pb2.GetModelMetadataResponse()
         _fill_spec(response.model_spec, servable, None)
         signature_map = get_model_metadata_pb2.SignatureDefMap()
@@ -451,9 +451,9 @@ class LocalModelServer:
             servables = [self.resolve(spec)]
         else:
             if not spec.name:
-                raise _invalid(f"model_spec.name is empty (models served: {sorted(self.models)})")
+                raise invalid(f"model_spec.name is empty (models served: {sorted(self.models)})")
             if spec.name not in self.models:
-                raise _not_found(f"model {spec.name!r} is not served (models: {sorted(self.models)})")
+                raise not_found(f"model {spec.name!r} is not served (models: {sorted(self.models)})")
             servables = [self.models[spec.name][v] for v in sorted(self.models[spec.name])]
         response = get_model_status_pb2.GetModelStatusResponse()
         for servable in servables:
@@ -464,7 +464,7 @@ class LocalModelServer:
         return response
 
 
-def _fill_spec(spec, servable: _Servable, signature_name: Optional[str]) -> None:
+def _fill_spec(spec, servable: Servable, signature_name: Optional[str]) -> None:
     spec.name = servable.name
     spec.version.value = servable.version
     if signature_name:
@@ -479,7 +479,7 @@ def _handle(context, work):
         error = e
     except Exception as e:  # a bug or an unexpected TF failure
         logger.exception("request failed")
-        error = _tf_error_to_request_error(e)
+        error = tf_error_to_request_error(e)
     context.abort(error.code, error.message)
 
 

@@ -14,10 +14,10 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from tfface.serving.errors import _invalid
+from tfface.serving.errors import invalid
 
 
-def _dtype_name(enum: int) -> str:
+def dtype_name(enum: int) -> str:
     """A request's dtype for a message; a number no dtype has is named as such."""
     if not enum:
         return "an unset dtype"
@@ -63,22 +63,22 @@ def _values_field(key: str, proto, dtype: tf.DType) -> Optional[str]:
     for name in used:
         if name not in allowed:
             where = " or ".join(field for field in allowed if field)
-            raise _invalid(
+            raise invalid(
                 f"input {key!r} is {dtype.name} but its values are in {name}; {dtype.name} values go in {where}"
             )
     if len(used) > 1:
-        raise _invalid(f"input {key!r} carries values in both {used[0]} and {used[1]}; send them in one")
+        raise invalid(f"input {key!r} carries values in both {used[0]} and {used[1]}; send them in one")
     return used[0] if used else None
 
 
-def _check_values_match_shape(key: str, proto) -> None:
+def check_values_match_shape(key: str, proto) -> None:
     """A tensor must carry every value its shape declares, in the field its
     dtype reads. `make_ndarray` would fill a short one out (repeating the
     last string, or zeros), so a request of a few bytes could declare, and
     cost, thousands of images."""
     dims = [d.size for d in proto.tensor_shape.dim]
     if any(d < 0 for d in dims):
-        raise _invalid(f"input {key!r} has a negative dimension in its shape {dims}")
+        raise invalid(f"input {key!r} has a negative dimension in its shape {dims}")
     declared = int(np.prod(dims, dtype=np.int64)) if dims else 1
     dtype = tf.dtypes.as_dtype(proto.dtype)
     field = _values_field(key, proto, dtype)
@@ -89,4 +89,4 @@ def _check_values_match_shape(key: str, proto) -> None:
     else:
         sent = len(getattr(proto, field)) / (2 if dtype.is_complex else 1)  # complex: (real, imaginary) pairs
     if sent != declared:
-        raise _invalid(f"input {key!r} declares shape {dims} ({declared} values) but carries {sent:g}")
+        raise invalid(f"input {key!r} declares shape {dims} ({declared} values) but carries {sent:g}")
