@@ -52,12 +52,12 @@ from tfface.export.saved_model import DEFAULT_MAX_IMAGE_SIDE, SERVING_DEFAULT
 from tfface.serving.batcher import MAX_BATCH_SIZES_KEPT, Batcher
 from tfface.serving.errors import RequestError, invalid, not_found, tf_error_to_request_error
 from tfface.serving.servables import (
-    call_naming_bad_images,
-    checked_version_labels,
-    load_servable,
     Servable,
     Signature,
+    call_naming_bad_images,
+    checked_version_labels,
     discover_models,
+    load_servable,
 )
 from tfface.serving.tensors import check_values_match_shape, dtype_name
 from tfface.serving.wire import ResponseEncoder
