@@ -49,7 +49,7 @@ from common import write_results
 _STEP = r"""
 import json, os, resource, sys, time
 started = time.perf_counter()
-import tfface.landmarks.detector  # what a first open imports (TensorFlow included): timed apart
+import tfface.landmarks.cache  # what a first open imports (TensorFlow included): timed apart
 from tfface.data.celeba import read_celeba_folder
 from tfface.data.sources import open_source
 from tfface.data.summary import summarize_source
@@ -64,7 +64,7 @@ class NoFaces:  # a detector stub: every image is cached, so it is never called
 
 
 def annotate():
-    from tfface.landmarks.detector import annotate_folder
+    from tfface.landmarks.annotate import annotate_folder
 
     report = annotate_folder(paths, os.path.join(root, "landmarks_mtcnn.csv"), image_ids=image_ids, detector=NoFaces(), verbose=False)
     if report.num_new or report.no_face or report.unreadable:
@@ -107,8 +107,8 @@ def build_folder(root: Path, rows: int, sample: Path, unique: int) -> list:
     """A CelebA-format folder of `rows` images (hard links to `unique`
     copies of the sample's images) with a matching landmark cache; returns
     the copies (touching them changes every linked row's file time)."""
-    from tfface.landmarks.detector import CACHE_COLUMNS
-    from tfface.landmarks.detector import file_stamp
+    from tfface.landmarks.cache import CACHE_COLUMNS
+    from tfface.landmarks.cache import file_stamp
 
     images = root / "images"
     images.mkdir(parents=True)

@@ -23,6 +23,8 @@ from tfface.landmarks import (
     similarity_transform,
     transform_points,
 )
+from tfface.landmarks import annotate as annotate_module
+from tfface.landmarks import cache as cache_module
 from tfface.landmarks import detector as detector_module
 from tfface.data.source import FaceSource
 
@@ -125,6 +127,26 @@ def test_mtcnn_is_imported_lazily():
                 names = [node.module or ""]
             assert not any(n.split(".")[0] == "mtcnn" for n in names), source.name
     assert FaceDetector()._mtcnn is None  # constructing does not load it either
+
+
+def test_the_cache_and_annotate_names_still_import_from_the_detector_module():
+    # They lived in tfface.landmarks.detector before the cache and annotating
+    # a folder got modules of their own.
+    moved = {
+        cache_module: (
+            "CACHE_COLUMNS", "LEGACY_CACHE_COLUMNS", "ORIENTATION_COLUMN", "REHASH_WARNING_THRESHOLD",
+            "STAMPED_CACHE_COLUMNS", "STAMP_COLUMNS", "STATUS_NO_FACE", "STATUS_OK", "STATUS_UNREADABLE",
+            "default_landmark_cache", "file_stamp", "is_landmark_cache_header", "load_landmark_cache", "logger",
+            "read_landmark_cache",
+        ),
+        annotate_module: ("AnnotationReport", "annotate_folder"),
+    }
+    for module, names in moved.items():
+        for name in names:
+            assert getattr(detector_module, name) is getattr(module, name), name
+            assert name in dir(detector_module)
+    with pytest.raises(AttributeError):
+        detector_module.no_such_name
 
 
 # --- the real detector -------------------------------------------------------------
@@ -278,7 +300,7 @@ def test_a_kill_just_after_a_newline_inside_a_quoted_id_is_a_torn_line(tmp_path)
     annotate_folder(paths[:1], cache, image_ids=ids[:1], detector=FakeDetector(), verbose=False)
     with open(cache, "a") as f:
         f.write('"second\n')  # the file ends with a newline, inside the quoted id
-    table = detector_module._read_cache_table(cache)
+    table = cache_module._read_cache_table(cache)
     assert list(table.index) == ids[:1] and table.torn
     fake = FakeDetector()
     annotate_folder(paths, cache, image_ids=ids, detector=fake, verbose=False)
@@ -314,7 +336,7 @@ def test_a_one_line_file_without_newline_is_refused_and_kept(tmp_path):
     assert notes.read_text() == "important notes, no trailing newline"
     # A header torn mid-write is still a cache to finish.
     torn = tmp_path / "torn.csv"
-    torn.write_text(",".join(detector_module.CACHE_COLUMNS)[:12])
+    torn.write_text(",".join(cache_module.CACHE_COLUMNS)[:12])
     annotate_folder(paths, torn, detector=FakeDetector(), verbose=False)
     assert sorted(read_landmark_cache(torn)) == ["000.png"]
 
@@ -326,7 +348,7 @@ def test_default_landmark_cache_location(tmp_path, monkeypatch):
     assert default_landmark_cache(data) == data / "landmarks_mtcnn.csv"
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(detector_module.os, "access", lambda *args: False)  # read-only
+    monkeypatch.setattr(cache_module.os, "access", lambda *args: False)  # read-only
     path = default_landmark_cache(data)
     assert path.parent == tmp_path / "cache" / "tfface" / "landmarks"
     assert path.name.startswith("my_faces-") and path.suffix == ".csv"
@@ -370,7 +392,7 @@ def test_an_older_cache_without_file_stamps_is_read_and_upgraded(tmp_path):
     paths = _write_images(tmp_path, [200, 210])
     cache = tmp_path / "c.csv"
     annotate_folder(paths, cache, detector=FakeDetector(), verbose=False)
-    legacy = len(detector_module.LEGACY_CACHE_COLUMNS)
+    legacy = len(cache_module.LEGACY_CACHE_COLUMNS)
     lines = [",".join(line.split(",")[:legacy]) for line in cache.read_text().splitlines()]
     cache.write_text("\n".join(lines) + "\n")  # as written before the stamp columns
     np.testing.assert_allclose(load_landmark_cache(cache, ["000.png"], paths[:1])[0], _expected(200), atol=0.01)
@@ -379,7 +401,7 @@ def test_an_older_cache_without_file_stamps_is_read_and_upgraded(tmp_path):
     fake = FakeDetector()
     annotate_folder(paths, cache, detector=fake, verbose=False)
     assert fake.seen == 1  # only the image whose size no longer matches its row
-    assert cache.read_text().splitlines()[0] == ",".join(detector_module.CACHE_COLUMNS)
+    assert cache.read_text().splitlines()[0] == ",".join(cache_module.CACHE_COLUMNS)
     rows = read_landmark_cache(cache)
     assert rows["000.png"]["file_size"] == str(paths[0].stat().st_size)  # stamped in the upgrade
     np.testing.assert_allclose(load_landmark_cache(cache, ["001.png"], paths[1:])[0], _expected(170), atol=0.01)
@@ -388,7 +410,7 @@ def test_an_older_cache_without_file_stamps_is_read_and_upgraded(tmp_path):
 def test_a_folder_cache_wins_over_the_cache_dir(tmp_path, monkeypatch):
     data = tmp_path / "faces"
     data.mkdir()
-    (data / "landmarks_mtcnn.csv").write_text(",".join(detector_module.CACHE_COLUMNS) + "\n")
+    (data / "landmarks_mtcnn.csv").write_text(",".join(cache_module.CACHE_COLUMNS) + "\n")
     monkeypatch.setenv("TFFACE_CACHE_DIR", str(tmp_path / "cache"))
     # The readers take the folder's own cache first, so annotate extends that one.
     assert default_landmark_cache(data) == data / "landmarks_mtcnn.csv"
@@ -405,7 +427,7 @@ def test_cli_annotate_keys_images_in_subfolders_by_their_path(tmp_path, monkeypa
         Image.fromarray(np.full((32, 32, 3), level, np.uint8)).save(root / "images" / image_id)
     (root / "attributes.csv").write_text("image_id,Smiling\n" + "".join(f"{i},1\n" for i in ids))
     monkeypatch.delenv("TFFACE_CACHE_DIR", raising=False)
-    monkeypatch.setattr(detector_module, "FaceDetector", FakeDetector)
+    monkeypatch.setattr(annotate_module, "FaceDetector", FakeDetector)
 
     assert cli_main(["data", "annotate", str(root)]) == 0
     landmarks = open_source(root).landmarks
@@ -454,7 +476,7 @@ def test_landmarks_are_detected_upright_and_older_rows_of_rotated_images_are_red
     assert np.isfinite(load_landmark_cache(cache, ids, paths)).all()
 
     # The same cache as tfface 0.2.0 wrote it: no orientation column.
-    stamped = len(detector_module.STAMPED_CACHE_COLUMNS)
+    stamped = len(cache_module.STAMPED_CACHE_COLUMNS)
     cache.write_text("\n".join(",".join(line.split(",")[:stamped]) for line in cache.read_text().splitlines()) + "\n")
     changed = []
     landmarks = load_landmark_cache(cache, ids, paths, changed)
@@ -464,7 +486,7 @@ def test_landmarks_are_detected_upright_and_older_rows_of_rotated_images_are_red
     fake = ShapeRecordingDetector()
     annotate_folder(paths, cache, detector=fake, verbose=False)
     assert fake.shapes == [(32, 48, 3)]  # only the rotated image is detected again
-    assert cache.read_text().splitlines()[0] == ",".join(detector_module.CACHE_COLUMNS)
+    assert cache.read_text().splitlines()[0] == ",".join(cache_module.CACHE_COLUMNS)
     rows = read_landmark_cache(cache)
     assert rows["000.png"]["exif_orientation"] == "1" and rows["001.png"]["exif_orientation"] == "6"
 
@@ -485,8 +507,8 @@ def test_image_sizes_are_those_of_the_upright_image(tmp_path):
 
 def _count_digests(monkeypatch):
     calls = []
-    digest = detector_module._file_digest
-    monkeypatch.setattr(detector_module, "_file_digest", lambda data: calls.append(1) or digest(data))
+    digest = cache_module._file_digest
+    monkeypatch.setattr(cache_module, "_file_digest", lambda data: calls.append(1) or digest(data))
     return calls
 
 
@@ -512,7 +534,7 @@ def test_annotate_records_the_new_time_of_an_unchanged_image_so_reads_stop_hashi
 def test_a_reader_warns_once_naming_annotate_when_many_images_are_hashed(tmp_path, caplog, monkeypatch):
     from tfface.data.sources import read_annotate_cache
 
-    many = detector_module.REHASH_WARNING_THRESHOLD + 2
+    many = cache_module.REHASH_WARNING_THRESHOLD + 2
     (tmp_path / "images").mkdir()
     paths = _write_images(tmp_path / "images", [200] * many)
     ids = [p.name for p in paths]
@@ -542,8 +564,8 @@ def test_a_reader_warns_once_naming_annotate_when_many_images_are_hashed(tmp_pat
 
 
 def test_cache_reading_keeps_its_errors_and_quoted_ids(tmp_path):
-    header = ",".join(detector_module.CACHE_COLUMNS)
-    width = len(detector_module.CACHE_COLUMNS)
+    header = ",".join(cache_module.CACHE_COLUMNS)
+    width = len(cache_module.CACHE_COLUMNS)
     ok_row = ["x", "ok", "1", "32", "32", "1", "2", "3", "4", "0.9"] + ["5.5"] * 10 + ["", "", "", "1"]
     cache = tmp_path / "c.csv"
     cache.write_text(header + "\n" + ",".join(ok_row) + "\n" + "y,ok\n")
@@ -601,7 +623,7 @@ def test_annotate_rewrites_kept_rows_byte_for_byte_and_reports_cached_statuses(t
     assert report.no_face == ["000.png"] and report.unreadable == ["broken.png"]  # cached and new statuses
 
     retimed = _fields(line["002.png"])
-    retimed[detector_module.CACHE_COLUMNS.index("file_mtime_ns")] = str(10**18)
+    retimed[cache_module.CACHE_COLUMNS.index("file_mtime_ns")] = str(10**18)
     fresh = tmp_path / "fresh.csv"  # the rows detected again, as a first run writes them
     annotate_folder([paths[1], broken, fixed], fresh, detector=FakeDetector(), verbose=False)
     rewritten = [line["003.png"], line["000.png"], ",".join(retimed), line["a,b.png"], other]
@@ -614,16 +636,16 @@ def test_an_older_cache_is_rewritten_in_the_current_format_byte_for_byte(tmp_pat
     cache = tmp_path / "c.csv"
     annotate_folder(paths, cache, detector=FakeDetector(), verbose=False)
     header, line = _lines_by_id(cache)
-    legacy = len(detector_module.LEGACY_CACHE_COLUMNS)
+    legacy = len(cache_module.LEGACY_CACHE_COLUMNS)
     older = {i: ",".join(_fields(text)[:legacy]) for i, text in line.items()}
     other = "other.png,no_face,0,32,32" + "," * 15  # not asked for
-    cache.write_text("\n".join([",".join(detector_module.LEGACY_CACHE_COLUMNS), older["000.png"], other, older["001.png"]]) + "\n")
+    cache.write_text("\n".join([",".join(cache_module.LEGACY_CACHE_COLUMNS), older["000.png"], other, older["001.png"]]) + "\n")
     Image.fromarray(np.full((40, 32, 3), 170, np.uint8)).save(paths[1])  # resized: detected again
 
     annotate_folder(paths, cache, detector=FakeDetector(), verbose=False)
     fresh = tmp_path / "fresh.csv"
     annotate_folder(paths[1:], fresh, detector=FakeDetector(), verbose=False)
-    stamped = older["000.png"] + "," + ",".join(detector_module.file_stamp(paths[0])) + ",1"  # still its size: stamped
+    stamped = older["000.png"] + "," + ",".join(cache_module.file_stamp(paths[0])) + ",1"  # still its size: stamped
     expected = "\n".join([header, stamped, other + ",,,,"] + fresh.read_text().splitlines()[1:]) + "\n"
     assert cache.read_text() == expected
 
@@ -633,10 +655,10 @@ def _ok_row(image_id):
 
 
 def test_a_row_with_a_field_too_many_is_named_even_when_the_next_has_one_too_few(tmp_path):
-    width = len(detector_module.CACHE_COLUMNS)
+    width = len(cache_module.CACHE_COLUMNS)
     cache = tmp_path / "c.csv"
     rows = [_ok_row("x"), _ok_row("y") + ["9"], _ok_row("z")[:-1]]  # as many fields in all as three good rows
-    cache.write_text("\n".join([",".join(detector_module.CACHE_COLUMNS)] + [",".join(row) for row in rows]) + "\n")
+    cache.write_text("\n".join([",".join(cache_module.CACHE_COLUMNS)] + [",".join(row) for row in rows]) + "\n")
     message = f"c.csv:3: expected {width} fields, got {width + 1}"
     with pytest.raises(LandmarkError, match=message):
         load_landmark_cache(cache, ["x"])
@@ -649,8 +671,8 @@ def test_quoted_ids_are_read_in_whichever_block_they_fall(tmp_path, block_chars)
     ids = [f"{k:03d}.png" for k in range(6)] + ["a,b.png"] + [f"{k:03d}.png" for k in range(6, 12)]
     lines = [",".join(['"a,b.png"' if i == "a,b.png" else i] + _ok_row(i)[1:]) for i in ids]
     cache = tmp_path / "c.csv"
-    cache.write_text("\n".join([",".join(detector_module.CACHE_COLUMNS)] + lines) + "\nzzz.png,ok,1")  # a torn last line
-    table = detector_module._read_cache_table(cache, block_chars)
+    cache.write_text("\n".join([",".join(cache_module.CACHE_COLUMNS)] + lines) + "\nzzz.png,ok,1")  # a torn last line
+    table = cache_module._read_cache_table(cache, block_chars)
     assert list(table.index) == ids and table.torn
     np.testing.assert_array_equal(table.landmarks, np.full((len(ids), 10), 5.5, np.float32))
 

@@ -260,8 +260,8 @@ def _cmd_data_annotate(args):
     from tfface.data.sources import folder_landmark_file
     from tfface.data.sources import open_source
     from tfface.data.sources import source_image_ids
-    from tfface.landmarks.detector import annotate_folder
-    from tfface.landmarks.detector import default_landmark_cache
+    from tfface.landmarks.annotate import annotate_folder
+    from tfface.landmarks.cache import default_landmark_cache
 
     source = open_source(args.source)
     if source.image_paths is None:

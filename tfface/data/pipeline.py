@@ -49,6 +49,7 @@ from tfface.data.image_ops import starts_with
 from tfface.data.source import FaceSource
 from tfface.data.sources import open_source
 from tfface.data.sources import user_cache_dir
+from tfface.landmarks.detector import FLIP_PERMUTATION
 from tfface.schema import MISSING
 from tfface.schema import Schema
 from tfface.schema import get_schema
@@ -56,8 +57,6 @@ from tfface.tf_errors import tensorflow_error_text
 
 AUTOTUNE = tf.data.AUTOTUNE
 _SHUFFLE_BUFFER = 4096  # rows per source
-# Landmark order: left eye, right eye, nose, left mouth, right mouth.
-FLIP_PERMUTATION = (1, 0, 2, 4, 3)
 
 _JPEG_START = b"\xff\xd8"
 _PNG_START = b"\x89PNG"

@@ -220,7 +220,7 @@ def source_image_ids(source: FaceSource) -> list:
 def attach_cached_landmarks(source: FaceSource) -> FaceSource:
     """`source`, with the landmarks of an earlier `tfface data annotate` run
     (the cache may live outside the folder) when it has none of its own."""
-    from tfface.landmarks.detector import default_landmark_cache
+    from tfface.landmarks.cache import default_landmark_cache
 
     if source.landmarks is not None:
         return source
@@ -240,7 +240,7 @@ def read_annotate_cache(cache: Path, root, image_ids, problems: list) -> np.ndar
     keep times) are hashed on every read until annotate records their new
     times (`load_landmark_cache` warns). Nothing is written here: the data
     folder may be read-only or shared."""
-    from tfface.landmarks.detector import load_landmark_cache
+    from tfface.landmarks.cache import load_landmark_cache
 
     # Strings, not Path objects: making and stat-ing 200,000 Paths doubled the time of the checks.
     prefix = os.path.join(str(images_dir(Path(root))), "")
@@ -507,7 +507,7 @@ def read_landmarks(root: Path, image_ids, landmarks_file=None, skip_bad_rows=Fal
     else:
         rows = csv_rows(path)
         _, columns = next(rows, (None, []))
-        from tfface.landmarks.detector import is_landmark_cache_header
+        from tfface.landmarks.cache import is_landmark_cache_header
 
         if is_landmark_cache_header(columns):  # written by `tfface data annotate`
             return read_annotate_cache(path, root, image_ids, problems)

@@ -91,7 +91,7 @@ def folder_config(root, val_fraction=0.15, test_fraction=0.0, seed=DEFAULT_SEED,
     images alike), the landmark cache of `tfface data annotate` when it lives
     outside the folder, and the split settings, so a changed label file,
     image, landmark or split gives a new, separately prepared config."""
-    from tfface.landmarks.detector import default_landmark_cache
+    from tfface.landmarks.cache import default_landmark_cache
 
     root = Path(root).expanduser().resolve()
     if not root.is_dir():

@@ -1,4 +1,5 @@
-"""Five-point landmarks: detection (MTCNN, offline), face-part masks, alignment.
+"""Five-point landmarks: detection (MTCNN, offline), the per-dataset landmark
+cache, face-part masks, alignment.
 
 `mtcnn` is imported only when a `FaceDetector` first runs.
 """
@@ -9,19 +10,23 @@ from tfface.landmarks.alignment import (
     similarity_transform,
     transform_points,
 )
+from tfface.landmarks.annotate import (
+    AnnotationReport,
+    annotate_folder,
+)
+from tfface.landmarks.cache import (
+    default_landmark_cache,
+    load_landmark_cache,
+    read_landmark_cache,
+)
 from tfface.landmarks.detector import (
     FLIP_PERMUTATION,
     LANDMARK_NAMES,
-    AnnotationReport,
     Detection,
     FaceDetector,
     LandmarkError,
-    annotate_folder,
-    default_landmark_cache,
     flip_landmarks,
-    load_landmark_cache,
     primary_face,
-    read_landmark_cache,
 )
 from tfface.landmarks.group_masks import (
     GROUP_NAMES,
