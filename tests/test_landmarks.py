@@ -300,7 +300,7 @@ def test_a_kill_just_after_a_newline_inside_a_quoted_id_is_a_torn_line(tmp_path)
     annotate_folder(paths[:1], cache, image_ids=ids[:1], detector=FakeDetector(), verbose=False)
     with open(cache, "a") as f:
         f.write('"second\n')  # the file ends with a newline, inside the quoted id
-    table = cache_module._read_cache_table(cache)
+    table = cache_module.read_cache_table(cache)
     assert list(table.index) == ids[:1] and table.torn
     fake = FakeDetector()
     annotate_folder(paths, cache, image_ids=ids, detector=fake, verbose=False)
@@ -672,7 +672,7 @@ def test_quoted_ids_are_read_in_whichever_block_they_fall(tmp_path, block_chars)
     lines = [",".join(['"a,b.png"' if i == "a,b.png" else i] + _ok_row(i)[1:]) for i in ids]
     cache = tmp_path / "c.csv"
     cache.write_text("\n".join([",".join(cache_module.CACHE_COLUMNS)] + lines) + "\nzzz.png,ok,1")  # a torn last line
-    table = cache_module._read_cache_table(cache, block_chars)
+    table = cache_module.read_cache_table(cache, block_chars)
     assert list(table.index) == ids and table.torn
     np.testing.assert_array_equal(table.landmarks, np.full((len(ids), 10), 5.5, np.float32))
 

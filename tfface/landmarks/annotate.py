@@ -25,15 +25,15 @@ from tfface.landmarks.cache import STAMP_COLUMNS
 from tfface.landmarks.cache import STATUS_NO_FACE
 from tfface.landmarks.cache import STATUS_OK
 from tfface.landmarks.cache import STATUS_UNREADABLE
-from tfface.landmarks.cache import _NOT_CACHED
-from tfface.landmarks.cache import _OTHER_STATUS
-from tfface.landmarks.cache import _STATUS_CODES
-from tfface.landmarks.cache import _cache_row
-from tfface.landmarks.cache import _check_files
-from tfface.landmarks.cache import _legacy_row_matches_file
-from tfface.landmarks.cache import _read_cache_table
-from tfface.landmarks.cache import _rewrite_cache
-from tfface.landmarks.cache import _write_atomic
+from tfface.landmarks.cache import NOT_CACHED
+from tfface.landmarks.cache import OTHER_STATUS
+from tfface.landmarks.cache import STATUS_CODES
+from tfface.landmarks.cache import cache_row
+from tfface.landmarks.cache import check_files
+from tfface.landmarks.cache import legacy_row_matches_file
+from tfface.landmarks.cache import read_cache_table
+from tfface.landmarks.cache import rewrite_cache
+from tfface.landmarks.cache import write_cache_rows
 from tfface.landmarks.cache import file_stamp
 from tfface.landmarks.detector import FaceDetector
 from tfface.landmarks.detector import LandmarkError
@@ -117,7 +117,7 @@ def annotate_folder(
     cache_file.parent.mkdir(parents=True, exist_ok=True)
 
     statuses, changed, refreshed = _current_statuses(cache_file, image_ids, image_paths)
-    todo = np.flatnonzero(statuses == _NOT_CACHED).tolist()
+    todo = np.flatnonzero(statuses == NOT_CACHED).tolist()
     if verbose and changed:
         print(f"landmarks: {len(changed)} image(s) changed or unreadable since they were cached (first: {changed[0]}): detecting again")
     if verbose and refreshed:
@@ -139,7 +139,7 @@ def annotate_folder(
                 image, orientations[i] = read_upright_rgb(io.BytesIO(data))
                 check_rgb_image(image, str(path))
             except (OSError, ValueError) as e:
-                rows[i] = _cache_row(image_ids[i], STATUS_UNREADABLE, None, [])
+                rows[i] = cache_row(image_ids[i], STATUS_UNREADABLE, None, [])
                 if verbose:
                     print(f"landmarks: cannot read {path}: {e}", file=sys.stderr)
                 continue
@@ -148,7 +148,7 @@ def annotate_folder(
         if images:
             for i, image, faces in zip(readable, images, detector.detect_batch(images)):
                 status = STATUS_OK if faces else STATUS_NO_FACE
-                rows[i] = _cache_row(image_ids[i], status, image.shape[:2], faces, stamps[i], orientations[i])
+                rows[i] = cache_row(image_ids[i], status, image.shape[:2], faces, stamps[i], orientations[i])
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerows(rows[i] for i in chunk)
         with open(cache_file, "a", newline="") as f:
@@ -156,13 +156,13 @@ def annotate_folder(
             f.flush()
             os.fsync(f.fileno())
         for i in chunk:
-            statuses[i] = _STATUS_CODES.get(rows[i][1], _OTHER_STATUS)
+            statuses[i] = STATUS_CODES.get(rows[i][1], OTHER_STATUS)
         if verbose and (start // batch_size) % 50 == 49:
             print(f"landmarks: {start + len(chunk)}/{len(todo)} new images done")
     elapsed = time.perf_counter() - started
 
-    no_face = [image_ids[n] for n in np.flatnonzero(statuses == _STATUS_CODES[STATUS_NO_FACE]).tolist()]
-    unreadable = [image_ids[n] for n in np.flatnonzero(statuses == _STATUS_CODES[STATUS_UNREADABLE]).tolist()]
+    no_face = [image_ids[n] for n in np.flatnonzero(statuses == STATUS_CODES[STATUS_NO_FACE]).tolist()]
+    unreadable = [image_ids[n] for n in np.flatnonzero(statuses == STATUS_CODES[STATUS_UNREADABLE]).tolist()]
     report = AnnotationReport(
         cache_file=cache_file,
         num_images=len(image_ids),
@@ -185,7 +185,7 @@ _ORIENTATION_POSITION = CACHE_COLUMNS.index(ORIENTATION_COLUMN)
 
 
 def _current_statuses(cache_file: Path, image_ids: Sequence[str], image_paths: Sequence) -> tuple[np.ndarray, list, list]:
-    """Each image's cached status (`_STATUS_CODES`; `_NOT_CACHED` for one
+    """Each image's cached status (`STATUS_CODES`; `NOT_CACHED` for one
     to detect: not in the cache, changed since, or unreadable), the ids of
     those to detect again, and the ids of rows kept whose file time changed
     but not its bytes (their time is updated, so readers check them by time
@@ -193,20 +193,20 @@ def _current_statuses(cache_file: Path, image_ids: Sequence[str], image_paths: S
     rewritten without the changed rows, with the new times (and in the
     current format, with older rows stamped when their image still has its
     size) before anything is appended, so a kill leaves no stale row."""
-    statuses = np.full(len(image_ids), _NOT_CACHED, np.int8)
+    statuses = np.full(len(image_ids), NOT_CACHED, np.int8)
     if not cache_file.exists():
-        _write_atomic(cache_file, [])
+        write_cache_rows(cache_file, [])
         return statuses, [], []
-    table = _read_cache_table(cache_file)
+    table = read_cache_table(cache_file)
     rows = np.array([table.index.get(i, -1) for i in image_ids], np.int64).reshape(-1)
     order = np.fromiter(table.index.values(), np.int64, len(table.index))  # what a rewrite writes, in order
     place = np.zeros(len(table.status), np.int64)
     place[order] = np.arange(len(order))
     asked = np.flatnonzero(rows >= 0)
     asked = asked[np.argsort(place[rows[asked]], kind="stable")]  # in the cache's order
-    readable = asked[table.status[rows[asked]] != _STATUS_CODES[STATUS_UNREADABLE]]  # unreadable: detected again
+    readable = asked[table.status[rows[asked]] != STATUS_CODES[STATUS_UNREADABLE]]  # unreadable: detected again
     stamped = readable[table.stamped[rows[readable]]]
-    matches, new_times = _check_files(
+    matches, new_times = check_files(
         lambda start, stop: table.stamps(rows[stamped[start:stop]]), [image_paths[n] for n in stamped.tolist()]
     )
     current = np.zeros(len(image_ids), bool)
@@ -219,7 +219,7 @@ def _current_statuses(cache_file: Path, image_ids: Sequence[str], image_paths: S
     new_stamps = {}  # older rows kept: stamped now
     for n in readable[~table.stamped[rows[readable]]].tolist():
         height, width = table.shape[int(rows[n])]
-        if _legacy_row_matches_file(height, width, image_paths[n]):
+        if legacy_row_matches_file(height, width, image_paths[n]):
             try:
                 new_stamps[int(rows[n])] = file_stamp(image_paths[n])
                 current[n] = True
@@ -244,5 +244,5 @@ def _current_statuses(cache_file: Path, image_ids: Sequence[str], image_paths: S
     if table.torn or table.legacy or changed or refreshed:
         keep = np.ones(len(order), bool)
         keep[place[rows[gone]]] = False
-        _rewrite_cache(cache_file, order[keep], edit)
+        rewrite_cache(cache_file, order[keep], edit)
     return statuses, changed, refreshed

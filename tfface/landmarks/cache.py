@@ -85,7 +85,7 @@ def _format(value: float) -> str:
     return f"{value:.2f}"
 
 
-def _cache_row(image_id: str, status: str, size, faces: Sequence[Detection], stamp=("", "", ""), orientation="") -> list[str]:
+def cache_row(image_id: str, status: str, size, faces: Sequence[Detection], stamp=("", "", ""), orientation="") -> list[str]:
     face = primary_face(faces)
     height, width = size if size is not None else ("", "")
     row = [image_id, status, str(len(faces)), str(height), str(width)]
@@ -161,7 +161,7 @@ def _check_file(size: int, mtime: int, digest: str, oriented: bool, path) -> tup
     return True, refreshed
 
 
-def _check_files(stamps, paths: Sequence) -> tuple[np.ndarray, dict]:
+def check_files(stamps, paths: Sequence) -> tuple[np.ndarray, dict]:
     """`_check_file` for each file in `paths` and its row's stamp, in threads
     (stat, read and hash release the GIL, and on network or cold storage
     each file is a round trip), in batches: one future per file would cost
@@ -190,7 +190,7 @@ def _check_files(stamps, paths: Sequence) -> tuple[np.ndarray, dict]:
     return matches, refreshed
 
 
-def _legacy_row_matches_file(height: int, width: int, path) -> bool:
+def legacy_row_matches_file(height: int, width: int, path) -> bool:
     """For an unstamped row: the image still has the size (as `_stamp_int`
     reads the row's) it was detected at (a resized or rotated image does not)."""
     from PIL import Image
@@ -354,10 +354,10 @@ def _cache_rows(cache_file: Path):
 
 _LANDMARK_VALUE_COLUMNS = tuple(f"{name}_{axis}" for name in LANDMARK_NAMES for axis in ("x", "y"))
 # A row's status as the table holds it; an image not cached (or to detect
-# again) is _NOT_CACHED in `annotate_folder`.
-_STATUS_CODES = {STATUS_OK: 0, STATUS_NO_FACE: 1, STATUS_UNREADABLE: 2}
-_OTHER_STATUS = 3
-_NOT_CACHED = -1
+# again) is NOT_CACHED in `annotate_folder`.
+STATUS_CODES = {STATUS_OK: 0, STATUS_NO_FACE: 1, STATUS_UNREADABLE: 2}
+OTHER_STATUS = 3
+NOT_CACHED = -1
 
 
 @dataclasses.dataclass
@@ -367,7 +367,7 @@ class _CacheTable:
     read for training, and ~600 MB in `annotate_folder`).
 
     `index` maps an image id to its (last) row, in the order of each id's
-    first row (where a rewrite puts it); `status` holds `_STATUS_CODES`;
+    first row (where a rewrite puts it); `status` holds `STATUS_CODES`;
     `landmarks` is (rows, 10), NaN where the status is not ok; `bad` marks
     ok rows with a value that is not a number; `stamps(rows)` are
     `_check_file`'s (size, mtime, digest, oriented); `stamped` marks rows
@@ -390,7 +390,7 @@ class _CacheTable:
 
     @property
     def ok(self) -> np.ndarray:
-        return self.status == _STATUS_CODES[STATUS_OK]
+        return self.status == STATUS_CODES[STATUS_OK]
 
     def stamps(self, rows: np.ndarray):
         """The stamps of `rows`, in order."""
@@ -418,7 +418,7 @@ def _digest_array(texts: Sequence[str]) -> np.ndarray:
         return np.array([text if text.isascii() else "?" for text in texts], "S").reshape(-1)
 
 
-def _read_cache_table(cache_file: Path, block_chars: int = 1 << 20) -> _CacheTable:
+def read_cache_table(cache_file: Path, block_chars: int = 1 << 20) -> _CacheTable:
     """The cache as a `_CacheTable`, a block at a time (`_cache_blocks`)."""
     ids, status, landmarks, bad, size, mtime, digest, oriented, stamped = [], [], [], [], [], [], [], [], []
     shape = {}
@@ -431,9 +431,9 @@ def _read_cache_table(cache_file: Path, block_chars: int = 1 << 20) -> _CacheTab
             """Appends `count` rows; `column(i)` is the list of field i's values."""
             statuses = column(1)
             status_ok = np.fromiter((s == STATUS_OK for s in statuses), bool, count)
-            codes = np.full(count, _STATUS_CODES[STATUS_OK], np.int8)
+            codes = np.full(count, STATUS_CODES[STATUS_OK], np.int8)
             if not status_ok.all():
-                codes[~status_ok] = [_STATUS_CODES.get(statuses[n], _OTHER_STATUS) for n in np.flatnonzero(~status_ok).tolist()]
+                codes[~status_ok] = [STATUS_CODES.get(statuses[n], OTHER_STATUS) for n in np.flatnonzero(~status_ok).tolist()]
             block = np.full((count, len(value_positions)), np.nan, np.float32)
             wrong = np.zeros(count, bool)
             found = np.flatnonzero(status_ok).tolist()
@@ -498,7 +498,7 @@ def is_landmark_cache_header(columns) -> bool:
 
 def read_landmark_cache(cache_file) -> dict:
     """The cache as image_id -> {column: string value} (a dict per row: for
-    looking at a few; readers and `annotate_folder` use `_read_cache_table`)."""
+    looking at a few; readers and `annotate_folder` use `read_cache_table`)."""
     cache_file = Path(cache_file)
     if not cache_file.is_file():
         raise FileNotFoundError(f"landmark cache not found: {cache_file}")
@@ -506,7 +506,8 @@ def read_landmark_cache(cache_file) -> dict:
     return {fields[0]: dict(zip(CACHE_COLUMNS, fields)) for _, fields in _cache_rows(cache_file)}
 
 
-def _write_atomic(path: Path, rows: Iterable[list[str]]) -> None:
+def write_cache_rows(path: Path, rows: Iterable[list[str]]) -> None:
+    """The cache file as `rows` under the header, whole or not at all."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(CACHE_COLUMNS)
@@ -515,7 +516,7 @@ def _write_atomic(path: Path, rows: Iterable[list[str]]) -> None:
         os.fsync(f.fileno())
 
 
-def _rewrite_cache(cache_file: Path, order: np.ndarray, edit) -> None:
+def rewrite_cache(cache_file: Path, order: np.ndarray, edit) -> None:
     """Rewrites the cache in the current columns with its rows `order`
     (numbered from 0 after the header) in that order, each as `edit(row,
     fields)` returns it. The file is read again rather than held; an id's
@@ -545,7 +546,7 @@ def _rewrite_cache(cache_file: Path, order: np.ndarray, edit) -> None:
         if position != len(order):  # the rename is not made: the file is kept as it is
             raise LandmarkError(f"{cache_file}: changed while being rewritten (another `tfface data annotate` on it?)")
 
-    _write_atomic(cache_file, rows())
+    write_cache_rows(cache_file, rows())
 
 
 def load_landmark_cache(cache_file, image_ids: Sequence[str], image_paths=None, changed=None, folder=None) -> np.ndarray:
@@ -564,7 +565,7 @@ def load_landmark_cache(cache_file, image_ids: Sequence[str], image_paths=None, 
     cache_file = Path(cache_file)
     if not cache_file.is_file():
         raise FileNotFoundError(f"landmark cache not found: {cache_file}")
-    table = _read_cache_table(cache_file)
+    table = read_cache_table(cache_file)
     if image_paths is not None and len(image_paths) != len(image_ids):
         raise ValueError(f"got {len(image_paths)} image_paths for {len(image_ids)} image_ids")
     image_ids = [str(i) for i in image_ids]
@@ -574,7 +575,7 @@ def load_landmark_cache(cache_file, image_ids: Sequence[str], image_paths=None, 
     if image_paths is not None:
         selected = rows[wanted]
 
-        matches, refreshed = _check_files(
+        matches, refreshed = check_files(
             lambda start, stop: table.stamps(selected[start:stop]), [image_paths[n] for n in wanted.tolist()]
         )
         same_bytes = [image_ids[wanted[k]] for k in sorted(refreshed)]
