@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from harness import rle8_bmp
 from tfface.data.celeba import read_celeba_folder
 from tfface.data.source import DataError
 from tfface.data.sources import detect_format, open_source, read_image_sizes, validate_images
@@ -337,10 +338,20 @@ def test_corrupt_jpeg_is_named(celeba_csv):
     path = celeba_csv / "images" / "000003.jpg"
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
     read_celeba_folder(celeba_csv)  # labels alone do not decode images
-    with pytest.raises(DataError, match=r"000003\.jpg: cannot decode image"):
+    with pytest.raises(DataError, match=r"corrupt or truncated image file: \S*000003\.jpg"):
         read_celeba_folder(celeba_csv, check_images=True)
     source = validate_images(read_celeba_folder(celeba_csv), drop_bad=True)
     assert len(source) == 4 and any("dropped 1 unreadable" in p for p in source.problems)
+
+
+def test_checking_images_refuses_what_training_cannot_decode(celeba_csv):
+    # PIL decodes a run-length-encoded BMP, TensorFlow does not: checked with
+    # PIL, the folder passed check_images and training then stopped at it.
+    (celeba_csv / "images" / "000004.jpg").write_bytes(rle8_bmp())
+    with pytest.raises(DataError, match=r"1 unreadable image\(s\): image file TensorFlow cannot decode .*000004\.jpg"):
+        read_celeba_folder(celeba_csv, check_images=True)
+    kept = validate_images(read_celeba_folder(celeba_csv), drop_bad=True)
+    assert [Path(p).name for p in kept.image_paths] == ["000001.jpg", "000002.jpg", "000003.jpg", "000005.jpg"]
 
 
 def test_image_sizes_from_headers(celeba_csv):

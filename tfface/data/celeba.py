@@ -81,8 +81,9 @@ def read_celeba_folder(root, skip_bad_rows=False, check_images=False, landmarks_
         skip_bad_rows: skip label rows that are malformed, out of range or
             point at a missing image (counted in `problems` and logged)
             instead of raising `DataError`.
-        check_images: decode every image now (slow on big folders) so a
-            corrupt JPEG fails here, naming the file.
+        check_images: decode every image now, as training will (slow on
+            big folders), so a file training cannot decode fails here,
+            naming the file.
         landmarks_file: landmark file to use instead of the ones in `root`.
 
     Returns:

@@ -246,6 +246,8 @@ _FILE_PROBLEMS = (
     "or an animated WebP; save it as PNG): ",
 )
 _FILE_PROBLEM = re.compile(r"\[((?:%s)[^\]]*)\]" % "|".join(re.escape(p) for p in _FILE_PROBLEMS))
+# The same, as an eager error quotes it ("Summarized data: b'...'").
+_EAGER_FILE_PROBLEM = re.compile(r"(?:%s)[^'\]]*" % "|".join(re.escape(p) for p in _FILE_PROBLEMS))
 
 
 def _holds_bytes(body, marker: bytes):
@@ -325,6 +327,17 @@ def undecodable_images(sources, limit: Optional[int] = _UNDECODABLE_LIMIT) -> li
     )
     good = {path.decode() for path in decoded.as_numpy_iterator()}
     return [path for path in paths if path not in good][:limit]
+
+
+def image_decode_problem(path) -> Optional[str]:
+    """Why the training pipeline refuses the image file `path`, in the file
+    checks' words (naming it), or None when it decodes."""
+    try:
+        _checked_decode(tf.constant(str(path)))
+    except tf.errors.OpError as error:
+        found = _EAGER_FILE_PROBLEM.search(str(error))
+        return found.group(0) if found else f"{path}: cannot decode image ({tensorflow_error_text(error)})"
+    return None
 
 
 def drop_undecodable_images(source: FaceSource, splits: Optional[dict] = None):

@@ -640,17 +640,6 @@ def _image_size(path) -> tuple[int, int]:
     return height, width
 
 
-def _decode_problem(path) -> Optional[str]:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError...
-        return f"{path}: cannot decode image ({type(e).__name__}: {e})"
-    return None
-
-
 def _map(fn, items, max_workers=None):
     # PIL releases the GIL while decoding, so threads use every core.
     max_workers = max_workers or min(8, (os.cpu_count() or 1) + 2)
@@ -693,16 +682,22 @@ def read_image_sizes(source: FaceSource, max_workers=None, problems=None) -> np.
 
 
 def validate_images(source: FaceSource, drop_bad=False, max_workers=None) -> FaceSource:
-    """Decodes every image file with PIL; truncated or corrupt files raise a
-    `DataError` naming them (or, with `drop_bad=True`, are dropped and
-    reported in `problems`). In-memory sources pass unchanged."""
+    """Decodes every image file as the training pipeline does, so a file
+    that would stop training (truncated, corrupt, or a kind TensorFlow
+    cannot read, such as a compressed BMP) raises a `DataError` naming it
+    here (or, with `drop_bad=True`, is dropped and reported in `problems`).
+    In-memory sources pass unchanged. `max_workers` is unused (tf.data
+    picks its own parallelism); kept so existing calls work."""
     if source.image_paths is None:
         return source
-    failures = _map(_decode_problem, list(source.image_paths), max_workers)
-    bad = [i for i, failure in enumerate(failures) if failure]
+    from tfface.data.pipeline import image_decode_problem
+    from tfface.data.pipeline import undecodable_images
+
+    refused = set(undecodable_images([source], limit=None))
+    bad = [i for i, path in enumerate(source.image_paths) if str(path) in refused]
     if not bad:
         return source
-    examples = "; ".join(failures[i] for i in bad[:3])
+    examples = "; ".join(image_decode_problem(source.image_paths[i]) or str(source.image_paths[i]) for i in bad[:3])
     if not drop_bad:
         raise DataError(f"{len(bad)} unreadable image(s): {examples}")
     keep = np.setdiff1d(np.arange(len(source)), bad)

@@ -49,7 +49,8 @@ def read_utkface_folder(root, skip_bad_rows=False, check_images=False, landmarks
         skip_bad_rows: skip rows or file names whose values are out of range
             (or whose image is missing) instead of raising `DataError`;
             they are counted in `problems` and logged.
-        check_images: decode every image now so a corrupt JPEG fails here.
+        check_images: decode every image now, as training will, so a file
+            training cannot decode fails here, naming the file.
         landmarks_file: landmark file to use instead of the ones in `root`.
 
     Returns:
