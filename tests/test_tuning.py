@@ -29,9 +29,15 @@ from harness import small_disk
 from tfface.config import ConfigError
 from tfface.config import ExperimentConfig
 from tfface.data.sources import open_source
+from tfface.data.splits import split_record
 from tfface.schema import get_schema
 from tfface.training.trainer import training_labels
+# run_search looks up load_search_data, make_tuner and _wait_for_chief in
+# search_module: patch them there.
 from tfface.tuning import search as search_module
+from tfface.tuning import search_data as data_module
+from tfface.tuning import search_record as record_module
+from tfface.tuning import tuners as tuners_module
 from tfface.tuning.hypermodels import FaceHyperModel
 from tfface.tuning.hypermodels import hypermodel_for
 from tfface.tuning.search import TuningError
@@ -299,16 +305,16 @@ def test_resuming_over_another_space_or_experiment_is_refused(resumed_search, tm
     renamed = tiny_experiment()
     renamed["name"], renamed["train"]["output_dir"] = "renamed", "elsewhere"
     tuning, base, space = search_module.prepare(write_tuning(folder, max_trials=2, experiment=renamed))
-    search_module._check_same_search(tuning.project_dir, tuning, base, space)
+    record_module._check_same_search(tuning.project_dir, tuning, base, space)
     # A search of a tfface that split the data otherwise (or before 0.2.0,
     # which recorded no split method) ranks trials on other validation images.
     meta = tuning.project_dir / "search.json"
     recorded = json.loads(meta.read_text())
-    assert recorded["split"]["split_method"] == search_module.split_record(0.2, 0)["split_method"]
+    assert recorded["split"]["split_method"] == split_record(0.2, 0)["split_method"]
     for split, message in ((None, "records no split method"), (dict(recorded["split"], split_method=2), "split by method 2")):
         meta.write_text(json.dumps({k: v for k, v in dict(recorded, split=split).items() if v is not None}))
         with pytest.raises(ConfigError, match=f"{message}.*would rank trials validated on different images"):
-            search_module._check_same_search(tuning.project_dir, tuning, base, space)
+            record_module._check_same_search(tuning.project_dir, tuning, base, space)
 
 
 def write_utkface_folder(root: Path, first: int, count: int) -> list:
@@ -427,45 +433,45 @@ def test_other_label_values_for_the_same_images_refuse_a_resume(tmp_path):
         )
 
     config = ExperimentConfig.from_dict({"data": {"sources": ["s"]}})
-    recorded = search_module.data_record(config, [source([30, 40, 50])], [source([1, 2, 3])])
+    recorded = data_module.data_record(config, [source([30, 40, 50])], [source([1, 2, 3])])
     project = tmp_path / "p"
     project.mkdir()
     (project / "search.json").write_text(json.dumps({"data": recorded}))
     # The same rows in another order: the same data.
     reordered = source([30, 40, 50]).subset([2, 0, 1])
-    search_module._check_same_data(project, search_module.data_record(config, [reordered], [source([1, 2, 3])]))
+    record_module._check_same_data(project, data_module.data_record(config, [reordered], [source([1, 2, 3])]))
     # One age changed, then one identity: refused, naming the side.
     for train, val, side in ((source([30, 41, 50]), source([1, 2, 3]), "training"),
                              (source([30, 40, 50]), source([1, 2, 3], identities=(1, 2, 4)), "validation")):
         with pytest.raises(ConfigError, match=rf"{side} labels of source s: the same 3 images, but other label values"):
-            search_module._check_same_data(project, search_module.data_record(config, [train], [val]))
+            record_module._check_same_data(project, data_module.data_record(config, [train], [val]))
     # A record without label digests (tfface 0.2.1) compares the images only.
     for entry in recorded["sources"]:
         del entry["train_labels"], entry["val_labels"]
     (project / "search.json").write_text(json.dumps({"data": recorded}))
-    search_module._check_same_data(project, search_module.data_record(config, [source([30, 41, 50])], [source([1, 2, 3])]))
+    record_module._check_same_data(project, data_module.data_record(config, [source([30, 41, 50])], [source([1, 2, 3])]))
 
 
 def test_the_data_record_names_each_changed_side(tmp_path):
-    before = {"image_ids": search_module.IMAGE_IDS, "sources": [
+    before = {"image_ids": data_module.IMAGE_IDS, "sources": [
         {"source": "a", "train_images": 10, "val_images": 2, "train_ids": "t", "val_ids": "v"},
         {"source": "b", "train_images": 5, "val_images": 1, "train_ids": "t", "val_ids": "v"},
     ]}
     project = tmp_path / "p"
     project.mkdir()
     (project / "search.json").write_text(json.dumps({"data": before}))
-    search_module._check_same_data(project, before)  # unchanged
+    record_module._check_same_data(project, before)  # unchanged
     now = json.loads(json.dumps(before))
     now["sources"][1]["train_ids"] = "other"
     with pytest.raises(ConfigError, match=r"training images of source b: 5 before and now, but not the same images"):
-        search_module._check_same_data(project, now)
+        record_module._check_same_data(project, now)
     now = json.loads(json.dumps(before))
     now["sources"][0]["val_images"] = 3
     with pytest.raises(ConfigError, match=r"validation images of source a: 2 before, 3 now;"):
-        search_module._check_same_data(project, now)
+        record_module._check_same_data(project, now)
     now["sources"] = now["sources"][:1]
     with pytest.raises(ConfigError, match=r"sources \['a', 'b'\] before, \['a'\] now"):
-        search_module._check_same_data(project, now)
+        record_module._check_same_data(project, now)
 
 
 def test_search_json_records_the_images_the_search_read(resumed_search):
@@ -476,11 +482,11 @@ def test_search_json_records_the_images_the_search_read(resumed_search):
     assert resumed_search["loads"] == (1, 1)
     # Images held in memory are told apart by their pixels, files by their path.
     source = open_source("synthetic:4", image_size=32)
-    ids = search_module.image_ids(source)
-    assert len(set(ids)) == 4 and ids == search_module.image_ids(source.subset([0, 1, 2, 3]))
+    ids = data_module.image_ids(source)
+    assert len(set(ids)) == 4 and ids == data_module.image_ids(source.subset([0, 1, 2, 3]))
     utk = resumed_search["folder"] / "ids_utk"
     write_utkface_folder(utk, 0, 3)
-    assert sorted(search_module.image_ids(open_source(str(utk)))) == sorted(os.listdir(utk / "images"))
+    assert sorted(data_module.image_ids(open_source(str(utk)))) == sorted(os.listdir(utk / "images"))
 
 
 def test_yaml_exponent_without_dot_is_a_number():
@@ -567,14 +573,14 @@ def resumed_search(tmp_path_factory):
         calls.append(1)
         return real_load_sources(data_config)
 
-    gradients_before = set(search_module._gradient_registry())
+    gradients_before = set(tuners_module._gradient_registry())
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(trainer, "load_sources", counting_load_sources)
         first = run_search(write_tuning(folder, max_trials=1), verbose=0)
         trial_0 = (folder / "search" / "trial_0" / "trial.json").read_bytes()
         loads_first = len(calls)
         second = run_search(write_tuning(folder, max_trials=2), verbose=0)
-    leftover = {n for n in set(search_module._gradient_registry()) - gradients_before if n.startswith("CustomGradient")}
+    leftover = {n for n in set(tuners_module._gradient_registry()) - gradients_before if n.startswith("CustomGradient")}
     return {"folder": folder, "first": first, "second": second, "trial_0": trial_0,
             "loads": (loads_first, len(calls) - loads_first), "leftover_gradients": leftover}
 
@@ -662,7 +668,7 @@ def test_search_killed_mid_trial_resumes_with_the_same_command(tmp_path):
 def test_keras_tuner_state_files_are_replaced_whole(tmp_path, monkeypatch):
     from keras_tuner.src import utils as kt_utils
 
-    search_module._make_keras_tuner_state_writes_atomic()
+    tuners_module._make_keras_tuner_state_writes_atomic()
     state = tmp_path / "oracle.json"
     kt_utils.save_json(str(state), {"ongoing_trials": {}})
     assert json.loads(state.read_text()) == {"ongoing_trials": {}}
@@ -670,7 +676,7 @@ def test_keras_tuner_state_files_are_replaced_whole(tmp_path, monkeypatch):
     def killed(*args):
         raise KeyboardInterrupt("killed between the write and the rename")
 
-    monkeypatch.setattr(search_module.os, "replace", killed)
+    monkeypatch.setattr(os, "replace", killed)  # what write_atomic renames with
     with pytest.raises(KeyboardInterrupt):
         kt_utils.save_json(str(state), {"ongoing_trials": {"1": "x"}})
     assert json.loads(state.read_text()) == {"ongoing_trials": {}}  # the old state, whole
@@ -829,7 +835,7 @@ def test_a_worker_on_other_data_than_the_chief_recorded_is_refused(tmp_path, mon
     monkeypatch.setattr(search_module, "make_tuner", make_tuner)
 
     def record(val_images):
-        return {"image_ids": search_module.IMAGE_IDS, "sources": [
+        return {"image_ids": data_module.IMAGE_IDS, "sources": [
             {"source": "d", "train_images": 10, "val_images": val_images, "train_ids": "t", "val_ids": "v",
              "train_labels": "tl", "val_labels": "vl"}]}
 
@@ -898,7 +904,7 @@ def test_the_search_deadline_stops_a_trials_mask_pretraining(tmp_path, monkeypat
     monkeypatch.setattr(trainer, "pretrain_masks", lambda *a, **k: records.append(pretrain(*a, **k)))
     hypermodel = hypermodel_for(base, space, steps_per_epoch=2, schedule_epochs=1)
     hp = _sample(space, {}, 0)
-    spent = search_module._stop_at_deadline_callback(time.time() - 1.0)
+    spent = tuners_module._stop_at_deadline_callback(time.time() - 1.0)
     history = hypermodel.fit(hp, hypermodel.build(hp), train, epochs=1, verbose=0, callbacks=[spent])
     assert len(records[0]["history"]["loss"]) == 1  # of 20 pretraining epochs
     assert len(history.history["loss"]) == 1

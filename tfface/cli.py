@@ -130,7 +130,7 @@ def _user_errors():
     errors = list(USER_ERRORS)
     # Only a module already loaded can have raised its error: importing one
     # here would load TensorFlow just to print a missing config file's name.
-    for module, name in (("tfface.export.saved_model", "ExportError"), ("tfface.tuning.search", "TuningError")):
+    for module, name in (("tfface.export.saved_model", "ExportError"), ("tfface.tuning.config", "TuningError")):
         if sys.modules.get(module) is not None:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)
