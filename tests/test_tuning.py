@@ -32,7 +32,7 @@ from tfface.data.sources import open_source
 from tfface.data.splits import split_record
 from tfface.schema import get_schema
 from tfface.training.trainer import training_labels
-# run_search looks up load_search_data, make_tuner and _wait_for_chief in
+# run_search looks up load_search_data, make_tuner and wait_for_chief in
 # search_module: patch them there.
 from tfface.tuning import search as search_module
 from tfface.tuning import search_data as data_module
@@ -305,7 +305,7 @@ def test_resuming_over_another_space_or_experiment_is_refused(resumed_search, tm
     renamed = tiny_experiment()
     renamed["name"], renamed["train"]["output_dir"] = "renamed", "elsewhere"
     tuning, base, space = search_module.prepare(write_tuning(folder, max_trials=2, experiment=renamed))
-    record_module._check_same_search(tuning.project_dir, tuning, base, space)
+    record_module.check_same_search(tuning.project_dir, tuning, base, space)
     # A search of a tfface that split the data otherwise (or before 0.2.0,
     # which recorded no split method) ranks trials on other validation images.
     meta = tuning.project_dir / "search.json"
@@ -314,7 +314,7 @@ def test_resuming_over_another_space_or_experiment_is_refused(resumed_search, tm
     for split, message in ((None, "records no split method"), (dict(recorded["split"], split_method=2), "split by method 2")):
         meta.write_text(json.dumps({k: v for k, v in dict(recorded, split=split).items() if v is not None}))
         with pytest.raises(ConfigError, match=f"{message}.*would rank trials validated on different images"):
-            record_module._check_same_search(tuning.project_dir, tuning, base, space)
+            record_module.check_same_search(tuning.project_dir, tuning, base, space)
 
 
 def write_utkface_folder(root: Path, first: int, count: int) -> list:
@@ -439,17 +439,17 @@ def test_other_label_values_for_the_same_images_refuse_a_resume(tmp_path):
     (project / "search.json").write_text(json.dumps({"data": recorded}))
     # The same rows in another order: the same data.
     reordered = source([30, 40, 50]).subset([2, 0, 1])
-    record_module._check_same_data(project, data_module.data_record(config, [reordered], [source([1, 2, 3])]))
+    record_module.check_same_data(project, data_module.data_record(config, [reordered], [source([1, 2, 3])]))
     # One age changed, then one identity: refused, naming the side.
     for train, val, side in ((source([30, 41, 50]), source([1, 2, 3]), "training"),
                              (source([30, 40, 50]), source([1, 2, 3], identities=(1, 2, 4)), "validation")):
         with pytest.raises(ConfigError, match=rf"{side} labels of source s: the same 3 images, but other label values"):
-            record_module._check_same_data(project, data_module.data_record(config, [train], [val]))
+            record_module.check_same_data(project, data_module.data_record(config, [train], [val]))
     # A record without label digests (tfface 0.2.1) compares the images only.
     for entry in recorded["sources"]:
         del entry["train_labels"], entry["val_labels"]
     (project / "search.json").write_text(json.dumps({"data": recorded}))
-    record_module._check_same_data(project, data_module.data_record(config, [source([30, 41, 50])], [source([1, 2, 3])]))
+    record_module.check_same_data(project, data_module.data_record(config, [source([30, 41, 50])], [source([1, 2, 3])]))
 
 
 def test_the_data_record_names_each_changed_side(tmp_path):
@@ -460,18 +460,18 @@ def test_the_data_record_names_each_changed_side(tmp_path):
     project = tmp_path / "p"
     project.mkdir()
     (project / "search.json").write_text(json.dumps({"data": before}))
-    record_module._check_same_data(project, before)  # unchanged
+    record_module.check_same_data(project, before)  # unchanged
     now = json.loads(json.dumps(before))
     now["sources"][1]["train_ids"] = "other"
     with pytest.raises(ConfigError, match=r"training images of source b: 5 before and now, but not the same images"):
-        record_module._check_same_data(project, now)
+        record_module.check_same_data(project, now)
     now = json.loads(json.dumps(before))
     now["sources"][0]["val_images"] = 3
     with pytest.raises(ConfigError, match=r"validation images of source a: 2 before, 3 now;"):
-        record_module._check_same_data(project, now)
+        record_module.check_same_data(project, now)
     now["sources"] = now["sources"][:1]
     with pytest.raises(ConfigError, match=r"sources \['a', 'b'\] before, \['a'\] now"):
-        record_module._check_same_data(project, now)
+        record_module.check_same_data(project, now)
 
 
 def test_search_json_records_the_images_the_search_read(resumed_search):
@@ -824,7 +824,7 @@ def test_a_worker_on_other_data_than_the_chief_recorded_is_refused(tmp_path, mon
     monkeypatch.setenv("KERASTUNER_ORACLE_IP", "127.0.0.1")
     monkeypatch.setenv("KERASTUNER_ORACLE_PORT", str(_free_port()))
     monkeypatch.setenv("KERASTUNER_TUNER_ID", "tuner0")
-    monkeypatch.setattr(search_module, "_wait_for_chief", lambda minutes: None)  # the chief answered
+    monkeypatch.setattr(search_module, "wait_for_chief", lambda minutes: None)  # the chief answered
 
     class ReachedTheTuner(Exception):
         pass

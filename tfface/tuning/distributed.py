@@ -18,7 +18,7 @@ from tfface.tuning.config import TuningError
 log = logging.getLogger(__name__)
 
 
-def _distributed_role() -> str:
+def distributed_role() -> str:
     """"local", or KerasTuner's "chief" / "worker" from its environment."""
     if "KERASTUNER_ORACLE_IP" not in os.environ:
         return "local"
@@ -31,7 +31,7 @@ def _distributed_role() -> str:
     return "chief" if "chief" in os.environ["KERASTUNER_TUNER_ID"] else "worker"
 
 
-def _wait_for_chief(minutes: float) -> None:
+def wait_for_chief(minutes: float) -> None:
     """Waits for the chief's oracle to accept connections, for at most
     `minutes`. KerasTuner's own client would wait an hour on its first call
     and then fail with a bare DEADLINE_EXCEEDED traceback."""
@@ -53,7 +53,7 @@ def _wait_for_chief(minutes: float) -> None:
         channel.close()
 
 
-def _stop_oracle(oracle):
+def stop_oracle(oracle):
     """No new trials: the oracle answers STOPPED from now on."""
     done = max(1, len(oracle.trials))
     if not oracle.max_trials or oracle.max_trials > done:
@@ -91,7 +91,7 @@ def serve_oracle(oracle, deadline=None, poll_seconds=0.5) -> bool:
         while True:
             time.sleep(poll_seconds)
             if deadline and time.time() > deadline and not stopped_by_budget:
-                _stop_oracle(oracle)
+                stop_oracle(oracle)
                 stopped_by_budget = True
             if servicer.stop_triggered and oracle_chief.exit_chief(oracle):
                 break

@@ -45,20 +45,20 @@ from tfface.config import ConfigError
 from tfface.tuning.config import OBJECTIVE
 from tfface.tuning.config import TuningConfig
 from tfface.tuning.config import TuningError
-from tfface.tuning.distributed import _distributed_role
-from tfface.tuning.distributed import _wait_for_chief
+from tfface.tuning.distributed import distributed_role
+from tfface.tuning.distributed import wait_for_chief
 from tfface.tuning.results import trial_records
 from tfface.tuning.results import write_results
 from tfface.tuning.search_data import SearchData
 from tfface.tuning.search_data import load_search_data
 from tfface.tuning.search_data import read_data_record
-from tfface.tuning.search_record import _check_same_data
-from tfface.tuning.search_record import _check_same_search
-from tfface.tuning.search_record import _check_worker_data
-from tfface.tuning.search_record import _write_meta
-from tfface.tuning.tuners import _cut_trials
-from tfface.tuning.tuners import _release_memory
+from tfface.tuning.search_record import check_same_data
+from tfface.tuning.search_record import check_same_search
+from tfface.tuning.search_record import check_worker_data
+from tfface.tuning.search_record import write_meta
+from tfface.tuning.tuners import cut_trials
 from tfface.tuning.tuners import make_tuner
+from tfface.tuning.tuners import release_memory
 
 # Re-exported: these were defined here before the search was split into
 # the modules above, and stay importable from here.
@@ -108,7 +108,7 @@ def prepare(tuning_config_path):
         )
     space = tuning.load_search_space().check(base)
     space.check_trial_schedule(base, tuning.trial_epochs)
-    _distributed_role()  # checks the KerasTuner environment variables
+    distributed_role()  # checks the KerasTuner environment variables
     return tuning, base, space
 
 
@@ -139,7 +139,7 @@ def run_search(
     (records), best (record), best_config, summary, plot, results paths.
     """
     tuning, base, space = prepare(tuning_config_path)
-    role = _distributed_role()
+    role = distributed_role()
     if role == "worker":  # writes its trials into the chief's search
         return _search(tuning, base, space, role, data, verbose, on_trial_end)
     busy = (
@@ -160,7 +160,7 @@ def _search(tuning, base, space, role, data, verbose, on_trial_end) -> dict:
 
     project_dir = tuning.project_dir
     if role != "worker":  # before any data is read
-        _check_same_search(project_dir, tuning, base, space)
+        check_same_search(project_dir, tuning, base, space)
     start = time.time()
     deadline = start + tuning.time_budget_minutes * 60.0 if tuning.time_budget_minutes else None
     if verbose == "auto":
@@ -174,7 +174,7 @@ def _search(tuning, base, space, role, data, verbose, on_trial_end) -> dict:
     record = None
     if role != "worker":  # before any trial runs and search.json is rewritten
         record = getattr(data, "data_record", None) or read_data_record(base)
-        _check_same_data(project_dir, record)
+        check_same_data(project_dir, record)
     keras.utils.set_random_seed(tuning.seed)
     hypermodel = hypermodel_for(
         base,
@@ -186,11 +186,11 @@ def _search(tuning, base, space, role, data, verbose, on_trial_end) -> dict:
     )
     data_compared = None
     if role == "worker":
-        _wait_for_chief(tuning.chief_wait_minutes)
-        data_compared = _check_worker_data(project_dir, getattr(data, "data_record", None))
+        wait_for_chief(tuning.chief_wait_minutes)
+        data_compared = check_worker_data(project_dir, getattr(data, "data_record", None))
     tuner = make_tuner(tuning, hypermodel, deadline=deadline, on_trial_end_hook=on_trial_end)
     if role != "worker":
-        _write_meta(project_dir, tuning, base, space, record)
+        write_meta(project_dir, tuning, base, space, record)
     fit_args = () if data is None else (data.train,)
     # The training stream is shuffled by the pipeline already.
     fit_kwargs = dict(epochs=tuning.epochs, verbose=verbose, shuffle=False)
@@ -207,7 +207,7 @@ def _search(tuning, base, space, role, data, verbose, on_trial_end) -> dict:
         if "consecutive failures" not in str(e) or role == "worker":
             raise
         aborted = str(e)
-    _release_memory()
+    release_memory()
 
     summary = {
         "project": tuning.project,
@@ -221,7 +221,7 @@ def _search(tuning, base, space, role, data, verbose, on_trial_end) -> dict:
     if role == "worker":
         summary["data_compared_with_chief"] = data_compared
         return summary
-    records = trial_records(tuner.oracle, space, _cut_trials(project_dir))
+    records = trial_records(tuner.oracle, space, cut_trials(project_dir))
     try:
         summary.update(write_results(project_dir, tuning, base, space, records, tuner.stopped_by_budget))
     except TuningError as e:

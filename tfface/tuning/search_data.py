@@ -138,7 +138,7 @@ def read_data_record(config: ExperimentConfig) -> dict:
     return data_record(config, train_sources, val_sources)
 
 
-def _data_changes(before: dict, now: dict, then_word: str = "before", now_word: str = "now") -> list[str]:
+def data_changes(before: dict, now: dict, then_word: str = "before", now_word: str = "now") -> list[str]:
     """What differs between two `data_record`s, in words."""
     old = before.get("sources") if isinstance(before, dict) else None
     if not isinstance(old, list) or not all(isinstance(s, dict) for s in old):

@@ -23,9 +23,9 @@ from tfface.data.splits import split_record
 from tfface.tuning.config import OBJECTIVE
 from tfface.tuning.config import TuningConfig
 from tfface.tuning.config import TuningError
-from tfface.tuning.search_data import _data_changes
+from tfface.tuning.search_data import data_changes
 from tfface.tuning.search_space import SearchSpace
-from tfface.tuning.tuners import _write_json_atomic
+from tfface.tuning.tuners import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,11 @@ def _previous_meta(project_dir: Path) -> Optional[dict]:
     return previous
 
 
-def _check_same_search(project_dir: Path, tuning: TuningConfig, base: ExperimentConfig, space: SearchSpace) -> None:
+def check_same_search(project_dir: Path, tuning: TuningConfig, base: ExperimentConfig, space: SearchSpace) -> None:
     """Refuses to resume a search as another tuner, over another space or
     base experiment: KerasTuner would keep sampling the space stored in its
     oracle and silently mix trials of two searches. (The data itself is
-    checked by `_check_same_data`, once it is read.)"""
+    checked by `check_same_data`, once it is read.)"""
     meta = project_dir / "search.json"
     previous = _previous_meta(project_dir)
     if previous is None:
@@ -76,7 +76,7 @@ def _check_same_search(project_dir: Path, tuning: TuningConfig, base: Experiment
             )
 
 
-def _check_same_data(project_dir: Path, record: dict) -> None:
+def check_same_data(project_dir: Path, record: dict) -> None:
     """Refuses to resume a search whose sources now hold other images (files
     added or removed, label rows that changed which images exist) or other
     labels for the same images: its new trials would be trained and
@@ -86,7 +86,7 @@ def _check_same_data(project_dir: Path, record: dict) -> None:
     previous = _previous_meta(project_dir)
     if previous is None or "data" not in previous:
         return
-    changes = _data_changes(previous["data"], record)
+    changes = data_changes(previous["data"], record)
     if changes:
         raise ConfigError(
             f"{project_dir} holds a search run on other data ({project_dir / 'search.json'} records what it "
@@ -95,7 +95,7 @@ def _check_same_data(project_dir: Path, record: dict) -> None:
         )
 
 
-def _check_worker_data(project_dir: Path, record: Optional[dict]) -> bool:
+def check_worker_data(project_dir: Path, record: Optional[dict]) -> bool:
     """Refuses to run trials on a worker whose copy of the data differs from
     the one the chief recorded: its trials would be trained and validated
     on other images and yet ranked with the others. The chief writes
@@ -106,7 +106,7 @@ def _check_worker_data(project_dir: Path, record: Optional[dict]) -> bool:
     if record is None or previous is None or "data" not in previous:
         log.info("worker: no search.json of the chief in %s: its data cannot be compared with the chief's", project_dir)
         return False
-    changes = _data_changes(previous["data"], record, "the chief's", "this worker's")
+    changes = data_changes(previous["data"], record, "the chief's", "this worker's")
     if changes:
         raise ConfigError(
             f"worker {os.environ.get('KERASTUNER_TUNER_ID', '')}: its data is not the data the chief recorded in "
@@ -138,7 +138,7 @@ def _experiment_record(base: ExperimentConfig) -> dict:
     return record
 
 
-def _write_meta(
+def write_meta(
     project_dir: Path, tuning: TuningConfig, base: ExperimentConfig, space: SearchSpace, data: Optional[dict] = None
 ) -> None:
     project_dir.mkdir(parents=True, exist_ok=True)
@@ -156,4 +156,4 @@ def _write_meta(
     }
     if data is not None:
         meta["data"] = data
-    _write_json_atomic(project_dir / "search.json", meta, indent=2)
+    write_json_atomic(project_dir / "search.json", meta, indent=2)

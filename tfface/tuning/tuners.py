@@ -21,8 +21,8 @@ from tfface.atomic_files import require_free_space
 from tfface.atomic_files import write_atomic
 from tfface.tuning.config import TuningConfig
 from tfface.tuning.config import TuningError
-from tfface.tuning.distributed import _distributed_role
-from tfface.tuning.distributed import _stop_oracle
+from tfface.tuning.distributed import distributed_role
+from tfface.tuning.distributed import stop_oracle
 from tfface.tuning.distributed import serve_oracle
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def _stop_at_deadline_callback(deadline, on_stop: Optional[Callable] = None):
 CUT_TRIALS_FILE = "cut_by_budget.json"
 
 
-def _cut_trials(project_dir: Path) -> dict:
+def cut_trials(project_dir: Path) -> dict:
     """{trial id: epochs it trained} of the trials the time budget cut short."""
     path = Path(project_dir) / CUT_TRIALS_FILE
     try:
@@ -69,7 +69,7 @@ def _gradient_registry() -> dict:
         return {}
 
 
-def _release_memory(gradients_before=None):
+def release_memory(gradients_before=None):
     """Frees what a finished trial left behind.
 
     Besides the Keras session: each traced train step registers a
@@ -96,7 +96,7 @@ class _FaceTunerMixin:
     - the search space is declared from the YAML file, without building
       throw-away models to discover it;
     - every trial's model and traced graphs are released when the trial
-      ends (see `_release_memory`), and the results returned to KerasTuner
+      ends (see `release_memory`), and the results returned to KerasTuner
       hold no reference to the model;
     - a time budget stops the search (and the running trial) when spent;
     - the chief serves the oracle with a short poll and stops cleanly.
@@ -115,7 +115,7 @@ class _FaceTunerMixin:
         self.oracle.update_space(hp)
 
     def search(self, *fit_args, **fit_kwargs):
-        if _distributed_role() == "chief":
+        if distributed_role() == "chief":
             self.oracle.verbose = fit_kwargs.get("verbose", 1)
             self.save()
             self.stopped_by_budget = serve_oracle(self.oracle, self.deadline)
@@ -134,8 +134,8 @@ class _FaceTunerMixin:
         super().on_search_begin()
 
     def pre_create_trial(self):
-        if self.deadline and time.time() > self.deadline and _distributed_role() == "local":
-            _stop_oracle(self.oracle)
+        if self.deadline and time.time() > self.deadline and distributed_role() == "local":
+            stop_oracle(self.oracle)
             self.stopped_by_budget = True
         super().pre_create_trial()
 
@@ -155,9 +155,9 @@ class _FaceTunerMixin:
         if stopped:
             # Scored on fewer epochs than the others: never the best trial.
             epochs = max((len(h.epoch) for h in histories if isinstance(h, keras.callbacks.History)), default=0)
-            cut = _cut_trials(self.project_dir)
+            cut = cut_trials(self.project_dir)
             cut[str(trial.trial_id)] = epochs
-            _write_json_atomic(Path(self.project_dir) / CUT_TRIALS_FILE, cut)
+            write_json_atomic(Path(self.project_dir) / CUT_TRIALS_FILE, cut)
         detached = []
         for history in histories:
             if isinstance(history, keras.callbacks.History):
@@ -175,7 +175,7 @@ class _FaceTunerMixin:
     def on_trial_end(self, trial):
         super().on_trial_end(trial)
         self.trials_run.append(trial.trial_id)
-        _release_memory(getattr(self, "_gradients_before", None))
+        release_memory(getattr(self, "_gradients_before", None))
         if self.on_trial_end_hook is not None:
             self.on_trial_end_hook(trial)
 
@@ -219,7 +219,7 @@ def _tuner_classes():
     return {"random": FaceRandomSearch, "hyperband": FaceHyperband, "bayesian": FaceBayesianOptimization}
 
 
-def _write_json_atomic(path, obj, indent=None) -> str:
+def write_json_atomic(path, obj, indent=None) -> str:
     text = json.dumps(obj, indent=indent)
     write_atomic(path, text)
     return text
@@ -241,7 +241,7 @@ def _make_keras_tuner_state_writes_atomic() -> None:
     def save_json(path, obj):
         if "://" in str(path):
             return original(path, obj)
-        return _write_json_atomic(path, obj)
+        return write_json_atomic(path, obj)
 
     save_json.atomic = True
     kt_utils.save_json = save_json
