@@ -121,7 +121,7 @@ def load_run(run, check_split=True):
     re-creates from its config (its validation images would not be its)."""
     from tfface.config import ExperimentConfig
     from tfface.models.saving import load_model
-    from tfface.training.trainer import check_run_split
+    from tfface.training.resume import check_run_split
 
     run = Path(run)
     if not (run / "config.yaml").is_file():

@@ -141,7 +141,7 @@ def test_a_run_stopped_by_its_time_budget_continues_when_run_again(tmp_path):
 
 
 def test_a_folder_with_outputs_but_no_run_config_is_not_trained_over(tmp_path):
-    from tfface.training.trainer import check_resumable
+    from tfface.training.resume import check_resumable
 
     config = ExperimentConfig.load(_write_config(tmp_path))
     run = tmp_path / "run"
@@ -263,15 +263,15 @@ def test_multi_worker_training_on_two_local_workers(tmp_path):
 
 
 def test_tf_config_is_read_only_by_multi_worker_runs_and_named_when_wrong(tmp_path, monkeypatch):
-    from tfface.training.trainer import _is_chief
-    from tfface.training.trainer import _tf_config
-    from tfface.training.trainer import _worker_folder
+    from tfface.training.distribution import is_chief
+    from tfface.training.distribution import read_tf_config
+    from tfface.training.distribution import worker_folder
 
     worker1 = {"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 1}}
     monkeypatch.setenv("TF_CONFIG", json.dumps(worker1))
     # A TF_CONFIG left in the environment made a default run a non-chief that saved nothing.
-    assert _is_chief("default") and _is_chief("mirrored") and _worker_folder(tmp_path, "default") == tmp_path
-    assert not _is_chief("multi_worker") and _worker_folder(tmp_path, "multi_worker") == tmp_path / "worker1"
+    assert is_chief("default") and is_chief("mirrored") and worker_folder(tmp_path, "default") == tmp_path
+    assert not is_chief("multi_worker") and worker_folder(tmp_path, "multi_worker") == tmp_path / "worker1"
     for text, message in [
         ("", "needs the TF_CONFIG environment variable"),
         ("{bad json", "TF_CONFIG is not valid JSON"),
@@ -282,25 +282,25 @@ def test_tf_config_is_read_only_by_multi_worker_runs_and_named_when_wrong(tmp_pa
     ]:
         monkeypatch.setenv("TF_CONFIG", text)
         with pytest.raises(ConfigError, match=message):
-            _tf_config()
-        assert _is_chief("default")
+            read_tf_config()
+        assert is_chief("default")
 
 
 def test_a_multi_worker_run_says_which_workers_it_waits_for(caplog):
     # TensorFlow's own "waiting for tasks" lines are hidden by the CLI's log
     # level: a worker whose peer never started looked hung.
-    from tfface.training.trainer import _log_cluster_wait
+    from tfface.training.distribution import log_cluster_wait
 
     cluster = {"chief": ["h0:1"], "worker": ["h1:1", "h2:1"]}
-    with caplog.at_level(logging.INFO, logger="tfface.training.trainer"):
-        _log_cluster_wait({"cluster": cluster, "task": {"type": "worker", "index": 0}}, 15.0)
+    with caplog.at_level(logging.INFO, logger="tfface.training.distribution"):
+        log_cluster_wait({"cluster": cluster, "task": {"type": "worker", "index": 0}}, 15.0)
     assert "worker 0 of 3 waiting for chief 0 (h0:1), worker 1 (h2:1) to start" in caplog.text
     assert "up to 15 min, train.cluster_wait_minutes; Ctrl+C or SIGKILL stops a worker while it waits" in caplog.text
 
 
 LONE_WORKER = """
-from tfface.training import trainer
-trainer._strategy("multi_worker", 0.05)
+from tfface.training import distribution
+distribution.make_strategy("multi_worker", 0.05)
 print("strategy made")
 """
 
@@ -328,8 +328,8 @@ def test_a_worker_whose_peers_never_start_gives_up_after_cluster_wait_minutes(in
 WAITING_WORKER = """
 import logging
 logging.basicConfig(level=logging.INFO)
-from tfface.training import trainer
-trainer._strategy("multi_worker", 5)
+from tfface.training import distribution
+distribution.make_strategy("multi_worker", 5)
 print("strategy made")
 """
 
@@ -359,8 +359,8 @@ def test_ctrl_c_ends_a_worker_waiting_for_its_cluster():
 
 SIGTERM_AFTER_STRATEGY = """
 import os, signal, time
-from tfface.training import trainer
-trainer._strategy("multi_worker")
+from tfface.training import distribution
+distribution.make_strategy("multi_worker")
 os.kill(os.getpid(), signal.SIGTERM)
 time.sleep(5)
 print("survived SIGTERM")
@@ -443,10 +443,10 @@ def test_two_replicas_log_the_loss_and_step_as_one_device_does():
 
 _SHARE_SCORES = """
 import json, sys
-from tfface.training import trainer
-strategy = trainer._strategy("multi_worker")
+from tfface.training import distribution
+strategy = distribution.make_strategy("multi_worker")
 mine = json.loads(sys.argv[1])
-print("SHARED", json.dumps(trainer._chief_scores(strategy, mine, capacity=6)))
+print("SHARED", json.dumps(distribution.chief_scores(strategy, mine, capacity=6)))
 """
 
 
@@ -782,21 +782,41 @@ def test_cli_evaluate_split_follows_the_run_that_trained_the_model(model_files, 
 
 
 def test_a_resumed_run_keeps_counting_from_its_history(tmp_path):
-    from tfface.training.trainer import MONITOR
-    from tfface.training.trainer import ResumedEarlyStopping
-    from tfface.training.trainer import _monitored_history
+    from tfface.training.callbacks import ResumedEarlyStopping
+    from tfface.training.resume import MONITOR
+    from tfface.training.resume import monitored_history
 
     history = tmp_path / "history.csv"
     history.write_text(f"epoch,loss,{MONITOR}\n0,1.0,0.50\n1,0.9,0.60\n2,0.8,0.55\n3,0.7,0.58\n")
-    earlier = _monitored_history(history)
+    earlier = monitored_history(history)
     assert earlier == [0.5, 0.6, 0.55, 0.58]
     stopping = ResumedEarlyStopping(earlier, patience=3)
     stopping.on_train_begin()
     assert stopping.best == 0.6 and stopping.wait == 2  # one more epoch without gain stops it
 
 
+def test_the_resume_and_callback_names_still_import_from_the_trainer_module():
+    # They lived in tfface.training.trainer before resuming a run and the
+    # callbacks got modules of their own.
+    from tfface.training import callbacks
+    from tfface.training import resume
+    from tfface.training import trainer
+
+    moved = {
+        resume: (
+            "BACKUP_METADATA", "BACKUP_WEIGHTS", "MONITOR", "RESUMABLE_CHANGES", "SPLIT_FILE", "check_resumable",
+            "check_run_split", "read_split_record",
+        ),
+        callbacks: ("AtomicModelCheckpoint", "BackupSpaceCheck", "ResumedEarlyStopping", "TimeBudget"),
+    }
+    for module, names in moved.items():
+        for name in names:
+            assert getattr(trainer, name) is getattr(module, name), name
+            assert name in trainer.__all__, name
+
+
 def test_a_run_folder_with_only_a_config_takes_a_corrected_config(tmp_path):
-    from tfface.training.trainer import check_resumable
+    from tfface.training.resume import check_resumable
 
     config = ExperimentConfig.load(_write_config(tmp_path))
     run = Path(config.train.output_dir)
@@ -810,7 +830,7 @@ def test_a_run_folder_with_only_a_config_takes_a_corrected_config(tmp_path):
 
 
 def test_a_run_started_with_another_split_method_is_not_resumed(tmp_path):
-    from tfface.training.trainer import check_resumable
+    from tfface.training.resume import check_resumable
 
     config = ExperimentConfig.load(_write_config(tmp_path))
     run = Path(config.train.output_dir)
@@ -975,8 +995,8 @@ def test_a_run_killed_after_its_last_epoch_writes_its_summary_without_training_a
 
 @pytest.mark.slow
 def test_a_run_early_stopping_had_ended_is_not_trained_further_on_resume(tmp_path, monkeypatch):
-    from tfface.training.trainer import MONITOR
-    from tfface.training.trainer import ResumedEarlyStopping
+    from tfface.training.callbacks import ResumedEarlyStopping
+    from tfface.training.resume import MONITOR
     from tfface.training.trainer import train
 
     config = ExperimentConfig.load(_write_config(tmp_path, epochs=3, early_stopping_patience=1))
@@ -1041,8 +1061,8 @@ def test_a_backup_cut_short_falls_back_to_the_one_before_whatever_h5py_raises(tm
     # Keras falls back itself); a full disk leaves it at length with its
     # end unwritten, and the load raises RuntimeError, KeyError or
     # ValueError, on which Keras does not fall back.
-    from tfface.training.trainer import _readable_weights
-    from tfface.training.trainer import _settle_backup
+    from tfface.training.resume import readable_weights
+    from tfface.training.resume import settle_backup
 
     backup = tmp_path / "backup"
     backup.mkdir()
@@ -1054,14 +1074,14 @@ def test_a_backup_cut_short_falls_back_to_the_one_before_whatever_h5py_raises(tm
     whole = latest.read_bytes()
     kept = int(len(whole) * keep)
     latest.write_bytes(whole[:kept] + (bytes(len(whole) - kept) if damage == "zeroed" else b""))
-    assert not _readable_weights(latest) and _readable_weights(earlier)
-    _settle_backup(backup)
+    assert not readable_weights(latest) and readable_weights(earlier)
+    settle_backup(backup)
     assert latest.read_bytes() == earlier.read_bytes()
     assert json.loads((backup / "training_metadata.json").read_text())["epoch"] == 1
 
 
 def test_a_backup_whose_metadata_a_kill_emptied_falls_back_to_the_one_before(tmp_path):
-    from tfface.training.trainer import _settle_backup
+    from tfface.training.resume import settle_backup
 
     backup = tmp_path / "backup"
     backup.mkdir()
@@ -1070,7 +1090,7 @@ def test_a_backup_whose_metadata_a_kill_emptied_falls_back_to_the_one_before(tmp
     _weights_file(earlier, 1.0)
     (backup / "training_metadata.json").write_text("")  # Keras opens it with "w", then writes
     (backup / "training_metadata.json.bkp").write_text('{"epoch": 1, "batch": 0}')
-    _settle_backup(backup)  # it used to be refused, with the advice to remove the whole backup
+    settle_backup(backup)  # it used to be refused, with the advice to remove the whole backup
     assert latest.read_bytes() == earlier.read_bytes()
     assert json.loads((backup / "training_metadata.json").read_text())["epoch"] == 1
 
@@ -1097,24 +1117,24 @@ def test_a_resumed_run_draws_its_data_from_a_seed_of_its_own(tmp_path, monkeypat
 
 
 def test_a_first_backup_cut_short_starts_the_run_again(tmp_path):
-    from tfface.training.trainer import _settle_backup
+    from tfface.training.resume import settle_backup
 
     backup = tmp_path / "backup"
     backup.mkdir()
     _weights_file(backup / "latest.weights.h5", 1.0)
     whole = (backup / "latest.weights.h5").read_bytes()
     (backup / "latest.weights.h5").write_bytes(whole[: len(whole) // 2])  # killed before its metadata
-    _settle_backup(backup)
+    settle_backup(backup)
     assert not backup.exists()
     # A readable backup is left alone.
     backup.mkdir()
     readable = _weights_file(backup / "latest.weights.h5", 1.0)
-    _settle_backup(backup)
+    settle_backup(backup)
     assert (backup / "latest.weights.h5").read_bytes() == readable
 
 
 def test_a_finished_run_whose_backup_a_kill_left_is_still_finished(tmp_path):
-    from tfface.training.trainer import check_resumable
+    from tfface.training.resume import check_resumable
 
     config = ExperimentConfig.load(_write_config(tmp_path))
     run = _run_folder(config, {"stopped_by": "epochs", "history": {"loss": [1.0, 0.5]}})
@@ -1272,7 +1292,7 @@ def test_skip_bad_images_trains_on_the_rest_and_a_stopped_run_resumes_with_it(tm
 
 
 def test_a_resume_may_turn_on_skip_bad_images_but_not_change_the_data(tmp_path):
-    from tfface.training.trainer import check_resumable
+    from tfface.training.resume import check_resumable
 
     raw = json.loads(json.dumps(TINY))
     raw["train"]["output_dir"] = str(tmp_path / "run")
@@ -1285,7 +1305,7 @@ def test_a_resume_may_turn_on_skip_bad_images_but_not_change_the_data(tmp_path):
 
 
 def test_the_time_budget_counts_the_mask_pretraining():
-    from tfface.training.trainer import TimeBudget
+    from tfface.training.callbacks import TimeBudget
 
     class Model:
         stop_training = False
@@ -1398,7 +1418,7 @@ def test_a_model_save_that_fails_leaves_the_models_of_earlier_epochs_whole(tmp_p
 
 
 def test_the_best_model_checkpoint_saves_only_a_better_score(tmp_path):
-    from tfface.training.trainer import AtomicModelCheckpoint
+    from tfface.training.callbacks import AtomicModelCheckpoint
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     path = tmp_path / "model.keras"
@@ -1424,9 +1444,9 @@ def test_the_best_model_checkpoint_saves_only_a_better_score(tmp_path):
 _FILL_THE_DISK_BEFORE_THE_BACKUP = """
 import os, sys
 from tfface.cli import main
-from tfface.training import trainer
+from tfface.training import callbacks
 
-check = trainer.BackupSpaceCheck.on_epoch_end
+check = callbacks.BackupSpaceCheck.on_epoch_end
 
 def full_disk(self, epoch, logs=None):
     disk = os.statvfs(self.backup_dir.parent)
@@ -1434,7 +1454,7 @@ def full_disk(self, epoch, logs=None):
         ballast.write(bytes(max(disk.f_bavail * disk.f_frsize - 65536, 0)))
     return check(self, epoch, logs)
 
-trainer.BackupSpaceCheck.on_epoch_end = full_disk
+callbacks.BackupSpaceCheck.on_epoch_end = full_disk
 sys.exit(main(["train", "--config", sys.argv[1]]))
 """
 

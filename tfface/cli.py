@@ -415,7 +415,7 @@ def _training_split(model_path) -> dict:
              "split_seed": data.get("split_seed", defaults.split_seed), "from": str(config_file)}
     if not isinstance(split["val_fraction"], (int, float)) or not isinstance(split["split_seed"], int):
         raise ConfigError(f"{config_file}: data.val_fraction and data.split_seed must be numbers")
-    from tfface.training.trainer import check_run_split
+    from tfface.training.resume import check_run_split
 
     check_run_split(
         config_file.parent, "its validation images would include images the model trained on: evaluate on "
