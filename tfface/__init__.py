@@ -2,7 +2,7 @@
 
 import importlib
 
-__version__ = "0.2.10"
+__version__ = "0.2.11"
 
 # Subpackages load on first use (`tfface.models.GatedMultiTaskModel` after a
 # plain `import tfface`), so `import tfface` and `tfface --help` stay fast.
