@@ -42,7 +42,7 @@ def _discard(path: Path) -> None:
 # Write failures whose error names no file when a write() call raises them
 # (a full disk: "[Errno 28] No space left on device"), or names the
 # temporary file beside the target instead of the target.
-_WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM)
+WRITE_FAILURE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 @contextlib.contextmanager
@@ -58,7 +58,7 @@ def naming_the_target(target, temporary=None, note="anything there before is unc
     except OSError as e:
         named = os.fsdecode(e.filename) if e.filename is not None else None
         ours = named is None or (temporary is not None and named.startswith(os.fspath(temporary)))
-        if e.errno not in _WRITE_FAILURES or not ours or isinstance(e, FolderBusyError) or hasattr(e, "target"):
+        if e.errno not in WRITE_FAILURE_ERRNOS or not ours or isinstance(e, FolderBusyError) or hasattr(e, "target"):
             raise
         error = OSError(e.errno, f"{e.strerror or os.strerror(e.errno)}, writing {target} ({note})")
         error.target = target

@@ -10,9 +10,10 @@ path and "No space left on device") is easy to miss.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import re
+
+from tfface.atomic_files import WRITE_FAILURE_ERRNOS
 
 _NOISE_PREFIXES = ("Graph execution error", "Detected at node", 'File "', "Hint:", "<stack traces unavailable>")
 
@@ -38,10 +39,7 @@ def _own_lines(error) -> list:
 
 # What TensorFlow's file system says after a path ("<path>; <strerror>") when
 # a write fails for a reason the user can act on.
-_FILE_FAILURES = {
-    os.strerror(code): code
-    for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM)
-}
+_FILE_FAILURES = {os.strerror(code): code for code in WRITE_FAILURE_ERRNOS}
 
 
 @contextlib.contextmanager
