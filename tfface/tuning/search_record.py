@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from tfface.atomic_files import write_atomic
 from tfface.config import ConfigError
 from tfface.config import ExperimentConfig
 from tfface.data.splits import split_method_problem
@@ -25,7 +26,6 @@ from tfface.tuning.config import TuningConfig
 from tfface.tuning.config import TuningError
 from tfface.tuning.search_data import data_changes
 from tfface.tuning.search_space import SearchSpace
-from tfface.tuning.tuners import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -156,4 +156,4 @@ def write_meta(
     }
     if data is not None:
         meta["data"] = data
-    write_json_atomic(project_dir / "search.json", meta, indent=2)
+    write_atomic(project_dir / "search.json", json.dumps(meta, indent=2))

@@ -22,8 +22,8 @@ from tfface.atomic_files import write_atomic
 from tfface.tuning.config import TuningConfig
 from tfface.tuning.config import TuningError
 from tfface.tuning.distributed import distributed_role
-from tfface.tuning.distributed import stop_oracle
 from tfface.tuning.distributed import serve_oracle
+from tfface.tuning.distributed import stop_oracle
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class _FaceTunerMixin:
             epochs = max((len(h.epoch) for h in histories if isinstance(h, keras.callbacks.History)), default=0)
             cut = cut_trials(self.project_dir)
             cut[str(trial.trial_id)] = epochs
-            write_json_atomic(Path(self.project_dir) / CUT_TRIALS_FILE, cut)
+            _write_json_atomic(Path(self.project_dir) / CUT_TRIALS_FILE, cut)
         detached = []
         for history in histories:
             if isinstance(history, keras.callbacks.History):
@@ -219,7 +219,7 @@ def _tuner_classes():
     return {"random": FaceRandomSearch, "hyperband": FaceHyperband, "bayesian": FaceBayesianOptimization}
 
 
-def write_json_atomic(path, obj, indent=None) -> str:
+def _write_json_atomic(path, obj, indent=None) -> str:
     text = json.dumps(obj, indent=indent)
     write_atomic(path, text)
     return text
@@ -241,7 +241,7 @@ def _make_keras_tuner_state_writes_atomic() -> None:
     def save_json(path, obj):
         if "://" in str(path):
             return original(path, obj)
-        return write_json_atomic(path, obj)
+        return _write_json_atomic(path, obj)
 
     save_json.atomic = True
     kt_utils.save_json = save_json
